@@ -1,0 +1,85 @@
+"""Declarative backend choice.
+
+Each backend says, per op and inputs, why it cannot run them (`not_supported_reasons`,
+an empty list meaning it can). The dispatcher walks a priority list per device and takes
+the first backend with no reasons; `SEQKERN_BACKEND=name` or `with seqkern.backend(name):`
+forces one. When nothing fits, the error lists every backend with its reasons.
+"""
+import contextlib
+import os
+import threading
+
+from seqkern.backends import cpu, cuda, reference, triton
+
+BACKENDS = {b.NAME: b for b in (cuda, triton, cpu, reference)}
+
+# Per device type: the order in which backends are tried. On CUDA tensors, the cuda
+# backend and the Triton kernels are ordered per op by measured speed (bench/RESULTS.md);
+# until the CUDA kernels exist for an op, cuda reports itself unsupported and triton runs.
+PRIORITY = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+_local = threading.local()
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def backend(name):
+    """Force a backend inside the block: `with seqkern.backend("triton"): ...`."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown seqkern backend {name!r}; expected one of {sorted(BACKENDS)}")
+    previous = getattr(_local, "forced", None)
+    _local.forced = name
+    try:
+        yield
+    finally:
+        _local.forced = previous
+
+
+def forced_backend():
+    name = getattr(_local, "forced", None) or os.environ.get("SEQKERN_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"SEQKERN_BACKEND={name!r} is not a seqkern backend; "
+                         f"expected one of {sorted(BACKENDS)}")
+    return name
+
+
+def _format(op, reasons):
+    lines = [f"  {name}: " + ("; ".join(r) if r else "usable (not tried)")
+             for name, r in reasons.items()]
+    return "\n".join(lines)
+
+
+def select(op, inputs):
+    """The backend module to run `op` on `inputs` (a dict of the op's arguments)."""
+    device = inputs["device"].type
+    forced = forced_backend()
+    if forced is not None:
+        reasons = BACKENDS[forced].not_supported_reasons(op, inputs)
+        if not reasons:
+            return BACKENDS[forced]
+        every = {n: b.not_supported_reasons(op, inputs) for n, b in BACKENDS.items()}
+        raise BackendError(f"seqkern: backend {forced!r} was requested for {op} but cannot "
+                           f"run these inputs. Every backend:\n{_format(op, every)}")
+    order = PRIORITY.get(device, ("reference",))
+    every = {}
+    for name in order:
+        reasons = BACKENDS[name].not_supported_reasons(op, inputs)
+        if not reasons:
+            return BACKENDS[name]
+        every[name] = reasons
+    for name, b in BACKENDS.items():
+        every.setdefault(name, b.not_supported_reasons(op, inputs) or
+                         [f"not in the priority list for {device} tensors"])
+    raise BackendError(f"seqkern: no backend can run {op} on these inputs. "
+                       f"Every backend:\n{_format(op, every)}")
+
+
+def usable_report(device="cpu"):
+    """{backend: reasons it is unavailable here} for a generic probe, for seqkern.info."""
+    return {name: b.availability(device) for name, b in BACKENDS.items()}

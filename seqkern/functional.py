@@ -1,0 +1,137 @@
+"""The public functional API."""
+import math
+
+import torch
+
+from seqkern.ops import attention as _attention_ops
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(name, t):
+    return f"{name} (shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device})"
+
+
+def _check_attention_inputs(query, key, value, attn_mask, dropout_p, enable_gqa,
+                            key_padding_mask):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{_describe(name, t)}: expected a 4-D tensor [B, H, L, D]")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{_describe(name, t)}: expected fp16, bf16, fp32 or fp64")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise ValueError(f"{_describe(name, t)} must have query's dtype {query.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{_describe(name, t)} must be on query's device {query.device}")
+    B, Hq, L, D = query.shape
+    _, Hkv, S, _ = key.shape
+    if key.shape[0] != B or value.shape[0] != B:
+        raise ValueError(f"batch sizes differ: {_describe('query', query)}, "
+                         f"{_describe('key', key)}, {_describe('value', value)}")
+    if key.shape[-1] != D:
+        raise ValueError(f"head dims differ: {_describe('query', query)} has D={D}, "
+                         f"{_describe('key', key)} has D={key.shape[-1]}")
+    if value.shape[1] != Hkv or value.shape[2] != S:
+        raise ValueError(f"{_describe('value', value)} must match key's heads and length "
+                         f"({Hkv}, {S})")
+    if D > 256 or value.shape[-1] > 256 or D == 0:
+        raise ValueError(f"head dims must be 1..256, got D={D}, Dv={value.shape[-1]}")
+    if Hkv != Hq:
+        if not enable_gqa:
+            raise ValueError(f"query has {Hq} heads but key/value have {Hkv}; pass "
+                             "enable_gqa=True for grouped-query attention")
+        if Hkv == 0 or Hq % Hkv != 0:
+            raise ValueError(f"enable_gqa needs query heads ({Hq}) to be a multiple of "
+                             f"key/value heads ({Hkv})")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise ValueError(f"{_describe('attn_mask', attn_mask)}: expected bool or the "
+                             f"query's dtype {query.dtype}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"{_describe('attn_mask', attn_mask)} must be on {query.device}")
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (B, Hq, L, S))
+        except RuntimeError:
+            raise ValueError(f"{_describe('attn_mask', attn_mask)} does not broadcast to "
+                             f"[B, Hq, L, S] = {[B, Hq, L, S]}") from None
+        if attn_mask.dim() > 4:
+            raise ValueError(f"{_describe('attn_mask', attn_mask)}: at most 4 dims")
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(
+                "seqkern attention does not compute a gradient for attn_mask; pass "
+                "attn_mask.detach() (torch's SDPA math path would differentiate it)")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError("key_padding_mask must be a tensor or None")
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"{_describe('key_padding_mask', key_padding_mask)}: expected "
+                             "bool (True marks padding)")
+        if tuple(key_padding_mask.shape) != (B, S):
+            raise ValueError(f"{_describe('key_padding_mask', key_padding_mask)}: expected "
+                             f"shape [B, S] = {[B, S]}")
+        if key_padding_mask.device != query.device:
+            raise ValueError(f"{_describe('key_padding_mask', key_padding_mask)} must be on "
+                             f"{query.device}")
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False, *,
+                                 key_padding_mask=None):
+    """Fused masked attention, like torch.nn.functional.scaled_dot_product_attention.
+
+    Args:
+      query: [B, Hq, L, D]; key: [B, Hkv, S, D]; value: [B, Hkv, S, Dv]. Any strides.
+        fp16, bf16, fp32 (every backend) or fp64 (cpu, reference); D, Dv <= 256.
+      attn_mask: bool (True = may attend) or float (added to the scores, query's dtype),
+        broadcastable to [B, Hq, L, S]. Read through its strides, never expanded.
+      dropout_p: dropout on the attention probabilities (counter-based RNG seeded from
+        torch's default CPU generator; regenerated in the backward).
+      is_causal: key j visible to query i iff j <= i (top-left aligned when L != S).
+        Unlike torch, may be combined with attn_mask and key_padding_mask.
+      scale: score scale, default 1/sqrt(D).
+      enable_gqa: allow Hq to be a multiple of Hkv (grouped-query attention).
+      key_padding_mask: [B, S] bool, True marks padding keys to ignore.
+
+    Returns:
+      [B, Hq, L, Dv] in query's dtype. A query row with no visible key gives 0 (and zero
+      gradients), never NaN.
+
+    Example:
+      >>> q = k = v = torch.randn(2, 8, 128, 64)
+      >>> out = seqkern.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    """
+    out, _ = attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                enable_gqa, key_padding_mask=key_padding_mask)
+    return out
+
+
+def attention_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                       scale=None, enable_gqa=False, *, key_padding_mask=None,
+                       seed_offset=None):
+    """As scaled_dot_product_attention, but returns (out, lse [B, Hq, L] fp32).
+
+    lse is the log-sum-exp of each row's masked, scaled scores (-inf for a row with no
+    visible key); exp(score - lse) gives the attention weights. seed_offset (int64 [2],
+    from seqkern.ops.attention.draw_dropout_seed) fixes the dropout pattern.
+    """
+    _check_attention_inputs(query, key, value, attn_mask, dropout_p, enable_gqa,
+                            key_padding_mask)
+    B, Hq, L, D = query.shape
+    S = key.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(B, Hq, L, S)  # a stride-0 view, never a copy
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0 and seed_offset is None:
+        seed_offset = _attention_ops.draw_dropout_seed()
+    if dropout_p == 0.0:
+        seed_offset = None
+    return torch.ops.seqkern.attention_fwd(query, key, value, attn_mask, key_padding_mask,
+                                           dropout_p, bool(is_causal), scale, seed_offset)

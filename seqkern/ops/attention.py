@@ -1,0 +1,91 @@
+"""seqkern::attention_fwd / seqkern::attention_bwd: schemas, fakes and autograd.
+
+The op bodies ask the dispatcher (seqkern.backends) for a backend and run it. Shapes:
+query [B, Hq, L, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv]; attn_mask already
+broadcast (as a stride-0 view) to [B, Hq, L, S] or None; key_padding_mask [B, S] bool
+or None; seed_offset int64 [2] on the CPU (dropout's counter-based RNG) or None.
+Outputs: out [B, Hq, L, Dv] (query's dtype), lse [B, Hq, L] (fp32; fp64 for fp64 inputs).
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from seqkern import backends
+
+
+def _inputs(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal):
+    return dict(device=query.device, dtype=query.dtype, query=query, key=key, value=value,
+                attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                dropout_p=dropout_p, is_causal=is_causal)
+
+
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("seqkern::attention_fwd", mutates_args=())
+def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                  key_padding_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+                  scale: float, seed_offset: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    impl = backends.select("attention", _inputs(query, key, value, attn_mask,
+                                                key_padding_mask, dropout_p, is_causal))
+    return impl.attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p,
+                              is_causal, scale, seed_offset)
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(query, key, value, attn_mask, key_padding_mask, dropout_p,
+                        is_causal, scale, seed_offset):
+    B, H, L, _ = query.shape
+    out = query.new_empty((B, H, L, value.shape[-1]))
+    lse = query.new_empty((B, H, L), dtype=_lse_dtype(query.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("seqkern::attention_bwd", mutates_args=())
+def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
+                  lse: Tensor, attn_mask: Optional[Tensor],
+                  key_padding_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+                  scale: float, seed_offset: Optional[Tensor]
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backends.select("attention", _inputs(query, key, value, attn_mask,
+                                                key_padding_mask, dropout_p, is_causal))
+    return impl.attention_bwd(grad_out, query, key, value, out, lse, attn_mask,
+                              key_padding_mask, dropout_p, is_causal, scale, seed_offset)
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
+                        dropout_p, is_causal, scale, seed_offset):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx, inputs, output):
+    (query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
+     seed_offset) = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask, key_padding_mask,
+                          seed_offset)
+    ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, out, lse, attn_mask, key_padding_mask, seed_offset = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(grad_out, query, key, value, out, lse, attn_mask,
+                               key_padding_mask, ctx.dropout_p, ctx.is_causal, ctx.scale,
+                               seed_offset)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def draw_dropout_seed(generator=None):
+    """A fresh (seed, offset) pair for dropout, drawn from torch's CPU generator.
+
+    Seeding torch (torch.manual_seed) makes it reproducible; tests redraw it to rebuild the
+    realised keep-mask with seqkern.reference.dropout_keep_mask.
+    """
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, generator=generator)
+    return torch.cat([seed, torch.zeros(1, dtype=torch.int64)])

@@ -1,0 +1,5 @@
+"""Readable pure-PyTorch versions of every seqkern op: the test oracle and benchmark baseline."""
+from seqkern.reference.attention import attention, dropout_keep_mask  # noqa: F401
+from seqkern.reference.rnn import (  # noqa: F401
+    gru_cell, lstm_cell, rnn_cell, recurrent_layer,
+)

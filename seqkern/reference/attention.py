@@ -1,0 +1,83 @@
+"""Reference masked attention, written for clarity: the oracle every kernel is tested against.
+
+Conventions (shared by all backends):
+  query [B, Hq, L, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv], Hq a multiple of Hkv
+  (grouped-query attention: query head h reads key/value head h // (Hq // Hkv)).
+  attn_mask: bool (True = may attend) or float (added to the scores), broadcastable to
+  [B, Hq, L, S]. key_padding_mask: [B, S] bool, True = padding, ignored.
+  is_causal: key j is visible to query i iff j <= i (top-left aligned when L != S).
+  A query row with no visible key has output 0 and lse -inf (never NaN).
+"""
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(x):
+    """murmur3's 32-bit finalizer on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def dropout_keep_mask(seed_offset, batch, heads, q_len, k_len, dropout_p, device=None):
+    """The keep-mask ([B, Hq, L, S] bool) that every backend realises for a seed.
+
+    The kernels draw their dropout from a counter-based generator: element (b, h, i, j)
+    has counter c = ((b * Hq + h) * L + i) * S + j + offset, and is kept iff
+    hash(seed, c) / 2**24 >= dropout_p, where hash mixes the two 32-bit halves of c with
+    the seed through murmur3's finalizer. Nothing is stored; the backward regenerates it.
+    """
+    seed, offset = (int(v) for v in seed_offset.tolist())
+    seed_lo, seed_hi = seed & _MASK32, (seed >> 32) & _MASK32
+    counter = torch.arange(batch * heads * q_len * k_len, dtype=torch.int64,
+                           device=device) + offset
+    bits = _fmix32((counter & _MASK32) ^ seed_lo)
+    bits = _fmix32(bits ^ ((counter >> 32) & _MASK32) ^ seed_hi)
+    uniform = (bits >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    return (uniform >= dropout_p).reshape(batch, heads, q_len, k_len)
+
+
+def attention_scores(query, key, attn_mask=None, is_causal=False, scale=None,
+                     key_padding_mask=None):
+    """Masked, scaled scores [B, Hq, L, S] (masked entries are -inf), in query's dtype."""
+    B, Hq, L, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    if Hkv != Hq:
+        key = key.repeat_interleave(Hq // Hkv, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = torch.where(attn_mask, scores, neg_inf)
+        else:
+            scores = scores + attn_mask
+    if is_causal:
+        visible = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = torch.where(visible, scores, neg_inf)
+    if key_padding_mask is not None:
+        scores = torch.where(key_padding_mask[:, None, None, :], neg_inf, scores)
+    return scores
+
+
+def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+              scale=None, key_padding_mask=None, keep_mask=None):
+    """Reference attention. Returns (out [B, Hq, L, Dv], lse [B, Hq, L]).
+
+    Dropout is applied only through an explicit keep_mask ([B, Hq, L, S] bool), so that
+    the result is deterministic and comparable with the kernels' realised mask.
+    """
+    Hq, Hkv = query.shape[1], key.shape[1]
+    scores = attention_scores(query, key, attn_mask, is_causal, scale, key_padding_mask)
+    lse = torch.logsumexp(scores, dim=-1)
+    # exp(-inf - -inf) would be NaN on rows with no visible key: those rows get 0.
+    safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - safe_lse[..., None])
+    if keep_mask is not None and dropout_p > 0.0:
+        probs = probs * keep_mask / (1.0 - dropout_p)
+    if Hkv != Hq:
+        value = value.repeat_interleave(Hq // Hkv, dim=1)
+    return torch.matmul(probs, value), lse

@@ -1,0 +1,65 @@
+"""Builds seqkern._C: the C++ CPU kernels always, the CUDA kernels when asked for.
+
+Knobs (never decided by probing for a GPU):
+  SEQKERN_SKIP_CUDA_BUILD=1  never compile CUDA sources
+  FORCE_CUDA=1               compile CUDA sources even if torch.cuda is unavailable
+  SEQKERN_CUDA_ARCHS="80;90a" CUDA architectures (default: 80;90a)
+  MAX_JOBS=N                 parallel compile jobs (honoured by torch's ninja builder)
+  DEBUG=1                    -O0 -g
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    debug = _flag("DEBUG")
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++17"]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+
+    build_cuda = (not _flag("SEQKERN_SKIP_CUDA_BUILD")) and (
+        _flag("FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    define_macros = [("SEQKERN_BUILD_CPU_FLAGS", '"' + " ".join(cxx) + '"')]
+    if build_cuda and cuda_sources:
+        archs = os.environ.get("SEQKERN_CUDA_ARCHS", "80;90a").split(";")
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        for arch in archs:
+            nvcc += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        define_macros += [("SEQKERN_WITH_CUDA", "1"),
+                          ("SEQKERN_CUDA_ARCHS", '"' + ";".join(archs) + '"')]
+        return [CUDAExtension(
+            "seqkern._C", sources + cuda_sources,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            define_macros=define_macros)]
+    return [CppExtension("seqkern._C", sources, extra_compile_args={"cxx": cxx},
+                         define_macros=define_macros)]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="seqkern",
+    version="0.1.0",
+    description="Fused attention and recurrent kernels for PyTorch (Triton, C++, CUDA)",
+    packages=["seqkern", "seqkern.reference", "seqkern.ops", "seqkern.backends",
+              "seqkern.nn", "seqkern.kernels"],
+    package_dir={"seqkern": "seqkern", "seqkern.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+    python_requires=">=3.10",
+)

@@ -1,0 +1,52 @@
+"""One tolerance table for every test, and the comparison helpers that use it.
+
+fp32 / fp64: absolute+relative bounds against a float64 reference.
+fp16 / bf16: the relative rule: the kernel's error against the float64 reference may be
+at most FWD_FACTOR (forward) or BWD_FACTOR (backward) times the error of PyTorch's own
+same-dtype computation of the same function, plus a floor of a few ulps at output scale.
+"""
+import torch
+
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-8),
+    torch.float32: dict(atol=2e-5, rtol=2e-4),
+}
+FWD_FACTOR = 2.0
+BWD_FACTOR = 3.0
+_ULP_FLOOR = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def _where_worst(err):
+    idx = int(err.argmax())
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), err.shape))
+
+
+def assert_close(name, actual, expected, dtype=None):
+    """actual vs the float64 reference, by the table for `dtype` (default actual.dtype)."""
+    dtype = dtype or actual.dtype
+    tol = TOLERANCES[dtype]
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    a, e = actual.double(), expected.double()
+    assert not torch.isnan(a).any(), f"{name}: NaN at {_where_worst(torch.isnan(a).double())}"
+    err = (a - e).abs()
+    bound = tol["atol"] + tol["rtol"] * e.abs()
+    if err.numel() and bool((err > bound).any()):
+        where = _where_worst(err - bound)
+        raise AssertionError(
+            f"{name} ({dtype}): max abs err {err.max().item():.3e} at {where} "
+            f"(actual {a[where].item():.6g}, expected {e[where].item():.6g}); "
+            f"max rel err {(err / e.abs().clamp_min(1e-30)).max().item():.3e}; "
+            f"bound atol={tol['atol']} rtol={tol['rtol']}")
+
+
+def assert_close_relative(name, actual, expected64, torch_same_dtype, factor):
+    """The relative rule for fp16/bf16: err(actual) <= factor * err(torch) + floor."""
+    assert actual.shape == expected64.shape, f"{name}: shape {actual.shape} != {expected64.shape}"
+    assert not torch.isnan(actual).any(), f"{name}: NaN in the kernel's result"
+    e = expected64.double()
+    err = (actual.double() - e).abs().max().item() if e.numel() else 0.0
+    peer = (torch_same_dtype.double() - e).abs().max().item() if e.numel() else 0.0
+    floor = _ULP_FLOOR[actual.dtype] * max(1.0, e.abs().max().item() if e.numel() else 0.0)
+    assert err <= factor * peer + floor, (
+        f"{name} ({actual.dtype}): max abs err {err:.3e} > {factor} x torch's own "
+        f"{actual.dtype} error {peer:.3e} + floor {floor:.1e}")
