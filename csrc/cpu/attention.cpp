@@ -1,0 +1,151 @@
+// The CPU implementations of seqkern_C::attention_fwd / attention_bwd: argument checks,
+// the problem description, output allocation and dtype dispatch. The kernels are in
+// attention_fwd.cpp and attention_bwd.cpp.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+
+#include "attention_kernels.h"
+
+namespace seqkern::cpu {
+namespace {
+
+// SEQKERN_POISON_OUTPUTS=1 fills new outputs with NaN before the kernel runs (tests).
+bool poison_outputs() {
+  const char* v = std::getenv("SEQKERN_POISON_OUTPUTS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  return poison_outputs() ? at::full(shape, NAN, options) : at::empty(shape, options);
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& attn_mask,
+                  const std::optional<at::Tensor>& key_padding_mask) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "seqkern attention: query, key, value must be 4-D [B, H, L, D]");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "seqkern cpu attention: tensors must be on the CPU");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "seqkern attention: query, key, value must share a dtype");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "batch sizes differ");
+  TORCH_CHECK(k.size(3) == q.size(3), "query and key head dims differ");
+  TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2),
+              "value must match key's heads and length");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "query heads must be a multiple of key/value heads");
+  if (attn_mask) {
+    TORCH_CHECK(attn_mask->dim() == 4 && attn_mask->size(0) == q.size(0) &&
+                    attn_mask->size(1) == q.size(1) && attn_mask->size(2) == q.size(2) &&
+                    attn_mask->size(3) == k.size(2),
+                "attn_mask must be broadcast to [B, Hq, L, S]");
+    TORCH_CHECK(attn_mask->scalar_type() == at::kBool ||
+                    attn_mask->scalar_type() == q.scalar_type(),
+                "attn_mask must be bool or the query's dtype");
+  }
+  if (key_padding_mask) {
+    TORCH_CHECK(key_padding_mask->dim() == 2 && key_padding_mask->size(0) == q.size(0) &&
+                    key_padding_mask->size(1) == k.size(2) &&
+                    key_padding_mask->scalar_type() == at::kBool,
+                "key_padding_mask must be a [B, S] bool tensor");
+  }
+}
+
+template <typename scalar_t>
+AttentionProblem<scalar_t> make_problem(const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v,
+                                        const std::optional<at::Tensor>& attn_mask,
+                                        const std::optional<at::Tensor>& key_padding_mask,
+                                        double dropout_p, bool is_causal, double scale,
+                                        const std::optional<at::Tensor>& seed_offset) {
+  AttentionProblem<scalar_t> p;
+  p.B = q.size(0), p.Hq = q.size(1), p.L = q.size(2), p.D = q.size(3);
+  p.Hkv = k.size(1), p.S = k.size(2), p.Dv = v.size(3);
+  p.q = view4<scalar_t>(q), p.k = view4<scalar_t>(k), p.v = view4<scalar_t>(v);
+  if (attn_mask) {
+    if (attn_mask->scalar_type() == at::kBool) {
+      p.mask_kind = MaskKind::kBool;
+      p.bool_mask = view4<bool>(*attn_mask);
+    } else {
+      p.mask_kind = MaskKind::kFloat;
+      p.float_mask = view4<scalar_t>(*attn_mask);
+    }
+  }
+  if (key_padding_mask) {
+    p.key_padding = key_padding_mask->data_ptr<bool>();
+    p.kp_sb = key_padding_mask->stride(0), p.kp_ss = key_padding_mask->stride(1);
+  }
+  p.causal = is_causal;
+  p.scale = scale;
+  p.dropout_p = dropout_p;
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed_offset && seed_offset->numel() == 2 &&
+                    seed_offset->scalar_type() == at::kLong && seed_offset->device().is_cpu(),
+                "dropout needs seed_offset: a CPU int64 tensor [seed, offset]");
+    const at::Tensor so = seed_offset->contiguous();
+    p.seed = static_cast<uint64_t>(so.data_ptr<int64_t>()[0]);
+    p.offset = static_cast<uint64_t>(so.data_ptr<int64_t>()[1]);
+  }
+  return p;
+}
+
+at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double dropout_p, bool is_causal, double scale, const std::optional<at::Tensor>& seed_offset) {
+  check_inputs(q, k, v, attn_mask, key_padding_mask);
+  at::Tensor out = new_output({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)},
+                              q.options().dtype(lse_dtype(q.scalar_type())));
+  if (q.numel() == 0 || out.numel() == 0) return {out.zero_(), lse.fill_(-INFINITY)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd", [&] {
+    auto p = make_problem<scalar_t>(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal,
+                                    scale, seed_offset);
+    attention_fwd_kernel<scalar_t>(p, out.data_ptr<scalar_t>(),
+                                   lse.data_ptr<acc_type_t<scalar_t>>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal,
+    double scale, const std::optional<at::Tensor>& seed_offset) {
+  check_inputs(q, k, v, attn_mask, key_padding_mask);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(3) == v.size(3),
+              "grad_out and out must be [B, Hq, L, Dv]");
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "grad_out and out must have the query's dtype");
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(q.scalar_type()) && lse.dim() == 3,
+              "lse must be the forward's [B, Hq, L] log-sum-exp");
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dq = new_output(q.sizes(), q.options());
+  at::Tensor dk = new_output(k.sizes(), k.options());
+  at::Tensor dv = new_output(v.sizes(), v.options());
+  if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0)
+    return {dq.zero_(), dk.zero_(), dv.zero_()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
+    auto p = make_problem<scalar_t>(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal,
+                                    scale, seed_offset);
+    attention_bwd_kernel<scalar_t>(p, view4<scalar_t>(grad_out), view4<scalar_t>(out),
+                                   lse_c.data_ptr<acc_type_t<scalar_t>>(),
+                                   dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+                                   dv.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace seqkern::cpu
+
+TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
+  m.impl("attention_fwd", &seqkern::cpu::attention_fwd_cpu);
+  m.impl("attention_bwd", &seqkern::cpu::attention_bwd_cpu);
+}
