@@ -28,6 +28,9 @@ def assert_close(name, actual, expected, dtype=None):
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     a, e = actual.double(), expected.double()
     assert not torch.isnan(a).any(), f"{name}: NaN at {_where_worst(torch.isnan(a).double())}"
+    # NaN in the reference would pass every comparison below (NaN > bound is False).
+    assert not torch.isnan(e).any(), (
+        f"{name}: NaN in the reference at {_where_worst(torch.isnan(e).double())}")
     err = (a - e).abs()
     bound = tol["atol"] + tol["rtol"] * e.abs()
     if err.numel() and bool((err > bound).any()):
@@ -43,6 +46,7 @@ def assert_close_relative(name, actual, expected64, torch_same_dtype, factor):
     """The relative rule for fp16/bf16: err(actual) <= factor * err(torch) + floor."""
     assert actual.shape == expected64.shape, f"{name}: shape {actual.shape} != {expected64.shape}"
     assert not torch.isnan(actual).any(), f"{name}: NaN in the kernel's result"
+    assert not torch.isnan(expected64).any(), f"{name}: NaN in the float64 reference"
     e = expected64.double()
     err = (actual.double() - e).abs().max().item() if e.numel() else 0.0
     peer = (torch_same_dtype.double() - e).abs().max().item() if e.numel() else 0.0

@@ -72,9 +72,13 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     """
     Hq, Hkv = query.shape[1], key.shape[1]
     scores = attention_scores(query, key, attn_mask, is_causal, scale, key_padding_mask)
-    lse = torch.logsumexp(scores, dim=-1)
-    # exp(-inf - -inf) would be NaN on rows with no visible key: those rows get 0.
-    safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    # Rows with no visible key: exp(-inf - -inf) would be NaN, in the forward and in
+    # logsumexp's backward (which would leak NaN through a float mask's -inf into dq and
+    # dk). Such rows take the logsumexp of zeros, then lse -inf, and their probs are 0.
+    empty = torch.isneginf(scores).all(dim=-1)
+    lse = torch.logsumexp(torch.where(empty[..., None], 0.0, scores), dim=-1)
+    lse = torch.where(empty, float("-inf"), lse)
+    safe_lse = torch.where(empty, 0.0, lse)
     probs = torch.exp(scores - safe_lse[..., None])
     if keep_mask is not None and dropout_p > 0.0:
         probs = probs * keep_mask / (1.0 - dropout_p)
