@@ -26,7 +26,10 @@ def _extensions():
     debug = _flag("DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++17"]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # The per-capability kernel units come last, the baseline one first among them: inline
+    # functions they share with the rest are then taken from baseline-compiled code.
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")) + [
+        f"csrc/cpu/capability/{name}.cpp" for name in ("default", "avx2", "avx512")]
 
     build_cuda = (not _flag("SEQKERN_SKIP_CUDA_BUILD")) and (
         _flag("FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None))

@@ -2,6 +2,7 @@
 // the problem description, output allocation and dtype dispatch. The kernels are in
 // attention_fwd.cpp and attention_bwd.cpp.
 #include <ATen/ATen.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -11,7 +12,45 @@
 #include "attention_kernels.h"
 
 namespace seqkern::cpu {
+
+// The instruction set the kernels run with: ATen's own choice for this CPU (it honours
+// ATEN_CPU_CAPABILITY), read once at run time.
+std::string kernel_capability() {
+#if defined(__x86_64__)
+  static const std::string name = [] {
+    const std::string aten = at::get_cpu_capability();
+    if (aten.rfind("AVX512", 0) == 0) return std::string("AVX512");
+    if (aten == "AVX2") return std::string("AVX2");
+    return std::string("DEFAULT");
+  }();
+  return name;
+#else
+  return "DEFAULT";
+#endif
+}
+
 namespace {
+
+template <typename scalar_t>
+void run_fwd(const AttentionProblem<scalar_t>& p, scalar_t* out, acc_type_t<scalar_t>* lse) {
+#if defined(__x86_64__)
+  const std::string cap = kernel_capability();
+  if (cap == "AVX512") return AVX512::attention_fwd_kernel<scalar_t>(p, out, lse);
+  if (cap == "AVX2") return AVX2::attention_fwd_kernel<scalar_t>(p, out, lse);
+#endif
+  DEFAULT::attention_fwd_kernel<scalar_t>(p, out, lse);
+}
+
+template <typename scalar_t>
+void run_bwd(const AttentionProblem<scalar_t>& p, View4<scalar_t> grad_out, View4<scalar_t> out,
+             const acc_type_t<scalar_t>* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+#if defined(__x86_64__)
+  const std::string cap = kernel_capability();
+  if (cap == "AVX512") return AVX512::attention_bwd_kernel<scalar_t>(p, grad_out, out, lse, dq, dk, dv);
+  if (cap == "AVX2") return AVX2::attention_bwd_kernel<scalar_t>(p, grad_out, out, lse, dq, dk, dv);
+#endif
+  DEFAULT::attention_bwd_kernel<scalar_t>(p, grad_out, out, lse, dq, dk, dv);
+}
 
 // SEQKERN_POISON_OUTPUTS=1 fills new outputs with NaN before the kernel runs (tests).
 bool poison_outputs() {
@@ -107,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd", [&] {
     auto p = make_problem<scalar_t>(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal,
                                     scale, seed_offset);
-    attention_fwd_kernel<scalar_t>(p, out.data_ptr<scalar_t>(),
+    run_fwd<scalar_t>(p, out.data_ptr<scalar_t>(),
                                    lse.data_ptr<acc_type_t<scalar_t>>());
   });
   return {out, lse};
@@ -134,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
     auto p = make_problem<scalar_t>(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal,
                                     scale, seed_offset);
-    attention_bwd_kernel<scalar_t>(p, view4<scalar_t>(grad_out), view4<scalar_t>(out),
+    run_bwd<scalar_t>(p, view4<scalar_t>(grad_out), view4<scalar_t>(out),
                                    lse_c.data_ptr<acc_type_t<scalar_t>>(),
                                    dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
                                    dv.data_ptr<scalar_t>());
@@ -144,6 +183,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 
 }  // namespace
 }  // namespace seqkern::cpu
+
+TORCH_LIBRARY_FRAGMENT(seqkern_C, m) {
+  m.def("cpu_capability() -> str", &seqkern::cpu::kernel_capability);
+}
 
 TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
   m.impl("attention_fwd", &seqkern::cpu::attention_fwd_cpu);

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <cmath>
@@ -151,56 +150,5 @@ inline void tile_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t 
 }
 
 inline void release_gemm_state() { at::native::cpublas::brgemm_release(/*is_vnni=*/false); }
-
-// y[i] = exp(x[i] - shift) over n elements, returning the sum of y; vectorized.
-template <typename acc_t>
-inline acc_t exp_shift_sum(acc_t* x, int64_t n, acc_t shift) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const Vec vshift(shift);
-  Vec vsum(acc_t(0));
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec y;
-    if constexpr (std::is_same_v<acc_t, float>) {
-      y = (Vec::loadu(x + i) - vshift).exp_u20();
-    } else {
-      y = (Vec::loadu(x + i) - vshift).exp();
-    }
-    y.store(x + i);
-    vsum = vsum + y;
-  }
-  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - shift);
-    sum += x[i];
-  }
-  return sum;
-}
-
-template <typename acc_t>
-inline acc_t row_max(const acc_t* x, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  acc_t best = -std::numeric_limits<acc_t>::infinity();
-  int64_t i = 0;
-  if (n >= Vec::size()) {
-    Vec vbest = Vec::loadu(x);
-    for (i = Vec::size(); i + Vec::size() <= n; i += Vec::size())
-      vbest = at::vec::maximum(vbest, Vec::loadu(x + i));
-    best = at::vec::vec_reduce_all<acc_t>(
-        [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vbest);
-  }
-  for (; i < n; ++i) best = std::max(best, x[i]);
-  return best;
-}
-
-// x[i] *= alpha over n elements.
-template <typename acc_t>
-inline void scale_row(acc_t* x, int64_t n, acc_t alpha) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const Vec va(alpha);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(x + i) * va).store(x + i);
-  for (; i < n; ++i) x[i] *= alpha;
-}
 
 }  // namespace seqkern::cpu

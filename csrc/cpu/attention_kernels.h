@@ -1,5 +1,7 @@
-// CPU attention kernels (csrc/cpu/attention_{fwd,bwd}.cpp), instantiated for fp32, fp64,
-// fp16 and bf16 inputs; fp16/bf16/fp32 accumulate in fp32, fp64 in fp64.
+// CPU attention kernels (attention_{fwd,bwd}_impl.h), compiled once per CPU capability
+// (csrc/cpu/capability/{default,avx2,avx512}.cpp, each with its own instruction set and
+// at::vec width) and chosen at run time from at::get_cpu_capability(), never at build time.
+// fp16/bf16/fp32 inputs accumulate in fp32, fp64 in fp64.
 #pragma once
 
 #include <type_traits>
@@ -11,18 +13,23 @@ namespace seqkern::cpu {
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// out: [B, Hq, L, Dv] contiguous, written in full. lse: [B, Hq, L] contiguous, written in
-// full (-inf for rows with no visible key).
-template <typename scalar_t>
-void attention_fwd_kernel(const AttentionProblem<scalar_t>& p, scalar_t* out,
-                          acc_type_t<scalar_t>* lse);
+#define SEQKERN_DECLARE_ATTENTION_KERNELS(NS)                                                 \
+  namespace NS {                                                                              \
+  /* out: [B, Hq, L, Dv] contiguous; lse: [B, Hq, L] contiguous (-inf for rows with no     \
+     visible key). Both written in full. */                                                   \
+  template <typename scalar_t>                                                                \
+  void attention_fwd_kernel(const AttentionProblem<scalar_t>& p, scalar_t* out,              \
+                            acc_type_t<scalar_t>* lse);                                       \
+  /* grad_out, out: [B, Hq, L, Dv] (any strides); lse: [B, Hq, L] contiguous. dq, dk, dv:   \
+     contiguous like query, key, value; written in full (zeros where no gradient flows). */ \
+  template <typename scalar_t>                                                                \
+  void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> grad_out,   \
+                            View4<scalar_t> out, const acc_type_t<scalar_t>* lse,            \
+                            scalar_t* dq, scalar_t* dk, scalar_t* dv);                        \
+  }
 
-// grad_out: [B, Hq, L, Dv] strides go_s*; out: [B, Hq, L, Dv] strides out_s*; lse: [B, Hq, L]
-// contiguous. dq [B, Hq, L, D], dk [B, Hkv, S, D], dv [B, Hkv, S, Dv]: contiguous outputs,
-// written in full (zeros where no gradient flows).
-template <typename scalar_t>
-void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> grad_out,
-                          View4<scalar_t> out, const acc_type_t<scalar_t>* lse, scalar_t* dq,
-                          scalar_t* dk, scalar_t* dv);
+SEQKERN_DECLARE_ATTENTION_KERNELS(DEFAULT)
+SEQKERN_DECLARE_ATTENTION_KERNELS(AVX2)
+SEQKERN_DECLARE_ATTENTION_KERNELS(AVX512)
 
 }  // namespace seqkern::cpu

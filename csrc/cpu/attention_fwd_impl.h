@@ -3,28 +3,30 @@
 // Work is split over (batch, query head, query block); each task streams the key/value
 // blocks its rows can see: causal tasks stop at the diagonal, fully padded key blocks are
 // skipped, and per-element masking runs only on tiles that need it.
+#pragma once
+
 #include <ATen/Parallel.h>
 
 #include <vector>
 
 #include "attention_common.h"
 #include "attention_kernels.h"
+#include "attention_vec.h"
 
 namespace seqkern::cpu {
+namespace CPU_CAPABILITY {
 
-namespace {
-constexpr int64_t kBlockM = 64;   // query rows per task
-constexpr int64_t kBlockN = 128;  // keys per tile
-}  // namespace
+constexpr int64_t kFwdBlockM = 64;   // query rows per task
+constexpr int64_t kFwdBlockN = 128;  // keys per tile
 
 template <typename scalar_t>
 void attention_fwd_kernel(const AttentionProblem<scalar_t>& p, scalar_t* out,
                           acc_type_t<scalar_t>* lse) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t m_blocks = (p.L + kBlockM - 1) / kBlockM;
-  const int64_t n_blocks = (p.S + kBlockN - 1) / kBlockN;
-  const std::vector<BlockState> key_states = key_block_states(p, kBlockN);
+  const int64_t m_blocks = (p.L + kFwdBlockM - 1) / kFwdBlockM;
+  const int64_t n_blocks = (p.S + kFwdBlockN - 1) / kFwdBlockN;
+  const std::vector<BlockState> key_states = key_block_states(p, kFwdBlockN);
   const bool dropout = p.dropout_p > 0.0;
   const acc_t keep_scale = dropout ? acc_t(1.0 / (1.0 - p.dropout_p)) : acc_t(1);
   const float threshold = static_cast<float>(p.dropout_p);
@@ -32,14 +34,14 @@ void attention_fwd_kernel(const AttentionProblem<scalar_t>& p, scalar_t* out,
   const bool v_direct = std::is_same_v<scalar_t, acc_t> && p.v.s3 == 1;
 
   at::parallel_for(0, p.B * p.Hq * m_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_tile(kBlockM * p.D), k_tile_t(p.D * kBlockN), v_tile(kBlockN * p.Dv);
-    std::vector<acc_t> scores(kBlockM * kBlockN), acc(kBlockM * p.Dv);
-    std::vector<acc_t> row_max_seen(kBlockM), row_sum(kBlockM);
+    std::vector<acc_t> q_tile(kFwdBlockM * p.D), k_tile_t(p.D * kFwdBlockN), v_tile(kFwdBlockN * p.Dv);
+    std::vector<acc_t> scores(kFwdBlockM * kFwdBlockN), acc(kFwdBlockM * p.Dv);
+    std::vector<acc_t> row_max_seen(kFwdBlockM), row_sum(kFwdBlockM);
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks, bh = task / m_blocks;
       const int64_t h = bh % p.Hq, b = bh / p.Hq, hk = h / p.group();
-      const int64_t i0 = mb * kBlockM, rows = std::min(kBlockM, p.L - i0);
+      const int64_t i0 = mb * kFwdBlockM, rows = std::min(kFwdBlockM, p.L - i0);
 
       load_tile(p.q.at(b, h, i0, 0), p.q.s2, p.q.s3, rows, p.D, q_tile.data(), p.D, false);
       scale_row(q_tile.data(), rows * p.D, static_cast<acc_t>(p.scale));
@@ -49,10 +51,10 @@ void attention_fwd_kernel(const AttentionProblem<scalar_t>& p, scalar_t* out,
 
       // Keys j <= i only: with causal masking the last visible key of this block is i0+rows-1.
       const int64_t key_end = p.causal ? std::min(p.S, i0 + rows) : p.S;
-      for (int64_t nb = 0; nb * kBlockN < key_end; ++nb) {
+      for (int64_t nb = 0; nb * kFwdBlockN < key_end; ++nb) {
         const BlockState state = key_states[b * n_blocks + nb];
         if (state == BlockState::kAllPadded) continue;
-        const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, key_end - n0);
+        const int64_t n0 = nb * kFwdBlockN, cols = std::min(kFwdBlockN, key_end - n0);
 
         load_tile(p.k.at(b, hk, n0, 0), p.k.s2, p.k.s3, cols, p.D, k_tile_t.data(), cols, true);
         tile_gemm(rows, cols, p.D, q_tile.data(), p.D, k_tile_t.data(), cols, scores.data(),
@@ -111,11 +113,6 @@ void attention_fwd_kernel(const AttentionProblem<scalar_t>& p, scalar_t* out,
   });
 }
 
-#define SEQKERN_INSTANTIATE_FWD(T) \
-  template void attention_fwd_kernel<T>(const AttentionProblem<T>&, T*, acc_type_t<T>*);
-SEQKERN_INSTANTIATE_FWD(float)
-SEQKERN_INSTANTIATE_FWD(double)
-SEQKERN_INSTANTIATE_FWD(at::Half)
-SEQKERN_INSTANTIATE_FWD(at::BFloat16)
 
+}  // namespace CPU_CAPABILITY
 }  // namespace seqkern::cpu

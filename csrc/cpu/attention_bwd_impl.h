@@ -6,19 +6,21 @@
 // buffers: deterministic, no atomics, memory linear in L and S. Scores are computed
 // transposed (S^T = K Q^T, keys on rows) so that P^T and dS^T, which dV and dK need, come
 // out of the GEMMs in place; only dS is transposed, for dQ.
+#pragma once
+
 #include <ATen/Parallel.h>
 
 #include <vector>
 
 #include "attention_common.h"
 #include "attention_kernels.h"
+#include "attention_vec.h"
 
 namespace seqkern::cpu {
+namespace CPU_CAPABILITY {
 
-namespace {
-constexpr int64_t kBlockM = 64;  // query rows per tile
-constexpr int64_t kBlockN = 64;  // keys per tile
-}  // namespace
+constexpr int64_t kBwdBlockM = 64;  // query rows per tile
+constexpr int64_t kBwdBlockN = 64;  // keys per tile
 
 template <typename scalar_t>
 void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> grad_out,
@@ -28,8 +30,8 @@ void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> g
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   const int64_t G = p.group(), L = p.L, D = p.D, Dv = p.Dv;
-  const int64_t n_blocks = (p.S + kBlockN - 1) / kBlockN;
-  const std::vector<BlockState> key_states = key_block_states(p, kBlockN);
+  const int64_t n_blocks = (p.S + kBwdBlockN - 1) / kBwdBlockN;
+  const std::vector<BlockState> key_states = key_block_states(p, kBwdBlockN);
   const bool dropout = p.dropout_p > 0.0;
   const acc_t keep_scale = dropout ? acc_t(1.0 / (1.0 - p.dropout_p)) : acc_t(1);
   const float threshold = static_cast<float>(p.dropout_p);
@@ -40,10 +42,10 @@ void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> g
     // the lse with -inf replaced by +inf (so exp(s - lse) = 0 on empty rows), dQ.
     std::vector<acc_t> q_rows(G * L * D), q_t(G * D * L), go_rows(G * L * Dv), go_t(G * Dv * L);
     std::vector<acc_t> delta(G * L), lse_safe(G * L), dq_acc(G * L * D);
-    std::vector<acc_t> k_tile(kBlockN * D), v_tile(kBlockN * Dv), dk_acc(kBlockN * D),
-        dv_acc(kBlockN * Dv);
-    std::vector<acc_t> p_t(kBlockN * kBlockM), dp_t(kBlockN * kBlockM),
-        pd_t(kBlockN * kBlockM), ds(kBlockM * kBlockN);
+    std::vector<acc_t> k_tile(kBwdBlockN * D), v_tile(kBwdBlockN * Dv), dk_acc(kBwdBlockN * D),
+        dv_acc(kBwdBlockN * Dv);
+    std::vector<acc_t> p_t(kBwdBlockN * kBwdBlockM), dp_t(kBwdBlockN * kBwdBlockM),
+        pd_t(kBwdBlockN * kBwdBlockM), ds(kBwdBlockM * kBwdBlockN);
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / p.Hkv, hk = task % p.Hkv;
@@ -68,7 +70,7 @@ void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> g
       std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
 
       for (int64_t nb = 0; nb < n_blocks; ++nb) {
-        const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, p.S - n0);
+        const int64_t n0 = nb * kBwdBlockN, cols = std::min(kBwdBlockN, p.S - n0);
         std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
         const BlockState state = key_states[b * n_blocks + nb];
@@ -80,8 +82,8 @@ void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> g
         }
         for (int64_t g = 0; g < G && state != BlockState::kAllPadded; ++g) {
           const int64_t h = hk * G + g;
-          for (int64_t i0 = q_begin; i0 < L; i0 += kBlockM) {
-            const int64_t rows = std::min(kBlockM, L - i0);
+          for (int64_t i0 = q_begin; i0 < L; i0 += kBwdBlockM) {
+            const int64_t rows = std::min(kBwdBlockM, L - i0);
             // S^T[n, m] = k_n . q_m
             tile_gemm(cols, rows, D, k_tile.data(), D, &q_t[g * D * L + i0], L, p_t.data(), rows,
                       false);
@@ -163,12 +165,6 @@ void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> g
   });
 }
 
-#define SEQKERN_INSTANTIATE_BWD(T)                                                          \
-  template void attention_bwd_kernel<T>(const AttentionProblem<T>&, View4<T>, View4<T>,     \
-                                        const acc_type_t<T>*, T*, T*, T*);
-SEQKERN_INSTANTIATE_BWD(float)
-SEQKERN_INSTANTIATE_BWD(double)
-SEQKERN_INSTANTIATE_BWD(at::Half)
-SEQKERN_INSTANTIATE_BWD(at::BFloat16)
 
+}  // namespace CPU_CAPABILITY
 }  // namespace seqkern::cpu
