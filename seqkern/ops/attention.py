@@ -65,6 +65,8 @@ def _setup_context(ctx, inputs, output):
     (query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal, scale,
      seed_offset) = inputs
     out, lse = output
+    # The backward ignores gradients of lse, so lse must not claim to have any.
+    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(query, key, value, out, lse, attn_mask, key_padding_mask,
                           seed_offset)
     ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale

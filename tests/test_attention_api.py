@@ -1,0 +1,230 @@
+"""The attention op as an API: errors, backend choice, registration (opcheck, gradcheck,
+torch.compile), dropout RNG plumbing."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import seqkern
+from seqkern.backends import BACKENDS, BackendError
+from seqkern.functional import scaled_dot_product_attention as sdpa
+from tests.attention_cases import make_qkv
+
+HAS_C = not BACKENDS["cpu"].availability("cpu")
+needs_c = pytest.mark.skipif(not HAS_C, reason="seqkern._C not built")
+
+
+def _qkv(dtype=torch.float32):
+    return make_qkv(2, 4, 4, 7, 9, 16, dtype=dtype)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda q, k, v: (q[0], k, v), "query .*4-D"),
+    (lambda q, k, v: (q, k[..., :8], v), "head dims differ"),
+    (lambda q, k, v: (q, k[:1], v), "batch sizes differ"),
+    (lambda q, k, v: (q, k.double(), v), "query's dtype"),
+    (lambda q, k, v: (q.to(torch.int32), k, v), "fp16, bf16, fp32 or fp64"),
+    (lambda q, k, v: (q, k[:, :3], v[:, :3]), "enable_gqa"),
+    (lambda q, k, v: (q, k, v[:, :, :5]), "value .*must match key"),
+])
+def test_bad_inputs_raise_before_any_kernel(change, match):
+    q, k, v = change(*_qkv())
+    with pytest.raises((ValueError, TypeError), match=match):
+        sdpa(q, k, v)
+
+
+def test_bad_masks_raise():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="does not broadcast"):
+        sdpa(q, k, v, attn_mask=torch.ones(7, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask.*bool or the query's dtype"):
+        sdpa(q, k, v, attn_mask=torch.ones(7, 9, dtype=torch.int64))
+    with pytest.raises(ValueError, match="key_padding_mask.*bool"):
+        sdpa(q, k, v, key_padding_mask=torch.zeros(2, 9))
+    with pytest.raises(ValueError, match=r"key_padding_mask.*\[B, S\]"):
+        sdpa(q, k, v, key_padding_mask=torch.zeros(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dropout_p"):
+        sdpa(q, k, v, dropout_p=1.5)
+    with pytest.raises(ValueError, match="multiple of"):
+        q6 = make_qkv(2, 6, 4, 7, 9, 16)[0]
+        sdpa(q6, k, v, enable_gqa=True)
+
+
+def test_mask_requiring_grad_is_refused():
+    q, k, v = _qkv()
+    mask = torch.zeros(7, 9, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        sdpa(q, k, v, attn_mask=mask)
+
+
+def test_tensors_on_different_devices_raise():
+    q, k, v = _qkv()
+    meta = torch.empty_like(k, device="meta")
+    with pytest.raises(ValueError, match="device"):
+        sdpa(q, meta, v)
+
+
+def test_forced_backend_that_cannot_run_lists_every_backend():
+    q, k, v = _qkv(torch.float64)
+    with seqkern.backend("triton"), pytest.raises(BackendError) as info:
+        sdpa(q, k, v)
+    text = str(info.value)
+    for name in BACKENDS:
+        assert f"  {name}:" in text
+    assert "fp64" in text or "float64" in text
+
+
+def test_unknown_backend_names_raise():
+    with pytest.raises(ValueError, match="unknown seqkern backend"):
+        with seqkern.backend("fast"):
+            pass
+
+
+def test_env_override_selects_backend(monkeypatch):
+    q, k, v = _qkv()
+    monkeypatch.setenv("SEQKERN_BACKEND", "reference")
+    calls = []
+    original = BACKENDS["reference"].attention_fwd
+    monkeypatch.setattr(BACKENDS["reference"], "attention_fwd",
+                        lambda *a: calls.append(1) or original(*a))
+    sdpa(q, k, v)
+    assert calls == [1]
+
+
+@needs_c
+def test_cpu_tensors_pick_cpu_backend_by_default(monkeypatch):
+    monkeypatch.delenv("SEQKERN_BACKEND", raising=False)
+    q, k, v = _qkv()
+    inputs = dict(device=q.device, dtype=q.dtype)
+    assert seqkern.backends.select("attention", inputs) is BACKENDS["cpu"]
+
+
+def test_triton_on_cpu_needs_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    code = ("import seqkern.backends as b; r = b.BACKENDS['triton'].availability('cpu'); "
+            "print(r); assert any('TRITON_INTERPRET=1' in x for x in r)")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+def test_info_runs():
+    out = subprocess.run([sys.executable, "-m", "seqkern.info"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "backends for cpu tensors" in out and "reference" in out
+
+
+@needs_c
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_kernels_for_every_capability(capability):
+    """The kernels compiled for each instruction set agree with the reference."""
+    code = """
+import torch, seqkern
+from tests.attention_cases import make_qkv, make_masks, reference64
+torch.manual_seed(1)
+q, k, v = make_qkv(2, 2, 2, 63, 130, 40, dtype=torch.float32, layout="packed")
+m, kpm, c = make_masks("causal+pad+float", 2, 2, 63, 130, torch.float32)
+for t in (q, k, v): t.requires_grad_(True)
+with seqkern.backend("cpu"):
+    out = seqkern.functional.scaled_dot_product_attention(q, k, v, m, is_causal=c,
+                                                          key_padding_mask=kpm)
+q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+ref, _ = reference64(q64, k64, v64, m, kpm, c)
+g = torch.randn_like(ref)
+got = torch.autograd.grad(out, (q, k, v), g.float())
+want = torch.autograd.grad(ref, (q64, k64, v64), g)
+assert (out.double() - ref).abs().max() < 1e-4, (out.double() - ref).abs().max()
+for a, b in zip(got, want):
+    assert (a.double() - b).abs().max() < 1e-4, (a.double() - b).abs().max()
+print(torch.ops.seqkern_C.cpu_capability())
+"""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in (capability.upper(), "DEFAULT")
+
+
+@needs_c
+def test_opcheck_forward_and_backward_ops():
+    q, k, v = make_qkv(2, 2, 1, 7, 9, 16)
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[1, 5:] = True
+    mask = torch.randn(1, 1, 7, 9).expand(2, 2, 7, 9)
+    seed = torch.tensor([1234, 0], dtype=torch.int64)
+    args = (q, k, v, mask, kpm, 0.2, True, 0.25, seed)
+    torch.library.opcheck(torch.ops.seqkern.attention_fwd.default, args)
+    out, lse = torch.ops.seqkern.attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q, k, v, out, lse, mask, kpm, 0.2, True, 0.25, seed)
+    torch.library.opcheck(torch.ops.seqkern.attention_bwd.default, bwd_args)
+    q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
+    torch.library.opcheck(torch.ops.seqkern.attention_fwd.default, (q, k, v) + args[3:])
+
+
+@needs_c
+@pytest.mark.parametrize("mask_kind", ["none", "causal+pad", "float"])
+def test_gradcheck_fp64(mask_kind):
+    from tests.attention_cases import make_masks
+    q, k, v = make_qkv(1, 2, 1, 5, 6, 8, dtype=torch.float64, layout="packed")
+    m, kpm, c = make_masks(mask_kind, 1, 2, 5, 6, torch.float64)
+    if kpm is not None:
+        kpm[0, -1] = True
+    with seqkern.backend("cpu"):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: sdpa(q, k, v, m, is_causal=c, enable_gqa=True,
+                                 key_padding_mask=kpm),
+            (q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)))
+
+
+@needs_c
+def test_gradcheck_fp64_with_dropout():
+    q, k, v = make_qkv(1, 1, 1, 5, 6, 8, dtype=torch.float64)
+    seed = torch.tensor([99, 3], dtype=torch.int64)
+    with seqkern.backend("cpu"):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: seqkern.functional.attention_with_lse(
+                q, k, v, dropout_p=0.3, seed_offset=seed)[0],
+            (q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)))
+
+
+@needs_c
+def test_torch_compile_fullgraph_matches_eager():
+    q, k, v = make_qkv(2, 2, 2, 33, 40, 16, layout="packed")
+    kpm = torch.zeros(2, 40, dtype=torch.bool)
+    kpm[0, 30:] = True
+
+    def f(q, k, v):
+        return sdpa(q * 1.5, k, v, is_causal=True, key_padding_mask=kpm).sum(-1)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    qs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    qc = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    eager, comp = f(*qs), compiled(*qc)
+    torch.testing.assert_close(comp, eager)
+    eager.sum().backward()
+    comp.sum().backward()
+    for a, b in zip(qs, qc):
+        torch.testing.assert_close(b.grad, a.grad)
+
+
+@needs_c
+def test_torch_compile_inductor_with_dropout():
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 16)
+
+    def f(q, k, v):
+        return sdpa(q, k, v, dropout_p=0.25)
+
+    compiled = torch.compile(f, fullgraph=True)
+    torch.manual_seed(3)
+    a = compiled(q, k, v)
+    torch.manual_seed(3)
+    b = f(q, k, v)
+    torch.testing.assert_close(a, b)
+
+
+def test_lse_output_carries_no_gradient():
+    q, k, v = (t.requires_grad_(True) for t in _qkv())
+    with seqkern.backend("reference"):
+        _, lse = seqkern.functional.attention_with_lse(q, k, v)
+    assert not lse.requires_grad
