@@ -42,20 +42,39 @@ def _fmix32(x):
 
 
 @triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    # fp32 inputs stay fp32 ("ieee", not tf32): the fp32 path is the accurate one.
+    if UPCAST:
+        # Triton's interpreter keeps bf16 as raw uint16 bits and tl.dot multiplies those
+        # (triton-lang/triton#11584); fp32 operands holding the same bf16 values give
+        # what the GPU's bf16 MMA with fp32 accumulation gives.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
 def _dropout_keep(bh, offs_m, offs_n, L, S, dropout_p, seed_lo, seed_hi, rng_offset):
     """[BLOCK_M, BLOCK_N] keep-mask of seqkern.reference.dropout_keep_mask."""
-    # The counter is 64-bit: B * Hq * L * S passes 2**32 on long sequences.
+    # The counter is 64-bit (B * Hq * L * S passes 2**32 on long sequences), but only the
+    # per-row counter is held in int64: the tile works on its 32-bit halves, carrying
+    # into the high half where the low half wraps, which keeps register pressure down.
     row = (bh.to(tl.int64) * L + offs_m) * S + rng_offset
-    counter = row[:, None] + offs_n[None, :]
-    bits = _fmix32(counter.to(tl.uint32) ^ seed_lo.to(tl.uint32))
-    bits = _fmix32(bits ^ (counter >> 32).to(tl.uint32) ^ seed_hi.to(tl.uint32))
+    row_lo = row.to(tl.uint32)[:, None]
+    lo = row_lo + offs_n.to(tl.uint32)[None, :]
+    hi = (row >> 32).to(tl.uint32)[:, None] + (lo < row_lo).to(tl.uint32)
+    bits = _fmix32(lo ^ seed_lo.to(tl.uint32))
+    bits = _fmix32(bits ^ hi ^ seed_hi.to(tl.uint32))
     return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) >= dropout_p
 
 
 @triton.jit
 def _masked_scores(s, b, h, offs_m, offs_n, L, S, Mask, smb, smh, sml, sms, Kpm, spb, sps,
                    MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Scaled scores s [BLOCK_M, BLOCK_N] with every hidden entry set to -inf."""
+    """Scaled scores s [BLOCK_M, BLOCK_N] with every hidden entry set to -inf.
+
+    MASK_KIND: 0 no attn_mask, 1 bool (nonzero = may attend), 2 float (added to s).
+    """
     visible = (offs_m[:, None] < L) & (offs_n[None, :] < S)
     if IS_CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None])
@@ -95,8 +114,8 @@ def _attention_fwd_kernel(
         Hq, group, L, S, D, Dv, scale, dropout_p, dropout_scale,
         seed_lo, seed_hi, rng_offset,
         MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        HAS_DROPOUT: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -124,7 +143,7 @@ def _attention_fwd_kernel(
         offs_n = start_n + arange_n
         k_t = tl.load(k_base + offs_n[None, :] * sks + offs_d[:, None] * skd,
                       mask=(offs_n[None, :] < S) & (offs_d[:, None] < D), other=0.0)
-        s = tl.dot(q, k_t, input_precision="ieee") * scale
+        s = _dot(q, k_t, DOT_UPCAST) * scale
         s = _masked_scores(s, b, h, offs_m, offs_n, L, S, Mask, smb, smh, sml, sms,
                            Kpm, spb, sps, MASK_KIND, HAS_KPM, IS_CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -140,7 +159,7 @@ def _attention_fwd_kernel(
             p = tl.where(keep, p * dropout_scale, 0.0)
         v = tl.load(v_base + offs_n[:, None] * svs + offs_dv[None, :] * svd,
                     mask=(offs_n[:, None] < S) & (offs_dv[None, :] < Dv), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_UPCAST)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -180,15 +199,16 @@ def _probs_and_dscores(q, k_t, v_t, do, lse, delta, b, h, bh, offs_m, offs_n, L,
                        Mask, smb, smh, sml, sms, Kpm, spb, sps,
                        dropout_p, dropout_scale, seed_lo, seed_hi, rng_offset,
                        MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr,
-                       IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+                       IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       DOT_UPCAST: tl.constexpr):
     """The backward's tile: (P after dropout, dS) for a query block and a key block."""
-    s = tl.dot(q, k_t, input_precision="ieee") * scale
+    s = _dot(q, k_t, DOT_UPCAST) * scale
     s = _masked_scores(s, b, h, offs_m, offs_n, L, S, Mask, smb, smh, sml, sms,
                        Kpm, spb, sps, MASK_KIND, HAS_KPM, IS_CAUSAL)
     # Rows with lse = -inf see no key (every s is -inf): subtracting 0 makes their P 0.
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     p = tl.exp(s - lse[:, None])
-    dp = tl.dot(do, v_t, input_precision="ieee")
+    dp = _dot(do, v_t, DOT_UPCAST)
     if HAS_DROPOUT:
         keep = _dropout_keep(bh, offs_m, offs_n, L, S, dropout_p, seed_lo, seed_hi,
                              rng_offset)
@@ -207,8 +227,8 @@ def _attention_bwd_dkdv_kernel(
         Hq, group, L, S, D, Dv, scale, dropout_p, dropout_scale,
         seed_lo, seed_hi, rng_offset,
         MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        HAS_DROPOUT: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # One program owns a key block of one kv head and walks every query block of every
     # query head in its group: dK and dV are summed in a fixed order, without atomics.
     pid_n = tl.program_id(0)
@@ -258,9 +278,9 @@ def _attention_bwd_dkdv_kernel(
                 q, k_t, v_t, do, lse, delta, b, h, bh, offs_m, offs_n, L, S, scale,
                 Mask, smb, smh, sml, sms, Kpm, spb, sps,
                 dropout_p, dropout_scale, seed_lo, seed_hi, rng_offset,
-                MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_DROPOUT)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+                MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_DROPOUT, DOT_UPCAST)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_UPCAST)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_UPCAST)
 
     inside_n = offs_n[:, None] < S
     tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh
@@ -279,8 +299,8 @@ def _attention_bwd_dq_kernel(
         Hq, group, L, S, D, Dv, scale, dropout_p, dropout_scale,
         seed_lo, seed_hi, rng_offset,
         MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        HAS_DROPOUT: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     # A separate pass per query block keeps dQ deterministic (no atomics across key blocks).
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -318,8 +338,8 @@ def _attention_bwd_dq_kernel(
             q, tl.trans(k), v_t, do, lse, delta, b, h, bh, offs_m, offs_n, L, S, scale,
             Mask, smb, smh, sml, sms, Kpm, spb, sps,
             dropout_p, dropout_scale, seed_lo, seed_hi, rng_offset,
-            MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_DROPOUT)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+            MASK_KIND, HAS_KPM, IS_CAUSAL, HAS_DROPOUT, DOT_UPCAST)
+        dq += _dot(ds.to(k.dtype), k, DOT_UPCAST)
 
     tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh
              + offs_m[:, None] * sdql + offs_d[None, :] * sdqd,
@@ -328,17 +348,21 @@ def _attention_bwd_dq_kernel(
 
 # -------------------------------------------------------------------------------- host
 
-def _config(head_dim):
-    """(BLOCK_M, BLOCK_N, num_warps) for the larger of D and Dv.
+def _config(head_dim, dtype):
+    """Tiles for the larger of D and Dv: ((BLOCK_M, BLOCK_N) of the forward and dQ passes,
+    (queries streamed, keys resident) of the dK/dV pass, num_warps, num_stages).
 
-    Modest tiles so that D = 256 fits an H100's registers and shared memory; the
-    backward's dK/dV pass keeps BLOCK_M keys resident and streams BLOCK_N queries.
+    Modest tiles so that D = 256 fits an H100's (and an A100's) registers and shared
+    memory. fp32 dots run "ieee" on CUDA cores, whose tiles cost far more registers and
+    shared memory than tensor-core tiles: hence the smaller fp32 tiles and pipelines.
+    Chosen from ptxas's register, spill and shared-memory report for sm_90a (no spills
+    beyond a few hundred bytes at D = 256), not from timings.
     """
+    if dtype == torch.float32:
+        return (32, 32), (16, 32), 8, (2 if head_dim > 128 else 3)
     if head_dim <= 64:
-        return 64, 64, 4
-    if head_dim <= 128:
-        return 64, 32, 4
-    return 64, 32, 8
+        return (64, 64), (64, 64), 8, 3
+    return (64, 32), (32, 64), 8, 3
 
 
 def _block_dim(dim):
@@ -387,9 +411,12 @@ def _dropout_args(dropout_p, seed_offset):
             seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, offset)
 
 
-def _flags(kind, key_padding_mask, is_causal, has_dropout, blocks):
+def _flags(query, kind, key_padding_mask, is_causal, has_dropout, blocks):
+    # CPU tensors only ever run interpreted, and the interpreter cannot tl.dot bf16.
+    dot_upcast = query.device.type == "cpu" and query.dtype == torch.bfloat16
     return dict(MASK_KIND=kind, HAS_KPM=key_padding_mask is not None,
-                IS_CAUSAL=bool(is_causal), HAS_DROPOUT=has_dropout, **blocks)
+                IS_CAUSAL=bool(is_causal), HAS_DROPOUT=has_dropout, DOT_UPCAST=dot_upcast,
+                **blocks)
 
 
 def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal,
@@ -421,7 +448,7 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     (mask, kpm, kv_range), kind, mask_strides = _mask_args(query, attn_mask,
                                                            key_padding_mask)
     has_dropout, p, p_scale, seed_lo, seed_hi, offset = _dropout_args(dropout_p, seed_offset)
-    block_m, block_n, num_warps = _config(max(D, Dv))
+    (block_m, block_n), _, num_warps, num_stages = _config(max(D, Dv), query.dtype)
     blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_dim(D),
                   BLOCK_DV=_block_dim(Dv))
     with _device_guard(query):
@@ -429,8 +456,8 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
             query, key, value, out, lse, mask, kpm, kv_range,
             *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_strides,
             Hq, Hq // Hkv, L, S, D, Dv, float(scale), p, p_scale, seed_lo, seed_hi, offset,
-            **_flags(kind, key_padding_mask, is_causal, has_dropout, blocks),
-            num_warps=num_warps)
+            **_flags(query, kind, key_padding_mask, is_causal, has_dropout, blocks),
+            num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
 
@@ -457,30 +484,30 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     (mask, kpm, kv_range), kind, mask_strides = _mask_args(query, attn_mask,
                                                            key_padding_mask)
     has_dropout, p, p_scale, seed_lo, seed_hi, offset = _dropout_args(dropout_p, seed_offset)
-    block_m, block_n, num_warps = _config(max(D, Dv))
+    (block_m, block_n), (stream_m, resident_n), num_warps, num_stages = _config(
+        max(D, Dv), query.dtype)
     block_d, block_dv = _block_dim(D), _block_dim(Dv)
     common = (Hq, Hq // Hkv, L, S, D, Dv, float(scale), p, p_scale, seed_lo, seed_hi, offset)
     with _device_guard(query):
         _attention_bwd_delta_kernel[(triton.cdiv(L, block_m), B * Hq)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, L, Dv,
-            BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=num_warps)
-        # dK/dV: key blocks of BLOCK_M stay resident, query blocks of BLOCK_N stream by.
-        _attention_bwd_dkdv_kernel[(triton.cdiv(S, block_m), B * Hkv)](
+            BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=num_warps, num_stages=num_stages)
+        _attention_bwd_dkdv_kernel[(triton.cdiv(S, resident_n), B * Hkv)](
             query, key, value, grad_out, lse, delta, dk, dv, mask, kpm, kv_range,
             *query.stride(), *key.stride(), *value.stride(), *grad_out.stride(),
             *dk.stride(), *dv.stride(), *mask_strides, *common,
-            **_flags(kind, key_padding_mask, is_causal, has_dropout,
-                     dict(BLOCK_M=block_n, BLOCK_N=block_m, BLOCK_D=block_d,
+            **_flags(query, kind, key_padding_mask, is_causal, has_dropout,
+                     dict(BLOCK_M=stream_m, BLOCK_N=resident_n, BLOCK_D=block_d,
                           BLOCK_DV=block_dv)),
-            num_warps=num_warps)
+            num_warps=num_warps, num_stages=num_stages)
         _attention_bwd_dq_kernel[(triton.cdiv(L, block_m), B * Hq)](
             query, key, value, grad_out, lse, delta, dq, mask, kpm, kv_range,
             *query.stride(), *key.stride(), *value.stride(), *grad_out.stride(),
             *dq.stride(), *mask_strides, *common,
-            **_flags(kind, key_padding_mask, is_causal, has_dropout,
+            **_flags(query, kind, key_padding_mask, is_causal, has_dropout,
                      dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                           BLOCK_DV=block_dv)),
-            num_warps=num_warps)
+            num_warps=num_warps, num_stages=num_stages)
     return dq, dk, dv
 
 

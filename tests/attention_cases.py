@@ -39,6 +39,10 @@ def make_masks(kind, B, Hq, L, S, dtype, generator=None):
             lengths = torch.randint(0, S + 1, (B,))
             lengths[0] = S  # at least one unpadded row; others may be fully padded
             kpm = torch.arange(S)[None, :] >= lengths[:, None]
+        elif part == "holes":  # left padding and gaps: batch 0's first real key is late
+            kpm = torch.rand(B, S) < 0.3
+            kpm[0, : S // 2] = True
+            kpm[0, -1] = False
         elif part == "bool":  # [L, S] broadcast over batch and heads
             attn_mask = torch.rand(L, S) > 0.3
         elif part == "bool4":  # per batch and head
