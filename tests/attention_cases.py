@@ -60,6 +60,16 @@ def make_masks(kind, B, Hq, L, S, dtype, generator=None):
     return attn_mask, kpm, causal
 
 
+def opcheck_inputs():
+    """Arguments of seqkern::attention_fwd exercising GQA, both masks, causal and dropout."""
+    q, k, v = make_qkv(2, 2, 1, 7, 9, 16)
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[1, 5:] = True
+    mask = torch.randn(1, 1, 7, 9).expand(2, 2, 7, 9)
+    seed = torch.tensor([1234, 0], dtype=torch.int64)
+    return (q, k, v, mask, kpm, 0.2, True, 0.25, seed)
+
+
 def run(backend, q, k, v, attn_mask, kpm, causal, dropout_p=0.0, scale=None, gqa=False,
         seed_offset=None):
     with seqkern.backend(backend):

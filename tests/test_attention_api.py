@@ -10,7 +10,7 @@ import torch
 import seqkern
 from seqkern.backends import BACKENDS, BackendError
 from seqkern.functional import scaled_dot_product_attention as sdpa
-from tests.attention_cases import make_qkv
+from tests.attention_cases import make_qkv, opcheck_inputs
 
 HAS_C = not BACKENDS["cpu"].availability("cpu")
 needs_c = pytest.mark.skipif(not HAS_C, reason="seqkern._C not built")
@@ -148,12 +148,8 @@ print(torch.ops.seqkern_C.cpu_capability())
 
 @needs_c
 def test_opcheck_forward_and_backward_ops():
-    q, k, v = make_qkv(2, 2, 1, 7, 9, 16)
-    kpm = torch.zeros(2, 9, dtype=torch.bool)
-    kpm[1, 5:] = True
-    mask = torch.randn(1, 1, 7, 9).expand(2, 2, 7, 9)
-    seed = torch.tensor([1234, 0], dtype=torch.int64)
-    args = (q, k, v, mask, kpm, 0.2, True, 0.25, seed)
+    args = opcheck_inputs()
+    q, k, v, mask, kpm, _, _, _, seed = args
     torch.library.opcheck(torch.ops.seqkern.attention_fwd.default, args)
     out, lse = torch.ops.seqkern.attention_fwd(*args)
     bwd_args = (torch.randn_like(out), q, k, v, out, lse, mask, kpm, 0.2, True, 0.25, seed)

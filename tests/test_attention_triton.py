@@ -1,11 +1,13 @@
 """What only the Triton kernels need checked beyond tests/test_attention.py's grid:
 D != Dv, padding that does not start at key 0, wide GQA groups with dropout, the exact
-dropout bits (seed halves, 64-bit counters), determinism and strided grad_out."""
+dropout bits (seed halves, 64-bit counters), determinism, strided grad_out, and the op's
+registration (opcheck, torch.compile) with this backend."""
 import pytest
 import torch
 
+import seqkern
 from seqkern.backends import BACKENDS
-from tests.attention_cases import make_qkv
+from tests.attention_cases import make_qkv, opcheck_inputs
 from tests.test_attention import _check
 
 pytestmark = pytest.mark.skipif(bool(BACKENDS["triton"].availability("cpu")),
@@ -91,3 +93,38 @@ def test_not_supported_reasons():
     assert any("head dims" in r for r in reasons(inputs(Dv=320)))
     assert any("dtype" in r for r in reasons(inputs(dtype=torch.float64)))
     assert any("attn_mask" in r for r in reasons(inputs(attn_mask=torch.ones(8, 8).bool())))
+
+
+def test_opcheck_with_the_triton_backend():
+    args = opcheck_inputs()
+    q, k, v, mask, kpm, _, _, _, seed = args
+    with seqkern.backend("triton"):
+        torch.library.opcheck(torch.ops.seqkern.attention_fwd.default, args)
+        out, lse = torch.ops.seqkern.attention_fwd(*args)
+        bwd_args = (torch.randn_like(out), q, k, v, out, lse, mask, kpm, 0.2, True, 0.25,
+                    seed)
+        torch.library.opcheck(torch.ops.seqkern.attention_bwd.default, bwd_args)
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        torch.library.opcheck(torch.ops.seqkern.attention_fwd.default, args)
+
+
+def test_torch_compile_fullgraph_with_the_triton_backend():
+    q, k, v = make_qkv(2, 2, 2, 33, 40, 16, layout="packed")
+    kpm = torch.zeros(2, 40, dtype=torch.bool)
+    kpm[0, 30:] = True
+
+    def f(q, k, v):
+        return seqkern.functional.scaled_dot_product_attention(
+            q * 1.5, k, v, is_causal=True, key_padding_mask=kpm).sum(-1)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    compiled_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    with seqkern.backend("triton"):
+        eager, comp = f(*eager_in), compiled(*compiled_in)
+        torch.testing.assert_close(comp, eager)
+        eager.sum().backward()
+        comp.sum().backward()
+    for name, a, b in zip(("dq", "dk", "dv"), eager_in, compiled_in):
+        torch.testing.assert_close(b.grad, a.grad, msg=lambda m: f"{name}: {m}")
