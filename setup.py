@@ -25,7 +25,8 @@ def _extensions():
 
     debug = _flag("DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17"]
+    # at::parallel_for is inlined from ATen's OpenMP header: without -fopenmp it runs serially.
+    cxx += ["-std=c++17", "-fopenmp"]
     # The per-capability kernel units come last, the baseline one first among them: inline
     # functions they share with the rest are then taken from baseline-compiled code.
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")) + [
@@ -44,9 +45,10 @@ def _extensions():
                           ("SEQKERN_CUDA_ARCHS", '"' + ";".join(archs) + '"')]
         return [CUDAExtension(
             "seqkern._C", sources + cuda_sources,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
             define_macros=define_macros)]
     return [CppExtension("seqkern._C", sources, extra_compile_args={"cxx": cxx},
+                         extra_link_args=["-fopenmp"],
                          define_macros=define_macros)]
 
 

@@ -5,7 +5,7 @@
 // so dK/dV accumulate over the group and dQ accumulates over key blocks in task-private
 // buffers: deterministic, no atomics, memory linear in L and S. Scores are computed
 // transposed (S^T = K Q^T, keys on rows) so that P^T and dS^T, which dV and dK need, come
-// out of the GEMMs in place; only dS is transposed, for dQ.
+// out of the GEMMs in place, and dQ is accumulated transposed (dQ^T += K^T dS^T).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -37,22 +37,27 @@ void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> g
   const float threshold = static_cast<float>(p.dropout_p);
   const acc_t scale = static_cast<acc_t>(p.scale);
 
-  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+  const int64_t num_tasks = p.B * p.Hkv;
+  run_tasks(num_tasks, [&](const auto& next_task) {
     // Per query head of the group: Q and dO as rows and transposed, D_i = rowsum(dO * O),
     // the lse with -inf replaced by +inf (so exp(s - lse) = 0 on empty rows), dQ.
     std::vector<acc_t> q_rows(G * L * D), q_t(G * D * L), go_rows(G * L * Dv), go_t(G * Dv * L);
-    std::vector<acc_t> delta(G * L), lse_safe(G * L), dq_acc(G * L * D);
-    std::vector<acc_t> k_tile(kBwdBlockN * D), v_tile(kBwdBlockN * Dv), dk_acc(kBwdBlockN * D),
-        dv_acc(kBwdBlockN * Dv);
+    // dQ is accumulated transposed (dQ^T += K^T dS^T) so that dS^T feeds it in place.
+    std::vector<acc_t> delta(G * L), lse_safe(G * L), dq_t(G * D * L);
+    std::vector<acc_t> k_tile(kBwdBlockN * D), k_tile_t(D * kBwdBlockN), v_tile(kBwdBlockN * Dv),
+        dk_acc(kBwdBlockN * D), dv_acc(kBwdBlockN * Dv);
     std::vector<acc_t> p_t(kBwdBlockN * kBwdBlockM), dp_t(kBwdBlockN * kBwdBlockM),
-        pd_t(kBwdBlockN * kBwdBlockM), ds(kBwdBlockM * kBwdBlockN);
+        pd_t(kBwdBlockN * kBwdBlockM);
 
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next_task(); task < num_tasks; task = next_task()) {
       const int64_t b = task / p.Hkv, hk = task % p.Hkv;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hk * G + g;
+        // Q is stored pre-scaled: S^T = K (scale Q)^T and dK = dS^T (scale Q) directly.
         load_tile(p.q.at(b, h, 0, 0), p.q.s2, p.q.s3, L, D, &q_rows[g * L * D], D, false);
+        scale_row(&q_rows[g * L * D], L * D, scale);
         load_tile(p.q.at(b, h, 0, 0), p.q.s2, p.q.s3, L, D, &q_t[g * D * L], L, true);
+        scale_row(&q_t[g * D * L], D * L, scale);
         load_tile(grad_out.at(b, h, 0, 0), grad_out.s2, grad_out.s3, L, Dv,
                   &go_rows[g * L * Dv], Dv, false);
         load_tile(grad_out.at(b, h, 0, 0), grad_out.s2, grad_out.s3, L, Dv, &go_t[g * Dv * L],
@@ -67,7 +72,7 @@ void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> g
           lse_safe[g * L + i] = std::isinf(lse_h[i]) && lse_h[i] < 0 ? kInf : lse_h[i];
         }
       }
-      std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
+      std::fill(dq_t.begin(), dq_t.end(), acc_t(0));
 
       for (int64_t nb = 0; nb < n_blocks; ++nb) {
         const int64_t n0 = nb * kBwdBlockN, cols = std::min(kBwdBlockN, p.S - n0);
@@ -78,6 +83,7 @@ void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> g
         const int64_t q_begin = p.causal ? n0 : 0;
         if (state != BlockState::kAllPadded && q_begin < L) {
           load_tile(p.k.at(b, hk, n0, 0), p.k.s2, p.k.s3, cols, D, k_tile.data(), D, false);
+          load_tile(p.k.at(b, hk, n0, 0), p.k.s2, p.k.s3, cols, D, k_tile_t.data(), cols, true);
           load_tile(p.v.at(b, hk, n0, 0), p.v.s2, p.v.s3, cols, Dv, v_tile.data(), Dv, false);
         }
         for (int64_t g = 0; g < G && state != BlockState::kAllPadded; ++g) {
@@ -93,21 +99,9 @@ void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> g
             const acc_t* lse_row = &lse_safe[g * L + i0];
             for (int64_t n = 0; n < cols; ++n) {
               acc_t* s = p_t.data() + n * rows;
-              int64_t m = 0;
-              if (per_element) {
-                for (; m < rows; ++m) {
-                  const acc_t bias = mask_bias<scalar_t, acc_t>(p, b, h, i0 + m, n0 + n);
-                  s[m] = std::exp(s[m] * scale + bias - lse_row[m]);
-                }
-              } else {
-                const Vec vscale(scale);
-                for (; m + Vec::size() <= rows; m += Vec::size()) {
-                  Vec x = Vec::loadu(s + m) * vscale - Vec::loadu(lse_row + m);
-                  if constexpr (std::is_same_v<acc_t, float>) x = x.exp_u20(); else x = x.exp();
-                  x.store(s + m);
-                }
-                for (; m < rows; ++m) s[m] = std::exp(s[m] * scale - lse_row[m]);
-              }
+              if (per_element)
+                mask_key_row(p, b, h, n0 + n, i0, rows, state == BlockState::kMixed, s);
+              exp_minus(s, lse_row, rows);
             }
             // dP^T[n, m] = v_n . dO_m
             tile_gemm(cols, rows, Dv, v_tile.data(), Dv, &go_t[g * Dv * L + i0], L, dp_t.data(),
@@ -139,29 +133,29 @@ void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> g
                 (Vec::loadu(pr + m) * (Vec::loadu(dpr + m) - Vec::loadu(delta_row + m)))
                     .store(dpr + m);
               for (; m < rows; ++m) dpr[m] = pr[m] * (dpr[m] - delta_row[m]);
-              for (m = 0; m < rows; ++m) ds[m * cols + n] = dpr[m];
             }
             tile_gemm(cols, D, rows, dp_t.data(), rows, &q_rows[(g * L + i0) * D], D,
                       dk_acc.data(), D, true);
-            tile_gemm(rows, D, cols, ds.data(), cols, k_tile.data(), D,
-                      &dq_acc[(g * L + i0) * D], D, true);
+            tile_gemm(D, rows, cols, k_tile_t.data(), cols, dp_t.data(), rows,
+                      &dq_t[g * D * L + i0], L, true);
           }
         }
         for (int64_t n = 0; n < cols; ++n) {
           scalar_t* dk_row = dk + ((b * p.Hkv + hk) * p.S + n0 + n) * D;
           scalar_t* dv_row = dv + ((b * p.Hkv + hk) * p.S + n0 + n) * Dv;
           for (int64_t d = 0; d < D; ++d)
-            dk_row[d] = static_cast<scalar_t>(dk_acc[n * D + d] * scale);
+            dk_row[d] = static_cast<scalar_t>(dk_acc[n * D + d]);
           for (int64_t d = 0; d < Dv; ++d) dv_row[d] = static_cast<scalar_t>(dv_acc[n * Dv + d]);
         }
       }
       for (int64_t g = 0; g < G; ++g) {
         scalar_t* dq_head = dq + (b * p.Hq + hk * G + g) * L * D;
-        const acc_t* acc = &dq_acc[g * L * D];
-        for (int64_t e = 0; e < L * D; ++e) dq_head[e] = static_cast<scalar_t>(acc[e] * scale);
+        const acc_t* acc = &dq_t[g * D * L];
+        for (int64_t i = 0; i < L; ++i)
+          for (int64_t d = 0; d < D; ++d)
+            dq_head[i * D + d] = static_cast<scalar_t>(acc[d * L + i] * scale);
       }
     }
-    if constexpr (std::is_same_v<acc_t, float>) release_gemm_state();
   });
 }
 

@@ -6,6 +6,10 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <cmath>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -87,22 +91,47 @@ inline bool dropout_keep(uint64_t seed, uint64_t counter, float threshold) {
   return static_cast<float>(bits >> 8) * (1.0f / 16777216.0f) >= threshold;
 }
 
-// The additive score bias of element (b, h, i, j) from attn_mask, causal and key padding:
-// 0, a float mask value, or -inf.
+// Masks one query row i of a score tile over keys [n0, n0 + cols) (forward layout): the
+// float mask is added, hidden keys (bool mask false, causal j > i, padding) become -inf.
 template <typename scalar_t, typename acc_t>
-inline acc_t mask_bias(const AttentionProblem<scalar_t>& p, int64_t b, int64_t h, int64_t i,
-                       int64_t j) {
+inline void mask_query_row(const AttentionProblem<scalar_t>& p, int64_t b, int64_t h, int64_t i,
+                           int64_t n0, int64_t cols, bool check_padding, acc_t* s) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  if (p.causal && j > i) return kNegInf;
-  if (p.padded(b, j)) return kNegInf;
-  switch (p.mask_kind) {
-    case MaskKind::kBool:
-      return *p.bool_mask.at(b, h, i, j) ? acc_t(0) : kNegInf;
-    case MaskKind::kFloat:
-      return static_cast<acc_t>(*p.float_mask.at(b, h, i, j));
-    default:
-      return acc_t(0);
+  if (p.mask_kind == MaskKind::kBool) {
+    const bool* m = p.bool_mask.at(b, h, i, n0);
+    for (int64_t c = 0; c < cols; ++c)
+      if (!m[c * p.bool_mask.s3]) s[c] = kNegInf;
+  } else if (p.mask_kind == MaskKind::kFloat) {
+    const scalar_t* m = p.float_mask.at(b, h, i, n0);
+    for (int64_t c = 0; c < cols; ++c) s[c] += static_cast<acc_t>(m[c * p.float_mask.s3]);
   }
+  if (check_padding)
+    for (int64_t c = 0; c < cols; ++c)
+      if (p.padded(b, n0 + c)) s[c] = kNegInf;
+  if (p.causal)
+    for (int64_t c = std::max<int64_t>(0, i - n0 + 1); c < cols; ++c) s[c] = kNegInf;
+}
+
+// Masks one key row j of a transposed score tile over queries [i0, i0 + rows) (backward
+// layout), with the same rules as mask_query_row.
+template <typename scalar_t, typename acc_t>
+inline void mask_key_row(const AttentionProblem<scalar_t>& p, int64_t b, int64_t h, int64_t j,
+                         int64_t i0, int64_t rows, bool check_padding, acc_t* s) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  if (check_padding && p.padded(b, j)) {
+    std::fill(s, s + rows, kNegInf);
+    return;
+  }
+  if (p.mask_kind == MaskKind::kBool) {
+    const bool* m = p.bool_mask.at(b, h, i0, j);
+    for (int64_t r = 0; r < rows; ++r)
+      if (!m[r * p.bool_mask.s2]) s[r] = kNegInf;
+  } else if (p.mask_kind == MaskKind::kFloat) {
+    const scalar_t* m = p.float_mask.at(b, h, i0, j);
+    for (int64_t r = 0; r < rows; ++r) s[r] += static_cast<acc_t>(m[r * p.float_mask.s2]);
+  }
+  if (p.causal)  // queries i < j do not see key j
+    std::fill(s, s + std::min(rows, std::max<int64_t>(0, j - i0)), kNegInf);
 }
 
 // Copies rows [r0, r0 + rows) x cols of a strided 2-D slice into a dense buffer, converting
@@ -150,5 +179,20 @@ inline void tile_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t 
 }
 
 inline void release_gemm_state() { at::native::cpublas::brgemm_release(/*is_vnni=*/false); }
+
+// Runs tasks [0, n) on ATen's intra-op threads: each worker calls worker(next_task) once,
+// sets up its scratch buffers, then loops `for (t = next_task(); t < n; t = next_task())`.
+// Tasks are handed out one at a time from a shared counter because masked tasks differ a
+// lot in cost (causal rows, padded batches): fixed contiguous ranges would leave one thread
+// with all the heavy ones.
+template <typename Worker>
+void run_tasks(int64_t n, const Worker& worker) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    worker([&next] { return next.fetch_add(1, std::memory_order_relaxed); });
+    release_gemm_state();
+  });
+}
 
 }  // namespace seqkern::cpu

@@ -33,13 +33,15 @@ void attention_fwd_kernel(const AttentionProblem<scalar_t>& p, scalar_t* out,
   // V can feed the GEMM in place when it already is an fp32/fp64 row-major tile.
   const bool v_direct = std::is_same_v<scalar_t, acc_t> && p.v.s3 == 1;
 
-  at::parallel_for(0, p.B * p.Hq * m_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t num_tasks = p.B * p.Hq * m_blocks;
+  run_tasks(num_tasks, [&](const auto& next_task) {
     std::vector<acc_t> q_tile(kFwdBlockM * p.D), k_tile_t(p.D * kFwdBlockN), v_tile(kFwdBlockN * p.Dv);
     std::vector<acc_t> scores(kFwdBlockM * kFwdBlockN), acc(kFwdBlockM * p.Dv);
     std::vector<acc_t> row_max_seen(kFwdBlockM), row_sum(kFwdBlockM);
 
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t mb = task % m_blocks, bh = task / m_blocks;
+    for (int64_t task = next_task(); task < num_tasks; task = next_task()) {
+      // Last query blocks first: under causal masking they see the most keys.
+      const int64_t mb = m_blocks - 1 - task % m_blocks, bh = task / m_blocks;
       const int64_t h = bh % p.Hq, b = bh / p.Hq, hk = h / p.group();
       const int64_t i0 = mb * kFwdBlockM, rows = std::min(kFwdBlockM, p.L - i0);
 
@@ -65,10 +67,8 @@ void attention_fwd_kernel(const AttentionProblem<scalar_t>& p, scalar_t* out,
             diagonal || state == BlockState::kMixed || p.mask_kind != MaskKind::kNone;
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* s = scores.data() + r * cols;
-          if (per_element) {
-            for (int64_t c = 0; c < cols; ++c)
-              s[c] += mask_bias<scalar_t, acc_t>(p, b, h, i0 + r, n0 + c);
-          }
+          if (per_element)
+            mask_query_row(p, b, h, i0 + r, n0, cols, state == BlockState::kMixed, s);
           const acc_t m_new = std::max(row_max_seen[r], row_max(s, cols));
           if (m_new == kNegInf) {  // nothing visible yet in this row
             std::fill(s, s + cols, acc_t(0));
@@ -109,7 +109,6 @@ void attention_fwd_kernel(const AttentionProblem<scalar_t>& p, scalar_t* out,
         lse[row] = empty ? kNegInf : row_max_seen[r] + std::log(row_sum[r]);
       }
     }
-    if constexpr (std::is_same_v<acc_t, float>) release_gemm_state();
   });
 }
 

@@ -61,6 +61,23 @@ inline acc_t row_max(const acc_t* x, int64_t n) {
   return best;
 }
 
+// x[i] = exp(x[i] - shift[i]) over n elements (shift +inf gives 0).
+template <typename acc_t>
+inline void exp_minus(acc_t* x, const acc_t* shift, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec y = Vec::loadu(x + i) - Vec::loadu(shift + i);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      y = y.exp_u20();
+    } else {
+      y = y.exp();
+    }
+    y.store(x + i);
+  }
+  for (; i < n; ++i) x[i] = std::exp(x[i] - shift[i]);
+}
+
 // x[i] *= alpha over n elements.
 template <typename acc_t>
 inline void scale_row(acc_t* x, int64_t n, acc_t alpha) {

@@ -1,0 +1,66 @@
+"""Collects every benchmark's median next to its peer's, prints the ratio table at the end
+of the run and saves it as JSON (bench/results/), with device, versions and commit."""
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+import pytest
+import torch
+
+_ROWS = []
+
+
+class Recorder:
+    def __call__(self, benchmark, case, provider, flops, extra=None):
+        median = benchmark.stats.stats.median
+        row = dict(case=case, provider=provider, median_ms=median * 1e3,
+                   tflops=flops / median / 1e12 if flops else None, **(extra or {}))
+        benchmark.extra_info.update(row)
+        _ROWS.append(row)
+
+
+@pytest.fixture
+def record():
+    return Recorder()
+
+
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _device():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _ROWS:
+        return
+    by_case = {}
+    for row in _ROWS:
+        by_case.setdefault(row["case"], {})[row["provider"]] = row
+    lines = ["", f"seqkern benchmarks on {_device()} (torch {torch.__version__}, "
+             f"commit {_commit()}); ratio = peer time / seqkern time (>1: seqkern faster)",
+             f"{'case':58s} {'provider':16s} {'ms':>9s} {'TFLOP/s':>8s} {'ratio':>6s}"]
+    for case, providers in by_case.items():
+        peer = next((r for p, r in providers.items() if p.startswith("torch")), None)
+        for name, row in providers.items():
+            ratio = (peer["median_ms"] / row["median_ms"]) if peer and row is not peer else None
+            tf = f"{row['tflops']:.3f}" if row["tflops"] is not None else "-"
+            lines.append(f"{case:58s} {name:16s} {row['median_ms']:9.2f} {tf:>8s} "
+                         f"{'' if ratio is None else f'{ratio:6.2f}'}")
+    text = "\n".join(lines)
+    print(text)
+    out_dir = os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    with open(os.path.join(out_dir, f"bench-{stamp}.json"), "w") as f:
+        json.dump(dict(device=_device(), torch=torch.__version__, commit=_commit(),
+                       date=stamp, rows=_ROWS), f, indent=1)
