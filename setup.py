@@ -10,7 +10,7 @@ Knobs (never decided by probing for a GPU):
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,8 +61,7 @@ setup(
     name="seqkern",
     version="0.1.0",
     description="Fused attention and recurrent kernels for PyTorch (Triton, C++, CUDA)",
-    packages=["seqkern", "seqkern.reference", "seqkern.ops", "seqkern.backends",
-              "seqkern.nn", "seqkern.kernels"],
+    packages=sorted(set(find_packages(include=["seqkern", "seqkern.*"])) | {"seqkern.kernels"}),
     package_dir={"seqkern": "seqkern", "seqkern.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
