@@ -1,0 +1,82 @@
+"""The reference recurrences (seqkern.reference.rnn) against torch.nn, in float64."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from seqkern import reference
+from tests.tolerances import assert_close
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
+def test_cells_match_torch(kind, bias):
+    B, I, H = 7, 5, 11
+    x, h = torch.randn(B, I, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    if kind == "LSTM":
+        cell = torch.nn.LSTMCell(I, H, bias=bias, dtype=torch.float64)
+        c = torch.randn(B, H, dtype=torch.float64)
+        want = cell(x, (h, c))
+        got = reference.lstm_cell(x, h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih,
+                                  cell.bias_hh)
+        assert_close("h", got[0], want[0])
+        assert_close("c", got[1], want[1])
+        return
+    if kind == "GRU":
+        cell = torch.nn.GRUCell(I, H, bias=bias, dtype=torch.float64)
+        got = reference.gru_cell(x, h, cell.weight_ih, cell.weight_hh, cell.bias_ih,
+                                 cell.bias_hh)
+    else:
+        nl = kind.split("_")[1].lower()
+        cell = torch.nn.RNNCell(I, H, bias=bias, nonlinearity=nl, dtype=torch.float64)
+        got = reference.rnn_cell(x, h, cell.weight_ih, cell.weight_hh, cell.bias_ih,
+                                 cell.bias_hh, nl)
+    assert_close("h", got, cell(x, h))
+
+
+def _layer_weights(module, suffix=""):
+    names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    return tuple(getattr(module, n + suffix) for n in names)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_bidirectional_layer_matches_torch(mode, packed):
+    T, B, I, H = 6, 4, 3, 5
+    module = getattr(torch.nn, mode)(I, H, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    h0 = torch.randn(2, B, H, dtype=torch.float64)
+    c0 = torch.randn(2, B, H, dtype=torch.float64)
+    lengths = torch.tensor([6, 5, 3, 1])
+    state = (h0, c0) if mode == "LSTM" else h0
+    if packed:
+        data = pack_padded_sequence(x, lengths)
+        want_out, want_state = module(data, state)
+        want_out = want_out.data
+        inp, sizes = data.data, data.batch_sizes
+    else:
+        want_out, want_state = module(x, state)
+        inp, sizes = x, None
+    want_h = want_state[0] if mode == "LSTM" else want_state
+    outs = []
+    for d, suffix in enumerate(("", "_reverse")):
+        out, h_n, c_n = reference.recurrent_layer(
+            mode, inp, h0[d], _layer_weights(module, suffix),
+            c0=c0[d] if mode == "LSTM" else None, reverse=bool(d), batch_sizes=sizes)
+        assert_close(f"h_n[{d}]", h_n, want_h[d])
+        if mode == "LSTM":
+            assert_close(f"c_n[{d}]", c_n, want_state[1][d])
+        outs.append(out)
+    assert_close("output", torch.cat(outs, -1), want_out)
+
+
+def test_lstm_projection_matches_torch():
+    T, B, I, H, P = 5, 3, 4, 6, 2
+    module = torch.nn.LSTM(I, H, proj_size=P, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    want, (h_n, c_n) = module(x)
+    out, h, c = reference.recurrent_layer(
+        "LSTM", x, torch.zeros(B, P, dtype=torch.float64), _layer_weights(module),
+        c0=torch.zeros(B, H, dtype=torch.float64), w_hr=module.weight_hr_l0)
+    assert_close("output", out, want)
+    assert_close("h_n", h, h_n[0])
+    assert_close("c_n", c, c_n[0])
