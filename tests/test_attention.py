@@ -41,10 +41,6 @@ MASKS = ["none", "causal", "pad", "bool", "float", "causal+pad", "bool4+pad",
 MASKS_INTERPRETED = ["none", "causal", "pad", "bool+causal", "float+pad", "floatinf"]
 
 
-def _shapes(backend):
-    return SHAPES if backend == "cpu" else SHAPES_INTERPRETED
-
-
 def _check(backend, shape, mask_kind, dtype, layout="contiguous", dropout_p=0.0,
            scale=None, backward=True):
     B, Hq, Hkv, L, S, D, Dv = shape
@@ -82,15 +78,21 @@ def _check(backend, shape, mask_kind, dtype, layout="contiguous", dropout_p=0.0,
             assert_close_relative(name, g, w, p, BWD_FACTOR)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("mask_kind", MASKS)
-@pytest.mark.parametrize("shape_index", range(len(SHAPES)))
-def test_fp32_masks_shapes(backend, mask_kind, shape_index):
-    shapes = _shapes(backend)
-    if shape_index >= len(shapes) or (backend != "cpu" and mask_kind not in MASKS_INTERPRETED
-                                      and mask_kind != "causal+pad"):
-        pytest.skip("smaller grid for the interpreted backend")
-    _check(backend, shapes[shape_index], mask_kind, torch.float32)
+def _grid():
+    """Every shape x mask for cpu; a smaller grid for the interpreted Triton backend."""
+    for backend in KERNEL_BACKENDS:
+        name = backend.values[0]
+        shapes = SHAPES if name == "cpu" else SHAPES_INTERPRETED
+        masks = MASKS if name == "cpu" else MASKS_INTERPRETED + ["causal+pad"]
+        for shape in shapes:
+            for mask_kind in masks:
+                yield pytest.param(name, shape, mask_kind, marks=backend.marks,
+                                   id=f"{name}-{mask_kind}-{'x'.join(map(str, shape))}")
+
+
+@pytest.mark.parametrize("backend, shape, mask_kind", list(_grid()))
+def test_fp32_masks_shapes(backend, shape, mask_kind):
+    _check(backend, shape, mask_kind, torch.float32)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
