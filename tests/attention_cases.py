@@ -1,9 +1,15 @@
 """Input builders shared by the attention tests."""
+import os
+
 import torch
 
 import seqkern
 from seqkern import reference
 from seqkern.ops.attention import draw_dropout_seed
+
+
+# Where the tests' tensors live: "cpu" here; "cuda" in bench/gpu_check.sh (tests/conftest.py).
+DEVICE = os.environ.get("SEQKERN_TEST_DEVICE", "cpu")
 
 
 def make_qkv(B, Hq, Hkv, L, S, D, Dv=None, dtype=torch.float32, layout="contiguous"):

@@ -1,12 +1,20 @@
 import os
 
-# The Triton backend runs on CPU tensors only under the interpreter, which must be chosen
-# before triton is imported (tests/ never need compiled Triton on a CPU-only machine).
-if not os.environ.get("SEQKERN_TEST_COMPILED_TRITON"):
+# SEQKERN_TEST_DEVICE=cuda (bench/gpu_check.sh) runs the suite on a GPU: tensors are created
+# there by default and the Triton kernels run compiled; the cpu backend's tests then skip.
+# Otherwise the Triton backend runs on CPU tensors under the interpreter, which must be
+# chosen before triton is imported.
+TEST_DEVICE = os.environ.get("SEQKERN_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    if TEST_DEVICE != "cpu":
+        torch.set_default_device(TEST_DEVICE)
 
 
 @pytest.fixture(autouse=True)

@@ -4,11 +4,11 @@ import torch
 
 import seqkern
 from seqkern.backends import BACKENDS
-from tests.attention_cases import fresh_seed, make_masks, make_qkv, reference64, run
+from tests.attention_cases import DEVICE, fresh_seed, make_masks, make_qkv, reference64, run
 from tests.tolerances import BWD_FACTOR, FWD_FACTOR, assert_close, assert_close_relative
 
 
-def _usable(name, device="cpu"):
+def _usable(name, device=DEVICE):
     return not BACKENDS[name].availability(device)
 
 

@@ -10,9 +10,9 @@ import torch
 import seqkern
 from seqkern.backends import BACKENDS, BackendError
 from seqkern.functional import scaled_dot_product_attention as sdpa
-from tests.attention_cases import make_qkv, opcheck_inputs
+from tests.attention_cases import DEVICE, make_qkv, opcheck_inputs
 
-HAS_C = not BACKENDS["cpu"].availability("cpu")
+HAS_C = not BACKENDS["cpu"].availability(DEVICE)
 needs_c = pytest.mark.skipif(not HAS_C, reason="seqkern._C not built")
 
 
@@ -120,7 +120,7 @@ def test_cpu_kernels_for_every_capability(capability):
     """The kernels compiled for each instruction set agree with the reference."""
     code = """
 import torch, seqkern
-from tests.attention_cases import make_qkv, make_masks, reference64
+from tests.attention_cases import DEVICE, make_qkv, make_masks, reference64
 torch.manual_seed(1)
 q, k, v = make_qkv(2, 2, 2, 63, 130, 40, dtype=torch.float32, layout="packed")
 m, kpm, c = make_masks("causal+pad+float", 2, 2, 63, 130, torch.float32)

@@ -89,5 +89,5 @@ def draw_dropout_seed(generator=None):
     Seeding torch (torch.manual_seed) makes it reproducible; tests redraw it to rebuild the
     realised keep-mask with seqkern.reference.dropout_keep_mask.
     """
-    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, generator=generator)
-    return torch.cat([seed, torch.zeros(1, dtype=torch.int64)])
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, generator=generator, device="cpu")
+    return torch.cat([seed, torch.zeros(1, dtype=torch.int64, device="cpu")])

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One call on a GPU machine with no network: build seqkern against the torch that is there,
+# run the whole test suite on the GPU (Triton compiled, cuda backend where built), run the
+# GPU benchmarks, and print a short summary table last. Logs go to $OUT when it is set.
+#   bash bench/gpu_check.sh            (PYTHON=python3 by default)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+LOG=${OUT:-/tmp}/gpu_check
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOG/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$LOG/gpu.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$LOG/gpu.txt"
+
+echo "== build"
+$PY -m pip install -q -e . --no-build-isolation --no-deps >"$LOG/build.log" 2>&1
+build_rc=$?
+tail -n 20 "$LOG/build.log"
+$PY -m seqkern.info | tee "$LOG/info.txt"
+
+echo "== tests on the GPU"
+SEQKERN_TEST_DEVICE=cuda $PY -m pytest tests/ -q -p no:cacheprovider >"$LOG/tests.log" 2>&1
+tests_rc=$?
+tail -n 15 "$LOG/tests.log"
+
+echo "== benchmarks"
+$PY -m pytest bench/ -q -s -p no:cacheprovider --benchmark-json="$LOG/bench.json" \
+  >"$LOG/bench.log" 2>&1
+bench_rc=$?
+cp bench/results/*.json "$LOG/" 2>/dev/null
+
+echo
+echo "== summary (build rc=$build_rc, tests rc=$tests_rc, bench rc=$bench_rc)"
+grep -E "passed|failed" "$LOG/tests.log" | tail -n 1
+sed -n '/^seqkern benchmarks/,/^$/p' "$LOG/bench.log" | cut -c1-110
