@@ -1,4 +1,4 @@
-// Included last by each capability translation unit: instantiates the attention kernels
+// Included last by each capability translation unit: instantiates the attention and RNN kernels
 // for every dtype inside that unit's CPU_CAPABILITY namespace.
 #include "../attention_bwd_impl.h"
 #include "../attention_fwd_impl.h"
@@ -13,4 +13,16 @@ SEQKERN_INSTANTIATE(double)
 SEQKERN_INSTANTIATE(at::Half)
 SEQKERN_INSTANTIATE(at::BFloat16)
 #undef SEQKERN_INSTANTIATE
+}  // namespace seqkern::cpu::CPU_CAPABILITY
+
+#include "../rnn_pointwise_impl.h"
+
+namespace seqkern::cpu::CPU_CAPABILITY {
+#define SEQKERN_INSTANTIATE_RNN(T)                                                          \
+  template void rnn_step_fwd<T>(RnnMode, int64_t, int64_t, const T*, const T*, T*, T*, T*); \
+  template void rnn_step_bwd<T>(RnnMode, int64_t, int64_t, const T*, const T*, const T*,    \
+                                const T*, T*, T*, T*, T*);
+SEQKERN_INSTANTIATE_RNN(float)
+SEQKERN_INSTANTIATE_RNN(double)
+#undef SEQKERN_INSTANTIATE_RNN
 }  // namespace seqkern::cpu::CPU_CAPABILITY

@@ -1,0 +1,252 @@
+// Whole-sequence recurrent layers on the CPU: seqkern_C::rnn_layer_fwd / rnn_layer_bwd.
+//
+// One layer, one direction, over a whole (optionally packed) sequence, with the loop over
+// time in C++: the input projection of every step is one matrix product before the loop;
+// each step is one small product h W_hh^T followed by the fused pointwise cell
+// (rnn_pointwise_impl.h). The backward runs the chain step by step (pointwise gradient, then
+// dh_prev = dgates W_hh) and leaves the weight gradients and dx to three large products
+// after the loop.
+//
+// Steps and rows: step s (in processing order) covers rows [0, n_s) of the batch at row
+// offset off_s of the flattened input [N, I]; for a padded input n_s = B, off_s = t * B.
+// For a packed input n_s = batch_sizes[t]; the state h [B, H] starts as h0 in every row, a
+// step updates only its live rows, so rows that end early keep their final state and, in
+// the reverse direction, rows that start late start from h0.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "rnn_kernels.h"
+
+namespace seqkern::cpu {
+namespace {
+
+struct Step {
+  int64_t offset, rows;
+};
+
+RnnMode parse_mode(const std::string& mode) {
+  if (mode == "LSTM") return RnnMode::kLSTM;
+  if (mode == "GRU") return RnnMode::kGRU;
+  if (mode == "RNN_TANH") return RnnMode::kRNN_TANH;
+  if (mode == "RNN_RELU") return RnnMode::kRNN_RELU;
+  TORCH_CHECK(false, "rnn_layer: mode must be LSTM, GRU, RNN_TANH or RNN_RELU, got ", mode);
+}
+
+std::vector<Step> make_steps(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+                             bool reverse) {
+  std::vector<Step> steps;
+  if (batch_sizes) {
+    const at::Tensor sizes = batch_sizes->to(at::kLong).contiguous();
+    const int64_t* s = sizes.data_ptr<int64_t>();
+    int64_t offset = 0;
+    for (int64_t t = 0; t < sizes.numel(); ++t) {
+      steps.push_back({offset, s[t]});
+      offset += s[t];
+    }
+  } else {
+    const int64_t T = input.size(0), B = input.size(1);
+    for (int64_t t = 0; t < T; ++t) steps.push_back({t * B, B});
+  }
+  if (reverse) std::reverse(steps.begin(), steps.end());
+  return steps;
+}
+
+// The workspace the forward leaves for the backward: four blocks, each [N, width] row-major,
+// one row per (step, live batch row) like the flattened input: the cell's saved gates, the
+// state entering the step (h_prev) and, for LSTM, c_prev and c_new.
+struct Workspace {
+  int64_t N, H, saved_width;
+  bool lstm;
+  int64_t numel() const { return N * (saved_width + H + (lstm ? 2 * H : 0)); }
+  template <typename T> T* saved(T* base) const { return base; }
+  template <typename T> T* h_prev(T* base) const { return base + N * saved_width; }
+  template <typename T> T* c_prev(T* base) const { return base + N * (saved_width + H); }
+  template <typename T> T* c_new(T* base) const { return base + N * (saved_width + 2 * H); }
+};
+
+Workspace workspace_layout(RnnMode mode, int64_t N, int64_t H) {
+  const int64_t saved = mode == RnnMode::kLSTM || mode == RnnMode::kGRU ? 4 * H : H;
+  return {N, H, saved, mode == RnnMode::kLSTM};
+}
+
+template <typename T>
+void step_fwd(RnnMode mode, int64_t n, int64_t H, const T* xg, const T* hg, T* h, T* c, T* saved) {
+#if defined(__x86_64__)
+  const std::string cap = kernel_capability();
+  if (cap == "AVX512") return AVX512::rnn_step_fwd<T>(mode, n, H, xg, hg, h, c, saved);
+  if (cap == "AVX2") return AVX2::rnn_step_fwd<T>(mode, n, H, xg, hg, h, c, saved);
+#endif
+  DEFAULT::rnn_step_fwd<T>(mode, n, H, xg, hg, h, c, saved);
+}
+
+template <typename T>
+void step_bwd(RnnMode mode, int64_t n, int64_t H, const T* saved, const T* c_new, const T* c_prev,
+              const T* h_prev, T* dh, T* dc, T* dxg, T* dhg) {
+#if defined(__x86_64__)
+  const std::string cap = kernel_capability();
+  if (cap == "AVX512")
+    return AVX512::rnn_step_bwd<T>(mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg, dhg);
+  if (cap == "AVX2")
+    return AVX2::rnn_step_bwd<T>(mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg, dhg);
+#endif
+  DEFAULT::rnn_step_bwd<T>(mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg, dhg);
+}
+
+at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor as_compute(const at::Tensor& t, at::ScalarType dtype) {
+  return t.to(dtype).contiguous();
+}
+
+void check_layer_args(RnnMode mode, const at::Tensor& input,
+                      const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+                      const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+                      const at::Tensor& w_hh) {
+  const int64_t G = gate_count(mode), H = w_hh.size(1);
+  TORCH_CHECK(input.device().is_cpu(), "rnn_layer (cpu): input must be a CPU tensor");
+  TORCH_CHECK(batch_sizes ? input.dim() == 2 : input.dim() == 3,
+              "rnn_layer: input must be [T, B, I], or packed data [N, I] with batch_sizes");
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == G * H && w_ih.size(1) == input.size(-1),
+              "rnn_layer: w_ih must be [G*H, I]");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == G * H, "rnn_layer: w_hh must be [G*H, H]");
+  const int64_t B = batch_sizes ? (batch_sizes->numel() ? batch_sizes->max().item<int64_t>() : 0)
+                                : input.size(1);
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) == H, "rnn_layer: h0 must be [B, H]");
+  TORCH_CHECK(mode != RnnMode::kLSTM || (c0 && c0->sizes() == h0.sizes()),
+              "rnn_layer: LSTM needs c0 of h0's shape");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
+    const std::string& mode_name, const at::Tensor& input,
+    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse) {
+  const RnnMode mode = parse_mode(mode_name);
+  check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh);
+  const at::ScalarType dt = compute_dtype(input.scalar_type());
+  const int64_t H = w_hh.size(1), G = gate_count(mode), I = input.size(-1);
+  const at::Tensor x = as_compute(input, dt).reshape({-1, I});
+  const int64_t N = x.size(0);
+  const at::Tensor wih = as_compute(w_ih, dt), whh = as_compute(w_hh, dt);
+  // LSTM and RNN fold both biases into the input projection; GRU keeps b_hh with h W_hh^T
+  // because b_hn sits inside r * (W_hn h + b_hn).
+  at::Tensor x_gates;
+  std::optional<at::Tensor> bias_h;
+  if (b_ih) {
+    at::Tensor bias_x = as_compute(*b_ih, dt);
+    if (mode == RnnMode::kGRU) bias_h = as_compute(*b_hh, dt);
+    else bias_x = bias_x + as_compute(*b_hh, dt);
+    x_gates = at::addmm(bias_x, x, wih.t());
+  } else {
+    x_gates = at::mm(x, wih.t());
+  }
+  at::Tensor h = h0.to(dt).clone(at::MemoryFormat::Contiguous);
+  at::Tensor c = mode == RnnMode::kLSTM ? c0->to(dt).clone(at::MemoryFormat::Contiguous)
+                                        : at::empty({0}, h.options());
+  const Workspace ws = workspace_layout(mode, N, H);
+  at::Tensor workspace = at::empty({ws.numel()}, h.options());
+  at::Tensor out = at::empty({N, H}, h.options());
+  at::Tensor h_gates = at::empty({h.size(0), G * H}, h.options());
+
+  AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_fwd", [&] {
+    scalar_t* base = workspace.data_ptr<scalar_t>();
+    scalar_t* h_ptr = h.data_ptr<scalar_t>();
+    scalar_t* c_ptr = ws.lstm ? c.data_ptr<scalar_t>() : nullptr;
+    const size_t state_bytes = H * sizeof(scalar_t);
+    for (const Step& s : make_steps(input, batch_sizes, reverse)) {
+      if (s.rows == 0) continue;
+      at::Tensor h_live = h.narrow(0, 0, s.rows), hg = h_gates.narrow(0, 0, s.rows);
+      std::memcpy(ws.h_prev(base) + s.offset * H, h_ptr, s.rows * state_bytes);
+      if (ws.lstm) std::memcpy(ws.c_prev(base) + s.offset * H, c_ptr, s.rows * state_bytes);
+      if (bias_h) at::addmm_out(hg, *bias_h, h_live, whh.t());
+      else at::mm_out(hg, h_live, whh.t());
+      step_fwd<scalar_t>(mode, s.rows, H, x_gates.data_ptr<scalar_t>() + s.offset * G * H,
+                         hg.data_ptr<scalar_t>(), h_ptr, c_ptr,
+                         ws.saved(base) + s.offset * ws.saved_width);
+      if (ws.lstm) std::memcpy(ws.c_new(base) + s.offset * H, c_ptr, s.rows * state_bytes);
+      std::memcpy(out.data_ptr<scalar_t>() + s.offset * H, h_ptr, s.rows * state_bytes);
+    }
+  });
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = H;
+  return {out.reshape(out_shape).to(input.scalar_type()), h.to(input.scalar_type()),
+          c.to(input.scalar_type()), workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
+                  const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+                  const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+                  const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                  const std::optional<at::Tensor>& b_hh, bool reverse,
+                  const at::Tensor& workspace, const std::optional<at::Tensor>& grad_output,
+                  const std::optional<at::Tensor>& grad_hn,
+                  const std::optional<at::Tensor>& grad_cn) {
+  const RnnMode mode = parse_mode(mode_name);
+  check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh);
+  const at::ScalarType dt = compute_dtype(input.scalar_type());
+  const int64_t H = w_hh.size(1), G = gate_count(mode), I = input.size(-1);
+  const at::Tensor x = as_compute(input, dt).reshape({-1, I});
+  const int64_t N = x.size(0);
+  const at::Tensor wih = as_compute(w_ih, dt), whh = as_compute(w_hh, dt);
+  const Workspace ws = workspace_layout(mode, N, H);
+  TORCH_CHECK(workspace.dim() == 1 && workspace.numel() == ws.numel() &&
+                  workspace.scalar_type() == dt && workspace.is_contiguous(),
+              "rnn_layer_bwd: workspace does not come from rnn_layer_fwd with these arguments");
+  const auto opts = x.options();
+  at::Tensor dh = grad_hn ? grad_hn->to(dt).clone(at::MemoryFormat::Contiguous) : at::zeros_like(h0, opts);
+  at::Tensor dc = mode == RnnMode::kLSTM
+                      ? (grad_cn ? grad_cn->to(dt).clone(at::MemoryFormat::Contiguous)
+                                 : at::zeros_like(h0, opts))
+                      : at::empty({0}, opts);
+  const at::Tensor d_out = grad_output ? as_compute(*grad_output, dt).reshape({-1, H}) : at::Tensor();
+  at::Tensor dx_gates = at::empty({N, G * H}, opts);
+  at::Tensor dh_gates = mode == RnnMode::kGRU ? at::empty({N, G * H}, opts) : dx_gates;
+  at::Tensor h_prev = workspace.narrow(0, ws.saved_width * N, N * H).view({N, H});
+
+  AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_bwd", [&] {
+    const scalar_t* base = workspace.data_ptr<scalar_t>();
+    std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
+    for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+      const Step& s = *it;
+      if (s.rows == 0) continue;
+      at::Tensor dh_live = dh.narrow(0, 0, s.rows);
+      if (d_out.defined()) dh_live.add_(d_out.narrow(0, s.offset, s.rows));
+      step_bwd<scalar_t>(
+          mode, s.rows, H, ws.saved(base) + s.offset * ws.saved_width,
+          ws.lstm ? ws.c_new(base) + s.offset * H : nullptr,
+          ws.lstm ? ws.c_prev(base) + s.offset * H : nullptr,
+          ws.h_prev(base) + s.offset * H, dh.data_ptr<scalar_t>(),
+          ws.lstm ? dc.data_ptr<scalar_t>() : nullptr,
+          dx_gates.data_ptr<scalar_t>() + s.offset * G * H,
+          mode == RnnMode::kGRU ? dh_gates.data_ptr<scalar_t>() + s.offset * G * H : nullptr);
+      dh_live.addmm_(dh_gates.narrow(0, s.offset, s.rows), whh);
+    }
+  });
+  const at::Tensor dx = at::mm(dx_gates, wih);
+  const at::Tensor dw_ih = at::mm(dx_gates.t(), x);
+  const at::Tensor dw_hh = at::mm(dh_gates.t(), h_prev);
+  at::Tensor db_ih, db_hh;
+  if (b_ih) {
+    db_ih = dx_gates.sum(0);
+    db_hh = mode == RnnMode::kGRU ? dh_gates.sum(0) : db_ih;
+  } else {
+    db_ih = at::empty({0}, opts), db_hh = at::empty({0}, opts);
+  }
+  const at::ScalarType out_t = input.scalar_type();
+  return {dx.reshape(input.sizes()).to(out_t), dh.to(out_t), dc.to(out_t), dw_ih.to(out_t),
+          dw_hh.to(out_t), db_ih.to(out_t), db_hh.to(out_t)};
+}
+
+}  // namespace
+}  // namespace seqkern::cpu
+
+TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
+  m.impl("rnn_layer_fwd", &seqkern::cpu::rnn_layer_fwd_cpu);
+  m.impl("rnn_layer_bwd", &seqkern::cpu::rnn_layer_bwd_cpu);
+}
