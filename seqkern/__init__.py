@@ -5,5 +5,6 @@ without it the `triton` and `reference` backends remain (`python -m seqkern.info
 """
 from seqkern import functional, ops, reference  # noqa: F401
 from seqkern.backends import BackendError, backend  # noqa: F401
+from seqkern.nn import GRU, LSTM, RNN  # noqa: F401
 
 __version__ = "0.1.0"

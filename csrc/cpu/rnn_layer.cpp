@@ -234,7 +234,9 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   at::Tensor db_ih, db_hh;
   if (b_ih) {
     db_ih = dx_gates.sum(0);
-    db_hh = mode == RnnMode::kGRU ? dh_gates.sum(0) : db_ih;
+    // LSTM and RNN add b_hh where b_ih goes: the same gradient, in its own tensor (op
+    // outputs may not alias).
+    db_hh = mode == RnnMode::kGRU ? dh_gates.sum(0) : db_ih.clone();
   } else {
     db_ih = at::empty({0}, opts), db_hh = at::empty({0}, opts);
   }

@@ -35,3 +35,15 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     return torch.ops.seqkern_C.attention_bwd(
         grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, dropout_p,
         is_causal, scale, seed_offset)
+
+
+def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+    return torch.ops.seqkern_C.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh,
+                                             b_ih, b_hh, reverse)
+
+
+def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
+                  workspace, grad_output, grad_hn, grad_cn):
+    return torch.ops.seqkern_C.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh,
+                                             b_ih, b_hh, reverse, workspace, grad_output,
+                                             grad_hn, grad_cn)

@@ -1,0 +1,177 @@
+"""Drop-in seqkern.LSTM, seqkern.GRU and seqkern.RNN.
+
+They subclass torch.nn.RNNBase, the base of torch.nn.LSTM / GRU / RNN, so constructors,
+validation errors, parameters (names, order, shapes, initialisation), state_dict,
+flatten_parameters(), all_weights, _flat_weights and torch.func.functional_call behave
+exactly as torch's. (Not torch.nn.LSTM itself: torch.compile refuses to trace instances of
+torch.nn.LSTM/GRU/RNN, so `isinstance(m, torch.nn.LSTM)` is False for seqkern.LSTM.)
+forward is seqkern's own: each layer and direction runs as one seqkern::rnn_layer_fwd op (a whole-sequence
+kernel with the loop over time inside it), PackedSequence natively (only the live rows of
+each step are computed; the reverse direction starts at each sequence's own end).
+
+LSTM with proj_size > 0 runs through the readable reference recurrence (no kernel yet).
+"""
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence
+
+from seqkern.ops.rnn_layer import rnn_layer_fwd
+from seqkern.reference.rnn import recurrent_layer
+
+
+class _SeqkernRNNMixin:
+    """forward() shared by the three drop-ins; the rest is torch's own RNNBase."""
+
+    def forward(self, input, hx=None):
+        lstm = self.mode == "LSTM"
+        directions = 2 if self.bidirectional else 1
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        is_batched = True
+        if packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = int(batch_sizes[0])
+        else:
+            batch_sizes, sorted_indices, unsorted_indices = None, None, None
+            if input.dim() not in (2, 3):
+                name = "RNN" if self.mode.startswith("RNN") else self.mode
+                tail = " tensor" if name == "RNN" else ""
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D"
+                                 f"{tail} instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    hx = self._unbatched_hidden(hx)
+            elif hx is not None:
+                self._check_batched_hidden(hx)
+            batch = input.size(batch_dim)
+        if hx is None:
+            h_zeros = torch.zeros(self.num_layers * directions, batch, out_size,
+                                  dtype=input.dtype, device=input.device)
+            hx = (h_zeros, torch.zeros(self.num_layers * directions, batch, self.hidden_size,
+                                       dtype=input.dtype, device=input.device)) if lstm \
+                else h_zeros
+        elif packed:
+            hx = self.permute_hidden(hx, sorted_indices)
+        if not (packed and lstm):  # torch checks all but packed LSTM input here
+            self.check_forward_args(input, hx, batch_sizes)
+        if not packed and input.size(0 if not self.batch_first else 1) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        x = input.transpose(0, 1) if (self.batch_first and not packed) else input
+        h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                weights = [getattr(self, name) for name in self._all_weights[index]]
+                out, h, c = self._run_layer(x, batch_sizes, h0[index],
+                                            c0[index] if lstm else None, weights,
+                                            reverse=direction == 1)
+                outputs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            x = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        hidden = torch.stack(h_n)
+        if lstm:
+            hidden = (hidden, torch.stack(c_n))
+        if packed:
+            return (PackedSequence(x, batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden(hidden, unsorted_indices))
+        output = x.transpose(0, 1) if self.batch_first else x
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1)) if lstm else hidden.squeeze(1)
+        return output, hidden
+
+    def _run_layer(self, x, batch_sizes, h0, c0, weights, reverse):
+        w_ih, w_hh = weights[0], weights[1]
+        b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
+        if self.proj_size > 0:
+            w_hr = weights[-1]
+            return recurrent_layer("LSTM", x, h0, (w_ih, w_hh, b_ih, b_hh), c0=c0,
+                                   reverse=reverse, w_hr=w_hr, batch_sizes=batch_sizes)
+        out, h, c, _ = rnn_layer_fwd(self.mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih,
+                                     b_hh, reverse)
+        return out, h, c
+
+    def _unbatched_hidden(self, hx):
+        if self.mode == "LSTM":
+            if hx[0].dim() != 2 or hx[1].dim() != 2:
+                raise RuntimeError("For unbatched 2-D input, hx and cx should also be 2-D but "
+                                   f"got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            return (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        if hx.dim() != 2:
+            raise RuntimeError("For unbatched 2-D input, hx should also be 2-D but got "
+                               f"{hx.dim()}-D tensor")
+        return hx.unsqueeze(1)
+
+    def _check_batched_hidden(self, hx):
+        if self.mode == "LSTM":
+            if hx[0].dim() != 3 or hx[1].dim() != 3:
+                raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but "
+                                   f"got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+        elif hx.dim() != 3:
+            raise RuntimeError("For batched 3-D input, hx should also be 3-D but got "
+                               f"{hx.dim()}-D tensor")
+
+
+class LSTM(_SeqkernRNNMixin, torch.nn.RNNBase):
+    """torch.nn.LSTM on seqkern's whole-sequence kernels (same constructor and behaviour).
+
+    LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+         bidirectional=False, proj_size=0, device=None, dtype=None)
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    def get_expected_cell_size(self, input, batch_sizes):
+        batch = int(batch_sizes[0]) if batch_sizes is not None else \
+            input.size(0 if self.batch_first else 1)
+        return (self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
+
+    def check_forward_args(self, input, hidden, batch_sizes):
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                               "Expected hidden[1] size {}, got {}")
+
+    def permute_hidden(self, hx, permutation):
+        if permutation is None:
+            return hx
+        return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
+
+
+class GRU(_SeqkernRNNMixin, torch.nn.RNNBase):
+    """torch.nn.GRU on seqkern's whole-sequence kernels (same constructor and behaviour)."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+
+class RNN(_SeqkernRNNMixin, torch.nn.RNNBase):
+    """torch.nn.RNN (tanh or relu) on seqkern's whole-sequence kernels.
+
+    RNN(input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+        batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None)
+    """
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        args = list(args)
+        nonlinearity = args.pop(3) if len(args) > 3 else kwargs.pop("nonlinearity", "tanh")
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or "
+                             "'relu'.")
+        self.nonlinearity = nonlinearity
+        super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", *args, **kwargs)

@@ -1,0 +1,132 @@
+"""seqkern::rnn_layer_fwd / seqkern::rnn_layer_bwd: one recurrent layer, one direction, over
+a whole (optionally packed) sequence. Schemas, fakes and autograd.
+
+Args of the forward: mode ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"); input [T, B, I]
+time-major, or packed data [N, I] with batch_sizes ([T] int64 on the CPU, non-increasing);
+h0 [B, H]; c0 [B, H] (LSTM) or None; w_ih [G*H, I], w_hh [G*H, H], b_ih, b_hh [G*H] or None
+(G = 4 LSTM, 3 GRU, 1 RNN); reverse: run from the last step to the first (packed: from each
+sequence's own end). Returns output [T, B, H] or [N, H], h_n [B, H], c_n [B, H] (LSTM; else
+empty), and a workspace (1-D, fp32 or fp64) that only the backward reads.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from seqkern import backends
+
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+
+
+def gate_count(mode):
+    return {"LSTM": 4, "GRU": 3}.get(mode, 1)
+
+
+def workspace_numel(mode, rows, hidden):
+    """Size of the forward's workspace: per (step, row) the saved gates, h_prev and, for
+    LSTM, c_prev and c_new (csrc/cpu/rnn_layer.cpp)."""
+    saved = 4 * hidden if mode in ("LSTM", "GRU") else hidden
+    return rows * (saved + hidden + (2 * hidden if mode == "LSTM" else 0))
+
+
+def compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inputs(input, mode):
+    return dict(device=input.device, dtype=input.dtype, input=input, mode=mode)
+
+
+@torch.library.custom_op("seqkern::rnn_layer_fwd", mutates_args=())
+def rnn_layer_fwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor,
+                  c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                  b_hh: Optional[Tensor], reverse: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = backends.select("rnn_layer", _inputs(input, mode))
+    return impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+
+
+@rnn_layer_fwd.register_fake
+def _rnn_layer_fwd_fake(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+    H = w_hh.shape[1]
+    out = input.new_empty((*input.shape[:-1], H))
+    rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
+    workspace = input.new_empty((workspace_numel(mode, rows, H),),
+                                dtype=compute_dtype(input.dtype))
+    c_n = h0.new_empty(h0.shape) if mode == "LSTM" else h0.new_empty((0,))
+    return out, h0.new_empty(h0.shape), c_n, workspace
+
+
+@torch.library.custom_op("seqkern::rnn_layer_bwd", mutates_args=())
+def rnn_layer_bwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor,
+                  c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                  b_hh: Optional[Tensor], reverse: bool, workspace: Tensor,
+                  grad_output: Optional[Tensor], grad_hn: Optional[Tensor],
+                  grad_cn: Optional[Tensor]) -> list[Tensor]:
+    impl = backends.select("rnn_layer", _inputs(input, mode))
+    return list(impl.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                   reverse, workspace, grad_output, grad_hn, grad_cn))
+
+
+@rnn_layer_bwd.register_fake
+def _rnn_layer_bwd_fake(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
+                        workspace, grad_output, grad_hn, grad_cn):
+    empty = h0.new_empty((0,))
+    return [torch.empty_like(input), torch.empty_like(h0),
+            torch.empty_like(h0) if mode == "LSTM" else empty,
+            torch.empty_like(w_ih), torch.empty_like(w_hh),
+            torch.empty_like(b_ih) if b_ih is not None else empty,
+            torch.empty_like(b_hh) if b_hh is not None else empty]
+
+
+def _setup_context(ctx, inputs, output):
+    mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse = inputs
+    ctx.mark_non_differentiable(output[3])
+    ctx.mode, ctx.reverse = mode, reverse
+    ctx.save_for_backward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, output[3])
+
+
+def _backward(ctx, grad_output, grad_hn, grad_cn, _grad_workspace):
+    input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, workspace = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): differentiate the reference instead.
+        grads = reference_grads(ctx.mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                ctx.reverse, grad_output, grad_hn, grad_cn, create_graph=True)
+    else:
+        grads = rnn_layer_bwd(ctx.mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                              ctx.reverse, workspace, grad_output, grad_hn,
+                              grad_cn if ctx.mode == "LSTM" else None)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = grads
+    return (None, dx, None, dh0, dc0 if c0 is not None else None, dw_ih, dw_hh,
+            db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, None)
+
+
+def reference_forward(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+    """seqkern.reference.recurrent_layer with the op's argument conventions."""
+    from seqkern.reference import recurrent_layer
+    kind, _, nonlinearity = mode.partition("_")
+    return recurrent_layer(kind, input, h0, (w_ih, w_hh, b_ih, b_hh), c0=c0, reverse=reverse,
+                           nonlinearity=(nonlinearity or "tanh").lower(),
+                           batch_sizes=batch_sizes)
+
+
+def reference_grads(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
+                    grad_output, grad_hn, grad_cn, create_graph=False):
+    """Gradients of the reference layer for every input (zeros where none flows)."""
+    from seqkern.backends.reference import autograd_inside_op
+    with autograd_inside_op():
+        leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_(True)
+                  for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+        out, h_n, c_n = reference_forward(mode, leaves[0], batch_sizes, *leaves[1:], reverse)
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh = leaves
+        pairs = [(o, g) for o, g in ((out, grad_output), (h_n, grad_hn), (c_n, grad_cn))
+                 if o is not None and g is not None]
+        wrt = [t for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh) if t is not None]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                       create_graph=create_graph, allow_unused=True))
+    grads = [next(got) if t is not None else None for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+    return [g if g is not None else torch.zeros_like(t) if t is not None else None
+            for g, t in zip(grads, (input, h0, c0, w_ih, w_hh, b_ih, b_hh))]
+
+
+rnn_layer_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,269 @@
+"""seqkern.LSTM / GRU / RNN against torch.nn's modules with the same weights."""
+import random
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import seqkern
+from seqkern.backends import BACKENDS
+from tests.attention_cases import DEVICE
+from tests.tolerances import BWD_FACTOR, FWD_FACTOR, assert_close, assert_close_relative
+
+HAS_C = not BACKENDS["cpu"].availability(DEVICE)
+LAYER_BACKENDS = [pytest.param("cpu", marks=pytest.mark.skipif(not HAS_C, reason="no _C")),
+                  "reference"]
+
+
+def _pair(cls, dtype=torch.float64, **kw):
+    ours = getattr(seqkern, cls)(dtype=dtype, **kw)
+    theirs = getattr(torch.nn, cls)(dtype=dtype, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _flatten(result):
+    out, hidden = result
+    if isinstance(out, torch.nn.utils.rnn.PackedSequence):
+        out = out.data
+    hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+    return [out, *hidden]
+
+
+def _random_config(rng):
+    cls = rng.choice(["LSTM", "GRU", "RNN"])
+    kw = dict(input_size=rng.choice([1, 3, 7]), hidden_size=rng.choice([1, 5, 8]),
+              num_layers=rng.choice([1, 2, 3]), bias=rng.random() < 0.7,
+              batch_first=rng.random() < 0.5, bidirectional=rng.random() < 0.5)
+    if cls == "RNN":
+        kw["nonlinearity"] = rng.choice(["tanh", "relu"])
+    if cls == "LSTM" and rng.random() < 0.25:
+        kw["proj_size"] = rng.randint(1, kw["hidden_size"]) if kw["hidden_size"] > 1 else 0
+    form = rng.choice(["padded", "padded", "unbatched", "packed_sorted", "packed_unsorted"])
+    return cls, kw, form, rng.choice([1, 4, 9]), rng.choice([1, 2, 5]), rng.random() < 0.5
+
+
+def _make_input(cls, kw, form, T, B, given_h0, gen):
+    I, H = kw["input_size"], kw["hidden_size"]
+    out = kw.get("proj_size", 0) or H
+    D = (2 if kw["bidirectional"] else 1) * kw["num_layers"]
+    shape = (B, T, I) if kw["batch_first"] else (T, B, I)
+    if form == "unbatched":
+        shape = (T, I)
+    x = torch.randn(*shape, dtype=torch.float64, generator=gen)
+    hx = None
+    if given_h0:
+        hshape = (D, out) if form == "unbatched" else (D, B, out)
+        cshape = (D, H) if form == "unbatched" else (D, B, H)
+        h = torch.randn(*hshape, dtype=torch.float64, generator=gen)
+        hx = (h, torch.randn(*cshape, dtype=torch.float64, generator=gen)) if cls == "LSTM" \
+            else h
+    return x, hx
+
+
+@pytest.mark.parametrize("backend", LAYER_BACKENDS)
+@pytest.mark.parametrize("seed", range(24))
+def test_randomized_parity_with_torch(backend, seed):
+    rng = random.Random(seed)
+    cls, kw, form, T, B, given_h0 = _random_config(rng)
+    gen = torch.Generator().manual_seed(seed)
+    ours, theirs = _pair(cls, **kw)
+    x, hx = _make_input(cls, kw, form, T, B, given_h0, gen)
+    lengths = None
+    if form.startswith("packed"):
+        lengths = torch.randint(1, T + 1, (B,), generator=gen)
+        lengths[0] = T
+        if form == "packed_sorted":
+            lengths = lengths.sort(descending=True).values
+
+    def run(module, x, hx):
+        inp = x
+        if lengths is not None:
+            inp = pack_padded_sequence(x, lengths, batch_first=kw["batch_first"],
+                                       enforce_sorted=form == "packed_sorted")
+        return _flatten(module(inp, hx))
+
+    leaves_a = [x.clone().requires_grad_(True)] + ([] if hx is None else [
+        t.clone().requires_grad_(True) for t in (hx if isinstance(hx, tuple) else (hx,))])
+    leaves_b = [t.detach().clone().requires_grad_(True) for t in leaves_a]
+
+    def call(module, leaves):
+        h = None if hx is None else (tuple(leaves[1:]) if cls == "LSTM" else leaves[1])
+        return run(module, leaves[0], h)
+
+    with seqkern.backend(backend):
+        got = call(ours, leaves_a)
+    want = call(theirs, leaves_b)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(f"{cls} {kw} {form} output[{i}]", g, w)
+    grads = [torch.randn_like(w) for w in want]
+    with seqkern.backend(backend):
+        g_ours = torch.autograd.grad(got, leaves_a + list(ours.parameters()), grads)
+    g_theirs = torch.autograd.grad(want, leaves_b + list(theirs.parameters()), grads)
+    names = ["input", "h0", "c0"][:len(leaves_a)] + [n for n, _ in ours.named_parameters()]
+    for name, g, w in zip(names, g_ours, g_theirs):
+        assert_close(f"{cls} {kw} {form} d{name}", g, w)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+def test_long_sequence_stays_finite_and_matches(cls):
+    ours, theirs = _pair(cls, dtype=torch.float32, input_size=8, hidden_size=16)
+    x = torch.randn(1000, 2, 8)
+    a, b = _flatten(ours(x)), _flatten(theirs(x))
+    for g, w in zip(a, b):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_low_precision_relative_rule(cls, dtype):
+    if not HAS_C:
+        pytest.skip("no _C")
+    ours, theirs = _pair(cls, dtype=torch.float64, input_size=17, hidden_size=33)
+    x = torch.randn(12, 3, 17, dtype=torch.float64)
+    want = _flatten(theirs(x))
+    peer = _flatten(theirs.to(dtype)(x.to(dtype)))
+    got = _flatten(ours.to(dtype)(x.to(dtype)))
+    for i, (g, w, p) in enumerate(zip(got, want, peer)):
+        assert g.dtype == dtype
+        if dtype == torch.float32:
+            assert_close(f"out[{i}]", g, w)
+        else:
+            assert_close_relative(f"out[{i}]", g, w, p, FWD_FACTOR)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+def test_state_dict_round_trips_both_ways(cls):
+    ours = getattr(seqkern, cls)(3, 4, num_layers=2, bidirectional=True)
+    theirs = getattr(torch.nn, cls)(3, 4, num_layers=2, bidirectional=True)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    assert isinstance(ours, torch.nn.RNNBase)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert len(ours.all_weights) == len(theirs.all_weights)
+    ours.flatten_parameters()
+
+
+def test_constructor_errors_match_torch():
+    for cls, kw in [("GRU", dict(proj_size=2)), ("RNN", dict(nonlinearity="gelu")),
+                    ("LSTM", dict(proj_size=5)), ("LSTM", dict(dropout=2.0))]:
+        with pytest.raises(ValueError) as want:
+            getattr(torch.nn, cls)(3, 4, **kw)
+        with pytest.raises(ValueError) as got:
+            getattr(seqkern, cls)(3, 4, **kw)
+        assert str(got.value) == str(want.value)
+    ours = seqkern.RNN(3, 4, 2, "relu", False)
+    theirs = torch.nn.RNN(3, 4, 2, "relu", False)
+    assert (ours.mode, ours.num_layers, ours.bias) == (theirs.mode, theirs.num_layers, theirs.bias)
+
+
+def test_functional_call_uses_the_given_weights():
+    ours, theirs = _pair("GRU", input_size=3, hidden_size=4)
+    params = {n: torch.randn_like(p) for n, p in ours.named_parameters()}
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    a = torch.func.functional_call(ours, params, (x,))
+    b = torch.func.functional_call(theirs, params, (x,))
+    assert_close("output", a[0], b[0])
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_dropout_between_layers_only_in_training(cls):
+    ours, theirs = _pair(cls, input_size=3, hidden_size=4, num_layers=2, dropout=0.5)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    ours.eval(), theirs.eval()
+    assert_close("eval output", ours(x)[0], theirs(x)[0])
+    ours.train()
+    torch.manual_seed(0)
+    a = ours(x)[0]
+    torch.manual_seed(1)
+    b = ours(x)[0]
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make_bad, error", [
+    (lambda m: (torch.randn(5, 2, 4), None), RuntimeError),        # wrong feature size
+    (lambda m: (torch.randn(5, 2, 3, 1), None), ValueError),       # 4-D input
+    (lambda m: (torch.randn(5, 2, 3), torch.randn(1, 3, 4)), RuntimeError),  # wrong h0 batch
+    (lambda m: (torch.randn(5, 2, 3), torch.randn(2, 4)), RuntimeError),     # 2-D h0 batched
+    (lambda m: (torch.randn(0, 2, 3), None), RuntimeError),        # T = 0
+])
+@pytest.mark.parametrize("cls", ["GRU", "RNN"])
+def test_bad_inputs_raise_like_torch(cls, make_bad, error):
+    ours, theirs = getattr(seqkern, cls)(3, 4), getattr(torch.nn, cls)(3, 4)
+    x, h = make_bad(None)
+    with pytest.raises(error) as want:
+        theirs(x, h)
+    with pytest.raises(error) as got:
+        ours(x, h)
+    assert str(got.value) == str(want.value)
+
+
+def test_lstm_bad_states_and_integer_input_raise_like_torch():
+    ours, theirs = seqkern.LSTM(3, 4), torch.nn.LSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    for hx in [(torch.randn(1, 2, 4), torch.randn(1, 3, 4)),
+               (torch.randn(1, 2, 5), torch.randn(1, 2, 4))]:
+        with pytest.raises(RuntimeError) as want:
+            theirs(x, hx)
+        with pytest.raises(RuntimeError) as got:
+            ours(x, hx)
+        assert str(got.value) == str(want.value)
+    with pytest.raises((RuntimeError, ValueError)):
+        ours(torch.ones(5, 2, 3, dtype=torch.int64))
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+def test_opcheck_layer_ops():
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    h0, c0 = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    w = [torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 5, dtype=torch.float64),
+         torch.randn(20, dtype=torch.float64), torch.randn(20, dtype=torch.float64)]
+    args = ("LSTM", x, None, h0, c0, *w, True)
+    torch.library.opcheck(torch.ops.seqkern.rnn_layer_fwd.default, args)
+    leaves = [t.clone().requires_grad_(True) for t in (x, h0, c0, *w)]
+    torch.library.opcheck(torch.ops.seqkern.rnn_layer_fwd.default,
+                          ("LSTM", leaves[0], None, *leaves[1:3], *leaves[3:], True))
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_gradcheck_and_double_backward(mode):
+    G = {"LSTM": 4, "GRU": 3}.get(mode, 1)
+    sizes = torch.tensor([3, 2, 1])
+    x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True) if mode == "LSTM" else None
+    w = [torch.randn(G * 4, n, dtype=torch.float64, requires_grad=True) for n in (2, 4)]
+    b = [torch.randn(G * 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+
+    def f(x, h0, *wb):
+        out, h, c, _ = seqkern.ops.rnn_layer.rnn_layer_fwd(mode, x, sizes, h0, c0, *wb, True)
+        return out.sum() + h.square().sum() + (c.sum() if c0 is not None else 0)
+
+    with seqkern.backend("cpu"):
+        assert torch.autograd.gradcheck(f, (x, h0, *w, *b))
+        assert torch.autograd.gradgradcheck(f, (x, h0, *w, *b))
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+def test_torch_compile_fullgraph_matches_eager():
+    ours = seqkern.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    a, b = ours(x), compiled(x)
+    torch.testing.assert_close(b[0], a[0])
+    torch.testing.assert_close(b[1][0], a[1][0])
+    b[0].sum().backward()
+
+
+def test_packed_output_unpacks_like_torch():
+    ours, theirs = _pair("LSTM", input_size=3, hidden_size=4, bidirectional=True)
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([2, 6, 4]), enforce_sorted=False)
+    a, (ha, ca) = ours(packed)
+    b, (hb, cb) = theirs(packed)
+    assert_close("padded output", pad_packed_sequence(a)[0], pad_packed_sequence(b)[0])
+    assert_close("h_n", ha, hb)
+    assert_close("c_n", ca, cb)
