@@ -20,6 +20,7 @@
 #include <tuple>
 #include <vector>
 
+#include "matmul.h"
 #include "rnn_kernels.h"
 
 namespace seqkern::cpu {
@@ -133,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   const at::Tensor x = as_compute(input, dt).reshape({-1, I});
   const int64_t N = x.size(0);
   const at::Tensor wih = as_compute(w_ih, dt), whh = as_compute(w_hh, dt);
+  const at::Tensor whh_t = whh.t().contiguous();  // [H, G*H]: the step product's right operand
   // LSTM and RNN fold both biases into the input projection; GRU keeps b_hh with h W_hh^T
   // because b_hn sits inside r * (W_hn h + b_hn).
   at::Tensor x_gates;
@@ -141,9 +143,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     at::Tensor bias_x = as_compute(*b_ih, dt);
     if (mode == RnnMode::kGRU) bias_h = as_compute(*b_hh, dt);
     else bias_x = bias_x + as_compute(*b_hh, dt);
-    x_gates = at::addmm(bias_x, x, wih.t());
+    x_gates = bias_x.expand({N, G * H}).contiguous();
+    tiled_matmul_into(x_gates, x, wih.t().contiguous(), true);
   } else {
-    x_gates = at::mm(x, wih.t());
+    x_gates = tiled_matmul(x, wih.t());
   }
   at::Tensor h = h0.to(dt).clone(at::MemoryFormat::Contiguous);
   at::Tensor c = mode == RnnMode::kLSTM ? c0->to(dt).clone(at::MemoryFormat::Contiguous)
@@ -163,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
       at::Tensor h_live = h.narrow(0, 0, s.rows), hg = h_gates.narrow(0, 0, s.rows);
       std::memcpy(ws.h_prev(base) + s.offset * H, h_ptr, s.rows * state_bytes);
       if (ws.lstm) std::memcpy(ws.c_prev(base) + s.offset * H, c_ptr, s.rows * state_bytes);
-      if (bias_h) at::addmm_out(hg, *bias_h, h_live, whh.t());
-      else at::mm_out(hg, h_live, whh.t());
+      if (bias_h) hg.copy_(bias_h->expand_as(hg));
+      tiled_matmul_into(hg, h_live, whh_t, bias_h.has_value());
       step_fwd<scalar_t>(mode, s.rows, H, x_gates.data_ptr<scalar_t>() + s.offset * G * H,
                          hg.data_ptr<scalar_t>(), h_ptr, c_ptr,
                          ws.saved(base) + s.offset * ws.saved_width);
@@ -225,12 +228,12 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
           ws.lstm ? dc.data_ptr<scalar_t>() : nullptr,
           dx_gates.data_ptr<scalar_t>() + s.offset * G * H,
           mode == RnnMode::kGRU ? dh_gates.data_ptr<scalar_t>() + s.offset * G * H : nullptr);
-      dh_live.addmm_(dh_gates.narrow(0, s.offset, s.rows), whh);
+      tiled_matmul_into(dh_live, dh_gates.narrow(0, s.offset, s.rows), whh, true);
     }
   });
-  const at::Tensor dx = at::mm(dx_gates, wih);
-  const at::Tensor dw_ih = at::mm(dx_gates.t(), x);
-  const at::Tensor dw_hh = at::mm(dh_gates.t(), h_prev);
+  const at::Tensor dx = tiled_matmul(dx_gates, wih);
+  const at::Tensor dw_ih = tiled_matmul(dx_gates.t(), x);
+  const at::Tensor dw_hh = tiled_matmul(dh_gates.t(), h_prev);
   at::Tensor db_ih, db_hh;
   if (b_ih) {
     db_ih = dx_gates.sum(0);
