@@ -38,11 +38,11 @@ TORCH_LIBRARY(seqkern_C, m) {
   // One recurrent layer, one direction, whole sequence (csrc/cpu/rnn_layer.cpp). mode: LSTM,
   // GRU, RNN_TANH, RNN_RELU. input [T, B, I], or packed data [N, I] with batch_sizes [T].
   // Returns (output [T, B, H] or [N, H], h_n [B, H], c_n [B, H] (LSTM; else empty),
-  // workspace for the backward).
+  // workspace for the backward, empty unless need_workspace).
   m.def(
       "rnn_layer_fwd(str mode, Tensor input, Tensor? batch_sizes, Tensor h0, Tensor? c0, "
-      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse, "
+      "bool need_workspace) -> (Tensor, Tensor, Tensor, Tensor)");
   // Returns (d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh); empty where not applicable.
   m.def(
       "rnn_layer_bwd(str mode, Tensor input, Tensor? batch_sizes, Tensor h0, Tensor? c0, "

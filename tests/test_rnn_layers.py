@@ -220,11 +220,12 @@ def test_opcheck_layer_ops():
     h0, c0 = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
     w = [torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 5, dtype=torch.float64),
          torch.randn(20, dtype=torch.float64), torch.randn(20, dtype=torch.float64)]
-    args = ("LSTM", x, None, h0, c0, *w, True)
-    torch.library.opcheck(torch.ops.seqkern.rnn_layer_fwd.default, args)
+    for need_workspace in (True, False):
+        args = ("LSTM", x, None, h0, c0, *w, True, need_workspace)
+        torch.library.opcheck(torch.ops.seqkern.rnn_layer_fwd.default, args)
     leaves = [t.clone().requires_grad_(True) for t in (x, h0, c0, *w)]
     torch.library.opcheck(torch.ops.seqkern.rnn_layer_fwd.default,
-                          ("LSTM", leaves[0], None, *leaves[1:3], *leaves[3:], True))
+                          ("LSTM", leaves[0], None, *leaves[1:3], *leaves[3:], True, True))
 
 
 @pytest.mark.skipif(not HAS_C, reason="no _C")

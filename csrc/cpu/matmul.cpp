@@ -6,10 +6,8 @@
 namespace seqkern::cpu {
 namespace {
 constexpr int64_t kTileM = 64;
-constexpr int64_t kTileN = 64;
-}  // namespace
+constexpr int64_t kPanel = 64;  // output columns per tile = panel width
 
-namespace {
 // Whether a 2-D tensor is a row-major matrix brgemm can read: unit column stride and a row
 // stride of at least one row (degenerate strides of size-1 dims excluded).
 bool row_major(const at::Tensor& t) {
@@ -18,38 +16,50 @@ bool row_major(const at::Tensor& t) {
 }
 }  // namespace
 
-void tiled_matmul_into(at::Tensor& out, const at::Tensor& a_in, const at::Tensor& b_in,
+PackedRight pack_right(const at::Tensor& b) {
+  TORCH_CHECK(b.dim() == 2, "pack_right: b must be 2-D");
+  const int64_t K = b.size(0), N = b.size(1);
+  if (b.scalar_type() != at::kFloat) return {b, K, N};
+  const int64_t n_panels = (N + kPanel - 1) / kPanel;
+  at::Tensor panels = at::zeros({n_panels, K, kPanel}, b.options());
+  for (int64_t p = 0; p < n_panels; ++p) {
+    const int64_t cols = std::min(kPanel, N - p * kPanel);
+    panels[p].narrow(1, 0, cols).copy_(b.narrow(1, p * kPanel, cols));
+  }
+  return {panels, K, N};
+}
+
+void tiled_matmul_into(at::Tensor& out, const at::Tensor& a_in, const PackedRight& b,
                        bool accumulate) {
-  TORCH_CHECK(a_in.dim() == 2 && b_in.dim() == 2 && out.dim() == 2 &&
-                  a_in.size(1) == b_in.size(0) && out.size(0) == a_in.size(0) &&
-                  out.size(1) == b_in.size(1),
+  TORCH_CHECK(a_in.dim() == 2 && out.dim() == 2 && a_in.size(1) == b.K &&
+                  out.size(0) == a_in.size(0) && out.size(1) == b.N,
               "tiled_matmul_into: shapes do not match");
-  const at::Tensor a = row_major(a_in) ? a_in : a_in.contiguous();
-  const at::Tensor b = row_major(b_in) ? b_in : b_in.contiguous();
+  const int64_t M = a_in.size(0), N = b.N, K = b.K;
+  if (M == 0 || N == 0) return;
+  if (out.scalar_type() != at::kFloat || K == 0) {
+    if (accumulate) out.addmm_(a_in, b.panels);
+    else if (K == 0) out.zero_();
+    else at::mm_out(out, a_in, b.panels);
+    return;
+  }
   if (!row_major(out)) {
     at::Tensor dense = accumulate ? out.contiguous() : at::empty(out.sizes(), out.options());
-    tiled_matmul_into(dense, a, b, accumulate);
+    tiled_matmul_into(dense, a_in, b, accumulate);
     out.copy_(dense);
     return;
   }
-  const int64_t M = a.size(0), N = b.size(1), K = a.size(1);
-  if (M == 0 || N == 0) return;
-  if (out.scalar_type() != at::kFloat || K == 0) {
-    if (accumulate) out.addmm_(a, b);
-    else at::mm_out(out, a, b);
-    return;
-  }
+  const at::Tensor a = row_major(a_in) ? a_in : a_in.contiguous();
   const float* A = a.data_ptr<float>();
-  const float* B = b.data_ptr<float>();
+  const float* P = b.panels.data_ptr<float>();
   float* C = out.data_ptr<float>();
-  const int64_t lda = a.stride(0), ldb = b.stride(0), ldc = out.stride(0);
-  const int64_t m_tiles = (M + kTileM - 1) / kTileM, n_tiles = (N + kTileN - 1) / kTileN;
+  const int64_t lda = a.stride(0), ldc = out.stride(0);
+  const int64_t m_tiles = (M + kTileM - 1) / kTileM, n_tiles = (N + kPanel - 1) / kPanel;
   at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t m0 = (tile / n_tiles) * kTileM, n0 = (tile % n_tiles) * kTileN;
-      const int64_t rows = std::min(kTileM, M - m0), cols = std::min(kTileN, N - n0);
-      at::native::cpublas::brgemm(rows, cols, K, lda, ldb, ldc, accumulate, A + m0 * lda,
-                                  B + n0, C + m0 * ldc + n0, /*is_vnni=*/false);
+      const int64_t np = tile / m_tiles, m0 = (tile % m_tiles) * kTileM, n0 = np * kPanel;
+      const int64_t rows = std::min(kTileM, M - m0), cols = std::min(kPanel, N - n0);
+      at::native::cpublas::brgemm(rows, cols, K, lda, kPanel, ldc, accumulate, A + m0 * lda,
+                                  P + np * K * kPanel, C + m0 * ldc + n0, /*is_vnni=*/false);
     }
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   });
@@ -57,7 +67,7 @@ void tiled_matmul_into(at::Tensor& out, const at::Tensor& a_in, const at::Tensor
 
 at::Tensor tiled_matmul(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-  tiled_matmul_into(out, a, b, false);
+  tiled_matmul_into(out, a, pack_right(b), false);
   return out;
 }
 

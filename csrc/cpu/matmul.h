@@ -1,16 +1,26 @@
 // out (+)= a @ b for the recurrent layers' products, on oneDNN's brgemm micro-kernel for
 // fp32 (MKL's sgemm ran at 80-100 GFLOP/s per core on these shapes on the AMD development
-// machines, brgemm at about 250) and at::mm for fp64.
+// machines, brgemm at about 200-250) and at::mm for fp64.
 #pragma once
 
 #include <ATen/ATen.h>
 
 namespace seqkern::cpu {
 
-// a [M, K], b [K, N], out [M, N]: 2-D, same dtype, any strides (operands that are not
-// row-major are copied first). accumulate: out += a @ b, else out = a @ b. Parallel over
-// output tiles.
-void tiled_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+// The right operand b [K, N] repacked as column panels: panels [ceil(N / 64), K, 64], each
+// contiguous (the last one zero-padded), so that one output tile streams one panel. Pack a
+// matrix that is used many times (W_hh across time steps) once.
+struct PackedRight {
+  at::Tensor panels;  // fp32 panels, or for other dtypes b itself (at::mm path)
+  int64_t K, N;
+};
+PackedRight pack_right(const at::Tensor& b);
+
+// a [M, K] (any strides), b packed [K, N], out [M, N] (any strides): accumulate ?
+// out += a @ b : out = a @ b. Parallel over output tiles, panel-major so that consecutive
+// tiles reuse one panel from cache.
+void tiled_matmul_into(at::Tensor& out, const at::Tensor& a, const PackedRight& b,
+                       bool accumulate);
 
 // A new contiguous [M, N] = a @ b.
 at::Tensor tiled_matmul(const at::Tensor& a, const at::Tensor& b);

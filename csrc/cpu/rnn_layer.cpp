@@ -126,7 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     const std::string& mode_name, const at::Tensor& input,
     const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse) {
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse,
+    bool need_workspace) {
   const RnnMode mode = parse_mode(mode_name);
   check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh);
   const at::ScalarType dt = compute_dtype(input.scalar_type());
@@ -134,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   const at::Tensor x = as_compute(input, dt).reshape({-1, I});
   const int64_t N = x.size(0);
   const at::Tensor wih = as_compute(w_ih, dt), whh = as_compute(w_hh, dt);
-  const at::Tensor whh_t = whh.t().contiguous();  // [H, G*H]: the step product's right operand
+  const PackedRight whh_t = pack_right(whh.t());  // [H, G*H]: the step product's right operand
   // LSTM and RNN fold both biases into the input projection; GRU keeps b_hh with h W_hh^T
   // because b_hn sits inside r * (W_hn h + b_hn).
   at::Tensor x_gates;
@@ -144,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     if (mode == RnnMode::kGRU) bias_h = as_compute(*b_hh, dt);
     else bias_x = bias_x + as_compute(*b_hh, dt);
     x_gates = bias_x.expand({N, G * H}).contiguous();
-    tiled_matmul_into(x_gates, x, wih.t().contiguous(), true);
+    tiled_matmul_into(x_gates, x, pack_right(wih.t()), true);
   } else {
     x_gates = tiled_matmul(x, wih.t());
   }
@@ -152,9 +153,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   at::Tensor c = mode == RnnMode::kLSTM ? c0->to(dt).clone(at::MemoryFormat::Contiguous)
                                         : at::empty({0}, h.options());
   const Workspace ws = workspace_layout(mode, N, H);
-  at::Tensor workspace = at::empty({ws.numel()}, h.options());
+  // Inference needs none of it: no workspace, no copies into it.
+  at::Tensor workspace = at::empty({need_workspace ? ws.numel() : 0}, h.options());
   at::Tensor out = at::empty({N, H}, h.options());
   at::Tensor h_gates = at::empty({h.size(0), G * H}, h.options());
+  at::Tensor saved_scratch = at::empty({need_workspace ? 0 : h.size(0) * ws.saved_width},
+                                       h.options());
 
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_fwd", [&] {
     scalar_t* base = workspace.data_ptr<scalar_t>();
@@ -164,14 +168,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     for (const Step& s : make_steps(input, batch_sizes, reverse)) {
       if (s.rows == 0) continue;
       at::Tensor h_live = h.narrow(0, 0, s.rows), hg = h_gates.narrow(0, 0, s.rows);
-      std::memcpy(ws.h_prev(base) + s.offset * H, h_ptr, s.rows * state_bytes);
-      if (ws.lstm) std::memcpy(ws.c_prev(base) + s.offset * H, c_ptr, s.rows * state_bytes);
+      if (need_workspace) {
+        std::memcpy(ws.h_prev(base) + s.offset * H, h_ptr, s.rows * state_bytes);
+        if (ws.lstm) std::memcpy(ws.c_prev(base) + s.offset * H, c_ptr, s.rows * state_bytes);
+      }
       if (bias_h) hg.copy_(bias_h->expand_as(hg));
       tiled_matmul_into(hg, h_live, whh_t, bias_h.has_value());
       step_fwd<scalar_t>(mode, s.rows, H, x_gates.data_ptr<scalar_t>() + s.offset * G * H,
                          hg.data_ptr<scalar_t>(), h_ptr, c_ptr,
-                         ws.saved(base) + s.offset * ws.saved_width);
-      if (ws.lstm) std::memcpy(ws.c_new(base) + s.offset * H, c_ptr, s.rows * state_bytes);
+                         need_workspace ? ws.saved(base) + s.offset * ws.saved_width
+                                        : saved_scratch.data_ptr<scalar_t>());
+      if (ws.lstm && need_workspace)
+        std::memcpy(ws.c_new(base) + s.offset * H, c_ptr, s.rows * state_bytes);
       std::memcpy(out.data_ptr<scalar_t>() + s.offset * H, h_ptr, s.rows * state_bytes);
     }
   });
@@ -212,6 +220,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   at::Tensor dh_gates = mode == RnnMode::kGRU ? at::empty({N, G * H}, opts) : dx_gates;
   at::Tensor h_prev = workspace.narrow(0, ws.saved_width * N, N * H).view({N, H});
 
+  const PackedRight whh_packed = pack_right(whh);  // [G*H, H], reused by every step
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_bwd", [&] {
     const scalar_t* base = workspace.data_ptr<scalar_t>();
     std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
@@ -228,7 +237,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
           ws.lstm ? dc.data_ptr<scalar_t>() : nullptr,
           dx_gates.data_ptr<scalar_t>() + s.offset * G * H,
           mode == RnnMode::kGRU ? dh_gates.data_ptr<scalar_t>() + s.offset * G * H : nullptr);
-      tiled_matmul_into(dh_live, dh_gates.narrow(0, s.offset, s.rows), whh, true);
+      tiled_matmul_into(dh_live, dh_gates.narrow(0, s.offset, s.rows), whh_packed, true);
     }
   });
   const at::Tensor dx = tiled_matmul(dx_gates, wih);

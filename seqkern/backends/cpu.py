@@ -37,9 +37,10 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
         is_causal, scale, seed_offset)
 
 
-def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
+                  need_workspace):
     return torch.ops.seqkern_C.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh,
-                                             b_ih, b_hh, reverse)
+                                             b_ih, b_hh, reverse, need_workspace)
 
 
 def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,

@@ -59,14 +59,15 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
+                  need_workspace):
     from seqkern.ops import rnn_layer as ops
     out, h_n, c_n = ops.reference_forward(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih,
                                           b_hh, reverse)
     rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
     # The reference backward recomputes the forward: its workspace holds nothing.
-    workspace = torch.zeros(ops.workspace_numel(mode, rows, w_hh.shape[1]),
-                            dtype=ops.compute_dtype(input.dtype), device=input.device)
+    numel = ops.workspace_numel(mode, rows, w_hh.shape[1]) if need_workspace else 0
+    workspace = torch.zeros(numel, dtype=ops.compute_dtype(input.dtype), device=input.device)
     c_n = c_n if c_n is not None else h0.new_empty((0,))
     return out, h_n, c_n, workspace
 

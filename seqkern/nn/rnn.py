@@ -96,8 +96,10 @@ class _SeqkernRNNMixin:
             w_hr = weights[-1]
             return recurrent_layer("LSTM", x, h0, (w_ih, w_hh, b_ih, b_hh), c0=c0,
                                    reverse=reverse, w_hr=w_hr, batch_sizes=batch_sizes)
+        need_workspace = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
         out, h, c, _ = rnn_layer_fwd(self.mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih,
-                                     b_hh, reverse)
+                                     b_hh, reverse, need_workspace)
         return out, h, c
 
     def _unbatched_hidden(self, hx):

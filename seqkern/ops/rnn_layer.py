@@ -40,18 +40,20 @@ def _inputs(input, mode):
 @torch.library.custom_op("seqkern::rnn_layer_fwd", mutates_args=())
 def rnn_layer_fwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor,
                   c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-                  b_hh: Optional[Tensor], reverse: bool
+                  b_hh: Optional[Tensor], reverse: bool, need_workspace: bool = True
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = backends.select("rnn_layer", _inputs(input, mode))
-    return impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+    return impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
+                              need_workspace)
 
 
 @rnn_layer_fwd.register_fake
-def _rnn_layer_fwd_fake(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+def _rnn_layer_fwd_fake(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
+                        need_workspace=True):
     H = w_hh.shape[1]
     out = input.new_empty((*input.shape[:-1], H))
     rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
-    workspace = input.new_empty((workspace_numel(mode, rows, H),),
+    workspace = input.new_empty((workspace_numel(mode, rows, H) if need_workspace else 0,),
                                 dtype=compute_dtype(input.dtype))
     c_n = h0.new_empty(h0.shape) if mode == "LSTM" else h0.new_empty((0,))
     return out, h0.new_empty(h0.shape), c_n, workspace
@@ -80,7 +82,7 @@ def _rnn_layer_bwd_fake(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh
 
 
 def _setup_context(ctx, inputs, output):
-    mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse = inputs
+    mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, need_workspace = inputs
     ctx.mark_non_differentiable(output[3])
     ctx.mode, ctx.reverse = mode, reverse
     ctx.save_for_backward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, output[3])
@@ -88,8 +90,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output, grad_hn, grad_cn, _grad_workspace):
     input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, workspace = ctx.saved_tensors
-    if torch.is_grad_enabled():
-        # create_graph=True (double backward): differentiate the reference instead.
+    if torch.is_grad_enabled() or workspace.numel() == 0:
+        # create_graph=True (double backward), or a forward run with need_workspace=False:
+        # differentiate the reference instead.
         grads = reference_grads(ctx.mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                 ctx.reverse, grad_output, grad_hn, grad_cn, create_graph=True)
     else:
@@ -98,7 +101,7 @@ def _backward(ctx, grad_output, grad_hn, grad_cn, _grad_workspace):
                               grad_cn if ctx.mode == "LSTM" else None)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = grads
     return (None, dx, None, dh0, dc0 if c0 is not None else None, dw_ih, dw_hh,
-            db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, None)
+            db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, None, None)
 
 
 def reference_forward(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
