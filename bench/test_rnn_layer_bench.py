@@ -1,0 +1,73 @@
+"""Recurrent layers: seqkern.LSTM / GRU against torch.nn's (oneDNN on the CPU, cuDNN on CUDA),
+same weights and inputs, same process. Inference (no_grad) and a training step (forward +
+backward of the output sum). FLOPs: 2*T*B*G*H*(I+H) forward (G = 4 LSTM, 3 GRU), 3x for a
+training step; packed sequences count only their live rows.
+"""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import seqkern
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.bfloat16, torch.float32] if CUDA else [torch.float32]
+
+# (name, T, B, I, H, packed)
+SHAPES = [("fastrnns", 100, 64, 512, 512, False),
+          ("mid-batch", 100, 16, 512, 512, False),
+          ("small-batch", 256, 4, 512, 512, False),
+          ("packed", 200, 16, 512, 512, True)]
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("pass_", ["inference", "train"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("provider", ["seqkern", "torch"])
+def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
+    name, T, B, I, H, packed = shape
+    gen = torch.Generator().manual_seed(0)
+    theirs = getattr(torch.nn, cls)(I, H).to(DEVICE, dtype)
+    module = theirs
+    if provider == "seqkern":
+        module = getattr(seqkern, cls)(I, H).to(DEVICE, dtype)
+        module.load_state_dict(theirs.state_dict())
+    x = torch.randn(T, B, I, generator=gen).to(DEVICE, dtype)
+    rows = T * B
+    if packed:  # lengths spread from 10 to 200, unsorted
+        lengths = torch.linspace(10, T, B).round().long()[torch.randperm(B, generator=gen)]
+        rows = int(lengths.sum())
+
+    def make_input(t):
+        return pack_padded_sequence(t, lengths, enforce_sorted=False) if packed else t
+
+    G = 4 if cls == "LSTM" else 3
+    flops = 2 * rows * G * H * (I + H)
+    if pass_ == "inference":
+        inp = make_input(x)
+
+        def target():
+            with torch.no_grad():
+                module(inp)
+            _sync()
+    else:
+        flops *= 3
+        xg = x.detach().requires_grad_(True)
+
+        def target():
+            out, _ = module(make_input(xg))
+            (out.data if packed else out).float().sum().backward()
+            _sync()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(target, rounds=10 if CUDA else 4, iterations=1, warmup_rounds=1)
+    extra = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if CUDA else None
+    case = f"{cls} {pass_} {name} T{T} B{B} H{H} {str(dtype).replace('torch.', '')}"
+    record(benchmark, case, f"{provider}-{DEVICE}" if provider == "seqkern" else f"torch-{cls}",
+           flops, extra)
