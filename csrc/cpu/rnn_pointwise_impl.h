@@ -14,6 +14,9 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cmath>
 
 #include "rnn_kernels.h"
@@ -37,12 +40,28 @@ inline T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
-// Runs f(offset, vector) over [0, H) in vector steps, then f_tail(offset) for the rest.
+// Runs f(j) over [j0, j1) in vector steps, then f_tail(j) for the rest.
 template <typename T, typename F, typename FTail>
-inline void for_lanes(int64_t H, const F& f, const FTail& f_tail) {
-  int64_t j = 0;
-  for (; j + Vec<T>::size() <= H; j += Vec<T>::size()) f(j);
-  for (; j < H; ++j) f_tail(j);
+inline void for_lanes(int64_t j0, int64_t j1, const F& f, const FTail& f_tail) {
+  int64_t j = j0;
+  for (; j + Vec<T>::size() <= j1; j += Vec<T>::size()) f(j);
+  for (; j < j1; ++j) f_tail(j);
+}
+
+// Hidden units per work item: a step's pointwise work is split over (row, unit chunk) so
+// that small batches still use every thread.
+constexpr int64_t kUnitChunk = 128;
+
+// Runs body(r, j0, j1) for every row r < n and unit chunk [j0, j1) of [0, H), in parallel.
+template <typename Body>
+inline void for_rows_and_chunks(int64_t n, int64_t H, const Body& body) {
+  const int64_t chunks = (H + kUnitChunk - 1) / kUnitChunk;
+  at::parallel_for(0, n * chunks, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / chunks, j0 = (item % chunks) * kUnitChunk;
+      body(r, j0, std::min(H, j0 + kUnitChunk));
+    }
+  });
 }
 
 }  // namespace rnn_detail
@@ -55,61 +74,59 @@ void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T*
   using namespace rnn_detail;
   using V = Vec<T>;
   const int64_t G = gate_count(mode);
-  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* xg = x_gates + r * G * H;
-      const T* hg = h_gates + r * G * H;
-      T* hr = h + r * H;
-      if (mode == RnnMode::kLSTM) {
-        T* cr = c + r * H;
-        T* sv = saved + r * 4 * H;
-        for_lanes<T>(H, [&](int64_t j) {
-          const V i = sigmoid(V::loadu(xg + j) + V::loadu(hg + j));
-          const V f = sigmoid(V::loadu(xg + H + j) + V::loadu(hg + H + j));
-          const V g = (V::loadu(xg + 2 * H + j) + V::loadu(hg + 2 * H + j)).tanh();
-          const V o = sigmoid(V::loadu(xg + 3 * H + j) + V::loadu(hg + 3 * H + j));
-          const V c_new = f * V::loadu(cr + j) + i * g;
-          i.store(sv + j), f.store(sv + H + j), g.store(sv + 2 * H + j), o.store(sv + 3 * H + j);
-          c_new.store(cr + j);
-          (o * c_new.tanh()).store(hr + j);
-        }, [&](int64_t j) {
-          const T i = sigmoid(xg[j] + hg[j]), f = sigmoid(xg[H + j] + hg[H + j]);
-          const T g = std::tanh(xg[2 * H + j] + hg[2 * H + j]);
-          const T o = sigmoid(xg[3 * H + j] + hg[3 * H + j]);
-          const T c_new = f * cr[j] + i * g;
-          sv[j] = i, sv[H + j] = f, sv[2 * H + j] = g, sv[3 * H + j] = o;
-          cr[j] = c_new;
-          hr[j] = o * std::tanh(c_new);
-        });
-      } else if (mode == RnnMode::kGRU) {
-        T* sv = saved + r * 4 * H;
-        for_lanes<T>(H, [&](int64_t j) {
-          const V rg = sigmoid(V::loadu(xg + j) + V::loadu(hg + j));
-          const V z = sigmoid(V::loadu(xg + H + j) + V::loadu(hg + H + j));
-          const V hn = V::loadu(hg + 2 * H + j);
-          const V nn = (V::loadu(xg + 2 * H + j) + rg * hn).tanh();
-          rg.store(sv + j), z.store(sv + H + j), nn.store(sv + 2 * H + j), hn.store(sv + 3 * H + j);
-          (nn + z * (V::loadu(hr + j) - nn)).store(hr + j);
-        }, [&](int64_t j) {
-          const T rg = sigmoid(xg[j] + hg[j]), z = sigmoid(xg[H + j] + hg[H + j]);
-          const T hn = hg[2 * H + j];
-          const T nn = std::tanh(xg[2 * H + j] + rg * hn);
-          sv[j] = rg, sv[H + j] = z, sv[2 * H + j] = nn, sv[3 * H + j] = hn;
-          hr[j] = nn + z * (hr[j] - nn);
-        });
-      } else {
-        T* sv = saved + r * H;
-        const bool relu = mode == RnnMode::kRNN_RELU;
-        for_lanes<T>(H, [&](int64_t j) {
-          const V pre = V::loadu(xg + j) + V::loadu(hg + j);
-          const V out = relu ? at::vec::maximum(pre, V(T(0))) : pre.tanh();
-          out.store(sv + j);
-          out.store(hr + j);
-        }, [&](int64_t j) {
-          const T pre = xg[j] + hg[j];
-          sv[j] = hr[j] = relu ? std::max(pre, T(0)) : std::tanh(pre);
-        });
-      }
+  for_rows_and_chunks(n, H, [&](int64_t r, int64_t j0, int64_t j1) {
+    const T* xg = x_gates + r * G * H;
+    const T* hg = h_gates + r * G * H;
+    T* hr = h + r * H;
+    if (mode == RnnMode::kLSTM) {
+      T* cr = c + r * H;
+      T* sv = saved + r * 4 * H;
+      for_lanes<T>(j0, j1, [&](int64_t j) {
+        const V i = sigmoid(V::loadu(xg + j) + V::loadu(hg + j));
+        const V f = sigmoid(V::loadu(xg + H + j) + V::loadu(hg + H + j));
+        const V g = (V::loadu(xg + 2 * H + j) + V::loadu(hg + 2 * H + j)).tanh();
+        const V o = sigmoid(V::loadu(xg + 3 * H + j) + V::loadu(hg + 3 * H + j));
+        const V c_new = f * V::loadu(cr + j) + i * g;
+        i.store(sv + j), f.store(sv + H + j), g.store(sv + 2 * H + j), o.store(sv + 3 * H + j);
+        c_new.store(cr + j);
+        (o * c_new.tanh()).store(hr + j);
+      }, [&](int64_t j) {
+        const T i = sigmoid(xg[j] + hg[j]), f = sigmoid(xg[H + j] + hg[H + j]);
+        const T g = std::tanh(xg[2 * H + j] + hg[2 * H + j]);
+        const T o = sigmoid(xg[3 * H + j] + hg[3 * H + j]);
+        const T c_new = f * cr[j] + i * g;
+        sv[j] = i, sv[H + j] = f, sv[2 * H + j] = g, sv[3 * H + j] = o;
+        cr[j] = c_new;
+        hr[j] = o * std::tanh(c_new);
+      });
+    } else if (mode == RnnMode::kGRU) {
+      T* sv = saved + r * 4 * H;
+      for_lanes<T>(j0, j1, [&](int64_t j) {
+        const V rg = sigmoid(V::loadu(xg + j) + V::loadu(hg + j));
+        const V z = sigmoid(V::loadu(xg + H + j) + V::loadu(hg + H + j));
+        const V hn = V::loadu(hg + 2 * H + j);
+        const V nn = (V::loadu(xg + 2 * H + j) + rg * hn).tanh();
+        rg.store(sv + j), z.store(sv + H + j), nn.store(sv + 2 * H + j), hn.store(sv + 3 * H + j);
+        (nn + z * (V::loadu(hr + j) - nn)).store(hr + j);
+      }, [&](int64_t j) {
+        const T rg = sigmoid(xg[j] + hg[j]), z = sigmoid(xg[H + j] + hg[H + j]);
+        const T hn = hg[2 * H + j];
+        const T nn = std::tanh(xg[2 * H + j] + rg * hn);
+        sv[j] = rg, sv[H + j] = z, sv[2 * H + j] = nn, sv[3 * H + j] = hn;
+        hr[j] = nn + z * (hr[j] - nn);
+      });
+    } else {
+      T* sv = saved + r * H;
+      const bool relu = mode == RnnMode::kRNN_RELU;
+      for_lanes<T>(j0, j1, [&](int64_t j) {
+        const V pre = V::loadu(xg + j) + V::loadu(hg + j);
+        const V out = relu ? at::vec::maximum(pre, V(T(0))) : pre.tanh();
+        out.store(sv + j);
+        out.store(hr + j);
+      }, [&](int64_t j) {
+        const T pre = xg[j] + hg[j];
+        sv[j] = hr[j] = relu ? std::max(pre, T(0)) : std::tanh(pre);
+      });
     }
   });
 }
@@ -126,80 +143,78 @@ void rnn_step_bwd(RnnMode mode, int64_t n, int64_t H, const T* saved, const T* c
   using namespace rnn_detail;
   using V = Vec<T>;
   const int64_t G = gate_count(mode);
-  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-    const V one(T(1));
-    for (int64_t r = r0; r < r1; ++r) {
-      T* dhr = dh + r * H;
-      T* dxg = dx_gates + r * G * H;
-      if (mode == RnnMode::kLSTM) {
-        const T* sv = saved + r * 4 * H;
-        const T* cn = c_new + r * H;
-        const T* cp = c_prev + r * H;
-        T* dcr = dc + r * H;
-        for_lanes<T>(H, [&](int64_t j) {
-          const V i = V::loadu(sv + j), f = V::loadu(sv + H + j);
-          const V g = V::loadu(sv + 2 * H + j), o = V::loadu(sv + 3 * H + j);
-          const V tc = V::loadu(cn + j).tanh();
-          const V d_h = V::loadu(dhr + j);
-          const V d_c = V::loadu(dcr + j) + d_h * o * (one - tc * tc);
-          (d_c * g * i * (one - i)).store(dxg + j);
-          (d_c * V::loadu(cp + j) * f * (one - f)).store(dxg + H + j);
-          (d_c * i * (one - g * g)).store(dxg + 2 * H + j);
-          (d_h * tc * o * (one - o)).store(dxg + 3 * H + j);
-          (d_c * f).store(dcr + j);
-          V(T(0)).store(dhr + j);
-        }, [&](int64_t j) {
-          const T i = sv[j], f = sv[H + j], g = sv[2 * H + j], o = sv[3 * H + j];
-          const T tc = std::tanh(cn[j]);
-          const T d_h = dhr[j];
-          const T d_c = dcr[j] + d_h * o * (T(1) - tc * tc);
-          dxg[j] = d_c * g * i * (T(1) - i);
-          dxg[H + j] = d_c * cp[j] * f * (T(1) - f);
-          dxg[2 * H + j] = d_c * i * (T(1) - g * g);
-          dxg[3 * H + j] = d_h * tc * o * (T(1) - o);
-          dcr[j] = d_c * f;
-          dhr[j] = T(0);
-        });
-      } else if (mode == RnnMode::kGRU) {
-        const T* sv = saved + r * 4 * H;
-        const T* hp = h_prev + r * H;
-        T* dhg = dh_gates + r * 3 * H;
-        for_lanes<T>(H, [&](int64_t j) {
-          const V rg = V::loadu(sv + j), z = V::loadu(sv + H + j);
-          const V nn = V::loadu(sv + 2 * H + j), hn = V::loadu(sv + 3 * H + j);
-          const V d_h = V::loadu(dhr + j);
-          const V d_npre = d_h * (one - z) * (one - nn * nn);
-          const V d_rpre = d_npre * hn * rg * (one - rg);
-          const V d_zpre = d_h * (V::loadu(hp + j) - nn) * z * (one - z);
-          d_rpre.store(dxg + j), d_zpre.store(dxg + H + j), d_npre.store(dxg + 2 * H + j);
-          d_rpre.store(dhg + j), d_zpre.store(dhg + H + j), (d_npre * rg).store(dhg + 2 * H + j);
-          (d_h * z).store(dhr + j);
-        }, [&](int64_t j) {
-          const T rg = sv[j], z = sv[H + j], nn = sv[2 * H + j], hn = sv[3 * H + j];
-          const T d_h = dhr[j];
-          const T d_npre = d_h * (T(1) - z) * (T(1) - nn * nn);
-          const T d_rpre = d_npre * hn * rg * (T(1) - rg);
-          const T d_zpre = d_h * (hp[j] - nn) * z * (T(1) - z);
-          dxg[j] = dhg[j] = d_rpre;
-          dxg[H + j] = dhg[H + j] = d_zpre;
-          dxg[2 * H + j] = d_npre;
-          dhg[2 * H + j] = d_npre * rg;
-          dhr[j] = d_h * z;
-        });
-      } else {
-        const T* sv = saved + r * H;
-        const bool relu = mode == RnnMode::kRNN_RELU;
-        for_lanes<T>(H, [&](int64_t j) {
-          const V out = V::loadu(sv + j), d_h = V::loadu(dhr + j);
-          const V d_pre = relu ? V::blendv(V(T(0)), d_h, out > V(T(0))) : d_h * (one - out * out);
-          d_pre.store(dxg + j);
-          V(T(0)).store(dhr + j);
-        }, [&](int64_t j) {
-          const T out = sv[j];
-          dxg[j] = relu ? (out > T(0) ? dhr[j] : T(0)) : dhr[j] * (T(1) - out * out);
-          dhr[j] = T(0);
-        });
-      }
+  const V one(T(1));
+  for_rows_and_chunks(n, H, [&](int64_t r, int64_t j0, int64_t j1) {
+    T* dhr = dh + r * H;
+    T* dxg = dx_gates + r * G * H;
+    if (mode == RnnMode::kLSTM) {
+      const T* sv = saved + r * 4 * H;
+      const T* cn = c_new + r * H;
+      const T* cp = c_prev + r * H;
+      T* dcr = dc + r * H;
+      for_lanes<T>(j0, j1, [&](int64_t j) {
+        const V i = V::loadu(sv + j), f = V::loadu(sv + H + j);
+        const V g = V::loadu(sv + 2 * H + j), o = V::loadu(sv + 3 * H + j);
+        const V tc = V::loadu(cn + j).tanh();
+        const V d_h = V::loadu(dhr + j);
+        const V d_c = V::loadu(dcr + j) + d_h * o * (one - tc * tc);
+        (d_c * g * i * (one - i)).store(dxg + j);
+        (d_c * V::loadu(cp + j) * f * (one - f)).store(dxg + H + j);
+        (d_c * i * (one - g * g)).store(dxg + 2 * H + j);
+        (d_h * tc * o * (one - o)).store(dxg + 3 * H + j);
+        (d_c * f).store(dcr + j);
+        V(T(0)).store(dhr + j);
+      }, [&](int64_t j) {
+        const T i = sv[j], f = sv[H + j], g = sv[2 * H + j], o = sv[3 * H + j];
+        const T tc = std::tanh(cn[j]);
+        const T d_h = dhr[j];
+        const T d_c = dcr[j] + d_h * o * (T(1) - tc * tc);
+        dxg[j] = d_c * g * i * (T(1) - i);
+        dxg[H + j] = d_c * cp[j] * f * (T(1) - f);
+        dxg[2 * H + j] = d_c * i * (T(1) - g * g);
+        dxg[3 * H + j] = d_h * tc * o * (T(1) - o);
+        dcr[j] = d_c * f;
+        dhr[j] = T(0);
+      });
+    } else if (mode == RnnMode::kGRU) {
+      const T* sv = saved + r * 4 * H;
+      const T* hp = h_prev + r * H;
+      T* dhg = dh_gates + r * 3 * H;
+      for_lanes<T>(j0, j1, [&](int64_t j) {
+        const V rg = V::loadu(sv + j), z = V::loadu(sv + H + j);
+        const V nn = V::loadu(sv + 2 * H + j), hn = V::loadu(sv + 3 * H + j);
+        const V d_h = V::loadu(dhr + j);
+        const V d_npre = d_h * (one - z) * (one - nn * nn);
+        const V d_rpre = d_npre * hn * rg * (one - rg);
+        const V d_zpre = d_h * (V::loadu(hp + j) - nn) * z * (one - z);
+        d_rpre.store(dxg + j), d_zpre.store(dxg + H + j), d_npre.store(dxg + 2 * H + j);
+        d_rpre.store(dhg + j), d_zpre.store(dhg + H + j), (d_npre * rg).store(dhg + 2 * H + j);
+        (d_h * z).store(dhr + j);
+      }, [&](int64_t j) {
+        const T rg = sv[j], z = sv[H + j], nn = sv[2 * H + j], hn = sv[3 * H + j];
+        const T d_h = dhr[j];
+        const T d_npre = d_h * (T(1) - z) * (T(1) - nn * nn);
+        const T d_rpre = d_npre * hn * rg * (T(1) - rg);
+        const T d_zpre = d_h * (hp[j] - nn) * z * (T(1) - z);
+        dxg[j] = dhg[j] = d_rpre;
+        dxg[H + j] = dhg[H + j] = d_zpre;
+        dxg[2 * H + j] = d_npre;
+        dhg[2 * H + j] = d_npre * rg;
+        dhr[j] = d_h * z;
+      });
+    } else {
+      const T* sv = saved + r * H;
+      const bool relu = mode == RnnMode::kRNN_RELU;
+      for_lanes<T>(j0, j1, [&](int64_t j) {
+        const V out = V::loadu(sv + j), d_h = V::loadu(dhr + j);
+        const V d_pre = relu ? V::blendv(V(T(0)), d_h, out > V(T(0))) : d_h * (one - out * out);
+        d_pre.store(dxg + j);
+        V(T(0)).store(dhr + j);
+      }, [&](int64_t j) {
+        const T out = sv[j];
+        dxg[j] = relu ? (out > T(0) ? dhr[j] : T(0)) : dhr[j] * (T(1) - out * out);
+        dhr[j] = T(0);
+      });
     }
   });
 }
