@@ -11,13 +11,11 @@ from tests.attention_cases import DEVICE
 from tests.tolerances import BWD_FACTOR, FWD_FACTOR, assert_close, assert_close_relative
 
 HAS_C = not BACKENDS["cpu"].availability(DEVICE)
-LAYER_BACKENDS = [pytest.param("cpu", marks=pytest.mark.skipif(not HAS_C, reason="no _C")),
-                  "reference"]
 
 
 def _pair(cls, dtype=torch.float64, **kw):
-    ours = getattr(seqkern, cls)(dtype=dtype, **kw)
-    theirs = getattr(torch.nn, cls)(dtype=dtype, **kw)
+    ours = getattr(seqkern, cls)(dtype=dtype, device=DEVICE, **kw)
+    theirs = getattr(torch.nn, cls)(dtype=dtype, device=DEVICE, **kw)
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
 
@@ -50,28 +48,39 @@ def _make_input(cls, kw, form, T, B, given_h0, gen):
     shape = (B, T, I) if kw["batch_first"] else (T, B, I)
     if form == "unbatched":
         shape = (T, I)
-    x = torch.randn(*shape, dtype=torch.float64, generator=gen)
+    def randn(*size):  # drawn on the CPU generator, then moved: same values on any device
+        return torch.randn(*size, dtype=torch.float64, generator=gen, device="cpu").to(DEVICE)
+
+    x = randn(*shape)
     hx = None
     if given_h0:
         hshape = (D, out) if form == "unbatched" else (D, B, out)
         cshape = (D, H) if form == "unbatched" else (D, B, H)
-        h = torch.randn(*hshape, dtype=torch.float64, generator=gen)
-        hx = (h, torch.randn(*cshape, dtype=torch.float64, generator=gen)) if cls == "LSTM" \
-            else h
+        h = randn(*hshape)
+        hx = (h, randn(*cshape)) if cls == "LSTM" else h
     return x, hx
 
 
-@pytest.mark.parametrize("backend", LAYER_BACKENDS)
-@pytest.mark.parametrize("seed", range(24))
-def test_randomized_parity_with_torch(backend, seed):
+HAS_TRITON = not BACKENDS["triton"].availability(DEVICE)
+GRID = [pytest.param(backend, seed, torch.float64, id=f"{backend}-{seed}")
+        for backend in ("cpu", "reference") for seed in range(24)] + [
+    pytest.param("triton", seed, torch.float32, id=f"triton-{seed}") for seed in range(10)]
+
+
+@pytest.mark.parametrize("backend, seed, dtype", GRID)
+def test_randomized_parity_with_torch(backend, seed, dtype):
+    """seqkern's module (in dtype, on backend) against torch's in float64."""
+    if backend == "cpu" and not HAS_C or backend == "triton" and not HAS_TRITON:
+        pytest.skip(f"{backend} backend not usable here")
     rng = random.Random(seed)
     cls, kw, form, T, B, given_h0 = _random_config(rng)
     gen = torch.Generator().manual_seed(seed)
     ours, theirs = _pair(cls, **kw)
+    ours.to(dtype)
     x, hx = _make_input(cls, kw, form, T, B, given_h0, gen)
     lengths = None
     if form.startswith("packed"):
-        lengths = torch.randint(1, T + 1, (B,), generator=gen)
+        lengths = torch.randint(1, T + 1, (B,), generator=gen, device="cpu")
         lengths[0] = T
         if form == "packed_sorted":
             lengths = lengths.sort(descending=True).values
@@ -83,9 +92,9 @@ def test_randomized_parity_with_torch(backend, seed):
                                        enforce_sorted=form == "packed_sorted")
         return _flatten(module(inp, hx))
 
-    leaves_a = [x.clone().requires_grad_(True)] + ([] if hx is None else [
+    leaves_b = [x.clone().requires_grad_(True)] + ([] if hx is None else [
         t.clone().requires_grad_(True) for t in (hx if isinstance(hx, tuple) else (hx,))])
-    leaves_b = [t.detach().clone().requires_grad_(True) for t in leaves_a]
+    leaves_a = [t.detach().to(dtype).requires_grad_(True) for t in leaves_b]
 
     def call(module, leaves):
         h = None if hx is None else (tuple(leaves[1:]) if cls == "LSTM" else leaves[1])
@@ -98,7 +107,8 @@ def test_randomized_parity_with_torch(backend, seed):
         assert_close(f"{cls} {kw} {form} output[{i}]", g, w)
     grads = [torch.randn_like(w) for w in want]
     with seqkern.backend(backend):
-        g_ours = torch.autograd.grad(got, leaves_a + list(ours.parameters()), grads)
+        g_ours = torch.autograd.grad(got, leaves_a + list(ours.parameters()),
+                                     [g.to(dtype) for g in grads])
     g_theirs = torch.autograd.grad(want, leaves_b + list(theirs.parameters()), grads)
     names = ["input", "h0", "c0"][:len(leaves_a)] + [n for n, _ in ours.named_parameters()]
     for name, g, w in zip(names, g_ours, g_theirs):

@@ -57,3 +57,11 @@ def attention_fwd(*args):
 
 def attention_bwd(*args):
     return _kernels.attention_bwd(*args)
+
+
+def rnn_layer_fwd(*args):
+    return _kernels.rnn_layer_fwd(*args)
+
+
+def rnn_layer_bwd(*args):
+    return _kernels.rnn_layer_bwd(*args)
