@@ -122,19 +122,39 @@ void check_layer_args(RnnMode mode, const at::Tensor& input,
               "rnn_layer: LSTM needs c0 of h0's shape");
 }
 
+// The arguments both directions of the op start from: checked, in the compute dtype, the
+// input flattened to [N, I].
+struct LayerOperands {
+  RnnMode mode;
+  at::ScalarType dtype;
+  int64_t H, G, N;
+  at::Tensor x, w_ih, w_hh;
+};
+
+LayerOperands prepare(const std::string& mode_name, const at::Tensor& input,
+                      const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+                      const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+                      const at::Tensor& w_hh) {
+  const RnnMode mode = parse_mode(mode_name);
+  check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh);
+  const at::ScalarType dt = compute_dtype(input.scalar_type());
+  at::Tensor x = as_compute(input, dt).reshape({-1, input.size(-1)});
+  const int64_t N = x.size(0);
+  return {mode, dt, w_hh.size(1), gate_count(mode), N, x, as_compute(w_ih, dt),
+          as_compute(w_hh, dt)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     const std::string& mode_name, const at::Tensor& input,
     const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse,
     bool need_workspace) {
-  const RnnMode mode = parse_mode(mode_name);
-  check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh);
-  const at::ScalarType dt = compute_dtype(input.scalar_type());
-  const int64_t H = w_hh.size(1), G = gate_count(mode), I = input.size(-1);
-  const at::Tensor x = as_compute(input, dt).reshape({-1, I});
-  const int64_t N = x.size(0);
-  const at::Tensor wih = as_compute(w_ih, dt), whh = as_compute(w_hh, dt);
+  const LayerOperands ops = prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh);
+  const RnnMode mode = ops.mode;
+  const at::ScalarType dt = ops.dtype;
+  const int64_t H = ops.H, G = ops.G, N = ops.N;
+  const at::Tensor &x = ops.x, &wih = ops.w_ih, &whh = ops.w_hh;
   const PackedRight whh_t = pack_right(whh.t());  // [H, G*H]: the step product's right operand
   // LSTM and RNN fold both biases into the input projection; GRU keeps b_hh with h W_hh^T
   // because b_hn sits inside r * (W_hn h + b_hn).
@@ -198,13 +218,11 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
                   const at::Tensor& workspace, const std::optional<at::Tensor>& grad_output,
                   const std::optional<at::Tensor>& grad_hn,
                   const std::optional<at::Tensor>& grad_cn) {
-  const RnnMode mode = parse_mode(mode_name);
-  check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh);
-  const at::ScalarType dt = compute_dtype(input.scalar_type());
-  const int64_t H = w_hh.size(1), G = gate_count(mode), I = input.size(-1);
-  const at::Tensor x = as_compute(input, dt).reshape({-1, I});
-  const int64_t N = x.size(0);
-  const at::Tensor wih = as_compute(w_ih, dt), whh = as_compute(w_hh, dt);
+  const LayerOperands ops = prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh);
+  const RnnMode mode = ops.mode;
+  const at::ScalarType dt = ops.dtype;
+  const int64_t H = ops.H, G = ops.G, N = ops.N;
+  const at::Tensor &x = ops.x, &wih = ops.w_ih, &whh = ops.w_hh;
   const Workspace ws = workspace_layout(mode, N, H);
   TORCH_CHECK(workspace.dim() == 1 && workspace.numel() == ws.numel() &&
                   workspace.scalar_type() == dt && workspace.is_contiguous(),
