@@ -1,4 +1,7 @@
 """Triton kernels, installed as seqkern.kernels. Importing this needs triton."""
 import triton  # noqa: F401  (fail early and clearly when triton is missing)
 
-from .attention import attention_bwd, attention_fwd, attention_not_supported_reasons  # noqa: F401
+from .attention import (  # noqa: F401
+    attention_bwd, attention_fwd, attention_not_supported_reasons, attention_weights,
+    attention_weights_not_supported_reasons,
+)

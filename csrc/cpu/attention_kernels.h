@@ -26,6 +26,12 @@ using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, 
   void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> grad_out,   \
                             View4<scalar_t> out, const acc_type_t<scalar_t>* lse,            \
                             scalar_t* dq, scalar_t* dk, scalar_t* dv);                        \
+  /* lse: [B, Hq, L] contiguous (the forward's). weights: [B, L, S] (average_heads) or     \
+     [B, Hq, L, S], contiguous, written in full (0 on rows with lse = -inf). */              \
+  template <typename scalar_t>                                                                \
+  void attention_weights_kernel(const AttentionProblem<scalar_t>& p,                         \
+                                const acc_type_t<scalar_t>* lse, bool average_heads,          \
+                                scalar_t* weights);                                           \
   }
 
 SEQKERN_DECLARE_ATTENTION_KERNELS(DEFAULT)

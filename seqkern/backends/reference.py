@@ -47,6 +47,13 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
         return torch.autograd.grad(ref_out, (q, k, v), grad_out)
 
 
+def attention_weights(query, key, lse, attn_mask, key_padding_mask, is_causal, scale,
+                      dropout_p, seed_offset, average_heads):
+    keep = _keep_mask(query, key, dropout_p, seed_offset)
+    return reference.attention_weights(query, key, lse, attn_mask, is_causal, scale,
+                                       key_padding_mask, keep, dropout_p, average_heads)
+
+
 def _keep_mask(query, key, dropout_p, seed_offset):
     if dropout_p == 0.0:
         return None

@@ -57,3 +57,7 @@ def attention_fwd(*args):
 
 def attention_bwd(*args):
     return _kernels.attention_bwd(*args)
+
+
+def attention_weights(*args):
+    return _kernels.attention_weights(*args)

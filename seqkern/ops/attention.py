@@ -1,10 +1,12 @@
-"""seqkern::attention_fwd / seqkern::attention_bwd: schemas, fakes and autograd.
+"""seqkern::attention_fwd / attention_bwd / attention_weights: schemas, fakes and autograd.
 
 The op bodies ask the dispatcher (seqkern.backends) for a backend and run it. Shapes:
 query [B, Hq, L, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv]; attn_mask already
 broadcast (as a stride-0 view) to [B, Hq, L, S] or None; key_padding_mask [B, S] bool
 or None; seed_offset int64 [2] on the CPU (dropout's counter-based RNG) or None.
 Outputs: out [B, Hq, L, Dv] (query's dtype), lse [B, Hq, L] (fp32; fp64 for fp64 inputs).
+attention_weights turns the forward's lse back into the probabilities ([B, Hq, L, S], or
+[B, L, S] averaged over heads) in one more pass over q.k; it has no autograd formula.
 """
 from typing import Optional
 
@@ -81,6 +83,26 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("seqkern::attention_weights", mutates_args=())
+def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Optional[Tensor],
+                      key_padding_mask: Optional[Tensor], is_causal: bool, scale: float,
+                      dropout_p: float, seed_offset: Optional[Tensor],
+                      average_heads: bool) -> Tensor:
+    impl = backends.select("attention_weights", _inputs(query, key, key, attn_mask,
+                                                        key_padding_mask, dropout_p,
+                                                        is_causal))
+    return impl.attention_weights(query, key, lse, attn_mask, key_padding_mask, is_causal,
+                                  scale, dropout_p, seed_offset, average_heads)
+
+
+@attention_weights.register_fake
+def _attention_weights_fake(query, key, lse, attn_mask, key_padding_mask, is_causal, scale,
+                            dropout_p, seed_offset, average_heads):
+    B, H, L, _ = query.shape
+    shape = (B, L, key.shape[2]) if average_heads else (B, H, L, key.shape[2])
+    return query.new_empty(shape)
 
 
 def draw_dropout_seed(generator=None):
