@@ -150,8 +150,8 @@ def attention_weights(query, key, lse, attn_mask=None, dropout_p=0.0, is_causal=
       average_heads: the mean over heads [B, L, S] (else [B, Hq, L, S]).
 
     Returns:
-      weights in query's dtype; 0 on rows with no visible key. Not differentiable:
-      backpropagating through them raises an error.
+      weights in query's dtype; 0 on rows with no visible key. Differentiable (through
+      seqkern.reference, which materialises [B, Hq, L, S]: slow, and rarely wanted).
 
     Example:
       >>> out, lse = seqkern.functional.attention_with_lse(q, k, v, key_padding_mask=kpm)

@@ -44,7 +44,8 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
         q, k, v = (t.detach().requires_grad_(True) for t in (query, key, value))
         ref_out, _ = reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
                                          key_padding_mask, keep)
-        return torch.autograd.grad(ref_out, (q, k, v), grad_out)
+        grads = torch.autograd.grad(ref_out, (q, k, v), grad_out)
+    return tuple(g.contiguous() for g in grads)  # contiguous, as the op's fake says
 
 
 def attention_weights(query, key, lse, attn_mask, key_padding_mask, is_causal, scale,

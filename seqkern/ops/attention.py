@@ -6,14 +6,16 @@ broadcast (as a stride-0 view) to [B, Hq, L, S] or None; key_padding_mask [B, S]
 or None; seed_offset int64 [2] on the CPU (dropout's counter-based RNG) or None.
 Outputs: out [B, Hq, L, Dv] (query's dtype), lse [B, Hq, L] (fp32; fp64 for fp64 inputs).
 attention_weights turns the forward's lse back into the probabilities ([B, Hq, L, S], or
-[B, L, S] averaged over heads) in one more pass over q.k; it has no autograd formula.
+[B, L, S] averaged over heads) in one more pass over q.k. Its backward (rarely wanted:
+torch's layers never backpropagate through the weights) runs seqkern.reference on every
+backend, materialising [B, Hq, L, S].
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from seqkern import backends
+from seqkern import backends, reference
 
 
 def _inputs(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal):
@@ -60,7 +62,10 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
 @attention_bwd.register_fake
 def _attention_bwd_fake(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
                         dropout_p, is_causal, scale, seed_offset):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    # Contiguous, as every backend returns them (empty_like would copy the strides of a
+    # permuted projection view, and compiled graphs would then view the real result wrongly).
+    return (query.new_empty(query.shape), key.new_empty(key.shape),
+            value.new_empty(value.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -103,6 +108,32 @@ def _attention_weights_fake(query, key, lse, attn_mask, key_padding_mask, is_cau
     B, H, L, _ = query.shape
     shape = (B, L, key.shape[2]) if average_heads else (B, H, L, key.shape[2])
     return query.new_empty(shape)
+
+
+def _weights_setup_context(ctx, inputs, output):
+    (query, key, lse, attn_mask, key_padding_mask, is_causal, scale, dropout_p, seed_offset,
+     average_heads) = inputs
+    ctx.save_for_backward(query, key, attn_mask, key_padding_mask, seed_offset)
+    ctx.args = (is_causal, scale, dropout_p, average_heads)
+
+
+def _weights_backward(ctx, grad_weights):
+    query, key, attn_mask, key_padding_mask, seed_offset = ctx.saved_tensors
+    is_causal, scale, dropout_p, average_heads = ctx.args
+    keep = None
+    if dropout_p > 0.0:
+        B, H, L, _ = query.shape
+        keep = reference.dropout_keep_mask(seed_offset, B, H, L, key.shape[2], dropout_p,
+                                           query.device)
+    # Plain torch ops (traceable by torch.compile). lse is the forward's, itself a function
+    # of q and k: the reference differentiates the softmax whole, so lse gets no gradient.
+    dq, dk = reference.attention_weights_backward(
+        grad_weights, query, key, attn_mask, is_causal, scale, key_padding_mask, keep,
+        dropout_p, average_heads)
+    return dq, dk, None, None, None, None, None, None, None, None
+
+
+attention_weights.register_autograd(_weights_backward, setup_context=_weights_setup_context)
 
 
 def draw_dropout_seed(generator=None):
