@@ -7,6 +7,7 @@ inside nn.TransformerEncoderLayer / DecoderLayer; fully masked rows; errors; dro
 half precision and autocast; torch.compile.
 """
 import copy
+import os
 import random
 import warnings
 
@@ -18,6 +19,12 @@ import seqkern
 from seqkern.backends import BACKENDS
 from seqkern.reference import dropout_keep_mask
 from tests.tolerances import BWD_FACTOR, FWD_FACTOR, assert_close, assert_close_relative
+
+
+# Written for CPU tensors (the cpu backend, Triton interpreted); under SEQKERN_TEST_DEVICE=cuda
+# (bench/gpu_check.sh) the module is covered by bench/test_mha_bench.py instead.
+pytestmark = pytest.mark.skipif(os.environ.get("SEQKERN_TEST_DEVICE", "cpu") != "cpu",
+                                reason="CPU-tensor tests")
 
 
 def _usable(name):
