@@ -491,7 +491,8 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     """
     B, Hq, L, D = query.shape
     Hkv, S, Dv = key.shape[1], key.shape[2], value.shape[3]
-    out = new_output((B, Hq, L, Dv), query.dtype, query.device)
+    # Laid out as a dense [B, L, Hq, Dv] ("heads inner", seqkern/ops/attention.py).
+    out = new_output((B, L, Hq, Dv), query.dtype, query.device).transpose(1, 2)
     lse = new_output((B, Hq, L), torch.float32, query.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
@@ -526,9 +527,9 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
     """
     B, Hq, L, D = query.shape
     Hkv, S, Dv = key.shape[1], key.shape[2], value.shape[3]
-    dq = new_output(query.shape, query.dtype, query.device)
-    dk = new_output(key.shape, key.dtype, key.device)
-    dv = new_output(value.shape, value.dtype, value.device)
+    # Laid out as dense [B, T, H, D] ("heads inner", seqkern/ops/attention.py).
+    dq, dk, dv = (new_output((t.shape[0], t.shape[2], t.shape[1], t.shape[3]), t.dtype,
+                             t.device).transpose(1, 2) for t in (query, key, value))
     if L == 0 or S == 0 or B * Hq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()  # [B, Hq, L]; the forward wrote it contiguous already

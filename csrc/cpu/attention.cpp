@@ -73,6 +73,14 @@ at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
   return poison_outputs() ? at::full(shape, NAN, options) : at::empty(shape, options);
 }
 
+// [B, H, T, D] laid out as a dense [B, T, H, D] ("heads inner", seqkern/ops/attention.py):
+// the layout of a projection split into heads, so MultiheadAttention merges heads without
+// a copy.
+at::Tensor new_heads_inner(int64_t B, int64_t H, int64_t T, int64_t D,
+                           const at::TensorOptions& options) {
+  return new_output({B, T, H, D}, options).transpose(1, 2);
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& attn_mask,
                   const std::optional<at::Tensor>& key_padding_mask) {
@@ -150,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, bool is_causal, double scale, const std::optional<at::Tensor>& seed_offset) {
   check_inputs(q, k, v, attn_mask, key_padding_mask);
-  at::Tensor out = new_output({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  at::Tensor out = new_heads_inner(q.size(0), q.size(1), q.size(2), v.size(3), q.options());
   at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)},
                               q.options().dtype(lse_dtype(q.scalar_type())));
   if (q.numel() == 0 || out.numel() == 0) return {out.zero_(), lse.fill_(-INFINITY)};
@@ -176,9 +184,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   TORCH_CHECK(lse.scalar_type() == lse_dtype(q.scalar_type()) && lse.dim() == 3,
               "lse must be the forward's [B, Hq, L] log-sum-exp");
   const at::Tensor lse_c = lse.contiguous();
-  at::Tensor dq = new_output(q.sizes(), q.options());
-  at::Tensor dk = new_output(k.sizes(), k.options());
-  at::Tensor dv = new_output(v.sizes(), v.options());
+  at::Tensor dq = new_heads_inner(q.size(0), q.size(1), q.size(2), q.size(3), q.options());
+  at::Tensor dk = new_heads_inner(k.size(0), k.size(1), k.size(2), k.size(3), k.options());
+  at::Tensor dv = new_heads_inner(v.size(0), v.size(1), v.size(2), v.size(3), v.options());
   if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0)
     return {dq.zero_(), dk.zero_(), dv.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {

@@ -5,6 +5,10 @@ query [B, Hq, L, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv]; attn_mask alread
 broadcast (as a stride-0 view) to [B, Hq, L, S] or None; key_padding_mask [B, S] bool
 or None; seed_offset int64 [2] on the CPU (dropout's counter-based RNG) or None.
 Outputs: out [B, Hq, L, Dv] (query's dtype), lse [B, Hq, L] (fp32; fp64 for fp64 inputs).
+out and the gradients dq, dk, dv are laid out "heads inner", as dense [B, T, H, D] tensors
+transposed to [B, H, T, D], by every backend: the layout of a projection split into heads, so that
+MultiheadAttention merges the heads of out, and autograd those of dq, dk, dv, without
+copies.
 attention_weights turns the forward's lse back into the probabilities ([B, Hq, L, S], or
 [B, L, S] averaged over heads) in one more pass over q.k. Its backward (rarely wanted:
 torch's layers never backpropagate through the weights) runs seqkern.reference on every
@@ -42,7 +46,7 @@ def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
 def _attention_fwd_fake(query, key, value, attn_mask, key_padding_mask, dropout_p,
                         is_causal, scale, seed_offset):
     B, H, L, _ = query.shape
-    out = query.new_empty((B, H, L, value.shape[-1]))
+    out = query.new_empty((B, L, H, value.shape[-1])).transpose(1, 2)
     lse = query.new_empty((B, H, L), dtype=_lse_dtype(query.dtype))
     return out, lse
 
@@ -62,10 +66,10 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
 @attention_bwd.register_fake
 def _attention_bwd_fake(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
                         dropout_p, is_causal, scale, seed_offset):
-    # Contiguous, as every backend returns them (empty_like would copy the strides of a
-    # permuted projection view, and compiled graphs would then view the real result wrongly).
-    return (query.new_empty(query.shape), key.new_empty(key.shape),
-            value.new_empty(value.shape))
+    # The layout every backend returns (empty_like would copy the strides of a packed
+    # projection view, and compiled graphs would then view the real result wrongly).
+    return tuple(t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).transpose(1, 2)
+                 for t in (query, key, value))
 
 
 def _setup_context(ctx, inputs, output):
