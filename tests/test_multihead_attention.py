@@ -383,7 +383,21 @@ def test_swap_modules_keeps_parameters_device_dtype_and_mode():
     swapped = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     assert len(swapped) == 3
     assert all(type(m) is seqkern.nn.MultiheadAttention and not m.training for m in swapped)
-    assert not model.encoder.use_nested_tensor
+
+
+def test_transformer_encoder_nested_tensor_inference():
+    """nn.TransformerEncoder turns padded input into a NestedTensor in inference."""
+    torch.manual_seed(5)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dtype=torch.float64)
+    ref = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    ours = seqkern.swap_modules(copy.deepcopy(ref))
+    ours.use_nested_tensor = True  # as nn.TransformerEncoder sets it for such layers
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    kpm = torch.zeros(3, 7, dtype=torch.bool)
+    kpm[1, 4:] = True
+    with torch.no_grad():
+        want, got = ref(x, src_key_padding_mask=kpm), ours(x, src_key_padding_mask=kpm)
+    assert_close("out", got.masked_fill(kpm[..., None], 0), want.masked_fill(kpm[..., None], 0))
 
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])

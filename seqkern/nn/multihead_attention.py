@@ -57,7 +57,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         [N, 1 or num_heads, L, S] (a bool key_padding_mask never is).
       * Dropout draws from seqkern's counter-based generator (seeded from torch's), so the
         dropped entries differ from torch's for the same seed.
-      * NestedTensor inputs are not supported (torch takes them on its inference fast path).
+      * NestedTensor inputs (self-attention, batch_first, no masks, as torch's inference
+        fast path takes them) run padded; returned weights, if asked for, are padded.
       * Inside nn.TransformerEncoderLayer the layer's fused inference path is turned off (by
         a no-op forward pre-hook) so that this module's kernels run.
 
@@ -74,8 +75,8 @@ class MultiheadAttention(nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
         if query.is_nested or key.is_nested or value.is_nested:
-            raise AssertionError("seqkern.nn.MultiheadAttention does not support NestedTensor "
-                                 "inputs; pass padded tensors and a key_padding_mask")
+            return self._forward_nested(query, key, value, key_padding_mask, need_weights,
+                                        attn_mask, average_attn_weights)
         _check_mask_dtype(key_padding_mask, "key_padding_mask")
         _check_mask_dtype(attn_mask, "attn_mask")
         if (key_padding_mask is not None and attn_mask is not None
@@ -142,6 +143,25 @@ class MultiheadAttention(nn.MultiheadAttention):
         return out, weights
 
     # ------------------------------------------------------------------------- pieces
+
+    def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                        average_attn_weights):
+        """NestedTensor self-attention, where torch's inference fast path takes it (as
+        nn.TransformerEncoder hands it in): run padded with a key padding mask, return a
+        NestedTensor. Weights (need_weights=True) come back padded, [N, (H,) L, L]."""
+        if not (query is key and key is value and self.batch_first
+                and key_padding_mask is None and attn_mask is None):
+            raise AssertionError(
+                "MultiheadAttention takes NestedTensor inputs only for self-attention "
+                "(query is key is value) with batch_first=True and no masks, as torch's "
+                "fast path does; pass padded tensors and a key_padding_mask instead")
+        lengths = torch.tensor([t.shape[0] for t in query.unbind()], device=query.device)
+        padded = query.to_padded_tensor(0.0)
+        padding = torch.arange(padded.shape[1], device=query.device)[None, :] >= lengths[:, None]
+        out, weights = self.forward(padded, padded, padded, key_padding_mask=padding,
+                                    need_weights=need_weights,
+                                    average_attn_weights=average_attn_weights)
+        return torch._nested_tensor_from_mask(out, ~padding, mask_check=False), weights
 
     def _check_inputs(self, query, key, value, N, S, seq_dim, batch_dim):
         if query.shape[-1] != self.embed_dim:
@@ -249,8 +269,7 @@ def swap_modules(model):
     Each module keeps its parameters (the same Parameter objects, so an optimizer built
     before still updates them), device, dtype, training mode and hooks: only its class
     changes. Subclasses of nn.MultiheadAttention other than seqkern's are left alone (they
-    may override forward). nn.TransformerEncoders holding a swapped module stop converting
-    their input to NestedTensors, which seqkern's module does not take. Returns model.
+    may override forward). Returns model.
 
     Example:
       >>> model = seqkern.swap_modules(nn.Transformer(512, 8))
@@ -259,8 +278,4 @@ def swap_modules(model):
         if type(module) is nn.MultiheadAttention:
             module.__class__ = MultiheadAttention
             module.register_forward_pre_hook(_disable_layer_fast_path)
-    for module in model.modules():
-        if isinstance(module, nn.TransformerEncoder) and any(
-                isinstance(m, MultiheadAttention) for m in module.modules()):
-            module.use_nested_tensor = False
     return model
