@@ -175,6 +175,7 @@ def test_init_registration_and_state_dict_round_trip():
         torch.manual_seed(1)
         ours = seqkern.nn.MultiheadAttention(8, 2, **options)
         assert isinstance(ours, nn.MultiheadAttention)
+        assert seqkern.MultiheadAttention is seqkern.nn.MultiheadAttention
         assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
         sd_ref, sd_ours = ref.state_dict(), ours.state_dict()
         assert list(sd_ref) == list(sd_ours)
