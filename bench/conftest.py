@@ -54,8 +54,9 @@ def pytest_sessionfinish(session, exitstatus):
         for name, row in providers.items():
             ratio = (peer["median_ms"] / row["median_ms"]) if peer and row is not peer else None
             tf = f"{row['tflops']:.3f}" if row["tflops"] is not None else "-"
+            peak = f"  peak {row['peak_mb']:.0f} MB" if "peak_mb" in row else ""
             lines.append(f"{case:58s} {name:16s} {row['median_ms']:9.2f} {tf:>8s} "
-                         f"{'' if ratio is None else f'{ratio:6.2f}'}")
+                         f"{'' if ratio is None else f'{ratio:6.2f}'}{peak}")
     text = "\n".join(lines)
     print(text)
     out_dir = os.path.join(os.path.dirname(__file__), "results")

@@ -35,6 +35,10 @@ TORCH_LIBRARY(seqkern_C, m) {
       "attention_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
       "Tensor lse, Tensor? attn_mask, Tensor? key_padding_mask, float dropout_p, "
       "bool is_causal, float scale, Tensor? seed_offset) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_weights(Tensor query, Tensor key, Tensor lse, Tensor? attn_mask, "
+      "Tensor? key_padding_mask, bool is_causal, float scale, float dropout_p, "
+      "Tensor? seed_offset, bool average_heads) -> Tensor");
   // One recurrent layer, one direction, whole sequence (csrc/cpu/rnn_layer.cpp). mode: LSTM,
   // GRU, RNN_TANH, RNN_RELU. input [T, B, I], or packed data [N, I] with batch_sizes [T].
   // Returns (output [T, B, H] or [N, H], h_n [B, H], c_n [B, H] (LSTM; else empty),

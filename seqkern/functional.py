@@ -135,3 +135,43 @@ def attention_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
         seed_offset = None
     return torch.ops.seqkern.attention_fwd(query, key, value, attn_mask, key_padding_mask,
                                            dropout_p, bool(is_causal), scale, seed_offset)
+
+
+def attention_weights(query, key, lse, attn_mask=None, dropout_p=0.0, is_causal=False,
+                      scale=None, *, key_padding_mask=None, seed_offset=None,
+                      average_heads=True):
+    """The attention probabilities of attention_with_lse, rebuilt from its lse in one pass.
+
+    Args:
+      query [B, Hq, L, D], key [B, Hkv, S, D]: as given to attention_with_lse.
+      lse: its [B, Hq, L] log-sum-exp. attn_mask, dropout_p, is_causal, scale,
+        key_padding_mask, seed_offset: the same as the forward's, so the weights returned
+        are exactly those that multiplied value (after dropout, when dropout_p > 0).
+      average_heads: the mean over heads [B, L, S] (else [B, Hq, L, S]).
+
+    Returns:
+      weights in query's dtype; 0 on rows with no visible key. Differentiable (through
+      seqkern.reference, which materialises [B, Hq, L, S]: slow, and rarely wanted).
+
+    Example:
+      >>> out, lse = seqkern.functional.attention_with_lse(q, k, v, key_padding_mask=kpm)
+      >>> w = seqkern.functional.attention_weights(q, k, lse, key_padding_mask=kpm)
+    """
+    _check_attention_inputs(query, key, key, attn_mask, dropout_p, True, key_padding_mask)
+    B, Hq, L, D = query.shape
+    S = key.shape[2]
+    if tuple(lse.shape) != (B, Hq, L):
+        raise ValueError(f"{_describe('lse', lse)}: expected the forward's [B, Hq, L] = "
+                         f"{[B, Hq, L]}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(B, Hq, L, S)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0 and seed_offset is None:
+        raise ValueError("dropout_p > 0 needs the forward's seed_offset, or the weights "
+                         "would not be the ones it used")
+    if dropout_p == 0.0:
+        seed_offset = None
+    return torch.ops.seqkern.attention_weights(query, key, lse, attn_mask, key_padding_mask,
+                                               bool(is_causal), scale, dropout_p,
+                                               seed_offset, bool(average_heads))

@@ -8,6 +8,11 @@ TEST_DEVICE = os.environ.get("SEQKERN_TEST_DEVICE", "cpu")
 if TEST_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Inductor's on-disk caches (/tmp/torchinductor_$USER, shared by every checkout on a machine)
+# key compiled graphs without the custom ops' fake implementations: a graph compiled against
+# an older fake (other output strides) is reused and fails. Tests compile from scratch.
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -52,6 +52,17 @@ void run_bwd(const AttentionProblem<scalar_t>& p, View4<scalar_t> grad_out, View
   DEFAULT::attention_bwd_kernel<scalar_t>(p, grad_out, out, lse, dq, dk, dv);
 }
 
+template <typename scalar_t>
+void run_weights(const AttentionProblem<scalar_t>& p, const acc_type_t<scalar_t>* lse,
+                 bool average_heads, scalar_t* weights) {
+#if defined(__x86_64__)
+  const std::string cap = kernel_capability();
+  if (cap == "AVX512") return AVX512::attention_weights_kernel<scalar_t>(p, lse, average_heads, weights);
+  if (cap == "AVX2") return AVX2::attention_weights_kernel<scalar_t>(p, lse, average_heads, weights);
+#endif
+  DEFAULT::attention_weights_kernel<scalar_t>(p, lse, average_heads, weights);
+}
+
 // SEQKERN_POISON_OUTPUTS=1 fills new outputs with NaN before the kernel runs (tests).
 bool poison_outputs() {
   const char* v = std::getenv("SEQKERN_POISON_OUTPUTS");
@@ -60,6 +71,14 @@ bool poison_outputs() {
 
 at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
   return poison_outputs() ? at::full(shape, NAN, options) : at::empty(shape, options);
+}
+
+// [B, H, T, D] laid out as a dense [B, T, H, D] ("heads inner", seqkern/ops/attention.py):
+// the layout of a projection split into heads, so MultiheadAttention merges heads without
+// a copy.
+at::Tensor new_heads_inner(int64_t B, int64_t H, int64_t T, int64_t D,
+                           const at::TensorOptions& options) {
+  return new_output({B, T, H, D}, options).transpose(1, 2);
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -139,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, bool is_causal, double scale, const std::optional<at::Tensor>& seed_offset) {
   check_inputs(q, k, v, attn_mask, key_padding_mask);
-  at::Tensor out = new_output({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  at::Tensor out = new_heads_inner(q.size(0), q.size(1), q.size(2), v.size(3), q.options());
   at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)},
                               q.options().dtype(lse_dtype(q.scalar_type())));
   if (q.numel() == 0 || out.numel() == 0) return {out.zero_(), lse.fill_(-INFINITY)};
@@ -165,9 +184,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   TORCH_CHECK(lse.scalar_type() == lse_dtype(q.scalar_type()) && lse.dim() == 3,
               "lse must be the forward's [B, Hq, L] log-sum-exp");
   const at::Tensor lse_c = lse.contiguous();
-  at::Tensor dq = new_output(q.sizes(), q.options());
-  at::Tensor dk = new_output(k.sizes(), k.options());
-  at::Tensor dv = new_output(v.sizes(), v.options());
+  at::Tensor dq = new_heads_inner(q.size(0), q.size(1), q.size(2), q.size(3), q.options());
+  at::Tensor dk = new_heads_inner(k.size(0), k.size(1), k.size(2), k.size(3), k.options());
+  at::Tensor dv = new_heads_inner(v.size(0), v.size(1), v.size(2), v.size(3), v.options());
   if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0)
     return {dq.zero_(), dk.zero_(), dv.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
@@ -181,6 +200,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   return {dq, dk, dv};
 }
 
+at::Tensor attention_weights_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                                 const std::optional<at::Tensor>& attn_mask,
+                                 const std::optional<at::Tensor>& key_padding_mask, bool is_causal,
+                                 double scale, double dropout_p,
+                                 const std::optional<at::Tensor>& seed_offset, bool average_heads) {
+  check_inputs(q, k, k, attn_mask, key_padding_mask);
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(q.scalar_type()) && lse.dim() == 3 &&
+                  lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+              "lse must be the forward's [B, Hq, L] log-sum-exp");
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor weights = average_heads
+                           ? new_output({q.size(0), q.size(2), k.size(2)}, q.options())
+                           : new_output({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options());
+  if (weights.numel() == 0) return weights;
+  if (q.size(1) == 0) return weights.zero_();  // no heads to average
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_weights", [&] {
+    auto p = make_problem<scalar_t>(q, k, k, attn_mask, key_padding_mask, dropout_p, is_causal,
+                                    scale, seed_offset);
+    run_weights<scalar_t>(p, lse_c.data_ptr<acc_type_t<scalar_t>>(), average_heads,
+                          weights.data_ptr<scalar_t>());
+  });
+  return weights;
+}
+
 }  // namespace
 }  // namespace seqkern::cpu
 
@@ -191,4 +234,5 @@ TORCH_LIBRARY_FRAGMENT(seqkern_C, m) {
 TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
   m.impl("attention_fwd", &seqkern::cpu::attention_fwd_cpu);
   m.impl("attention_bwd", &seqkern::cpu::attention_bwd_cpu);
+  m.impl("attention_weights", &seqkern::cpu::attention_weights_cpu);
 }

@@ -141,19 +141,21 @@ void attention_bwd_kernel(const AttentionProblem<scalar_t>& p, View4<scalar_t> g
           }
         }
         for (int64_t n = 0; n < cols; ++n) {
-          scalar_t* dk_row = dk + ((b * p.Hkv + hk) * p.S + n0 + n) * D;
-          scalar_t* dv_row = dv + ((b * p.Hkv + hk) * p.S + n0 + n) * Dv;
+          // dk, dv: [B, S, Hkv, D] in memory
+          scalar_t* dk_row = dk + ((b * p.S + n0 + n) * p.Hkv + hk) * D;
+          scalar_t* dv_row = dv + ((b * p.S + n0 + n) * p.Hkv + hk) * Dv;
           for (int64_t d = 0; d < D; ++d)
             dk_row[d] = static_cast<scalar_t>(dk_acc[n * D + d]);
           for (int64_t d = 0; d < Dv; ++d) dv_row[d] = static_cast<scalar_t>(dv_acc[n * Dv + d]);
         }
       }
       for (int64_t g = 0; g < G; ++g) {
-        scalar_t* dq_head = dq + (b * p.Hq + hk * G + g) * L * D;
+        // dq: [B, L, Hq, D] in memory
+        scalar_t* dq_head = dq + (b * L * p.Hq + hk * G + g) * D;
         const acc_t* acc = &dq_t[g * D * L];
         for (int64_t i = 0; i < L; ++i)
           for (int64_t d = 0; d < D; ++d)
-            dq_head[i * D + d] = static_cast<scalar_t>(acc[d * L + i] * scale);
+            dq_head[i * p.Hq * D + d] = static_cast<scalar_t>(acc[d * L + i] * scale);
       }
     }
   });

@@ -103,7 +103,7 @@ void attention_fwd_kernel(const AttentionProblem<scalar_t>& p, scalar_t* out,
         const int64_t row = (b * p.Hq + h) * p.L + i0 + r;
         const bool empty = row_sum[r] == acc_t(0);
         const acc_t inv = empty ? acc_t(0) : acc_t(1) / row_sum[r];
-        scalar_t* o = out + row * p.Dv;
+        scalar_t* o = out + ((b * p.L + i0 + r) * p.Hq + h) * p.Dv;  // [B, L, Hq, Dv] memory
         const acc_t* a = acc.data() + r * p.Dv;
         for (int64_t d = 0; d < p.Dv; ++d) o[d] = static_cast<scalar_t>(a[d] * inv);
         lse[row] = empty ? kNegInf : row_max_seen[r] + std::log(row_sum[r]);

@@ -37,6 +37,13 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
         is_causal, scale, seed_offset)
 
 
+def attention_weights(query, key, lse, attn_mask, key_padding_mask, is_causal, scale,
+                      dropout_p, seed_offset, average_heads):
+    return torch.ops.seqkern_C.attention_weights(
+        query, key, lse, attn_mask, key_padding_mask, is_causal, scale, dropout_p,
+        seed_offset, average_heads)
+
+
 def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
                   need_workspace):
     return torch.ops.seqkern_C.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh,

@@ -34,7 +34,7 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
     keep = _keep_mask(query, key, dropout_p, seed_offset)
     out, lse = reference.attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                    key_padding_mask, keep)
-    return out, lse.to(_lse_dtype(query.dtype))
+    return _heads_inner(out), lse.to(_lse_dtype(query.dtype))
 
 
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
@@ -44,7 +44,22 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
         q, k, v = (t.detach().requires_grad_(True) for t in (query, key, value))
         ref_out, _ = reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
                                          key_padding_mask, keep)
-        return torch.autograd.grad(ref_out, (q, k, v), grad_out)
+        grads = torch.autograd.grad(ref_out, (q, k, v), grad_out)
+    return tuple(_heads_inner(g) for g in grads)  # the layout the op's fake promises
+
+
+def attention_weights(query, key, lse, attn_mask, key_padding_mask, is_causal, scale,
+                      dropout_p, seed_offset, average_heads):
+    keep = _keep_mask(query, key, dropout_p, seed_offset)
+    return reference.attention_weights(query, key, lse, attn_mask, is_causal, scale,
+                                       key_padding_mask, keep, dropout_p, average_heads)
+
+
+def _heads_inner(tensor):
+    """tensor [B, H, T, D] copied into the layout of the op's outputs (seqkern/ops/attention.py):
+    a dense [B, T, H, D], transposed."""
+    B, H, T, D = tensor.shape
+    return tensor.new_empty((B, T, H, D)).transpose(1, 2).copy_(tensor)
 
 
 def _keep_mask(query, key, dropout_p, seed_offset):

@@ -51,17 +51,8 @@ def not_supported_reasons(op, inputs):
     return check(inputs)
 
 
-def attention_fwd(*args):
-    return _kernels.attention_fwd(*args)
-
-
-def attention_bwd(*args):
-    return _kernels.attention_bwd(*args)
-
-
-def rnn_layer_fwd(*args):
-    return _kernels.rnn_layer_fwd(*args)
-
-
-def rnn_layer_bwd(*args):
-    return _kernels.rnn_layer_bwd(*args)
+def __getattr__(name):
+    """The op entry points (attention_fwd, rnn_layer_bwd, ...) are seqkern.kernels' own."""
+    if not name.startswith("_") and _load() is not None and hasattr(_kernels, name):
+        return getattr(_kernels, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

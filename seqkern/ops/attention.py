@@ -1,17 +1,25 @@
-"""seqkern::attention_fwd / seqkern::attention_bwd: schemas, fakes and autograd.
+"""seqkern::attention_fwd / attention_bwd / attention_weights: schemas, fakes and autograd.
 
 The op bodies ask the dispatcher (seqkern.backends) for a backend and run it. Shapes:
 query [B, Hq, L, D], key [B, Hkv, S, D], value [B, Hkv, S, Dv]; attn_mask already
 broadcast (as a stride-0 view) to [B, Hq, L, S] or None; key_padding_mask [B, S] bool
 or None; seed_offset int64 [2] on the CPU (dropout's counter-based RNG) or None.
 Outputs: out [B, Hq, L, Dv] (query's dtype), lse [B, Hq, L] (fp32; fp64 for fp64 inputs).
+out and the gradients dq, dk, dv are laid out "heads inner", as dense [B, T, H, D] tensors
+transposed to [B, H, T, D], by every backend: the layout of a projection split into heads, so that
+MultiheadAttention merges the heads of out, and autograd those of dq, dk, dv, without
+copies.
+attention_weights turns the forward's lse back into the probabilities ([B, Hq, L, S], or
+[B, L, S] averaged over heads) in one more pass over q.k. Its backward (rarely wanted:
+torch's layers never backpropagate through the weights) runs seqkern.reference on every
+backend, materialising [B, Hq, L, S].
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from seqkern import backends
+from seqkern import backends, reference
 
 
 def _inputs(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal):
@@ -38,7 +46,7 @@ def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
 def _attention_fwd_fake(query, key, value, attn_mask, key_padding_mask, dropout_p,
                         is_causal, scale, seed_offset):
     B, H, L, _ = query.shape
-    out = query.new_empty((B, H, L, value.shape[-1]))
+    out = query.new_empty((B, L, H, value.shape[-1])).transpose(1, 2)
     lse = query.new_empty((B, H, L), dtype=_lse_dtype(query.dtype))
     return out, lse
 
@@ -58,7 +66,10 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
 @attention_bwd.register_fake
 def _attention_bwd_fake(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
                         dropout_p, is_causal, scale, seed_offset):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    # The layout every backend returns (empty_like would copy the strides of a packed
+    # projection view, and compiled graphs would then view the real result wrongly).
+    return tuple(t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).transpose(1, 2)
+                 for t in (query, key, value))
 
 
 def _setup_context(ctx, inputs, output):
@@ -81,6 +92,52 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("seqkern::attention_weights", mutates_args=())
+def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Optional[Tensor],
+                      key_padding_mask: Optional[Tensor], is_causal: bool, scale: float,
+                      dropout_p: float, seed_offset: Optional[Tensor],
+                      average_heads: bool) -> Tensor:
+    impl = backends.select("attention_weights", _inputs(query, key, key, attn_mask,
+                                                        key_padding_mask, dropout_p,
+                                                        is_causal))
+    return impl.attention_weights(query, key, lse, attn_mask, key_padding_mask, is_causal,
+                                  scale, dropout_p, seed_offset, average_heads)
+
+
+@attention_weights.register_fake
+def _attention_weights_fake(query, key, lse, attn_mask, key_padding_mask, is_causal, scale,
+                            dropout_p, seed_offset, average_heads):
+    B, H, L, _ = query.shape
+    shape = (B, L, key.shape[2]) if average_heads else (B, H, L, key.shape[2])
+    return query.new_empty(shape)
+
+
+def _weights_setup_context(ctx, inputs, output):
+    (query, key, lse, attn_mask, key_padding_mask, is_causal, scale, dropout_p, seed_offset,
+     average_heads) = inputs
+    ctx.save_for_backward(query, key, attn_mask, key_padding_mask, seed_offset)
+    ctx.args = (is_causal, scale, dropout_p, average_heads)
+
+
+def _weights_backward(ctx, grad_weights):
+    query, key, attn_mask, key_padding_mask, seed_offset = ctx.saved_tensors
+    is_causal, scale, dropout_p, average_heads = ctx.args
+    keep = None
+    if dropout_p > 0.0:
+        B, H, L, _ = query.shape
+        keep = reference.dropout_keep_mask(seed_offset, B, H, L, key.shape[2], dropout_p,
+                                           query.device)
+    # Plain torch ops (traceable by torch.compile). lse is the forward's, itself a function
+    # of q and k: the reference differentiates the softmax whole, so lse gets no gradient.
+    dq, dk = reference.attention_weights_backward(
+        grad_weights, query, key, attn_mask, is_causal, scale, key_padding_mask, keep,
+        dropout_p, average_heads)
+    return dq, dk, None, None, None, None, None, None, None, None
+
+
+attention_weights.register_autograd(_weights_backward, setup_context=_weights_setup_context)
 
 
 def draw_dropout_seed(generator=None):

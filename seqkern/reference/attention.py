@@ -85,3 +85,56 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if Hkv != Hq:
         value = value.repeat_interleave(Hq // Hkv, dim=1)
     return torch.matmul(probs, value), lse
+
+
+def attention_weights(query, key, lse, attn_mask=None, is_causal=False, scale=None,
+                      key_padding_mask=None, keep_mask=None, dropout_p=0.0,
+                      average_heads=True):
+    """The attention probabilities behind attention()'s output, from its lse.
+
+    Returns exp(scores - lse) ([B, Hq, L, S], or averaged over heads to [B, L, S]) in
+    query's dtype, computed in lse's dtype; times keep_mask / (1 - dropout_p) when
+    dropout_p > 0 (the weights that multiplied value). Rows with lse = -inf are 0.
+    """
+    acc = lse.dtype
+    mask = attn_mask.to(acc) if attn_mask is not None and attn_mask.is_floating_point() \
+        else attn_mask
+    scores = attention_scores(query.to(acc), key.to(acc), mask, is_causal, scale,
+                              key_padding_mask)
+    # exp(-inf - inf) = 0 for a row with no visible key, instead of exp(-inf + inf) = NaN.
+    shift = torch.where(torch.isneginf(lse), float("inf"), lse)
+    probs = torch.exp(scores - shift[..., None])
+    if keep_mask is not None and dropout_p > 0.0:
+        probs = probs * keep_mask / (1.0 - dropout_p)
+    if average_heads:
+        probs = probs.mean(dim=1)
+    return probs.to(query.dtype)
+
+
+def attention_weights_backward(grad_weights, query, key, attn_mask=None, is_causal=False,
+                               scale=None, key_padding_mask=None, keep_mask=None,
+                               dropout_p=0.0, average_heads=True):
+    """(dq, dk) of attention_weights, through the softmax (the lse moves with q and k)."""
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    B, Hq, L, D = query.shape
+    Hkv = key.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    q, k = query.to(acc), key.to(acc)
+    mask = attn_mask.to(acc) if attn_mask is not None and attn_mask.is_floating_point() \
+        else attn_mask
+    scores = attention_scores(q, k, mask, is_causal, scale, key_padding_mask)
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    lse = torch.logsumexp(torch.where(empty, 0.0, scores), dim=-1, keepdim=True)
+    probs = torch.where(empty, 0.0, torch.exp(scores - lse))
+    grad = grad_weights.to(acc)
+    grad = grad[:, None] / Hq if average_heads else grad
+    if keep_mask is not None and dropout_p > 0.0:
+        grad = grad * keep_mask / (1.0 - dropout_p)
+    dscores = probs * (grad - (grad * probs).sum(dim=-1, keepdim=True)) * scale
+    if Hkv != Hq:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+    dq = torch.matmul(dscores, k)
+    dk = torch.matmul(dscores.transpose(-1, -2), q)
+    if Hkv != Hq:
+        dk = dk.view(B, Hkv, Hq // Hkv, *dk.shape[2:]).sum(dim=2)
+    return dq.to(query.dtype), dk.to(key.dtype)

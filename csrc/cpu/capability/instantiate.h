@@ -2,12 +2,15 @@
 // for every dtype inside that unit's CPU_CAPABILITY namespace.
 #include "../attention_bwd_impl.h"
 #include "../attention_fwd_impl.h"
+#include "../attention_weights_impl.h"
 
 namespace seqkern::cpu::CPU_CAPABILITY {
 #define SEQKERN_INSTANTIATE(T)                                                              \
   template void attention_fwd_kernel<T>(const AttentionProblem<T>&, T*, acc_type_t<T>*);    \
   template void attention_bwd_kernel<T>(const AttentionProblem<T>&, View4<T>, View4<T>,     \
-                                        const acc_type_t<T>*, T*, T*, T*);
+                                        const acc_type_t<T>*, T*, T*, T*);  \
+  template void attention_weights_kernel<T>(const AttentionProblem<T>&, const acc_type_t<T>*, \
+                                            bool, T*);
 SEQKERN_INSTANTIATE(float)
 SEQKERN_INSTANTIATE(double)
 SEQKERN_INSTANTIATE(at::Half)
