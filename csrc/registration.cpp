@@ -53,6 +53,13 @@ TORCH_LIBRARY(seqkern_C, m) {
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse, Tensor workspace, "
       "Tensor? grad_output, Tensor? grad_hn, Tensor? grad_cn) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Shapes and semantics: seqkern/ops/rnn_cells.py. mode: LSTM, GRU, RNN_TANH, RNN_RELU.
+  m.def(
+      "rnn_cell_fwd(str mode, Tensor input, Tensor hx, Tensor? cx, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "rnn_cell_gate_grads(str mode, Tensor grad_h, Tensor? grad_c, Tensor hx, Tensor? cx, "
+      "Tensor h, Tensor saved) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import seqkern._C` loads this library, which runs the registrations above; the module

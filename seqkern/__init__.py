@@ -5,6 +5,8 @@ without it the `triton` and `reference` backends remain (`python -m seqkern.info
 """
 from seqkern import functional, nn, ops, reference  # noqa: F401
 from seqkern.backends import BackendError, backend  # noqa: F401
-from seqkern.nn import GRU, LSTM, RNN, MultiheadAttention, swap_modules  # noqa: F401
+from seqkern.nn import (  # noqa: F401
+    GRU, LSTM, RNN, GRUCell, LSTMCell, MultiheadAttention, RNNCell, swap_modules,
+)
 
 __version__ = "0.1.0"

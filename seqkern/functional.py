@@ -4,6 +4,7 @@ import math
 import torch
 
 from seqkern.ops import attention as _attention_ops
+from seqkern.ops import rnn_cells as _cell_ops
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -175,3 +176,135 @@ def attention_weights(query, key, lse, attn_mask=None, dropout_p=0.0, is_causal=
     return torch.ops.seqkern.attention_weights(query, key, lse, attn_mask, key_padding_mask,
                                                bool(is_causal), scale, dropout_p,
                                                seed_offset, bool(average_heads))
+
+
+# ----------------------------------------------------------------------- recurrent cells
+
+def _check_cell_tensor(fn, name, t, dtype=None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"seqkern {fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise RuntimeError(f"seqkern {fn}: {_describe(name, t)}: expected fp16, bf16, fp32 "
+                           "or fp64")
+    if dtype is not None and t.dtype != dtype:
+        raise RuntimeError(f"seqkern {fn}: {_describe(name, t)} must have the input's dtype "
+                           f"{dtype}")
+    if device is not None and t.device != device:
+        raise RuntimeError(f"seqkern {fn}: {_describe(name, t)} must be on the input's "
+                           f"device {device}")
+
+
+def _cell(fn, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    """Validates like torch's _VF cells (same exception types and messages where torch
+    has one), handles 1-D input and missing states, then runs seqkern::rnn_cell_fwd."""
+    _check_cell_tensor(fn, "input", input)
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{fn}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    dtype, device = input.dtype, input.device
+    for name, t in (("w_ih", w_ih), ("w_hh", w_hh)):
+        _check_cell_tensor(fn, name, t, dtype, device)
+        if t.dim() != 2:
+            raise RuntimeError(f"seqkern {fn}: {_describe(name, t)}: expected a 2-D weight")
+    gates = _cell_ops.GATES[mode]
+    H = w_hh.shape[1]
+    if w_hh.shape[0] != gates * H or w_ih.shape[0] != gates * H:
+        raise RuntimeError(f"seqkern {fn}: expected w_ih [{gates}*H, I] and w_hh "
+                           f"[{gates}*H, H], got {_describe('w_ih', w_ih)}, "
+                           f"{_describe('w_hh', w_hh)}")
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError(f"seqkern {fn}: b_ih and b_hh must both be given or both be None")
+    for name, t in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if t is not None:
+            _check_cell_tensor(fn, name, t, dtype, device)
+            if tuple(t.shape) != (gates * H,):
+                raise RuntimeError(f"seqkern {fn}: {_describe(name, t)}: expected shape "
+                                   f"[{gates * H}]")
+    batched = input.dim() == 2
+    x = input if batched else input.unsqueeze(0)
+    states = []
+    for idx, s in enumerate((hx, cx) if mode == "LSTM" else (hx,)):
+        if s is None:
+            s = torch.zeros(x.shape[0], H, dtype=dtype, device=device)
+        else:
+            _check_cell_tensor(fn, f"hidden{idx}", s, dtype, device)
+            s = s if batched else s.unsqueeze(0)
+        states.append(s)
+    if x.shape[1] != w_ih.shape[1]:
+        raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected "
+                           f"{w_ih.shape[1]}")
+    for idx, s in enumerate(states):
+        if s.dim() < 2 or s.shape[0] != x.shape[0]:
+            raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match hidden{idx} "
+                               f"batch size {s.shape[0] if s.dim() else 0}")
+        if s.shape[1] != H:
+            raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {s.shape[1]}, "
+                               f"expected {H}")
+        if s.dim() != 2:
+            raise RuntimeError(f"seqkern {fn}: hidden{idx} of shape {tuple(s.shape)} must be "
+                               f"{'2-D' if batched else '1-D'} like the input")
+    h, c, _ = torch.ops.seqkern.rnn_cell_fwd(mode, x, states[0],
+                                             states[1] if mode == "LSTM" else None,
+                                             w_ih, w_hh, b_ih, b_hh)
+    if not batched:
+        h, c = h.squeeze(0), c.squeeze(0)
+    return (h, c) if mode == "LSTM" else h
+
+
+def lstm_cell(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One fused LSTM step, like torch's LSTMCell (gate order i, f, g, o).
+
+    Args:
+      input: [B, I] or unbatched [I]. fp16, bf16, fp32 (every backend) or fp64 (cpu,
+        reference); any strides.
+      hx, cx: [B, H] ([H] unbatched) or None for zeros.
+      w_ih: [4H, I]; w_hh: [4H, H]; b_ih, b_hh: [4H], both or neither.
+
+    Returns:
+      (h' [B, H], c' [B, H]), differentiable in every input (double backward through the
+      reference cell).
+
+    Example:
+      >>> x, h, c = torch.randn(16, 64), torch.zeros(16, 128), torch.zeros(16, 128)
+      >>> w_ih, w_hh = torch.randn(512, 64), torch.randn(512, 128)
+      >>> h, c = seqkern.functional.lstm_cell(x, h, c, w_ih, w_hh)
+    """
+    return _cell("LSTMCell", "LSTM", input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One fused GRU step, like torch's GRUCell (gates r, z, n; b_hn inside r * (...)).
+
+    Args:
+      input: [B, I] or [I]; hx: [B, H] or [H] or None for zeros.
+      w_ih: [3H, I]; w_hh: [3H, H]; b_ih, b_hh: [3H], both or neither.
+
+    Returns:
+      h' [B, H] ([H] unbatched).
+
+    Example:
+      >>> h = seqkern.functional.gru_cell(torch.randn(8, 32), None, torch.randn(96, 32),
+      ...                                 torch.randn(96, 32))
+    """
+    return _cell("GRUCell", "GRU", input, hx, None, w_ih, w_hh, b_ih, b_hh)
+
+
+def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
+    """One fused Elman RNN step: h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh).
+
+    Args:
+      input: [B, I] or [I]; hx: [B, H] or [H] or None for zeros.
+      w_ih: [H, I]; w_hh: [H, H]; b_ih, b_hh: [H], both or neither.
+      nonlinearity: "tanh" or "relu" (anything else raises RuntimeError, as torch's
+        RNNCell does at forward time).
+
+    Returns:
+      h' [B, H] ([H] unbatched).
+
+    Example:
+      >>> h = seqkern.functional.rnn_cell(torch.randn(8, 32), None, torch.randn(64, 32),
+      ...                                 torch.randn(64, 64), nonlinearity="relu")
+    """
+    if nonlinearity not in ("tanh", "relu"):
+        raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
+    mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+    return _cell("RNNCell", mode, input, hx, None, w_ih, w_hh, b_ih, b_hh)

@@ -55,3 +55,11 @@ def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
     return torch.ops.seqkern_C.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh,
                                              b_ih, b_hh, reverse, workspace, grad_output,
                                              grad_hn, grad_cn)
+
+
+def rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    return torch.ops.seqkern_C.rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+def rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h, saved):
+    return torch.ops.seqkern_C.rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h, saved)

@@ -94,3 +94,54 @@ def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
                                 reverse, grad_output, grad_hn, grad_cn)
     # Outputs of a custom op may not alias each other: a fresh empty tensor for each absent one.
     return [g if g is not None else h0.new_empty((0,)) for g in grads]
+
+
+def rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    """The cell in plain torch ops, keeping what rnn_cell_gate_grads needs (ops/rnn_cells.py)."""
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x, h_prev = input.to(acc), hx.to(acc)
+    gi = torch.nn.functional.linear(x, w_ih.to(acc), None if b_ih is None else b_ih.to(acc))
+    gh = torch.nn.functional.linear(h_prev, w_hh.to(acc), None if b_hh is None else b_hh.to(acc))
+    empty = input.new_empty((0, 0))
+    if mode == "LSTM":
+        i, f, g, o = (gi + gh).chunk(4, dim=1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+        c = f * cx.to(acc) + i * g
+        tanh_c = c.tanh()
+        return ((o * tanh_c).to(input.dtype), c.to(input.dtype),
+                torch.cat([i, f, g, o, tanh_c], dim=1))
+    if mode == "GRU":
+        gi_r, gi_z, gi_n = gi.chunk(3, dim=1)
+        gh_r, gh_z, gh_n = gh.chunk(3, dim=1)
+        r, z = (gi_r + gh_r).sigmoid(), (gi_z + gh_z).sigmoid()
+        n = (gi_n + r * gh_n).tanh()
+        h = (1 - z) * n + z * h_prev
+        return h.to(input.dtype), empty, torch.cat([r, z, n, gh_n], dim=1)
+    pre = gi + gh
+    h = pre.tanh() if mode == "RNN_TANH" else pre.relu()
+    return h.to(input.dtype), empty, input.new_empty((input.shape[0], 0), dtype=acc)
+
+
+def rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h, saved):
+    """Gradients of the gate pre-activations (see seqkern/ops/rnn_cells.py for the layout)."""
+    dtype, acc = hx.dtype, saved.dtype
+    dh = grad_h.to(acc)
+    empty = hx.new_empty((0, 0))
+    if mode == "LSTM":
+        i, f, g, o, tanh_c = saved.chunk(5, dim=1)
+        dc = dh * o * (1 - tanh_c * tanh_c)
+        if grad_c is not None:
+            dc = dc + grad_c.to(acc)
+        d_gates = torch.cat([dc * g * i * (1 - i), dc * cx.to(acc) * f * (1 - f),
+                             dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], dim=1)
+        return d_gates.to(dtype), empty, empty, (dc * f).to(dtype)
+    if mode == "GRU":
+        r, z, n, gh_n = saved.chunk(4, dim=1)
+        dn = dh * (1 - z) * (1 - n * n)
+        dz = dh * (hx.to(acc) - n) * z * (1 - z)
+        dr = dn * gh_n * r * (1 - r)
+        return (torch.cat([dr, dz, dn], dim=1).to(dtype),
+                torch.cat([dr, dz, dn * r], dim=1).to(dtype), (dh * z).to(dtype), empty)
+    y = h.to(acc)
+    d_pre = dh * (1 - y * y) if mode == "RNN_TANH" else dh * (y > 0).to(acc)
+    return d_pre.to(dtype), empty, empty, empty

@@ -1,8 +1,9 @@
-// Included last by each capability translation unit: instantiates the attention and RNN kernels
-// for every dtype inside that unit's CPU_CAPABILITY namespace.
+// Included last by each capability translation unit: instantiates the attention, RNN layer
+// and recurrent-cell kernels for every dtype inside that unit's CPU_CAPABILITY namespace.
 #include "../attention_bwd_impl.h"
 #include "../attention_fwd_impl.h"
 #include "../attention_weights_impl.h"
+#include "../rnn_cell_impl.h"
 
 namespace seqkern::cpu::CPU_CAPABILITY {
 #define SEQKERN_INSTANTIATE(T)                                                              \
@@ -10,7 +11,11 @@ namespace seqkern::cpu::CPU_CAPABILITY {
   template void attention_bwd_kernel<T>(const AttentionProblem<T>&, View4<T>, View4<T>,     \
                                         const acc_type_t<T>*, T*, T*, T*);  \
   template void attention_weights_kernel<T>(const AttentionProblem<T>&, const acc_type_t<T>*, \
-                                            bool, T*);
+                                            bool, T*);  \
+  template void rnn_cell_fwd_kernel<T>(const CellProblem<T>&, T*, T*, cell_acc_t<T>*);      \
+  template void rnn_cell_gate_grads_kernel<T>(CellMode, int64_t, int64_t, const T*, const T*, \
+                                              const T*, const T*, const T*,                 \
+                                              const cell_acc_t<T>*, T*, T*, T*, T*);
 SEQKERN_INSTANTIATE(float)
 SEQKERN_INSTANTIATE(double)
 SEQKERN_INSTANTIATE(at::Half)

@@ -1,0 +1,206 @@
+// CPU recurrent-cell step: one fused pass per tile of hidden units.
+//
+// The gate products run transposed, gates^T [G*H, B] = W [G*H, K] . [x | h]^T [K, B]: the
+// weights then feed brgemm exactly as torch stores them (row-major [G*H, K], no packing,
+// no copy for fp32), and only the small [B, I + H] operand is transposed, once per call.
+// A task owns a tile of hidden units and computes all G gates of it, so the pointwise
+// epilogue (activations, new state, saved gates) runs on a tile that is still in L1/L2.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "attention_common.h"
+#include "rnn_cell_kernels.h"
+
+namespace seqkern::cpu {
+namespace CPU_CAPABILITY {
+
+constexpr int64_t kCellTileH = 32;  // hidden units per task (each with all its gates)
+
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> vec_sigmoid(const at::vec::Vectorized<acc_t>& x) {
+  const at::vec::Vectorized<acc_t> one(acc_t(1));
+  return one / (one + x.neg().exp());
+}
+
+// dst[r * B + b] = src[b, r] for r < cols: the [B, cols] slice as [cols, B] in acc_t.
+template <typename scalar_t, typename acc_t>
+void load_transposed(View2<scalar_t> src, int64_t B, int64_t cols, acc_t* dst) {
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* s = src.row(b);
+    for (int64_t c = 0; c < cols; ++c) dst[c * B + b] = static_cast<acc_t>(s[c * src.s1]);
+  }
+}
+
+// out[rows, B] += w[r0 : r0 + rows, :K] . operand_t[K, B]. fp32/fp64 weights with unit
+// column stride are read in place; others are converted into w_scratch first.
+template <typename scalar_t, typename acc_t>
+void accumulate_gate_rows(View2<scalar_t> w, int64_t r0, int64_t rows, int64_t K,
+                          const acc_t* operand_t, int64_t B, acc_t* out, acc_t* w_scratch) {
+  if (K == 0) return;
+  const acc_t* a = nullptr;
+  int64_t lda = K;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (w.s1 == 1 && w.s0 >= K) {
+      a = w.row(r0);
+      lda = w.s0;
+    }
+  }
+  if (a == nullptr) {
+    load_tile(w.row(r0), w.s0, w.s1, rows, K, w_scratch, K, false);
+    a = w_scratch;
+  }
+  tile_gemm(rows, B, K, a, lda, operand_t, B, out, B, /*accumulate=*/true);
+}
+
+template <typename scalar_t>
+void rnn_cell_fwd_kernel(const CellProblem<scalar_t>& p, scalar_t* h_out, scalar_t* c_out,
+                         cell_acc_t<scalar_t>* saved) {
+  using acc_t = cell_acc_t<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t B = p.B, H = p.H, G = cell_gates(p.mode), S = cell_saved(p.mode);
+  const bool lstm = p.mode == CellMode::kLSTM, gru = p.mode == CellMode::kGRU;
+  std::vector<acc_t> x_t(p.I * B), h_t(H * B), c_t(lstm ? H * B : 0);
+  load_transposed(p.x, B, p.I, x_t.data());
+  load_transposed(p.hx, B, H, h_t.data());
+  if (lstm) load_transposed(p.cx, B, H, c_t.data());
+
+  const int64_t tiles = (H + kCellTileH - 1) / kCellTileH;
+  // Slots of [kCellTileH, B] pre-activations: one per gate, GRU's W_hn h + b_hn apart, and
+  // LSTM's tanh(c') once the gates are activated in place.
+  const int64_t slots = std::max(G + (gru ? 1 : 0), S);
+  const int64_t slot = kCellTileH * B;
+  run_tasks(tiles, [&](const auto& next_task) {
+    std::vector<acc_t> pre(slots * slot), h_new(slot), c_new(lstm ? slot : 0);
+    std::vector<acc_t> w_scratch(kCellTileH * std::max(p.I, H));
+    for (int64_t t = next_task(); t < tiles; t = next_task()) {
+      const int64_t h0 = t * kCellTileH, rows = std::min(kCellTileH, H - h0), n = rows * B;
+      for (int64_t g = 0; g < G; ++g) {
+        const bool apart = gru && g == 2;  // r * (W_hn h + b_hn) needs W_hn h on its own
+        acc_t* s_ih = pre.data() + g * slot;
+        acc_t* s_hh = apart ? pre.data() + G * slot : s_ih;
+        const int64_t r0 = g * H + h0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const acc_t bi = p.b_ih ? static_cast<acc_t>(p.b_ih[(r0 + r) * p.sb_ih]) : acc_t(0);
+          const acc_t bh = p.b_hh ? static_cast<acc_t>(p.b_hh[(r0 + r) * p.sb_hh]) : acc_t(0);
+          if (apart) {
+            std::fill(s_ih + r * B, s_ih + (r + 1) * B, bi);
+            std::fill(s_hh + r * B, s_hh + (r + 1) * B, bh);
+          } else {
+            std::fill(s_ih + r * B, s_ih + (r + 1) * B, bi + bh);
+          }
+        }
+        accumulate_gate_rows(p.w_ih, r0, rows, p.I, x_t.data(), B, s_ih, w_scratch.data());
+        accumulate_gate_rows(p.w_hh, r0, rows, H, h_t.data(), B, s_hh, w_scratch.data());
+      }
+
+      acc_t* s0 = pre.data();
+      acc_t* s1 = pre.data() + slot;
+      acc_t* s2 = pre.data() + 2 * slot;
+      acc_t* s3 = pre.data() + 3 * slot;
+      const acc_t* h_prev = h_t.data() + h0 * B;
+      const Vec one(acc_t(1));
+      for (int64_t i = 0; i < n; i += Vec::size()) {
+        const int count = static_cast<int>(std::min<int64_t>(Vec::size(), n - i));
+        if (lstm) {
+          const Vec in = vec_sigmoid(Vec::loadu(s0 + i, count));
+          const Vec forget = vec_sigmoid(Vec::loadu(s1 + i, count));
+          const Vec cand = Vec::loadu(s2 + i, count).tanh();
+          const Vec out = vec_sigmoid(Vec::loadu(s3 + i, count));
+          const Vec c = forget * Vec::loadu(c_t.data() + h0 * B + i, count) + in * cand;
+          const Vec tanh_c = c.tanh();
+          in.store(s0 + i, count), forget.store(s1 + i, count), cand.store(s2 + i, count);
+          out.store(s3 + i, count), tanh_c.store(pre.data() + 4 * slot + i, count);
+          c.store(c_new.data() + i, count);
+          (out * tanh_c).store(h_new.data() + i, count);
+        } else if (gru) {
+          const Vec reset = vec_sigmoid(Vec::loadu(s0 + i, count));
+          const Vec update = vec_sigmoid(Vec::loadu(s1 + i, count));
+          const Vec cand = (Vec::loadu(s2 + i, count) + reset * Vec::loadu(s3 + i, count)).tanh();
+          reset.store(s0 + i, count), update.store(s1 + i, count), cand.store(s2 + i, count);
+          ((one - update) * cand + update * Vec::loadu(h_prev + i, count))
+              .store(h_new.data() + i, count);
+        } else if (p.mode == CellMode::kRNNTanh) {
+          Vec::loadu(s0 + i, count).tanh().store(h_new.data() + i, count);
+        } else {
+          at::vec::clamp_min(Vec::loadu(s0 + i, count), Vec(acc_t(0)))
+              .store(h_new.data() + i, count);
+        }
+      }
+
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t r = 0; r < rows; ++r) h_out[b * H + h0 + r] = static_cast<scalar_t>(h_new[r * B + b]);
+        if (lstm)
+          for (int64_t r = 0; r < rows; ++r) c_out[b * H + h0 + r] = static_cast<scalar_t>(c_new[r * B + b]);
+        for (int64_t k = 0; k < S; ++k) {
+          acc_t* dst = saved + b * S * H + k * H + h0;
+          const acc_t* src = pre.data() + k * slot + b;
+          for (int64_t r = 0; r < rows; ++r) dst[r] = src[r * B];
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void rnn_cell_gate_grads_kernel(CellMode mode, int64_t B, int64_t H, const scalar_t* grad_h,
+                                const scalar_t* grad_c, const scalar_t* hx, const scalar_t* cx,
+                                const scalar_t* h, const cell_acc_t<scalar_t>* saved,
+                                scalar_t* d_gates_ih, scalar_t* d_gates_hh,
+                                scalar_t* d_hx_direct, scalar_t* d_cx) {
+  using acc_t = cell_acc_t<scalar_t>;
+  const int64_t S = cell_saved(mode), G = cell_gates(mode);
+  // Pure multiply-adds (the forward saved every activation): the compiler vectorizes them.
+  at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const acc_t* sv = saved + b * S * H;
+      const scalar_t* dh = grad_h + b * H;
+      scalar_t* dgi = d_gates_ih + b * G * H;
+      if (mode == CellMode::kLSTM) {
+        const scalar_t* dc_in = grad_c ? grad_c + b * H : nullptr;
+        const scalar_t* c_prev = cx + b * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const acc_t i = sv[j], f = sv[H + j], g = sv[2 * H + j], o = sv[3 * H + j];
+          const acc_t tanh_c = sv[4 * H + j], dhj = static_cast<acc_t>(dh[j]);
+          const acc_t dc = (dc_in ? static_cast<acc_t>(dc_in[j]) : acc_t(0)) +
+                           dhj * o * (acc_t(1) - tanh_c * tanh_c);
+          d_cx[b * H + j] = static_cast<scalar_t>(dc * f);
+          dgi[j] = static_cast<scalar_t>(dc * g * i * (acc_t(1) - i));
+          dgi[H + j] = static_cast<scalar_t>(dc * static_cast<acc_t>(c_prev[j]) * f * (acc_t(1) - f));
+          dgi[2 * H + j] = static_cast<scalar_t>(dc * i * (acc_t(1) - g * g));
+          dgi[3 * H + j] = static_cast<scalar_t>(dhj * tanh_c * o * (acc_t(1) - o));
+        }
+      } else if (mode == CellMode::kGRU) {
+        const scalar_t* h_prev = hx + b * H;
+        scalar_t* dgh = d_gates_hh + b * G * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const acc_t r = sv[j], z = sv[H + j], n = sv[2 * H + j], gh_n = sv[3 * H + j];
+          const acc_t dhj = static_cast<acc_t>(dh[j]);
+          const acc_t dn = dhj * (acc_t(1) - z) * (acc_t(1) - n * n);
+          const acc_t dz = dhj * (static_cast<acc_t>(h_prev[j]) - n) * z * (acc_t(1) - z);
+          const acc_t dr = dn * gh_n * r * (acc_t(1) - r);
+          dgi[j] = dgh[j] = static_cast<scalar_t>(dr);
+          dgi[H + j] = dgh[H + j] = static_cast<scalar_t>(dz);
+          dgi[2 * H + j] = static_cast<scalar_t>(dn);
+          dgh[2 * H + j] = static_cast<scalar_t>(dn * r);
+          d_hx_direct[b * H + j] = static_cast<scalar_t>(dhj * z);
+        }
+      } else {
+        const scalar_t* h_new = h + b * H;
+        const bool tanh = mode == CellMode::kRNNTanh;
+        for (int64_t j = 0; j < H; ++j) {
+          const acc_t y = static_cast<acc_t>(h_new[j]), dhj = static_cast<acc_t>(dh[j]);
+          dgi[j] = static_cast<scalar_t>(tanh ? dhj * (acc_t(1) - y * y)
+                                              : (y > acc_t(0) ? dhj : acc_t(0)));
+        }
+      }
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace seqkern::cpu

@@ -1,0 +1,59 @@
+"""seqkern.LSTMCell, GRUCell, RNNCell: torch.nn's cells with seqkern's fused step.
+
+Each subclasses its torch.nn cell, so constructors, parameters (weight_ih, weight_hh,
+bias_ih, bias_hh), initialisation, state_dict, repr and isinstance checks are torch's own;
+only forward changes, and it raises torch's errors for bad input dims before the step.
+"""
+import torch
+
+from seqkern import functional as F
+
+
+def _check_dims(cell, input, states, names):
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{cell}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    for name, s in zip(names, states):
+        if s is not None and s.dim() not in (1, 2):
+            raise ValueError(f"{cell}: Expected {name} to be 1D or 2D, got {s.dim()}D instead")
+
+
+class LSTMCell(torch.nn.LSTMCell):
+    """Drop-in torch.nn.LSTMCell. forward(input [B, I] or [I], hx=(h [B, H], c [B, H]) or
+    None) -> (h', c').
+
+    Example:
+      >>> cell = seqkern.LSTMCell(64, 128)
+      >>> h, c = cell(torch.randn(16, 64))
+    """
+
+    def forward(self, input, hx=None):
+        states = (None, None) if hx is None else tuple(hx)
+        _check_dims("LSTMCell", input, states, ("hx[0]", "hx[1]"))
+        return F.lstm_cell(input, states[0], states[1], self.weight_ih, self.weight_hh,
+                           self.bias_ih, self.bias_hh)
+
+
+class GRUCell(torch.nn.GRUCell):
+    """Drop-in torch.nn.GRUCell. forward(input [B, I] or [I], hx [B, H] or None) -> h'.
+
+    Example:
+      >>> h = seqkern.GRUCell(64, 128)(torch.randn(16, 64))
+    """
+
+    def forward(self, input, hx=None):
+        _check_dims("GRUCell", input, (hx,), ("hidden",))
+        return F.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih,
+                          self.bias_hh)
+
+
+class RNNCell(torch.nn.RNNCell):
+    """Drop-in torch.nn.RNNCell (nonlinearity "tanh" or "relu"). forward(input, hx) -> h'.
+
+    Example:
+      >>> h = seqkern.RNNCell(64, 128, nonlinearity="relu")(torch.randn(16, 64))
+    """
+
+    def forward(self, input, hx=None):
+        _check_dims("RNNCell", input, (hx,), ("hidden",))
+        return F.rnn_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih,
+                          self.bias_hh, self.nonlinearity)

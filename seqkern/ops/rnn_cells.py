@@ -1,0 +1,147 @@
+"""seqkern::rnn_cell_fwd / seqkern::rnn_cell_bwd: one op pair for every recurrent cell.
+
+LSTM, GRU and the vanilla RNN cells share the ops and differ by `mode` ("LSTM", "GRU",
+"RNN_TANH", "RNN_RELU"), as they share one kernel per backend. Shapes (torch.nn's layout
+and gate order): input [B, I], hx [B, H], cx [B, H] (LSTM, else None), w_ih [G*H, I],
+w_hh [G*H, H], b_ih / b_hh [G*H] or both None, with G = 4 (LSTM i, f, g, o), 3 (GRU r, z,
+n) or 1 (RNN).
+
+The forward returns (h' [B, H], c' [B, H] for LSTM else [0, 0], saved): `saved` is what the
+backward needs, in fp32 (fp64 for fp64 inputs), [B, S*H]: LSTM S = 5 (activated i, f, g, o
+and tanh(c')), GRU S = 4 (r, z, n and W_hn h + b_hn), RNN S = 0 (it needs only h').
+
+The backward is a fused pointwise kernel per backend (gradients of the gate
+pre-activations, `rnn_cell_gate_grads`) followed by plain products, done here once for all
+backends with torch.matmul: dx = dG_ih W_ih, dh = dG_hh W_hh, dW_ih = dG_ih^T x,
+dW_hh = dG_hh^T h, db = column sums.
+
+Double backward: when the backward itself is differentiated (create_graph=True, seen as
+grad mode being on inside the backward), it recomputes the step through
+seqkern.reference's cell with autograd instead of calling rnn_cell_bwd, so gradients of
+gradients come from PyTorch's own ops.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from seqkern import backends, reference
+
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+SAVED = {"LSTM": 5, "GRU": 4, "RNN_TANH": 0, "RNN_RELU": 0}
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inputs(mode, input):
+    return dict(device=input.device, dtype=input.dtype, mode=mode, input=input)
+
+
+@torch.library.custom_op("seqkern::rnn_cell_fwd", mutates_args=())
+def rnn_cell_fwd(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], w_ih: Tensor,
+                 w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    impl = backends.select("rnn_cell", _inputs(mode, input))
+    return impl.rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+@rnn_cell_fwd.register_fake
+def _rnn_cell_fwd_fake(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    B, H = hx.shape
+    h = input.new_empty((B, H))
+    c = input.new_empty((B, H) if mode == "LSTM" else (0, 0))
+    saved = input.new_empty((B, SAVED[mode] * H), dtype=acc_dtype(input.dtype))
+    return h, c, saved
+
+
+@torch.library.custom_op("seqkern::rnn_cell_bwd", mutates_args=())
+def rnn_cell_bwd(mode: str, grad_h: Tensor, grad_c: Optional[Tensor], input: Tensor,
+                 hx: Tensor, cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, has_bias: bool,
+                 h: Tensor, saved: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dhx, dcx ([0, 0] unless LSTM), dw_ih, dw_hh, db_ih, db_hh ([0] without bias))."""
+    impl = backends.select("rnn_cell", _inputs(mode, input))
+    d_ih, d_hh, d_hx_direct, dcx = impl.rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h,
+                                                            saved)
+    if mode != "GRU":  # only GRU's n gate sees the hidden product through r
+        d_hh = d_ih
+    dx = torch.matmul(d_ih, w_ih)
+    dhx = torch.matmul(d_hh, w_hh)
+    if mode == "GRU":
+        dhx = dhx + d_hx_direct
+    dw_ih = torch.matmul(d_ih.t(), input)
+    dw_hh = torch.matmul(d_hh.t(), hx)
+    if has_bias:
+        db_ih = d_ih.sum(0)
+        db_hh = d_ih.sum(0) if mode != "GRU" else d_hh.sum(0)
+    else:
+        db_ih = db_hh = input.new_empty((0,))
+    if mode != "LSTM":
+        dcx = input.new_empty((0, 0))
+    return dx, dhx, dcx, dw_ih, dw_hh, db_ih, db_hh
+
+
+@rnn_cell_bwd.register_fake
+def _rnn_cell_bwd_fake(mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, has_bias, h, saved):
+    bias_shape = (w_ih.shape[0],) if has_bias else (0,)
+    return (torch.empty_like(input), torch.empty_like(hx),
+            hx.new_empty(hx.shape if mode == "LSTM" else (0, 0)),
+            torch.empty_like(w_ih), torch.empty_like(w_hh),
+            w_ih.new_empty(bias_shape), w_ih.new_empty(bias_shape))
+
+
+def _setup_context(ctx, inputs, output):
+    mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs
+    h, c, saved = output
+    ctx.mark_non_differentiable(saved)
+    if mode != "LSTM":
+        ctx.mark_non_differentiable(c)
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, saved)
+    ctx.mode = mode
+
+
+def _reference_step(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    if mode == "LSTM":
+        return reference.lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    if mode == "GRU":
+        return (reference.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh),)
+    return (reference.rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh,
+                               "tanh" if mode == "RNN_TANH" else "relu"),)
+
+
+def _double_backward(ctx, grad_h, grad_c):
+    """The backward, differentiable: recomputed through the reference cell (create_graph)."""
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, _, _ = ctx.saved_tensors
+    args = (input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    wanted = [i for i, t in enumerate(args) if t is not None and ctx.needs_input_grad[i + 1]]
+    outs = _reference_step(ctx.mode, *args)
+    grads_out = (grad_h, grad_c)[:len(outs)]
+    pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None]
+    found = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted],
+                                [g for _, g in pairs], create_graph=True, allow_unused=True)
+    grads = [None] * len(args)
+    for i, g in zip(wanted, found):
+        grads[i] = g if g is not None else torch.zeros_like(args[i])
+    return (None, *grads)
+
+
+def _backward(ctx, grad_h, grad_c, grad_saved):
+    mode = ctx.mode
+    if torch.is_grad_enabled():
+        return _double_backward(ctx, grad_h, grad_c if mode == "LSTM" else None)
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, saved = ctx.saved_tensors
+    if grad_h is None:
+        grad_h = torch.zeros_like(h)
+    if mode != "LSTM" or (grad_c is not None and grad_c.numel() == 0):
+        grad_c = None
+    dx, dhx, dcx, dw_ih, dw_hh, db_ih, db_hh = rnn_cell_bwd(
+        mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih is not None, h, saved)
+    has_bias = b_ih is not None
+    return (None, dx, dhx, dcx if mode == "LSTM" else None, dw_ih, dw_hh,
+            db_ih if has_bias else None, db_hh if has_bias else None)
+
+
+rnn_cell_fwd.register_autograd(_backward, setup_context=_setup_context)
