@@ -60,37 +60,48 @@ def _rnn_cell_fwd_fake(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
 @torch.library.custom_op("seqkern::rnn_cell_bwd", mutates_args=())
 def rnn_cell_bwd(mode: str, grad_h: Tensor, grad_c: Optional[Tensor], input: Tensor,
                  hx: Tensor, cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, has_bias: bool,
-                 h: Tensor, saved: Tensor
+                 h: Tensor, saved: Tensor, needs: list[bool]
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dhx, dcx ([0, 0] unless LSTM), dw_ih, dw_hh, db_ih, db_hh ([0] without bias))."""
+    """(dx, dhx, dcx, dw_ih, dw_hh, db_ih, db_hh).
+
+    needs[k] says whether gradient k is wanted; an unwanted one (and dcx unless LSTM, the
+    biases' without bias) comes back empty, [0], and its product is skipped: in a loop over
+    a sequence the input rarely needs a gradient, and its product costs as much as dW's.
+    """
     impl = backends.select("rnn_cell", _inputs(mode, input))
     d_ih, d_hh, d_hx_direct, dcx = impl.rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h,
                                                             saved)
     if mode != "GRU":  # only GRU's n gate sees the hidden product through r
         d_hh = d_ih
-    dx = torch.matmul(d_ih, w_ih)
-    dhx = torch.matmul(d_hh, w_hh)
-    if mode == "GRU":
-        dhx = dhx + d_hx_direct
-    dw_ih = torch.matmul(d_ih.t(), input)
-    dw_hh = torch.matmul(d_hh.t(), hx)
-    if has_bias:
-        db_ih = d_ih.sum(0)
-        db_hh = d_ih.sum(0) if mode != "GRU" else d_hh.sum(0)
-    else:
-        db_ih = db_hh = input.new_empty((0,))
-    if mode != "LSTM":
-        dcx = input.new_empty((0, 0))
+    empty = _empty_grads(mode, input, hx, w_ih, w_hh, has_bias, needs)
+    dx = torch.matmul(d_ih, w_ih) if needs[0] else empty[0]
+    dhx = empty[1]
+    if needs[1]:
+        dhx = torch.matmul(d_hh, w_hh)
+        if mode == "GRU":
+            dhx += d_hx_direct
+    if not (needs[2] and mode == "LSTM"):
+        dcx = empty[2]
+    dw_ih = torch.matmul(d_ih.t(), input) if needs[3] else empty[3]
+    dw_hh = torch.matmul(d_hh.t(), hx) if needs[4] else empty[4]
+    db_ih = d_ih.sum(0) if has_bias and needs[5] else empty[5]
+    db_hh = d_hh.sum(0) if has_bias and needs[6] else empty[6]
     return dx, dhx, dcx, dw_ih, dw_hh, db_ih, db_hh
 
 
+def _empty_grads(mode, input, hx, w_ih, w_hh, has_bias, needs):
+    """What rnn_cell_bwd returns for each gradient: empty where not computed."""
+    bias = (w_ih.shape[0],) if has_bias else None
+    shapes = (input.shape, hx.shape, hx.shape if mode == "LSTM" else None, w_ih.shape,
+              w_hh.shape, bias, bias)
+    return [input.new_empty(shape if (shape is not None and want) else (0,))
+            for shape, want in zip(shapes, needs)]
+
+
 @rnn_cell_bwd.register_fake
-def _rnn_cell_bwd_fake(mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, has_bias, h, saved):
-    bias_shape = (w_ih.shape[0],) if has_bias else (0,)
-    return (torch.empty_like(input), torch.empty_like(hx),
-            hx.new_empty(hx.shape if mode == "LSTM" else (0, 0)),
-            torch.empty_like(w_ih), torch.empty_like(w_hh),
-            w_ih.new_empty(bias_shape), w_ih.new_empty(bias_shape))
+def _rnn_cell_bwd_fake(mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, has_bias, h, saved,
+                       needs):
+    return tuple(_empty_grads(mode, input, hx, w_ih, w_hh, has_bias, needs))
 
 
 def _setup_context(ctx, inputs, output):
@@ -137,11 +148,10 @@ def _backward(ctx, grad_h, grad_c, grad_saved):
         grad_h = torch.zeros_like(h)
     if mode != "LSTM" or (grad_c is not None and grad_c.numel() == 0):
         grad_c = None
-    dx, dhx, dcx, dw_ih, dw_hh, db_ih, db_hh = rnn_cell_bwd(
-        mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih is not None, h, saved)
-    has_bias = b_ih is not None
-    return (None, dx, dhx, dcx if mode == "LSTM" else None, dw_ih, dw_hh,
-            db_ih if has_bias else None, db_hh if has_bias else None)
+    needs = list(ctx.needs_input_grad[1:])
+    grads = rnn_cell_bwd(mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih is not None,
+                         h, saved, needs)
+    return (None, *(g if want else None for g, want in zip(grads, needs)))
 
 
 rnn_cell_fwd.register_autograd(_backward, setup_context=_setup_context)
