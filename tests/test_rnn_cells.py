@@ -5,19 +5,9 @@ import torch
 
 import seqkern
 from seqkern import reference
-from seqkern.backends import BACKENDS
+from tests.test_attention import KERNEL_BACKENDS, _usable
 from tests.tolerances import BWD_FACTOR, FWD_FACTOR, assert_close, assert_close_relative
 
-
-def _usable(name, device="cpu"):
-    return not BACKENDS[name].availability(device)
-
-
-KERNEL_BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not _usable("cpu"), reason="no _C")),
-    pytest.param("triton", marks=pytest.mark.skipif(not _usable("triton"),
-                                                    reason="triton not usable here")),
-]
 MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 ARG_NAMES = ("input", "hx", "cx", "w_ih", "w_hh", "b_ih", "b_hh")

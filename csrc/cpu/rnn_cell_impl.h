@@ -155,7 +155,10 @@ void rnn_cell_gate_grads_kernel(CellMode mode, int64_t B, int64_t H, const scala
   using acc_t = cell_acc_t<scalar_t>;
   const int64_t S = cell_saved(mode), G = cell_gates(mode);
   // Pure multiply-adds (the forward saved every activation): the compiler vectorizes them.
-  at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
+  // Like ATen's pointwise ops, stay on one thread below ~32K elements: waking the pool
+  // costs more than the work, and a busy sibling core makes every barrier expensive.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, G * H));
+  at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
       const acc_t* sv = saved + b * S * H;
       const scalar_t* dh = grad_h + b * H;

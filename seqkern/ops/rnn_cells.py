@@ -73,24 +73,28 @@ def rnn_cell_bwd(mode: str, grad_h: Tensor, grad_c: Optional[Tensor], input: Ten
                                                             saved)
     if mode != "GRU":  # only GRU's n gate sees the hidden product through r
         d_hh = d_ih
-    empty = _empty_grads(mode, input, hx, w_ih, w_hh, has_bias, needs)
-    dx = torch.matmul(d_ih, w_ih) if needs[0] else empty[0]
-    dhx = empty[1]
+    grads = [None] * 7
+    if needs[0]:
+        grads[0] = torch.matmul(d_ih, w_ih)
     if needs[1]:
-        dhx = torch.matmul(d_hh, w_hh)
+        grads[1] = torch.matmul(d_hh, w_hh)
         if mode == "GRU":
-            dhx += d_hx_direct
-    if not (needs[2] and mode == "LSTM"):
-        dcx = empty[2]
-    dw_ih = torch.matmul(d_ih.t(), input) if needs[3] else empty[3]
-    dw_hh = torch.matmul(d_hh.t(), hx) if needs[4] else empty[4]
-    db_ih = d_ih.sum(0) if has_bias and needs[5] else empty[5]
-    db_hh = d_hh.sum(0) if has_bias and needs[6] else empty[6]
-    return dx, dhx, dcx, dw_ih, dw_hh, db_ih, db_hh
+            grads[1] += d_hx_direct
+    if needs[2] and mode == "LSTM":
+        grads[2] = dcx
+    if needs[3]:
+        grads[3] = torch.matmul(d_ih.t(), input)
+    if needs[4]:
+        grads[4] = torch.matmul(d_hh.t(), hx)
+    if has_bias and needs[5]:
+        grads[5] = d_ih.sum(0)
+    if has_bias and needs[6]:
+        grads[6] = d_hh.sum(0)
+    return tuple(input.new_empty((0,)) if g is None else g for g in grads)
 
 
 def _empty_grads(mode, input, hx, w_ih, w_hh, has_bias, needs):
-    """What rnn_cell_bwd returns for each gradient: empty where not computed."""
+    """The shapes rnn_cell_bwd returns: [0] for each gradient it does not compute."""
     bias = (w_ih.shape[0],) if has_bias else None
     shapes = (input.shape, hx.shape, hx.shape if mode == "LSTM" else None, w_ih.shape,
               w_hh.shape, bias, bias)
@@ -108,6 +112,8 @@ def _setup_context(ctx, inputs, output):
     mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs
     h, c, saved = output
     ctx.mark_non_differentiable(saved)
+    # Unused outputs (saved, often c') then give None instead of a zero-filled gradient.
+    ctx.set_materialize_grads(False)
     if mode != "LSTM":
         ctx.mark_non_differentiable(c)
     ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, saved)

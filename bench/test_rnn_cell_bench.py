@@ -1,0 +1,97 @@
+"""Recurrent cells: seqkern's modules against torch.nn's cells, same weights, same process.
+
+Cases: one cell step forward, and a Python loop of T = 100 steps, forward and forward +
+backward (the training step: the loss is the sum of the last state). FLOPs: a step is
+2*B*G*H*(I+H) with G = 4 (LSTM), 3 (GRU), 1 (RNN); a training loop counts 3x its forward.
+"""
+import pytest
+import torch
+
+import seqkern
+
+CUDA = torch.cuda.is_available()
+T = 100
+GATES = {"LSTMCell": 4, "GRUCell": 3, "RNNCell": 1}
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _cases():
+    cells = list(GATES)
+    if CUDA:
+        return [(cell, B, H, torch.bfloat16) for cell in cells for B in (16, 64, 256)
+                for H in (512, 1024)]
+    return [(cell, 16, 512, torch.float32) for cell in cells]
+
+
+def _providers():
+    return ["seqkern-triton", "torch"] if CUDA else ["seqkern-cpu", "torch"]
+
+
+def _case_id(c):
+    return "{}-B{}-H{}-{}".format(c[0], c[1], c[2], str(c[3]).replace("torch.", ""))
+
+
+def _cells(name, H, dtype):
+    device = "cuda" if CUDA else "cpu"
+    torch.manual_seed(0)
+    peer = getattr(torch.nn, name)(H, H, device=device, dtype=dtype)
+    ours = getattr(seqkern, name)(H, H, device=device, dtype=dtype)
+    ours.load_state_dict(peer.state_dict())
+    return peer, ours
+
+
+@pytest.mark.parametrize("pass_", ["step-fwd", "loop-fwd", "loop-fwd+bwd"])
+@pytest.mark.parametrize("case", _cases(), ids=_case_id)
+@pytest.mark.parametrize("provider", _providers())
+def test_rnn_cell(benchmark, record, provider, case, pass_):
+    name, B, H, dtype = case
+    peer, ours = _cells(name, H, dtype)
+    cell = peer if provider == "torch" else ours
+    backend = provider.split("-", 1)[1] if provider != "torch" else None
+    if backend and seqkern.backends.BACKENDS[backend].not_supported_reasons(
+            "rnn_cell", dict(device=peer.weight_ih.device, dtype=dtype, mode="LSTM")):
+        pytest.skip(f"{provider} not usable here")
+    xs = torch.randn(T, B, H, device=peer.weight_ih.device, dtype=dtype)
+    step_flops = 2 * B * GATES[name] * H * (H + H)
+
+    def loop():
+        state = None
+        for t in range(T):
+            state = cell(xs[t], state)
+        return state
+
+    if pass_ == "step-fwd":
+        state = cell(xs[0])
+
+        def target():
+            with torch.no_grad():
+                cell(xs[1], state)
+            _sync()
+        flops, rounds, iterations = step_flops, 30, 10
+    elif pass_ == "loop-fwd":
+        def target():
+            with torch.no_grad():
+                loop()
+            _sync()
+        flops, rounds, iterations = T * step_flops, 5, 1
+    else:
+        def target():
+            for p in cell.parameters():
+                p.grad = None
+            state = loop()
+            loss = state[0].sum() + state[1].sum() if name == "LSTMCell" else state.sum()
+            loss.backward()
+            _sync()
+        flops, rounds, iterations = 3 * T * step_flops, 5, 1
+
+    def run():
+        if backend is None:
+            return target()
+        with seqkern.backend(backend):
+            return target()
+    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=2)
+    record(benchmark, f"{name} {pass_} {_case_id(case)}", provider, flops)
