@@ -7,6 +7,7 @@ gates of those units, x W_ih^T + h W_hh^T over K chunks with tl.dot, adds the bi
 applies the nonlinearities and writes only h', c' (LSTM) and the saved activations.
 The cells differ by MODE (a constexpr): gate count, GRU's n gate keeping W_hn h + b_hn
 apart for r * (...), and the epilogue. Long-standing tl APIs only (triton 3.6 and 3.9).
+`saved` has the CPU layout (seqkern/ops/rnn_cells.py), in fp32.
 """
 import contextlib
 
@@ -19,7 +20,7 @@ from seqkern._debug import new_output
 _LSTM, _GRU, _RNN_TANH, _RNN_RELU = 0, 1, 2, 3
 _MODES = {"LSTM": _LSTM, "GRU": _GRU, "RNN_TANH": _RNN_TANH, "RNN_RELU": _RNN_RELU}
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-_SAVED = {"LSTM": 5, "GRU": 4, "RNN_TANH": 0, "RNN_RELU": 0}
+_SAVED = {"LSTM": 5, "GRU": 4, "RNN_TANH": 1, "RNN_RELU": 1}  # saved numel / (B * H)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -118,12 +119,12 @@ def _rnn_cell_fwd_kernel(
         tanh_c = _tanh(c)
         h = out_gate * tanh_c
         tl.store(C_out + out_offs, c.to(C_out.dtype.element_ty), mask=mask)
-        saved = Saved + offs_b[:, None] * (5 * H) + offs_h[None, :]
+        saved = Saved + offs_b[:, None] * (4 * H) + offs_h[None, :]
         tl.store(saved, in_gate, mask=mask)
         tl.store(saved + H, forget, mask=mask)
         tl.store(saved + 2 * H, cand, mask=mask)
         tl.store(saved + 3 * H, out_gate, mask=mask)
-        tl.store(saved + 4 * H, tanh_c, mask=mask)
+        tl.store(Saved + 4 * B * H + out_offs, c, mask=mask)
     elif MODE == 1:  # GRU: r, z, n with n = tanh(gi_n + r * (W_hn h + b_hn))
         gi, gh = _gate(X, sxb, sxi, Hx, shb, shh, W_ih, swi_r, swi_k, W_hh, swh_r, swh_k,
                        B_ih, sbi, B_hh, sbh, 0, offs_b, offs_h, B, I, H, HAS_BIAS,
@@ -153,12 +154,13 @@ def _rnn_cell_fwd_kernel(
             h = _tanh(gi + gh)
         else:
             h = tl.maximum(gi + gh, 0.0)
+        tl.store(Saved + out_offs, h, mask=mask)
     tl.store(H_out + out_offs, h.to(H_out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rnn_cell_gate_grads_kernel(
-        Grad_h, sgb, sgh, Grad_c, sdb, sdh, Hx, shb, shh, Cx, scb, sch, H_new, Saved,
+        Grad_h, sgb, sgh, Grad_c, sdb, sdh, Hx, shb, shh, Cx, scb, sch, Saved,
         D_ih, D_hh, D_hx, D_cx, B, H,
         MODE: tl.constexpr, HAS_GRAD_C: tl.constexpr, BLOCK_B: tl.constexpr,
         BLOCK_H: tl.constexpr):
@@ -170,12 +172,12 @@ def _rnn_cell_gate_grads_kernel(
                  other=0.0).to(tl.float32)
     out_ty = D_ih.dtype.element_ty
     if MODE == 0:
-        saved = Saved + offs_b[:, None] * (5 * H) + offs_h[None, :]
+        saved = Saved + offs_b[:, None] * (4 * H) + offs_h[None, :]
         i = tl.load(saved, mask=mask, other=0.0)
         f = tl.load(saved + H, mask=mask, other=0.0)
         g = tl.load(saved + 2 * H, mask=mask, other=0.0)
         o = tl.load(saved + 3 * H, mask=mask, other=0.0)
-        tanh_c = tl.load(saved + 4 * H, mask=mask, other=0.0)
+        tanh_c = _tanh(tl.load(Saved + 4 * B * H + offs, mask=mask, other=0.0))
         dc = dh * o * (1.0 - tanh_c * tanh_c)
         if HAS_GRAD_C:
             dc += tl.load(Grad_c + offs_b[:, None] * sdb + offs_h[None, :] * sdh, mask=mask,
@@ -209,7 +211,7 @@ def _rnn_cell_gate_grads_kernel(
         tl.store(d_h + 2 * H, (dn * r).to(out_ty), mask=mask)
         tl.store(D_hx + offs, (dh * z).to(out_ty), mask=mask)
     else:
-        y = tl.load(H_new + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Saved + offs, mask=mask, other=0.0)
         if MODE == 2:
             d = dh * (1.0 - y * y)
         else:
@@ -247,7 +249,7 @@ def rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     lstm = mode == "LSTM"
     h = new_output((B, H), dtype, device)
     c = new_output((B, H) if lstm else (0, 0), dtype, device)
-    saved = new_output((B, _SAVED[mode] * H), torch.float32, device)
+    saved = new_output((B * _SAVED[mode] * H,), torch.float32, device)
     if B == 0 or H == 0:
         return h, c, saved
     block_b, block_h, block_k = _blocks(B, H, device)
@@ -261,7 +263,7 @@ def rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
             cx_arg, cx_arg.stride(0), cx_arg.stride(1),
             w_ih, w_ih.stride(0), w_ih.stride(1), w_hh, w_hh.stride(0), w_hh.stride(1),
             b_ih_arg, b_ih_arg.stride(0), b_hh_arg, b_hh_arg.stride(0),
-            h, c if lstm else h, saved if saved.numel() else h, B, I, H,
+            h, c if lstm else h, saved, B, I, H,
             MODE=_MODES[mode], HAS_BIAS=has_bias, BLOCK_B=block_b, BLOCK_H=block_h,
             BLOCK_K=block_k, UPCAST=device.type == "cpu" and dtype == torch.bfloat16)
     return h, c, saved
@@ -277,7 +279,6 @@ def rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h, saved):
     d_cx = new_output((B, H) if lstm else (0, 0), dtype, device)
     if B == 0 or H == 0:
         return d_ih, d_hh, d_hx, d_cx
-    h = h.contiguous()
     saved = saved.contiguous()
     grad_c_arg = grad_c if grad_c is not None else grad_h
     cx_arg = cx if lstm else hx
@@ -288,7 +289,7 @@ def rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h, saved):
             grad_h, grad_h.stride(0), grad_h.stride(1),
             grad_c_arg, grad_c_arg.stride(0), grad_c_arg.stride(1),
             hx, hx.stride(0), hx.stride(1), cx_arg, cx_arg.stride(0), cx_arg.stride(1),
-            h, saved if saved.numel() else h, d_ih, d_hh if gru else d_ih,
+            saved, d_ih, d_hh if gru else d_ih,
             d_hx if gru else d_ih, d_cx if lstm else d_ih, B, H,
             MODE=_MODES[mode], HAS_GRAD_C=grad_c is not None, BLOCK_B=block_b,
             BLOCK_H=block_h)

@@ -9,9 +9,10 @@ import torch
 
 import seqkern
 from seqkern.backends import BACKENDS
+from tests.attention_cases import DEVICE
 from tests.test_rnn_cells import MODES, call, call_reference, make_cell_args
 
-HAS_C = not BACKENDS["cpu"].availability("cpu")
+HAS_C = not BACKENDS["cpu"].availability(DEVICE)
 needs_c = pytest.mark.skipif(not HAS_C, reason="seqkern._C not built")
 CELLS = [("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {}),
          ("RNNCell", {"nonlinearity": "relu"}), ("LSTMCell", {"bias": False})]

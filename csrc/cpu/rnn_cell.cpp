@@ -1,7 +1,8 @@
 // The CPU implementations of seqkern_C::rnn_cell_fwd / rnn_cell_gate_grads: argument
-// checks, output allocation, dtype and capability dispatch. Kernels: rnn_cell_impl.h.
-// The backward's products (dx, dh, dW, db) are plain GEMMs done by the caller
-// (seqkern/ops/rnn_cells.py) with at::mm, which runs MKL on both cores.
+// checks, output allocation, dtype and capability dispatch. Forward kernel:
+// rnn_cell_impl.h; the gate gradients are the whole-sequence layer's pointwise step
+// backward (rnn_pointwise_impl.h). The backward's products (dx, dh, dW, db) are plain GEMMs
+// done by the caller (seqkern/ops/rnn_cells.py) with at::mm, which runs MKL on both cores.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -13,17 +14,7 @@
 
 namespace seqkern::cpu {
 
-std::string kernel_capability();  // attention.cpp
-
 namespace {
-
-CellMode parse_mode(const std::string& mode) {
-  if (mode == "LSTM") return CellMode::kLSTM;
-  if (mode == "GRU") return CellMode::kGRU;
-  if (mode == "RNN_TANH") return CellMode::kRNNTanh;
-  if (mode == "RNN_RELU") return CellMode::kRNNRelu;
-  TORCH_CHECK(false, "seqkern rnn cell: mode must be LSTM, GRU, RNN_TANH or RNN_RELU, got ", mode);
-}
 
 bool poison_outputs() {
   const char* v = std::getenv("SEQKERN_POISON_OUTPUTS");
@@ -59,13 +50,14 @@ void run_fwd(const CellProblem<scalar_t>& p, scalar_t* h, scalar_t* c, cell_acc_
   DEFAULT::rnn_cell_fwd_kernel<scalar_t>(p, h, c, saved);
 }
 
-// (h' [B, H], c' [B, H] for LSTM else [0], saved [B, cell_saved * H] in the accumulator dtype)
+// (h' [B, H], c' [B, H] for LSTM else [0, 0], saved: flat, accumulator dtype, layout in
+// rnn_cell_kernels.h)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_fwd_cpu(
     const std::string& mode_name, const at::Tensor& x, const at::Tensor& hx,
     const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
-  const CellMode mode = parse_mode(mode_name);
-  const int64_t G = cell_gates(mode);
+  const RnnMode mode = parse_rnn_mode(mode_name, "seqkern rnn cell");
+  const int64_t G = gate_count(mode);
   TORCH_CHECK(x.dim() == 2, "seqkern rnn cell: input must be [B, I], got ", x.sizes());
   const int64_t B = x.size(0), I = x.size(1), H = hx.dim() == 2 ? hx.size(1) : -1;
   const auto dtype = x.scalar_type();
@@ -73,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_fwd_cpu(
   check_2d(hx, "hx", B, H, dtype);
   check_2d(w_ih, "w_ih", G * H, I, dtype);
   check_2d(w_hh, "w_hh", G * H, H, dtype);
-  const bool lstm = mode == CellMode::kLSTM;
+  const bool lstm = mode == RnnMode::kLSTM;
   TORCH_CHECK(lstm == cx.has_value(), "seqkern rnn cell: cx is given iff mode is LSTM");
   if (lstm) check_2d(*cx, "cx", B, H, dtype);
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "seqkern rnn cell: b_ih and b_hh go together");
@@ -84,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_fwd_cpu(
 
   at::Tensor h = new_output({B, H}, x.options());
   at::Tensor c = new_output({lstm ? B : 0, lstm ? H : 0}, x.options());
-  at::Tensor saved = new_output({B, cell_saved(mode) * H}, x.options().dtype(acc_dtype(dtype)));
+  at::Tensor saved = new_output({cell_saved_numel(mode, B, H)}, x.options().dtype(acc_dtype(dtype)));
   if (B == 0 || H == 0) return {h, c, saved};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rnn_cell_fwd", [&] {
     CellProblem<scalar_t> p{mode, B, I, H, view2<scalar_t>(x), view2<scalar_t>(hx),
@@ -100,49 +92,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_fwd_cpu(
   return {h, c, saved};
 }
 
-// (d_gates_ih [B, G*H], d_gates_hh [B, 3H] for GRU else [0], d_hx_direct [B, H] for GRU
-// else [0], d_cx [B, H] for LSTM else [0])
+// (d_gates_ih [B, G*H], d_gates_hh [B, 3H] for GRU else [0, 0], d_hx_direct [B, H] for GRU
+// else [0, 0], d_cx [B, H] for LSTM else [0, 0]), in hx's dtype. grad_c may be absent
+// (LSTM with only h' used); saved is the forward's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_gate_grads_cpu(
     const std::string& mode_name, const at::Tensor& grad_h, const std::optional<at::Tensor>& grad_c,
     const at::Tensor& hx, const std::optional<at::Tensor>& cx, const at::Tensor& h,
     const at::Tensor& saved) {
-  const CellMode mode = parse_mode(mode_name);
-  const int64_t G = cell_gates(mode), S = cell_saved(mode);
+  const RnnMode mode = parse_rnn_mode(mode_name, "seqkern rnn cell");
+  const int64_t G = gate_count(mode);
   TORCH_CHECK(hx.dim() == 2, "seqkern rnn cell: hx must be [B, H], got ", hx.sizes());
   const int64_t B = hx.size(0), H = hx.size(1);
-  const auto dtype = hx.scalar_type();
-  const bool lstm = mode == CellMode::kLSTM, gru = mode == CellMode::kGRU;
+  const auto dtype = hx.scalar_type(), acc = acc_dtype(dtype);
+  const bool lstm = mode == RnnMode::kLSTM, gru = mode == RnnMode::kGRU;
   check_2d(grad_h, "grad_h", B, H, dtype);
   check_2d(h, "h", B, H, dtype);
-  check_2d(saved, "saved", B, S * H, acc_dtype(dtype));
+  TORCH_CHECK(saved.dim() == 1 && saved.numel() == cell_saved_numel(mode, B, H) &&
+                  saved.scalar_type() == acc,
+              "seqkern rnn cell: saved must be the forward's flat ", acc, " buffer");
   if (grad_c) check_2d(*grad_c, "grad_c", B, H, dtype);
   TORCH_CHECK(!lstm || cx.has_value(), "seqkern rnn cell: the LSTM backward needs cx");
   if (lstm) check_2d(*cx, "cx", B, H, dtype);
-  const at::Tensor grad_h_c = grad_h.contiguous(), hx_c = hx.contiguous(), h_c = h.contiguous();
-  const at::Tensor saved_c = saved.contiguous();
-  const at::Tensor grad_c_c = grad_c ? grad_c->contiguous() : at::Tensor();
-  const at::Tensor cx_c = lstm ? cx->contiguous() : at::Tensor();
 
-  at::Tensor d_ih = new_output({B, G * H}, hx.options());
-  at::Tensor d_hh = new_output({gru ? B : 0, gru ? G * H : 0}, hx.options());
-  at::Tensor d_hx = new_output({gru ? B : 0, gru ? H : 0}, hx.options());
-  at::Tensor d_cx = new_output({lstm ? B : 0, lstm ? H : 0}, hx.options());
-  if (B == 0 || H == 0) return {d_ih, d_hh, d_hx, d_cx};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rnn_cell_gate_grads", [&] {
-    using acc_t = cell_acc_t<scalar_t>;
-    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    auto out = [](at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
-    auto args = std::make_tuple(mode, B, H, ptr(grad_h_c), ptr(grad_c_c), ptr(hx_c), ptr(cx_c),
-                                ptr(h_c), saved_c.data_ptr<acc_t>(), out(d_ih), out(d_hh),
-                                out(d_hx), out(d_cx));
-#if defined(__x86_64__)
-    const std::string cap = kernel_capability();
-    if (cap == "AVX512") return std::apply(AVX512::rnn_cell_gate_grads_kernel<scalar_t>, args);
-    if (cap == "AVX2") return std::apply(AVX2::rnn_cell_gate_grads_kernel<scalar_t>, args);
-#endif
-    std::apply(DEFAULT::rnn_cell_gate_grads_kernel<scalar_t>, args);
-  });
-  return {d_ih, d_hh, d_hx, d_cx};
+  // rnn_step_bwd works in the accumulator dtype on contiguous rows; dh and dc are in/out.
+  const auto acc_opts = hx.options().dtype(acc);
+  at::Tensor dh = at::empty({B, H}, acc_opts).copy_(grad_h);
+  at::Tensor dc = !lstm ? at::Tensor()
+                  : grad_c ? at::empty({B, H}, acc_opts).copy_(*grad_c)
+                           : at::zeros({B, H}, acc_opts);
+  const at::Tensor c_prev = lstm ? cx->to(acc).contiguous() : at::Tensor();
+  const at::Tensor h_prev = gru ? hx.to(acc).contiguous() : at::Tensor();
+  const at::Tensor saved_c = saved.contiguous();
+  at::Tensor dx_gates = at::empty({B, G * H}, acc_opts);
+  at::Tensor dh_gates = gru ? at::empty({B, G * H}, acc_opts) : dx_gates;
+  if (B > 0 && H > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "rnn_cell_gate_grads", [&] {
+      auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+      const scalar_t* sv = saved_c.data_ptr<scalar_t>();
+      run_rnn_step_bwd<scalar_t>(mode, B, H, sv, lstm ? sv + 4 * B * H : nullptr, ptr(c_prev),
+                                 ptr(h_prev), dh.data_ptr<scalar_t>(), ptr(dc),
+                                 dx_gates.data_ptr<scalar_t>(), dh_gates.data_ptr<scalar_t>());
+    });
+  }
+  const auto empty = [&] { return at::empty({0, 0}, hx.options()); };
+  return {dx_gates.to(dtype), gru ? dh_gates.to(dtype) : empty(), gru ? dh.to(dtype) : empty(),
+          lstm ? dc.to(dtype) : empty()};
 }
 
 }  // namespace

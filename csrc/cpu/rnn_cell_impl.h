@@ -15,17 +15,12 @@
 
 #include "attention_common.h"
 #include "rnn_cell_kernels.h"
+#include "rnn_pointwise_impl.h"
 
 namespace seqkern::cpu {
 namespace CPU_CAPABILITY {
 
 constexpr int64_t kCellTileH = 32;  // hidden units per task (each with all its gates)
-
-template <typename acc_t>
-inline at::vec::Vectorized<acc_t> vec_sigmoid(const at::vec::Vectorized<acc_t>& x) {
-  const at::vec::Vectorized<acc_t> one(acc_t(1));
-  return one / (one + x.neg().exp());
-}
 
 // dst[r * B + b] = src[b, r] for r < cols: the [B, cols] slice as [cols, B] in acc_t.
 template <typename scalar_t, typename acc_t>
@@ -62,17 +57,17 @@ void rnn_cell_fwd_kernel(const CellProblem<scalar_t>& p, scalar_t* h_out, scalar
                          cell_acc_t<scalar_t>* saved) {
   using acc_t = cell_acc_t<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
-  const int64_t B = p.B, H = p.H, G = cell_gates(p.mode), S = cell_saved(p.mode);
-  const bool lstm = p.mode == CellMode::kLSTM, gru = p.mode == CellMode::kGRU;
+  const int64_t B = p.B, H = p.H, G = gate_count(p.mode);
+  const bool lstm = p.mode == RnnMode::kLSTM, gru = p.mode == RnnMode::kGRU;
   std::vector<acc_t> x_t(p.I * B), h_t(H * B), c_t(lstm ? H * B : 0);
   load_transposed(p.x, B, p.I, x_t.data());
   load_transposed(p.hx, B, H, h_t.data());
   if (lstm) load_transposed(p.cx, B, H, c_t.data());
 
   const int64_t tiles = (H + kCellTileH - 1) / kCellTileH;
-  // Slots of [kCellTileH, B] pre-activations: one per gate, GRU's W_hn h + b_hn apart, and
-  // LSTM's tanh(c') once the gates are activated in place.
-  const int64_t slots = std::max(G + (gru ? 1 : 0), S);
+  // Slots of [kCellTileH, B] pre-activations: one per gate and GRU's W_hn h + b_hn apart;
+  // the activations replace them in place (the saved gates).
+  const int64_t slots = G + (gru ? 1 : 0), saved_gates = lstm || gru ? 4 : 0;
   const int64_t slot = kCellTileH * B;
   run_tasks(tiles, [&](const auto& next_task) {
     std::vector<acc_t> pre(slots * slot), h_new(slot), c_new(lstm ? slot : 0);
@@ -107,24 +102,23 @@ void rnn_cell_fwd_kernel(const CellProblem<scalar_t>& p, scalar_t* h_out, scalar
       for (int64_t i = 0; i < n; i += Vec::size()) {
         const int count = static_cast<int>(std::min<int64_t>(Vec::size(), n - i));
         if (lstm) {
-          const Vec in = vec_sigmoid(Vec::loadu(s0 + i, count));
-          const Vec forget = vec_sigmoid(Vec::loadu(s1 + i, count));
+          const Vec in = rnn_detail::sigmoid(Vec::loadu(s0 + i, count));
+          const Vec forget = rnn_detail::sigmoid(Vec::loadu(s1 + i, count));
           const Vec cand = Vec::loadu(s2 + i, count).tanh();
-          const Vec out = vec_sigmoid(Vec::loadu(s3 + i, count));
+          const Vec out = rnn_detail::sigmoid(Vec::loadu(s3 + i, count));
           const Vec c = forget * Vec::loadu(c_t.data() + h0 * B + i, count) + in * cand;
           const Vec tanh_c = c.tanh();
           in.store(s0 + i, count), forget.store(s1 + i, count), cand.store(s2 + i, count);
-          out.store(s3 + i, count), tanh_c.store(pre.data() + 4 * slot + i, count);
-          c.store(c_new.data() + i, count);
+          out.store(s3 + i, count), c.store(c_new.data() + i, count);
           (out * tanh_c).store(h_new.data() + i, count);
         } else if (gru) {
-          const Vec reset = vec_sigmoid(Vec::loadu(s0 + i, count));
-          const Vec update = vec_sigmoid(Vec::loadu(s1 + i, count));
+          const Vec reset = rnn_detail::sigmoid(Vec::loadu(s0 + i, count));
+          const Vec update = rnn_detail::sigmoid(Vec::loadu(s1 + i, count));
           const Vec cand = (Vec::loadu(s2 + i, count) + reset * Vec::loadu(s3 + i, count)).tanh();
           reset.store(s0 + i, count), update.store(s1 + i, count), cand.store(s2 + i, count);
           ((one - update) * cand + update * Vec::loadu(h_prev + i, count))
               .store(h_new.data() + i, count);
-        } else if (p.mode == CellMode::kRNNTanh) {
+        } else if (p.mode == RnnMode::kRNN_TANH) {
           Vec::loadu(s0 + i, count).tanh().store(h_new.data() + i, count);
         } else {
           at::vec::clamp_min(Vec::loadu(s0 + i, count), Vec(acc_t(0)))
@@ -132,73 +126,22 @@ void rnn_cell_fwd_kernel(const CellProblem<scalar_t>& p, scalar_t* h_out, scalar
         }
       }
 
+      // Back to batch-major rows: h', c' and the saved activations (layout: rnn_cell_kernels.h).
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t r = 0; r < rows; ++r) h_out[b * H + h0 + r] = static_cast<scalar_t>(h_new[r * B + b]);
-        if (lstm)
-          for (int64_t r = 0; r < rows; ++r) c_out[b * H + h0 + r] = static_cast<scalar_t>(c_new[r * B + b]);
-        for (int64_t k = 0; k < S; ++k) {
-          acc_t* dst = saved + b * S * H + k * H + h0;
+        if (lstm) {
+          acc_t* c_saved = saved + 4 * B * H + b * H + h0;
+          for (int64_t r = 0; r < rows; ++r) {
+            c_out[b * H + h0 + r] = static_cast<scalar_t>(c_new[r * B + b]);
+            c_saved[r] = c_new[r * B + b];
+          }
+        }
+        if (!lstm && !gru)
+          for (int64_t r = 0; r < rows; ++r) saved[b * H + h0 + r] = h_new[r * B + b];
+        for (int64_t k = 0; k < saved_gates; ++k) {
+          acc_t* dst = saved + b * 4 * H + k * H + h0;
           const acc_t* src = pre.data() + k * slot + b;
           for (int64_t r = 0; r < rows; ++r) dst[r] = src[r * B];
-        }
-      }
-    }
-  });
-}
-
-template <typename scalar_t>
-void rnn_cell_gate_grads_kernel(CellMode mode, int64_t B, int64_t H, const scalar_t* grad_h,
-                                const scalar_t* grad_c, const scalar_t* hx, const scalar_t* cx,
-                                const scalar_t* h, const cell_acc_t<scalar_t>* saved,
-                                scalar_t* d_gates_ih, scalar_t* d_gates_hh,
-                                scalar_t* d_hx_direct, scalar_t* d_cx) {
-  using acc_t = cell_acc_t<scalar_t>;
-  const int64_t S = cell_saved(mode), G = cell_gates(mode);
-  // Pure multiply-adds (the forward saved every activation): the compiler vectorizes them.
-  // Like ATen's pointwise ops, stay on one thread below ~32K elements: waking the pool
-  // costs more than the work, and a busy sibling core makes every barrier expensive.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, G * H));
-  at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
-    for (int64_t b = b_begin; b < b_end; ++b) {
-      const acc_t* sv = saved + b * S * H;
-      const scalar_t* dh = grad_h + b * H;
-      scalar_t* dgi = d_gates_ih + b * G * H;
-      if (mode == CellMode::kLSTM) {
-        const scalar_t* dc_in = grad_c ? grad_c + b * H : nullptr;
-        const scalar_t* c_prev = cx + b * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const acc_t i = sv[j], f = sv[H + j], g = sv[2 * H + j], o = sv[3 * H + j];
-          const acc_t tanh_c = sv[4 * H + j], dhj = static_cast<acc_t>(dh[j]);
-          const acc_t dc = (dc_in ? static_cast<acc_t>(dc_in[j]) : acc_t(0)) +
-                           dhj * o * (acc_t(1) - tanh_c * tanh_c);
-          d_cx[b * H + j] = static_cast<scalar_t>(dc * f);
-          dgi[j] = static_cast<scalar_t>(dc * g * i * (acc_t(1) - i));
-          dgi[H + j] = static_cast<scalar_t>(dc * static_cast<acc_t>(c_prev[j]) * f * (acc_t(1) - f));
-          dgi[2 * H + j] = static_cast<scalar_t>(dc * i * (acc_t(1) - g * g));
-          dgi[3 * H + j] = static_cast<scalar_t>(dhj * tanh_c * o * (acc_t(1) - o));
-        }
-      } else if (mode == CellMode::kGRU) {
-        const scalar_t* h_prev = hx + b * H;
-        scalar_t* dgh = d_gates_hh + b * G * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const acc_t r = sv[j], z = sv[H + j], n = sv[2 * H + j], gh_n = sv[3 * H + j];
-          const acc_t dhj = static_cast<acc_t>(dh[j]);
-          const acc_t dn = dhj * (acc_t(1) - z) * (acc_t(1) - n * n);
-          const acc_t dz = dhj * (static_cast<acc_t>(h_prev[j]) - n) * z * (acc_t(1) - z);
-          const acc_t dr = dn * gh_n * r * (acc_t(1) - r);
-          dgi[j] = dgh[j] = static_cast<scalar_t>(dr);
-          dgi[H + j] = dgh[H + j] = static_cast<scalar_t>(dz);
-          dgi[2 * H + j] = static_cast<scalar_t>(dn);
-          dgh[2 * H + j] = static_cast<scalar_t>(dn * r);
-          d_hx_direct[b * H + j] = static_cast<scalar_t>(dhj * z);
-        }
-      } else {
-        const scalar_t* h_new = h + b * H;
-        const bool tanh = mode == CellMode::kRNNTanh;
-        for (int64_t j = 0; j < H; ++j) {
-          const acc_t y = static_cast<acc_t>(h_new[j]), dhj = static_cast<acc_t>(dh[j]);
-          dgi[j] = static_cast<scalar_t>(tanh ? dhj * (acc_t(1) - y * y)
-                                              : (y > acc_t(0) ? dhj : acc_t(0)));
         }
       }
     }

@@ -1,28 +1,25 @@
 // CPU recurrent-cell kernels (rnn_cell_impl.h), compiled once per CPU capability like the
 // attention kernels (csrc/cpu/capability/) and chosen at run time. LSTM, GRU and the two
-// vanilla RNN cells share one kernel and differ by a CellMode: the gate count, whether the
+// vanilla RNN cells share one kernel and differ by the RnnMode: the gate count, whether the
 // last gate keeps its hidden product apart (GRU's n gate), and the pointwise epilogue.
-// fp16/bf16/fp32 accumulate in fp32, fp64 in fp64.
+// fp16/bf16/fp32 accumulate in fp32, fp64 in fp64. The backward's pointwise part is the
+// whole-sequence layer's rnn_step_bwd (rnn_kernels.h).
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <type_traits>
 
+#include "rnn_kernels.h"
+
 namespace seqkern::cpu {
 
-enum class CellMode : int { kLSTM = 0, kGRU = 1, kRNNTanh = 2, kRNNRelu = 3 };
-
-// Gates per hidden unit: rows of w_ih / w_hh are [gates * H].
-inline int64_t cell_gates(CellMode m) {
-  return m == CellMode::kLSTM ? 4 : m == CellMode::kGRU ? 3 : 1;
-}
-
-// Columns (in units of H) of the `saved` tensor the forward writes for the backward:
-// LSTM i, f, g, o (activated) and tanh(c'); GRU r, z, n and W_hn h + b_hn; RNN nothing
-// (its backward needs only h').
-inline int64_t cell_saved(CellMode m) {
-  return m == CellMode::kLSTM ? 5 : m == CellMode::kGRU ? 4 : 0;
+// What the forward leaves for the backward, in the accumulator dtype, as one flat buffer:
+// the layer's step layouts (rnn_pointwise_impl.h) so that the backward is the layer's own
+// rnn_step_bwd. LSTM: gates [B, 4H] (i, f, g, o activated) then c' [B, H]; GRU: [B, 4H]
+// (r, z, n activated, then h W_hn^T + b_hn); RNN: h' [B, H].
+inline int64_t cell_saved_numel(RnnMode m, int64_t B, int64_t H) {
+  return B * H * (m == RnnMode::kLSTM ? 5 : m == RnnMode::kGRU ? 4 : 1);
 }
 
 template <typename scalar_t>
@@ -39,7 +36,7 @@ struct View2 {
 // Everything one cell step reads.
 template <typename scalar_t>
 struct CellProblem {
-  CellMode mode;
+  RnnMode mode;
   int64_t B, I, H;
   View2<scalar_t> x;     // [B, I]
   View2<scalar_t> hx;    // [B, H]
@@ -54,23 +51,11 @@ struct CellProblem {
 #define SEQKERN_DECLARE_RNN_CELL_KERNELS(NS)                                                  \
   namespace NS {                                                                              \
   /* h_out: [B, H] contiguous. c_out: [B, H] contiguous (LSTM; else unused). saved:          \
-     [B, cell_saved(mode) * H] contiguous, accumulator dtype (unused for RNN). All written    \
-     in full; none may alias an input. */                                                     \
+     cell_saved_numel(mode, B, H) elements, accumulator dtype, layout above. All written in  \
+     full; none may alias an input. */                                                        \
   template <typename scalar_t>                                                                \
   void rnn_cell_fwd_kernel(const CellProblem<scalar_t>& p, scalar_t* h_out, scalar_t* c_out, \
                            cell_acc_t<scalar_t>* saved);                                      \
-  /* Gradients of the gate pre-activations from the output gradients, all [B, *]           \
-     contiguous. grad_h: [B, H]; grad_c: [B, H] or nullptr (LSTM); hx, cx: [B, H] (GRU reads  \
-     hx, LSTM cx); h: the forward's h' [B, H] (RNN); saved: the forward's. Writes            \
-     d_gates_ih [B, gates * H]; GRU also d_gates_hh [B, 3H] (which differs from d_gates_ih    \
-     in the n gate) and d_hx_direct [B, H] (z * grad_h); LSTM d_cx [B, H]. */                  \
-  template <typename scalar_t>                                                                \
-  void rnn_cell_gate_grads_kernel(CellMode mode, int64_t B, int64_t H, const scalar_t* grad_h, \
-                                  const scalar_t* grad_c, const scalar_t* hx,                 \
-                                  const scalar_t* cx, const scalar_t* h,                      \
-                                  const cell_acc_t<scalar_t>* saved, scalar_t* d_gates_ih,    \
-                                  scalar_t* d_gates_hh, scalar_t* d_hx_direct,               \
-                                  scalar_t* d_cx);                                            \
   }
 
 SEQKERN_DECLARE_RNN_CELL_KERNELS(DEFAULT)

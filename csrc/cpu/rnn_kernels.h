@@ -2,6 +2,8 @@
 // CPU capability like the attention kernels and chosen at run time.
 #pragma once
 
+#include <c10/util/Exception.h>
+
 #include <cstdint>
 #include <string>
 
@@ -15,6 +17,15 @@ inline int64_t gate_count(RnnMode mode) {
 
 // The instruction set the CPU kernels run with (csrc/cpu/attention.cpp).
 std::string kernel_capability();
+
+// The ops' mode strings (seqkern/ops/rnn_layer.py, rnn_cells.py).
+inline RnnMode parse_rnn_mode(const std::string& mode, const char* op) {
+  if (mode == "LSTM") return RnnMode::kLSTM;
+  if (mode == "GRU") return RnnMode::kGRU;
+  if (mode == "RNN_TANH") return RnnMode::kRNN_TANH;
+  if (mode == "RNN_RELU") return RnnMode::kRNN_RELU;
+  TORCH_CHECK(false, op, ": mode must be LSTM, GRU, RNN_TANH or RNN_RELU, got ", mode);
+}
 
 #define SEQKERN_DECLARE_RNN_KERNELS(NS)                                                      \
   namespace NS {                                                                             \
@@ -30,5 +41,20 @@ std::string kernel_capability();
 SEQKERN_DECLARE_RNN_KERNELS(DEFAULT)
 SEQKERN_DECLARE_RNN_KERNELS(AVX2)
 SEQKERN_DECLARE_RNN_KERNELS(AVX512)
+
+// rnn_step_bwd for the CPU's capability; shared by the layer (rnn_layer.cpp) and the cell
+// (rnn_cell.cpp), which both leave the products to GEMMs.
+template <typename T>
+void run_rnn_step_bwd(RnnMode mode, int64_t n, int64_t H, const T* saved, const T* c_new,
+                      const T* c_prev, const T* h_prev, T* dh, T* dc, T* dxg, T* dhg) {
+#if defined(__x86_64__)
+  const std::string cap = kernel_capability();
+  if (cap == "AVX512")
+    return AVX512::rnn_step_bwd<T>(mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg, dhg);
+  if (cap == "AVX2")
+    return AVX2::rnn_step_bwd<T>(mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg, dhg);
+#endif
+  DEFAULT::rnn_step_bwd<T>(mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg, dhg);
+}
 
 }  // namespace seqkern::cpu

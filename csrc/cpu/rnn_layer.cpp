@@ -30,14 +30,6 @@ struct Step {
   int64_t offset, rows;
 };
 
-RnnMode parse_mode(const std::string& mode) {
-  if (mode == "LSTM") return RnnMode::kLSTM;
-  if (mode == "GRU") return RnnMode::kGRU;
-  if (mode == "RNN_TANH") return RnnMode::kRNN_TANH;
-  if (mode == "RNN_RELU") return RnnMode::kRNN_RELU;
-  TORCH_CHECK(false, "rnn_layer: mode must be LSTM, GRU, RNN_TANH or RNN_RELU, got ", mode);
-}
-
 std::vector<Step> make_steps(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
                              bool reverse) {
   std::vector<Step> steps;
@@ -85,19 +77,6 @@ void step_fwd(RnnMode mode, int64_t n, int64_t H, const T* xg, const T* hg, T* h
   DEFAULT::rnn_step_fwd<T>(mode, n, H, xg, hg, h, c, saved);
 }
 
-template <typename T>
-void step_bwd(RnnMode mode, int64_t n, int64_t H, const T* saved, const T* c_new, const T* c_prev,
-              const T* h_prev, T* dh, T* dc, T* dxg, T* dhg) {
-#if defined(__x86_64__)
-  const std::string cap = kernel_capability();
-  if (cap == "AVX512")
-    return AVX512::rnn_step_bwd<T>(mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg, dhg);
-  if (cap == "AVX2")
-    return AVX2::rnn_step_bwd<T>(mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg, dhg);
-#endif
-  DEFAULT::rnn_step_bwd<T>(mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg, dhg);
-}
-
 at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor as_compute(const at::Tensor& t, at::ScalarType dtype) {
@@ -135,7 +114,7 @@ LayerOperands prepare(const std::string& mode_name, const at::Tensor& input,
                       const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
                       const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
                       const at::Tensor& w_hh) {
-  const RnnMode mode = parse_mode(mode_name);
+  const RnnMode mode = parse_rnn_mode(mode_name, "rnn_layer");
   check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh);
   const at::ScalarType dt = compute_dtype(input.scalar_type());
   at::Tensor x = as_compute(input, dt).reshape({-1, input.size(-1)});
@@ -247,7 +226,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
       if (s.rows == 0) continue;
       at::Tensor dh_live = dh.narrow(0, 0, s.rows);
       if (d_out.defined()) dh_live.add_(d_out.narrow(0, s.offset, s.rows));
-      step_bwd<scalar_t>(
+      run_rnn_step_bwd<scalar_t>(
           mode, s.rows, H, ws.saved(base) + s.offset * ws.saved_width,
           ws.lstm ? ws.c_new(base) + s.offset * H : nullptr,
           ws.lstm ? ws.c_prev(base) + s.offset * H : nullptr,

@@ -107,28 +107,29 @@ def rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
         i, f, g, o = (gi + gh).chunk(4, dim=1)
         i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
         c = f * cx.to(acc) + i * g
-        tanh_c = c.tanh()
-        return ((o * tanh_c).to(input.dtype), c.to(input.dtype),
-                torch.cat([i, f, g, o, tanh_c], dim=1))
+        saved = torch.cat([torch.cat([i, f, g, o], dim=1).flatten(), c.flatten()])
+        return (o * c.tanh()).to(input.dtype), c.to(input.dtype), saved
     if mode == "GRU":
         gi_r, gi_z, gi_n = gi.chunk(3, dim=1)
         gh_r, gh_z, gh_n = gh.chunk(3, dim=1)
         r, z = (gi_r + gh_r).sigmoid(), (gi_z + gh_z).sigmoid()
         n = (gi_n + r * gh_n).tanh()
         h = (1 - z) * n + z * h_prev
-        return h.to(input.dtype), empty, torch.cat([r, z, n, gh_n], dim=1)
+        return h.to(input.dtype), empty, torch.cat([r, z, n, gh_n], dim=1).flatten()
     pre = gi + gh
     h = pre.tanh() if mode == "RNN_TANH" else pre.relu()
-    return h.to(input.dtype), empty, input.new_empty((input.shape[0], 0), dtype=acc)
+    return h.to(input.dtype), empty, h.flatten().clone()  # outputs may not alias
 
 
 def rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h, saved):
     """Gradients of the gate pre-activations (see seqkern/ops/rnn_cells.py for the layout)."""
     dtype, acc = hx.dtype, saved.dtype
+    B, H = hx.shape
     dh = grad_h.to(acc)
     empty = hx.new_empty((0, 0))
     if mode == "LSTM":
-        i, f, g, o, tanh_c = saved.chunk(5, dim=1)
+        i, f, g, o = saved[:4 * B * H].view(B, 4 * H).chunk(4, dim=1)
+        tanh_c = saved[4 * B * H:].view(B, H).tanh()
         dc = dh * o * (1 - tanh_c * tanh_c)
         if grad_c is not None:
             dc = dc + grad_c.to(acc)
@@ -136,12 +137,12 @@ def rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h, saved):
                              dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], dim=1)
         return d_gates.to(dtype), empty, empty, (dc * f).to(dtype)
     if mode == "GRU":
-        r, z, n, gh_n = saved.chunk(4, dim=1)
+        r, z, n, gh_n = saved.view(B, 4 * H).chunk(4, dim=1)
         dn = dh * (1 - z) * (1 - n * n)
         dz = dh * (hx.to(acc) - n) * z * (1 - z)
         dr = dn * gh_n * r * (1 - r)
         return (torch.cat([dr, dz, dn], dim=1).to(dtype),
                 torch.cat([dr, dz, dn * r], dim=1).to(dtype), (dh * z).to(dtype), empty)
-    y = h.to(acc)
+    y = saved.view(B, H)
     d_pre = dh * (1 - y * y) if mode == "RNN_TANH" else dh * (y > 0).to(acc)
     return d_pre.to(dtype), empty, empty, empty

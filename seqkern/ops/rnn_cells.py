@@ -7,8 +7,10 @@ w_hh [G*H, H], b_ih / b_hh [G*H] or both None, with G = 4 (LSTM i, f, g, o), 3 (
 n) or 1 (RNN).
 
 The forward returns (h' [B, H], c' [B, H] for LSTM else [0, 0], saved): `saved` is what the
-backward needs, in fp32 (fp64 for fp64 inputs), [B, S*H]: LSTM S = 5 (activated i, f, g, o
-and tanh(c')), GRU S = 4 (r, z, n and W_hn h + b_hn), RNN S = 0 (it needs only h').
+backward needs, flat, in fp32 (fp64 for fp64 inputs), in the whole-sequence layer's step
+layout (csrc/cpu/rnn_pointwise_impl.h), so the CPU backward is the layer's own pointwise
+step: LSTM gates [B, 4H] (activated i, f, g, o) then c' [B, H]; GRU [B, 4H] (r, z, n and
+W_hn h + b_hn); RNN h' [B, H].
 
 The backward is a fused pointwise kernel per backend (gradients of the gate
 pre-activations, `rnn_cell_gate_grads`) followed by plain products, done here once for all
@@ -29,7 +31,7 @@ from seqkern import backends, reference
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-SAVED = {"LSTM": 5, "GRU": 4, "RNN_TANH": 0, "RNN_RELU": 0}
+SAVED = {"LSTM": 5, "GRU": 4, "RNN_TANH": 1, "RNN_RELU": 1}  # saved numel / (B * H)
 
 
 def acc_dtype(dtype):
@@ -53,7 +55,7 @@ def _rnn_cell_fwd_fake(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     B, H = hx.shape
     h = input.new_empty((B, H))
     c = input.new_empty((B, H) if mode == "LSTM" else (0, 0))
-    saved = input.new_empty((B, SAVED[mode] * H), dtype=acc_dtype(input.dtype))
+    saved = input.new_empty((B * SAVED[mode] * H,), dtype=acc_dtype(input.dtype))
     return h, c, saved
 
 

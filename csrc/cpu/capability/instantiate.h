@@ -9,13 +9,10 @@ namespace seqkern::cpu::CPU_CAPABILITY {
 #define SEQKERN_INSTANTIATE(T)                                                              \
   template void attention_fwd_kernel<T>(const AttentionProblem<T>&, T*, acc_type_t<T>*);    \
   template void attention_bwd_kernel<T>(const AttentionProblem<T>&, View4<T>, View4<T>,     \
-                                        const acc_type_t<T>*, T*, T*, T*);  \
+                                        const acc_type_t<T>*, T*, T*, T*);                  \
   template void attention_weights_kernel<T>(const AttentionProblem<T>&, const acc_type_t<T>*, \
-                                            bool, T*);  \
-  template void rnn_cell_fwd_kernel<T>(const CellProblem<T>&, T*, T*, cell_acc_t<T>*);      \
-  template void rnn_cell_gate_grads_kernel<T>(CellMode, int64_t, int64_t, const T*, const T*, \
-                                              const T*, const T*, const T*,                 \
-                                              const cell_acc_t<T>*, T*, T*, T*, T*);
+                                            bool, T*);                                      \
+  template void rnn_cell_fwd_kernel<T>(const CellProblem<T>&, T*, T*, cell_acc_t<T>*);
 SEQKERN_INSTANTIATE(float)
 SEQKERN_INSTANTIATE(double)
 SEQKERN_INSTANTIATE(at::Half)
