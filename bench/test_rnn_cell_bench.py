@@ -3,6 +3,12 @@
 Cases: one cell step forward, and a Python loop of T = 100 steps, forward and forward +
 backward (the training step: the loss is the sum of the last state). FLOPs: a step is
 2*B*G*H*(I+H) with G = 4 (LSTM), 3 (GRU), 1 (RNN); a training loop counts 3x its forward.
+
+The training loop allocates two fresh [G*H, H] weight gradients per step (seqkern and torch
+alike), and glibc's trimming then makes page faults vary from a few thousand to ~100K per
+loop, for either provider: on the 2-core CI machine that moved the loop's time by +-30%.
+For stable loop numbers run with MALLOC_MMAP_THRESHOLD_=268435456
+MALLOC_TRIM_THRESHOLD_=1073741824 (the library itself sets nothing).
 """
 import pytest
 import torch

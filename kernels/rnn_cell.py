@@ -17,25 +17,10 @@ import triton.language as tl
 
 from seqkern._debug import new_output
 
-_LSTM, _GRU, _RNN_TANH, _RNN_RELU = 0, 1, 2, 3
-_MODES = {"LSTM": _LSTM, "GRU": _GRU, "RNN_TANH": _RNN_TANH, "RNN_RELU": _RNN_RELU}
-_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+# Mode numbers, gate counts, dtypes and the portable activations are the layer kernel's.
+from .rnn_layer import _DTYPES, _GATES, _MODES, _sigmoid, _tanh  # noqa: E402
+
 _SAVED = {"LSTM": 5, "GRU": 4, "RNN_TANH": 1, "RNN_RELU": 1}  # saved numel / (B * H)
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    # tl has no portable tanh (libdevice is CUDA-only, the interpreter lacks it):
-    # tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) never overflows.
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
