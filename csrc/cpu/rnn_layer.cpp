@@ -13,6 +13,8 @@
 // step updates only its live rows, so rows that end early keep their final state and, in
 // the reverse direction, rows that start late start from h0.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -47,6 +49,47 @@ std::vector<Step> make_steps(const at::Tensor& input, const std::optional<at::Te
   }
   if (reverse) std::reverse(steps.begin(), steps.end());
   return steps;
+}
+
+// Batch rows never interact in a recurrence, so the time loop runs once per block of rows,
+// the blocks in parallel with no synchronisation between steps (a barrier per step, which
+// a column split of each step needs, costs milliseconds whenever another process holds a
+// core). Blocks are balanced by work: rows are sorted by length (packed sequences), so the
+// split follows the cumulative count of live (step, row) pairs. With fewer than two rows
+// per thread one block takes all rows and each step's product and cell run in parallel.
+std::vector<std::pair<int64_t, int64_t>> row_blocks(const std::vector<Step>& steps,
+                                                    int64_t batch) {
+  const int64_t threads = at::get_num_threads();
+  if (threads < 2 || batch < 2 * threads || at::in_parallel_region()) return {{0, batch}};
+  std::vector<int64_t> work(batch, 0);  // live steps of each row
+  for (const Step& s : steps)
+    for (int64_t r = 0; r < s.rows; ++r) ++work[r];
+  int64_t total = 0;
+  for (int64_t w : work) total += w;
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  int64_t start = 0, done = 0;
+  for (int64_t r = 0; r < batch; ++r) {
+    done += work[r];
+    const int64_t target = total * (int64_t(blocks.size()) + 1) / threads;
+    if ((done >= target && int64_t(blocks.size()) < threads - 1) || r == batch - 1) {
+      blocks.push_back({start, r + 1});
+      start = r + 1;
+    }
+  }
+  return blocks;
+}
+
+// Runs body(lo, hi) for each row block, in parallel when there are several.
+template <typename Body>
+void for_row_blocks(const std::vector<std::pair<int64_t, int64_t>>& blocks, const Body& body) {
+  if (blocks.size() == 1) return body(blocks[0].first, blocks[0].second);
+  // The body calls ATen ops: the workers take the caller's dispatch state (this op runs
+  // below autograd) instead of their own.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, int64_t(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard guard(caller_state);
+    for (int64_t b = b0; b < b1; ++b) body(blocks[b].first, blocks[b].second);
+  });
 }
 
 // The workspace the forward leaves for the backward: four blocks, each [N, width] row-major,
@@ -164,23 +207,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     scalar_t* h_ptr = h.data_ptr<scalar_t>();
     scalar_t* c_ptr = ws.lstm ? c.data_ptr<scalar_t>() : nullptr;
     const size_t state_bytes = H * sizeof(scalar_t);
-    for (const Step& s : make_steps(input, batch_sizes, reverse)) {
-      if (s.rows == 0) continue;
-      at::Tensor h_live = h.narrow(0, 0, s.rows), hg = h_gates.narrow(0, 0, s.rows);
-      if (need_workspace) {
-        std::memcpy(ws.h_prev(base) + s.offset * H, h_ptr, s.rows * state_bytes);
-        if (ws.lstm) std::memcpy(ws.c_prev(base) + s.offset * H, c_ptr, s.rows * state_bytes);
+    const std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
+    for_row_blocks(row_blocks(steps, h.size(0)), [&](int64_t lo, int64_t hi_block) {
+      for (const Step& s : steps) {
+        const int64_t hi = std::min(hi_block, s.rows), n = hi - lo;
+        if (n <= 0) continue;
+        const int64_t row = s.offset + lo;  // first row of this block in the flat input
+        at::Tensor h_live = h.narrow(0, lo, n), hg = h_gates.narrow(0, lo, n);
+        scalar_t* h_rows = h_ptr + lo * H;
+        scalar_t* c_rows = ws.lstm ? c_ptr + lo * H : nullptr;
+        if (need_workspace) {
+          std::memcpy(ws.h_prev(base) + row * H, h_rows, n * state_bytes);
+          if (ws.lstm) std::memcpy(ws.c_prev(base) + row * H, c_rows, n * state_bytes);
+        }
+        if (bias_h) hg.copy_(bias_h->expand_as(hg));
+        tiled_matmul_into(hg, h_live, whh_t, bias_h.has_value());
+        step_fwd<scalar_t>(mode, n, H, x_gates.data_ptr<scalar_t>() + row * G * H,
+                           hg.data_ptr<scalar_t>(), h_rows, c_rows,
+                           need_workspace ? ws.saved(base) + row * ws.saved_width
+                                          : saved_scratch.data_ptr<scalar_t>() +
+                                                lo * ws.saved_width);
+        if (ws.lstm && need_workspace)
+          std::memcpy(ws.c_new(base) + row * H, c_rows, n * state_bytes);
+        std::memcpy(out.data_ptr<scalar_t>() + row * H, h_rows, n * state_bytes);
       }
-      if (bias_h) hg.copy_(bias_h->expand_as(hg));
-      tiled_matmul_into(hg, h_live, whh_t, bias_h.has_value());
-      step_fwd<scalar_t>(mode, s.rows, H, x_gates.data_ptr<scalar_t>() + s.offset * G * H,
-                         hg.data_ptr<scalar_t>(), h_ptr, c_ptr,
-                         need_workspace ? ws.saved(base) + s.offset * ws.saved_width
-                                        : saved_scratch.data_ptr<scalar_t>());
-      if (ws.lstm && need_workspace)
-        std::memcpy(ws.c_new(base) + s.offset * H, c_ptr, s.rows * state_bytes);
-      std::memcpy(out.data_ptr<scalar_t>() + s.offset * H, h_ptr, s.rows * state_bytes);
-    }
+    });
   });
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = H;
@@ -220,22 +271,25 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   const PackedRight whh_packed = pack_right(whh);  // [G*H, H], reused by every step
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_bwd", [&] {
     const scalar_t* base = workspace.data_ptr<scalar_t>();
-    std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
-    for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
-      const Step& s = *it;
-      if (s.rows == 0) continue;
-      at::Tensor dh_live = dh.narrow(0, 0, s.rows);
-      if (d_out.defined()) dh_live.add_(d_out.narrow(0, s.offset, s.rows));
-      run_rnn_step_bwd<scalar_t>(
-          mode, s.rows, H, ws.saved(base) + s.offset * ws.saved_width,
-          ws.lstm ? ws.c_new(base) + s.offset * H : nullptr,
-          ws.lstm ? ws.c_prev(base) + s.offset * H : nullptr,
-          ws.h_prev(base) + s.offset * H, dh.data_ptr<scalar_t>(),
-          ws.lstm ? dc.data_ptr<scalar_t>() : nullptr,
-          dx_gates.data_ptr<scalar_t>() + s.offset * G * H,
-          mode == RnnMode::kGRU ? dh_gates.data_ptr<scalar_t>() + s.offset * G * H : nullptr);
-      tiled_matmul_into(dh_live, dh_gates.narrow(0, s.offset, s.rows), whh_packed, true);
-    }
+    const std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
+    for_row_blocks(row_blocks(steps, dh.size(0)), [&](int64_t lo, int64_t hi_block) {
+      for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+        const Step& s = *it;
+        const int64_t hi = std::min(hi_block, s.rows), n = hi - lo;
+        if (n <= 0) continue;
+        const int64_t row = s.offset + lo;  // first row of this block in the flat input
+        at::Tensor dh_live = dh.narrow(0, lo, n);
+        if (d_out.defined()) dh_live.add_(d_out.narrow(0, row, n));
+        run_rnn_step_bwd<scalar_t>(
+            mode, n, H, ws.saved(base) + row * ws.saved_width,
+            ws.lstm ? ws.c_new(base) + row * H : nullptr,
+            ws.lstm ? ws.c_prev(base) + row * H : nullptr, ws.h_prev(base) + row * H,
+            dh.data_ptr<scalar_t>() + lo * H, ws.lstm ? dc.data_ptr<scalar_t>() + lo * H : nullptr,
+            dx_gates.data_ptr<scalar_t>() + row * G * H,
+            mode == RnnMode::kGRU ? dh_gates.data_ptr<scalar_t>() + row * G * H : nullptr);
+        tiled_matmul_into(dh_live, dh_gates.narrow(0, row, n), whh_packed, true);
+      }
+    });
   });
   const at::Tensor dx = tiled_matmul(dx_gates, wih);
   const at::Tensor dw_ih = tiled_matmul(dx_gates.t(), x);
