@@ -7,6 +7,7 @@ namespace seqkern::cpu {
 namespace {
 constexpr int64_t kTileM = 64;
 constexpr int64_t kPanel = 64;  // output columns per tile = panel width
+constexpr int64_t kChunkK = 512;
 
 // Whether a 2-D tensor is a row-major matrix brgemm can read: unit column stride and a row
 // stride of at least one row (degenerate strides of size-1 dims excluded).
@@ -54,15 +55,22 @@ void tiled_matmul_into(at::Tensor& out, const at::Tensor& a_in, const PackedRigh
   float* C = out.data_ptr<float>();
   const int64_t lda = a.stride(0), ldc = out.stride(0);
   const int64_t m_tiles = (M + kTileM - 1) / kTileM, n_tiles = (N + kPanel - 1) / kPanel;
-  at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t np = tile / m_tiles, m0 = (tile % m_tiles) * kTileM, n0 = np * kPanel;
-      const int64_t rows = std::min(kTileM, M - m0), cols = std::min(kPanel, N - n0);
-      at::native::cpublas::brgemm(rows, cols, K, lda, kPanel, ldc, accumulate, A + m0 * lda,
-                                  P + np * K * kPanel, C + m0 * ldc + n0, /*is_vnni=*/false);
-    }
-    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
-  });
+  // Long reductions (weight gradients sum over every time step: K = T * B) go in chunks so
+  // that a tile's slices of A and of the panel stay in cache.
+  for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
+    const int64_t kc = std::min(kChunkK, K - k0);
+    const bool add = accumulate || k0 > 0;
+    at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t np = tile / m_tiles, m0 = (tile % m_tiles) * kTileM, n0 = np * kPanel;
+        const int64_t rows = std::min(kTileM, M - m0), cols = std::min(kPanel, N - n0);
+        at::native::cpublas::brgemm(rows, cols, kc, lda, kPanel, ldc, add, A + m0 * lda + k0,
+                                    P + (np * K + k0) * kPanel, C + m0 * ldc + n0,
+                                    /*is_vnni=*/false);
+      }
+      at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+    });
+  }
 }
 
 at::Tensor tiled_matmul(const at::Tensor& a, const at::Tensor& b) {
