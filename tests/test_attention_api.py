@@ -11,6 +11,7 @@ import seqkern
 from seqkern.backends import BACKENDS, BackendError
 from seqkern.functional import scaled_dot_product_attention as sdpa
 from tests.attention_cases import DEVICE, make_qkv, opcheck_inputs
+from tests.capability_runner import assert_passes_under_capability
 
 HAS_C = not BACKENDS["cpu"].availability(DEVICE)
 needs_c = pytest.mark.skipif(not HAS_C, reason="seqkern._C not built")
@@ -138,12 +139,7 @@ for a, b in zip(got, want):
     assert (a.double() - b).abs().max() < 1e-4, (a.double() - b).abs().max()
 print(torch.ops.seqkern_C.cpu_capability())
 """
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, cwd=root)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() in (capability.upper(), "DEFAULT")
+    assert_passes_under_capability(code, capability)
 
 
 @needs_c

@@ -1,8 +1,5 @@
 """The recurrent cells as an API: drop-in modules (constructors, parameters, init,
 state_dict, errors), registration (opcheck, gradcheck, double backward, torch.compile)."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,6 +7,7 @@ import torch
 import seqkern
 from seqkern.backends import BACKENDS
 from tests.attention_cases import DEVICE
+from tests.capability_runner import assert_passes_under_capability
 from tests.test_rnn_cells import MODES, call, call_reference, make_cell_args
 
 HAS_C = not BACKENDS["cpu"].availability(DEVICE)
@@ -190,9 +188,4 @@ for mode in MODES:
     check_against_reference64("cpu", mode, make_cell_args(mode, 2, 5, 9, torch.float64))
 print(torch.ops.seqkern_C.cpu_capability())
 """
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, cwd=root)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() in (capability.upper(), "DEFAULT")
+    assert_passes_under_capability(code, capability)

@@ -8,7 +8,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import seqkern
 from seqkern.backends import BACKENDS
 from tests.attention_cases import DEVICE
-from tests.tolerances import BWD_FACTOR, FWD_FACTOR, assert_close, assert_close_relative
+from tests.tolerances import FWD_FACTOR, assert_close, assert_close_relative
 
 HAS_C = not BACKENDS["cpu"].availability(DEVICE)
 

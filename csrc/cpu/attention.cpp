@@ -33,34 +33,19 @@ namespace {
 
 template <typename scalar_t>
 void run_fwd(const AttentionProblem<scalar_t>& p, scalar_t* out, acc_type_t<scalar_t>* lse) {
-#if defined(__x86_64__)
-  const std::string cap = kernel_capability();
-  if (cap == "AVX512") return AVX512::attention_fwd_kernel<scalar_t>(p, out, lse);
-  if (cap == "AVX2") return AVX2::attention_fwd_kernel<scalar_t>(p, out, lse);
-#endif
-  DEFAULT::attention_fwd_kernel<scalar_t>(p, out, lse);
+  SEQKERN_CPU_DISPATCH(attention_fwd_kernel<scalar_t>, p, out, lse);
 }
 
 template <typename scalar_t>
 void run_bwd(const AttentionProblem<scalar_t>& p, View4<scalar_t> grad_out, View4<scalar_t> out,
              const acc_type_t<scalar_t>* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
-#if defined(__x86_64__)
-  const std::string cap = kernel_capability();
-  if (cap == "AVX512") return AVX512::attention_bwd_kernel<scalar_t>(p, grad_out, out, lse, dq, dk, dv);
-  if (cap == "AVX2") return AVX2::attention_bwd_kernel<scalar_t>(p, grad_out, out, lse, dq, dk, dv);
-#endif
-  DEFAULT::attention_bwd_kernel<scalar_t>(p, grad_out, out, lse, dq, dk, dv);
+  SEQKERN_CPU_DISPATCH(attention_bwd_kernel<scalar_t>, p, grad_out, out, lse, dq, dk, dv);
 }
 
 template <typename scalar_t>
 void run_weights(const AttentionProblem<scalar_t>& p, const acc_type_t<scalar_t>* lse,
                  bool average_heads, scalar_t* weights) {
-#if defined(__x86_64__)
-  const std::string cap = kernel_capability();
-  if (cap == "AVX512") return AVX512::attention_weights_kernel<scalar_t>(p, lse, average_heads, weights);
-  if (cap == "AVX2") return AVX2::attention_weights_kernel<scalar_t>(p, lse, average_heads, weights);
-#endif
-  DEFAULT::attention_weights_kernel<scalar_t>(p, lse, average_heads, weights);
+  SEQKERN_CPU_DISPATCH(attention_weights_kernel<scalar_t>, p, lse, average_heads, weights);
 }
 
 // SEQKERN_POISON_OUTPUTS=1 fills new outputs with NaN before the kernel runs (tests).

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "attention_common.h"
+#include "capability.h"
 
 namespace seqkern::cpu {
 

@@ -42,12 +42,7 @@ void check_2d(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
 
 template <typename scalar_t>
 void run_fwd(const CellProblem<scalar_t>& p, scalar_t* h, scalar_t* c, cell_acc_t<scalar_t>* saved) {
-#if defined(__x86_64__)
-  const std::string cap = kernel_capability();
-  if (cap == "AVX512") return AVX512::rnn_cell_fwd_kernel<scalar_t>(p, h, c, saved);
-  if (cap == "AVX2") return AVX2::rnn_cell_fwd_kernel<scalar_t>(p, h, c, saved);
-#endif
-  DEFAULT::rnn_cell_fwd_kernel<scalar_t>(p, h, c, saved);
+  SEQKERN_CPU_DISPATCH(rnn_cell_fwd_kernel<scalar_t>, p, h, c, saved);
 }
 
 // (h' [B, H], c' [B, H] for LSTM else [0, 0], saved: flat, accumulator dtype, layout in

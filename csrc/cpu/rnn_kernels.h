@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <string>
 
+#include "capability.h"
+
 namespace seqkern::cpu {
 
 enum class RnnMode { kLSTM, kGRU, kRNN_TANH, kRNN_RELU };
@@ -15,8 +17,6 @@ inline int64_t gate_count(RnnMode mode) {
   return mode == RnnMode::kLSTM ? 4 : mode == RnnMode::kGRU ? 3 : 1;
 }
 
-// The instruction set the CPU kernels run with (csrc/cpu/attention.cpp).
-std::string kernel_capability();
 
 // The ops' mode strings (seqkern/ops/rnn_layer.py, rnn_cells.py).
 inline RnnMode parse_rnn_mode(const std::string& mode, const char* op) {
@@ -47,14 +47,8 @@ SEQKERN_DECLARE_RNN_KERNELS(AVX512)
 template <typename T>
 void run_rnn_step_bwd(RnnMode mode, int64_t n, int64_t H, const T* saved, const T* c_new,
                       const T* c_prev, const T* h_prev, T* dh, T* dc, T* dxg, T* dhg) {
-#if defined(__x86_64__)
-  const std::string cap = kernel_capability();
-  if (cap == "AVX512")
-    return AVX512::rnn_step_bwd<T>(mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg, dhg);
-  if (cap == "AVX2")
-    return AVX2::rnn_step_bwd<T>(mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg, dhg);
-#endif
-  DEFAULT::rnn_step_bwd<T>(mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg, dhg);
+  SEQKERN_CPU_DISPATCH(rnn_step_bwd<T>, mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg,
+                       dhg);
 }
 
 }  // namespace seqkern::cpu

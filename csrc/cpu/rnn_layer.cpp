@@ -112,12 +112,7 @@ Workspace workspace_layout(RnnMode mode, int64_t N, int64_t H) {
 
 template <typename T>
 void step_fwd(RnnMode mode, int64_t n, int64_t H, const T* xg, const T* hg, T* h, T* c, T* saved) {
-#if defined(__x86_64__)
-  const std::string cap = kernel_capability();
-  if (cap == "AVX512") return AVX512::rnn_step_fwd<T>(mode, n, H, xg, hg, h, c, saved);
-  if (cap == "AVX2") return AVX2::rnn_step_fwd<T>(mode, n, H, xg, hg, h, c, saved);
-#endif
-  DEFAULT::rnn_step_fwd<T>(mode, n, H, xg, hg, h, c, saved);
+  SEQKERN_CPU_DISPATCH(rnn_step_fwd<T>, mode, n, H, xg, hg, h, c, saved);
 }
 
 at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
