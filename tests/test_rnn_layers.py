@@ -224,6 +224,17 @@ def test_lstm_bad_states_and_integer_input_raise_like_torch():
         ours(torch.ones(5, 2, 3, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_hidden_state_of_another_dtype_raises_like_torch(cls):
+    ours, theirs = getattr(seqkern, cls)(3, 4), getattr(torch.nn, cls)(3, 4)
+    h = torch.randn(1, 2, 4, dtype=torch.float64)
+    hx = (h, h) if cls == "LSTM" else h
+    with pytest.raises(RuntimeError):
+        theirs(torch.randn(5, 2, 3), hx)
+    with pytest.raises(RuntimeError, match="not the same dtype"):
+        ours(torch.randn(5, 2, 3), hx)
+
+
 @pytest.mark.skipif(not HAS_C, reason="no _C")
 def test_opcheck_layer_ops():
     x = torch.randn(4, 2, 3, dtype=torch.float64)

@@ -57,6 +57,12 @@ class _SeqkernRNNMixin:
             hx = self.permute_hidden(hx, sorted_indices)
         if not (packed and lstm):  # torch checks all but packed LSTM input here
             self.check_forward_args(input, hx, batch_sizes)
+        for state in (hx if lstm else (hx,)):
+            if state.dtype != input.dtype or state.device != input.device:
+                raise RuntimeError(
+                    "Input and hidden tensors are not the same dtype and device, found input "
+                    f"tensor with {input.dtype} on {input.device} and hidden tensor with "
+                    f"{state.dtype} on {state.device}")
         if not packed and input.size(0 if not self.batch_first else 1) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
