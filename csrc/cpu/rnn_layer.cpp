@@ -287,8 +287,13 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
     });
   });
   const at::Tensor dx = tiled_matmul(dx_gates, wih);
-  const at::Tensor dw_ih = tiled_matmul(dx_gates.t(), x);
-  const at::Tensor dw_hh = tiled_matmul(dh_gates.t(), h_prev);
+  // The weight gradients' left operands are the gate gradients transposed: transpose once,
+  // and only once more for GRU, whose dh_gates differ from dx_gates.
+  const at::Tensor dx_gates_t = dx_gates.t().contiguous();
+  const at::Tensor dh_gates_t =
+      mode == RnnMode::kGRU ? dh_gates.t().contiguous() : dx_gates_t;
+  const at::Tensor dw_ih = tiled_matmul(dx_gates_t, x);
+  const at::Tensor dw_hh = tiled_matmul(dh_gates_t, h_prev);
   at::Tensor db_ih, db_hh;
   if (b_ih) {
     db_ih = dx_gates.sum(0);
