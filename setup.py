@@ -12,9 +12,6 @@ import os
 
 from setuptools import find_packages, setup
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
 def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 

@@ -33,7 +33,7 @@ def make_qkv(B, Hq, Hkv, L, S, D, Dv=None, dtype=torch.float32, layout="contiguo
     return tuple(t.to(dtype) for t in (q, k, v))
 
 
-def make_masks(kind, B, Hq, L, S, dtype, generator=None):
+def make_masks(kind, B, Hq, L, S, dtype):
     """(attn_mask, key_padding_mask, is_causal) for a mask kind such as 'causal+pad'."""
     attn_mask, kpm, causal = None, None, False
     for part in kind.split("+"):

@@ -243,7 +243,7 @@ def test_is_causal_hint_follows_torch():
 
 
 def _error_cases():
-    E, H = 8, 2
+    E = 8
     x = torch.randn(5, 3, E)
     kpm = torch.zeros(3, 5, dtype=torch.bool)
     return {

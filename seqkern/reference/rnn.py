@@ -10,13 +10,9 @@ import torch
 import torch.nn.functional as F
 
 
-def _linear(x, w, b):
-    return F.linear(x, w, b)
-
-
 def lstm_cell(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One LSTM step. Returns (h' [B, H], c' [B, H])."""
-    gates = _linear(input, w_ih, b_ih) + _linear(hx, w_hh, b_hh)
+    gates = F.linear(input, w_ih, b_ih) + F.linear(hx, w_hh, b_hh)
     i, f, g, o = gates.chunk(4, dim=-1)
     c_next = torch.sigmoid(f) * cx + torch.sigmoid(i) * torch.tanh(g)
     h_next = torch.sigmoid(o) * torch.tanh(c_next)
@@ -25,8 +21,8 @@ def lstm_cell(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One GRU step. Returns h' [B, H]."""
-    gi_r, gi_z, gi_n = _linear(input, w_ih, b_ih).chunk(3, dim=-1)
-    gh_r, gh_z, gh_n = _linear(hx, w_hh, b_hh).chunk(3, dim=-1)
+    gi_r, gi_z, gi_n = F.linear(input, w_ih, b_ih).chunk(3, dim=-1)
+    gh_r, gh_z, gh_n = F.linear(hx, w_hh, b_hh).chunk(3, dim=-1)
     r = torch.sigmoid(gi_r + gh_r)
     z = torch.sigmoid(gi_z + gh_z)
     n = torch.tanh(gi_n + r * gh_n)
@@ -35,7 +31,7 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 
 def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
     """One vanilla RNN step. Returns h' [B, H]."""
-    pre = _linear(input, w_ih, b_ih) + _linear(hx, w_hh, b_hh)
+    pre = F.linear(input, w_ih, b_ih) + F.linear(hx, w_hh, b_hh)
     if nonlinearity == "tanh":
         return torch.tanh(pre)
     if nonlinearity == "relu":
