@@ -37,12 +37,16 @@ info: install
 	$(PY) -m seqkern.info
 
 # CMake build of csrc/ without pip: CPU kernels against libtorch, CUDA sources with nvcc
-# for sm_80 and sm_90a when nvcc is present (no GPU needed).
+# for sm_80 and sm_90a when nvcc is present (no GPU needed), the torch binding compiled
+# (not linked) against torch's headers, and ptxas's resource report checked for spills.
 cuda-check: $(DEPS)
 	cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
 	  -DPython3_EXECUTABLE="$$(command -v $(PY))"
-	cmake --build build-cmake -j $${MAX_JOBS:-2}
+	rm -rf build-cmake/CMakeFiles/seqkern_cuda_kernels.dir  # so ptxas reports every kernel
+	cmake --build build-cmake -j $${MAX_JOBS:-2} > build-cmake/build.log 2>&1 \
+	  || (tail -n 200 build-cmake/build.log; exit 1)
+	$(PY) .ci/cuda_resources.py build-cmake/build.log
 	cd build-cmake && ctest --output-on-failure
 
 clean:

@@ -34,7 +34,7 @@ def _cases():
 
 
 def _providers():
-    return ["seqkern-triton", "torch"] if CUDA else ["seqkern-cpu", "torch"]
+    return ["seqkern-cuda", "seqkern-triton", "torch"] if CUDA else ["seqkern-cpu", "torch"]
 
 
 def _case_id(c):

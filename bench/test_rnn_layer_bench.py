@@ -20,6 +20,10 @@ SHAPES = [("fastrnns", 100, 64, 512, 512, False),
           ("packed", 200, 16, 512, 512, True)]
 
 
+# On a GPU both compiled backends run side by side; on the CPU the default dispatch (cpu).
+PROVIDERS = ["seqkern-cuda", "seqkern-triton", "torch"] if CUDA else ["seqkern", "torch"]
+
+
 def _sync():
     if CUDA:
         torch.cuda.synchronize()
@@ -29,13 +33,17 @@ def _sync():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
-@pytest.mark.parametrize("provider", ["seqkern", "torch"])
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
     name, T, B, I, H, packed = shape
     gen = torch.Generator().manual_seed(0)
     theirs = getattr(torch.nn, cls)(I, H).to(DEVICE, dtype)
     module = theirs
-    if provider == "seqkern":
+    backend = provider.split("-", 1)[1] if provider.startswith("seqkern-") else None
+    if backend and seqkern.backends.BACKENDS[backend].not_supported_reasons(
+            "rnn_layer", dict(device=torch.device(DEVICE), dtype=dtype, mode=cls)):
+        pytest.skip(f"{provider} not usable here")
+    if provider.startswith("seqkern"):
         module = getattr(seqkern, cls)(I, H).to(DEVICE, dtype)
         module.load_state_dict(theirs.state_dict())
     x = torch.randn(T, B, I, generator=gen).to(DEVICE, dtype)
@@ -66,8 +74,14 @@ def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
             _sync()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
+    if backend:
+        forced = target
+
+        def target():
+            with seqkern.backend(backend):
+                forced()
     benchmark.pedantic(target, rounds=10 if CUDA else 4, iterations=1, warmup_rounds=1)
     extra = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if CUDA else None
     case = f"{cls} {pass_} {name} T{T} B{B} H{H} {str(dtype).replace('torch.', '')}"
-    record(benchmark, case, f"{provider}-{DEVICE}" if provider == "seqkern" else f"torch-{cls}",
-           flops, extra)
+    label = {"seqkern": f"seqkern-{DEVICE}", "torch": f"torch-{cls}"}.get(provider, provider)
+    record(benchmark, case, label, flops, extra)

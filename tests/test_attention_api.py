@@ -102,6 +102,25 @@ def test_cpu_tensors_pick_cpu_backend_by_default(monkeypatch):
     assert seqkern.backends.select("attention", inputs) is BACKENDS["cpu"]
 
 
+@needs_c
+def test_measured_order_overrides_the_default_priority(monkeypatch):
+    monkeypatch.delenv("SEQKERN_BACKEND", raising=False)
+    q, _, _ = _qkv()
+    small = dict(device=q.device, dtype=q.dtype, query=q)
+    large = dict(small, query=q.new_empty(1, 1, 4096, 8))
+    rule = (lambda inputs: inputs["query"].shape[2] < 1024, ("reference", "cpu"), "test")
+    monkeypatch.setitem(seqkern.backends.MEASURED_ORDER, ("cpu", "attention"), [rule])
+    assert seqkern.backends.select("attention", small) is BACKENDS["reference"]
+    assert seqkern.backends.select("attention", large) is BACKENDS["cpu"]
+    assert seqkern.backends.select("rnn_layer", small) is BACKENDS["cpu"]
+
+
+def test_cuda_backend_names_what_it_lacks():
+    reasons = BACKENDS["cuda"].not_supported_reasons(
+        "attention", dict(device=torch.device("cpu"), dtype=torch.float32))
+    assert reasons and all(isinstance(r, str) and r for r in reasons)
+
+
 def test_triton_on_cpu_needs_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="0")
     code = ("import seqkern.backends as b; r = b.BACKENDS['triton'].availability('cpu'); "

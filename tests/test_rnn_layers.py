@@ -62,15 +62,18 @@ def _make_input(cls, kw, form, T, B, given_h0, gen):
 
 
 HAS_TRITON = not BACKENDS["triton"].availability(DEVICE)
+HAS_CUDA = not BACKENDS["cuda"].availability(DEVICE)
 GRID = [pytest.param(backend, seed, torch.float64, id=f"{backend}-{seed}")
         for backend in ("cpu", "reference") for seed in range(24)] + [
-    pytest.param("triton", seed, torch.float32, id=f"triton-{seed}") for seed in range(10)]
+    pytest.param(backend, seed, torch.float32, id=f"{backend}-{seed}")
+    for backend in ("triton", "cuda") for seed in range(10)]
 
 
 @pytest.mark.parametrize("backend, seed, dtype", GRID)
 def test_randomized_parity_with_torch(backend, seed, dtype):
     """seqkern's module (in dtype, on backend) against torch's in float64."""
-    if backend == "cpu" and not HAS_C or backend == "triton" and not HAS_TRITON:
+    usable = {"cpu": HAS_C, "triton": HAS_TRITON, "cuda": HAS_CUDA, "reference": True}
+    if not usable[backend]:
         pytest.skip(f"{backend} backend not usable here")
     rng = random.Random(seed)
     cls, kw, form, T, B, given_h0 = _random_config(rng)

@@ -13,13 +13,27 @@ from seqkern.backends import cpu, cuda, reference, triton
 
 BACKENDS = {b.NAME: b for b in (cuda, triton, cpu, reference)}
 
-# Per device type: the order in which backends are tried. On CUDA tensors, the cuda
-# backend and the Triton kernels are ordered per op by measured speed (bench/RESULTS.md);
-# until the CUDA kernels exist for an op, cuda reports itself unsupported and triton runs.
+# Per device type: the order in which backends are tried.
 PRIORITY = {
     "cuda": ("cuda", "triton", "reference"),
     "cpu": ("cpu", "reference"),
 }
+
+# On CUDA tensors both compiled backends can run most ops; which goes first is a measured
+# fact. Each entry: (device, op) -> [(applies(inputs) -> bool, order, evidence)]; the
+# first that applies wins; evidence names the bench/RESULTS.md run that showed it. An op
+# without a matching entry keeps PRIORITY's order (the CUDA kernels first, as the hand-tuned path). No entry yet:
+# no GPU run has measured cuda against triton (bench/RESULTS.md, "not yet measured").
+MEASURED_ORDER = {}
+
+
+def priority(device, op, inputs):
+    """The order in which backends are tried for op on inputs on this device type."""
+    for applies, order, _evidence in MEASURED_ORDER.get((device, op), ()):
+        if applies(inputs):
+            return order
+    return PRIORITY.get(device, ("reference",))
+
 
 _local = threading.local()
 
@@ -66,7 +80,7 @@ def select(op, inputs):
         every = {n: b.not_supported_reasons(op, inputs) for n, b in BACKENDS.items()}
         raise BackendError(f"seqkern: backend {forced!r} was requested for {op} but cannot "
                            f"run these inputs. Every backend:\n{_format(op, every)}")
-    order = PRIORITY.get(device, ("reference",))
+    order = priority(device, op, inputs)
     every = {}
     for name in order:
         reasons = BACKENDS[name].not_supported_reasons(op, inputs)

@@ -1,11 +1,29 @@
 """The `cuda` backend: the CUDA kernels of seqkern._C (csrc/cuda/) on CUDA tensors.
 
-The kernels themselves come with their own issue; until _C holds a CUDA kernel for an op,
-this backend says so and the dispatcher moves on to `triton`.
+The kernels are registered under seqkern_C's CUDA dispatch key by csrc/cuda/bind_*.cpp,
+which setup.py compiles only where torch has CUDA. What they handle is mirrored here, so
+that the dispatcher moves on to `triton` (with the reason) instead of failing in C++.
 """
+import torch
+
 from seqkern import _extension
+from seqkern.backends._compiled import (  # noqa: F401  (the op entry points)
+    attention_bwd, attention_fwd, attention_weights, rnn_cell_fwd, rnn_cell_gate_grads,
+    rnn_layer_bwd, rnn_layer_fwd,
+)
 
 NAME = "cuda"
+
+# Each op the dispatcher asks about -> the seqkern_C entry points it calls.
+ENTRY_POINTS = {
+    "attention": ("attention_fwd", "attention_bwd"),
+    "attention_weights": ("attention_weights",),
+    "rnn_cell": ("rnn_cell_fwd", "rnn_cell_gate_grads"),
+    "rnn_layer": ("rnn_layer_fwd", "rnn_layer_bwd"),
+}
+_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+_RNN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
 
 
 def availability(device):
@@ -20,8 +38,29 @@ def availability(device):
     return []
 
 
+def has_cuda_kernel(entry_point):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"seqkern_C::{entry_point}", "CUDA")
+
+
+def _attention_reasons(inputs):
+    reasons = []
+    if inputs["dtype"] not in _ATTENTION_DTYPES:
+        reasons.append(f"dtype {inputs['dtype']} is not fp16 or bf16 (triton runs fp32)")
+    D, Dv = inputs["query"].shape[-1], inputs["value"].shape[-1]
+    if not (1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
+        reasons.append(f"head dims D={D}, Dv={Dv} outside 1..{MAX_HEAD_DIM}")
+    return reasons
+
+
 def not_supported_reasons(op, inputs):
     reasons = availability(inputs["device"].type)
-    if not reasons:
-        reasons.append(f"no CUDA kernel for {op} yet (csrc/cuda/ does not implement it)")
-    return reasons
+    if reasons:
+        return reasons
+    missing = [name for name in ENTRY_POINTS.get(op, (op,)) if not has_cuda_kernel(name)]
+    if missing:
+        return [f"seqkern._C has no CUDA kernel for {', '.join(missing)}"]
+    if op == "attention":
+        return _attention_reasons(inputs)
+    if inputs["dtype"] not in _RNN_DTYPES:
+        return [f"dtype {inputs['dtype']} is not one of fp16, bf16, fp32"]
+    return []
