@@ -60,6 +60,12 @@ TORCH_LIBRARY(seqkern_C, m) {
   m.def(
       "rnn_cell_gate_grads(str mode, Tensor grad_h, Tensor? grad_c, Tensor hx, Tensor? cx, "
       "Tensor h, Tensor saved) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The gate gradients and the products in one call: (dx, dhx, dcx, dw_ih, dw_hh, db_ih,
+  // db_hh), [0] where needs[k] is false or the gradient does not exist.
+  m.def(
+      "rnn_cell_bwd(str mode, Tensor grad_h, Tensor? grad_c, Tensor input, Tensor hx, "
+      "Tensor? cx, Tensor w_ih, Tensor w_hh, bool has_bias, Tensor h, Tensor saved, "
+      "bool[] needs) -> Tensor[]");
 }
 
 // `import seqkern._C` loads this library, which runs the registrations above; the module

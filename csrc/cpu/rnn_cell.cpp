@@ -1,15 +1,16 @@
 // The CPU implementations of seqkern_C::rnn_cell_fwd / rnn_cell_gate_grads: argument
 // checks, output allocation, dtype and capability dispatch. Forward kernel:
 // rnn_cell_impl.h; the gate gradients are the whole-sequence layer's pointwise step
-// backward (rnn_pointwise_impl.h). The backward's products (dx, dh, dW, db) are plain GEMMs
-// done by the caller (seqkern/ops/rnn_cells.py) with at::mm, which runs MKL on both cores.
+// backward (rnn_pointwise_impl.h), and rnn_cell_bwd adds the products (dx, dh, dW, db).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
+#include "matmul.h"
 #include "rnn_cell_kernels.h"
 
 namespace seqkern::cpu {
@@ -87,14 +88,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_fwd_cpu(
   return {h, c, saved};
 }
 
-// (d_gates_ih [B, G*H], d_gates_hh [B, 3H] for GRU else [0, 0], d_hx_direct [B, H] for GRU
-// else [0, 0], d_cx [B, H] for LSTM else [0, 0]), in hx's dtype. grad_c may be absent
-// (LSTM with only h' used); saved is the forward's.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_gate_grads_cpu(
-    const std::string& mode_name, const at::Tensor& grad_h, const std::optional<at::Tensor>& grad_c,
-    const at::Tensor& hx, const std::optional<at::Tensor>& cx, const at::Tensor& h,
-    const at::Tensor& saved) {
-  const RnnMode mode = parse_rnn_mode(mode_name, "seqkern rnn cell");
+// The gradients of the gate pre-activations, in the accumulator dtype: d_gates_ih [B, G*H],
+// d_gates_hh [B, G*H] (GRU; else the same tensor), d_hx_direct [B, H] (GRU: the gradient
+// reaching hx around the products; else dh itself, unused), d_cx [B, H] (LSTM; else
+// undefined). grad_c may be absent (LSTM with only h' used); saved is the forward's.
+struct GateGrads {
+  at::Tensor d_ih, d_hh, d_hx_direct, d_cx;
+};
+
+GateGrads gate_grads(RnnMode mode, const at::Tensor& grad_h,
+                     const std::optional<at::Tensor>& grad_c, const at::Tensor& hx,
+                     const std::optional<at::Tensor>& cx, const at::Tensor& h,
+                     const at::Tensor& saved) {
   const int64_t G = gate_count(mode);
   TORCH_CHECK(hx.dim() == 2, "seqkern rnn cell: hx must be [B, H], got ", hx.sizes());
   const int64_t B = hx.size(0), H = hx.size(1);
@@ -129,9 +134,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_gate_grads_c
                                  dx_gates.data_ptr<scalar_t>(), dh_gates.data_ptr<scalar_t>());
     });
   }
+  return {dx_gates, dh_gates, dh, dc};
+}
+
+// (d_gates_ih [B, G*H], d_gates_hh [B, 3H] for GRU else [0, 0], d_hx_direct [B, H] for GRU
+// else [0, 0], d_cx [B, H] for LSTM else [0, 0]), in hx's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_gate_grads_cpu(
+    const std::string& mode_name, const at::Tensor& grad_h, const std::optional<at::Tensor>& grad_c,
+    const at::Tensor& hx, const std::optional<at::Tensor>& cx, const at::Tensor& h,
+    const at::Tensor& saved) {
+  const RnnMode mode = parse_rnn_mode(mode_name, "seqkern rnn cell");
+  const GateGrads g = gate_grads(mode, grad_h, grad_c, hx, cx, h, saved);
+  const auto dtype = hx.scalar_type();
+  const bool lstm = mode == RnnMode::kLSTM, gru = mode == RnnMode::kGRU;
   const auto empty = [&] { return at::empty({0, 0}, hx.options()); };
-  return {dx_gates.to(dtype), gru ? dh_gates.to(dtype) : empty(), gru ? dh.to(dtype) : empty(),
-          lstm ? dc.to(dtype) : empty()};
+  return {g.d_ih.to(dtype), gru ? g.d_hh.to(dtype) : empty(),
+          gru ? g.d_hx_direct.to(dtype) : empty(), lstm ? g.d_cx.to(dtype) : empty()};
+}
+
+// The whole cell backward in one call (seqkern/ops/rnn_cells.py, rnn_cell_bwd): the gate
+// gradients, then the products dx = dG_ih W_ih, dhx = dG_hh W_hh (+ GRU's direct part),
+// dW_ih = dG_ih^T x, dW_hh = dG_hh^T hx and the bias sums. needs[k] says whether gradient k
+// (dx, dhx, dcx, dw_ih, dw_hh, db_ih, db_hh) is wanted; an unwanted one comes back as [0].
+// fp32 runs the products on brgemm with the weights read in place (matmul_once); the other
+// dtypes take the gate gradients back to the input dtype and use at::mm, as torch would.
+std::vector<at::Tensor> rnn_cell_bwd_cpu(
+    const std::string& mode_name, const at::Tensor& grad_h, const std::optional<at::Tensor>& grad_c,
+    const at::Tensor& x, const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_bias, const at::Tensor& h,
+    const at::Tensor& saved, c10::List<bool> needs) {
+  const RnnMode mode = parse_rnn_mode(mode_name, "seqkern rnn cell");
+  TORCH_CHECK(needs.size() == 7, "seqkern rnn cell: needs must have 7 entries");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == hx.size(0),
+              "seqkern rnn cell: input must be [B, I] with hx's batch, got ", x.sizes());
+  const int64_t G = gate_count(mode), H = hx.size(1);
+  const auto dtype = hx.scalar_type();
+  check_2d(w_ih, "w_ih", G * H, x.size(1), dtype);
+  check_2d(w_hh, "w_hh", G * H, H, dtype);
+  const GateGrads g = gate_grads(mode, grad_h, grad_c, hx, cx, h, saved);
+  const bool fp32 = dtype == at::kFloat, lstm = mode == RnnMode::kLSTM,
+             gru = mode == RnnMode::kGRU;
+  const at::Tensor d_ih = fp32 ? g.d_ih : g.d_ih.to(dtype);
+  const at::Tensor d_hh = !gru ? d_ih : fp32 ? g.d_hh : g.d_hh.to(dtype);
+  std::vector<at::Tensor> grads(7);
+  if (needs[0]) grads[0] = matmul_once(d_ih, w_ih);
+  if (needs[1]) {
+    grads[1] = matmul_once(d_hh, w_hh);
+    if (gru) grads[1].add_(g.d_hx_direct);
+  }
+  if (needs[2] && lstm) grads[2] = g.d_cx.to(dtype);
+  if (needs[3] || needs[4]) {
+    // dG^T as a row-major operand: [G*H, B], transposed once, small.
+    const at::Tensor d_ih_t = d_ih.t().contiguous();
+    if (needs[3]) grads[3] = matmul_once(d_ih_t, x);
+    if (needs[4]) grads[4] = matmul_once(gru ? d_hh.t().contiguous() : d_ih_t, hx);
+  }
+  if (has_bias && needs[5]) grads[5] = d_ih.sum(0);
+  if (has_bias && needs[6]) grads[6] = d_hh.sum(0);
+  for (auto& t : grads)
+    if (!t.defined()) t = at::empty({0}, x.options());
+  return grads;
 }
 
 }  // namespace
@@ -140,4 +202,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_gate_grads_c
 TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
   m.impl("rnn_cell_fwd", &seqkern::cpu::rnn_cell_fwd_cpu);
   m.impl("rnn_cell_gate_grads", &seqkern::cpu::rnn_cell_gate_grads_cpu);
+  m.impl("rnn_cell_bwd", &seqkern::cpu::rnn_cell_bwd_cpu);
 }

@@ -43,3 +43,8 @@ def rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
 
 def rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h, saved):
     return torch.ops.seqkern_C.rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h, saved)
+
+
+def rnn_cell_bwd(mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, has_bias, h, saved, needs):
+    return tuple(torch.ops.seqkern_C.rnn_cell_bwd(mode, grad_h, grad_c, input, hx, cx, w_ih,
+                                                  w_hh, has_bias, h, saved, needs))

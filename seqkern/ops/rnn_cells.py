@@ -13,9 +13,10 @@ step: LSTM gates [B, 4H] (activated i, f, g, o) then c' [B, H]; GRU [B, 4H] (r, 
 W_hn h + b_hn); RNN h' [B, H].
 
 The backward is a fused pointwise kernel per backend (gradients of the gate
-pre-activations, `rnn_cell_gate_grads`) followed by plain products, done here once for all
-backends with torch.matmul: dx = dG_ih W_ih, dh = dG_hh W_hh, dW_ih = dG_ih^T x,
-dW_hh = dG_hh^T h, db = column sums.
+pre-activations, `rnn_cell_gate_grads`) followed by plain products, done here with
+torch.matmul: dx = dG_ih W_ih, dh = dG_hh W_hh, dW_ih = dG_ih^T x, dW_hh = dG_hh^T h,
+db = column sums; a backend that has the whole backward in one call (`rnn_cell_bwd`: cpu)
+runs that instead.
 
 Double backward: when the backward itself is differentiated (create_graph=True, seen as
 grad mode being on inside the backward), it recomputes the step through
@@ -71,6 +72,10 @@ def rnn_cell_bwd(mode: str, grad_h: Tensor, grad_c: Optional[Tensor], input: Ten
     a sequence the input rarely needs a gradient, and its product costs as much as dW's.
     """
     impl = backends.select("rnn_cell", _inputs(mode, input))
+    fused = getattr(impl, "rnn_cell_bwd", None)
+    if fused is not None:  # the backend does the products too (cpu: one C++ call)
+        return fused(mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, has_bias, h, saved,
+                     needs)
     d_ih, d_hh, d_hx_direct, dcx = impl.rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h,
                                                             saved)
     if mode != "GRU":  # only GRU's n gate sees the hidden product through r
