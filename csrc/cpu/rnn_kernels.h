@@ -30,8 +30,8 @@ inline RnnMode parse_rnn_mode(const std::string& mode, const char* op) {
 #define SEQKERN_DECLARE_RNN_KERNELS(NS)                                                      \
   namespace NS {                                                                             \
   template <typename T>                                                                      \
-  void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T* h_gates, \
-                    T* h, T* c, T* saved);                                                   \
+  void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T* x_bias, \
+                    const T* h_gates, T* h, T* c, T* saved);                                 \
   template <typename T>                                                                      \
   void rnn_step_bwd(RnnMode mode, int64_t n, int64_t H, const T* saved, const T* c_new,     \
                     const T* c_prev, const T* h_prev, T* dh, T* dc, T* dx_gates,             \

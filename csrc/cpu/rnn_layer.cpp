@@ -111,8 +111,39 @@ Workspace workspace_layout(RnnMode mode, int64_t N, int64_t H) {
 }
 
 template <typename T>
-void step_fwd(RnnMode mode, int64_t n, int64_t H, const T* xg, const T* hg, T* h, T* c, T* saved) {
-  SEQKERN_CPU_DISPATCH(rnn_step_fwd<T>, mode, n, H, xg, hg, h, c, saved);
+void step_fwd(RnnMode mode, int64_t n, int64_t H, const T* xg, const T* x_bias, const T* hg, T* h,
+              T* c, T* saved) {
+  SEQKERN_CPU_DISPATCH(rnn_step_fwd<T>, mode, n, H, xg, x_bias, hg, h, c, saved);
+}
+
+// The input projection runs chunk by chunk, a few steps ahead of the recurrence: one
+// product over every row of the chunk's steps (both threads, large M), whose output is
+// still in cache when the steps read it. One buffer for the whole sequence (T * B * G*H,
+// 52 MB for the fastrnns LSTM) was written, faulted in page by page and read back from
+// memory: it cost more than the recurrence itself.
+constexpr int64_t kProjectionChunkBytes = int64_t(4) << 20;
+
+// Consecutive steps [first, last) whose rows fill about kProjectionChunkBytes of gates
+// (at least one step), and the contiguous range of flat input rows they cover.
+struct StepChunk {
+  size_t first, last;
+  int64_t row0, rows;
+};
+
+std::vector<StepChunk> step_chunks(const std::vector<Step>& steps, int64_t row_bytes) {
+  std::vector<StepChunk> chunks;
+  const int64_t budget = std::max<int64_t>(1, kProjectionChunkBytes / std::max<int64_t>(1, row_bytes));
+  for (size_t i = 0; i < steps.size();) {
+    StepChunk c{i, i, steps[i].offset, 0};
+    while (c.last < steps.size() && (c.last == i || c.rows + steps[c.last].rows <= budget)) {
+      c.row0 = std::min(c.row0, steps[c.last].offset);  // reverse: offsets go down
+      c.rows += steps[c.last].rows;
+      ++c.last;
+    }
+    chunks.push_back(c);
+    i = c.last;
+  }
+  return chunks;
 }
 
 at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -173,19 +204,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   const int64_t H = ops.H, G = ops.G, N = ops.N;
   const at::Tensor &x = ops.x, &wih = ops.w_ih, &whh = ops.w_hh;
   const PackedRight whh_t = pack_right(whh.t());  // [H, G*H]: the step product's right operand
-  // LSTM and RNN fold both biases into the input projection; GRU keeps b_hh with h W_hh^T
+  // LSTM and RNN add both biases with the input projection; GRU keeps b_hh with h W_hh^T
   // because b_hn sits inside r * (W_hn h + b_hn).
-  at::Tensor x_gates;
-  std::optional<at::Tensor> bias_h;
+  std::optional<at::Tensor> bias_x, bias_h;
   if (b_ih) {
-    at::Tensor bias_x = as_compute(*b_ih, dt);
+    bias_x = as_compute(*b_ih, dt);
     if (mode == RnnMode::kGRU) bias_h = as_compute(*b_hh, dt);
-    else bias_x = bias_x + as_compute(*b_hh, dt);
-    x_gates = bias_x.expand({N, G * H}).contiguous();
-    tiled_matmul_into(x_gates, x, pack_right(wih.t()), true);
-  } else {
-    x_gates = tiled_matmul(x, wih.t());
+    else bias_x = *bias_x + as_compute(*b_hh, dt);
   }
+  const PackedRight wih_t = pack_right(wih.t());  // [I, G*H]
   at::Tensor h = h0.to(dt).clone(at::MemoryFormat::Contiguous);
   at::Tensor c = mode == RnnMode::kLSTM ? c0->to(dt).clone(at::MemoryFormat::Contiguous)
                                         : at::empty({0}, h.options());
@@ -196,37 +223,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   at::Tensor h_gates = at::empty({h.size(0), G * H}, h.options());
   at::Tensor saved_scratch = at::empty({need_workspace ? 0 : h.size(0) * ws.saved_width},
                                        h.options());
+  const std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
+  const auto blocks = row_blocks(steps, h.size(0));
+  const std::vector<StepChunk> chunks =
+      step_chunks(steps, G * H * int64_t(at::elementSize(dt)));
+  int64_t chunk_rows = 0;
+  for (const StepChunk& ch : chunks) chunk_rows = std::max(chunk_rows, ch.rows);
+  at::Tensor x_gates = at::empty({chunk_rows, G * H}, h.options());
 
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_fwd", [&] {
     scalar_t* base = workspace.data_ptr<scalar_t>();
     scalar_t* h_ptr = h.data_ptr<scalar_t>();
     scalar_t* c_ptr = ws.lstm ? c.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* x_bias = bias_x ? bias_x->data_ptr<scalar_t>() : nullptr;
     const size_t state_bytes = H * sizeof(scalar_t);
-    const std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
-    for_row_blocks(row_blocks(steps, h.size(0)), [&](int64_t lo, int64_t hi_block) {
-      for (const Step& s : steps) {
-        const int64_t hi = std::min(hi_block, s.rows), n = hi - lo;
-        if (n <= 0) continue;
-        const int64_t row = s.offset + lo;  // first row of this block in the flat input
-        at::Tensor h_live = h.narrow(0, lo, n), hg = h_gates.narrow(0, lo, n);
-        scalar_t* h_rows = h_ptr + lo * H;
-        scalar_t* c_rows = ws.lstm ? c_ptr + lo * H : nullptr;
-        if (need_workspace) {
-          std::memcpy(ws.h_prev(base) + row * H, h_rows, n * state_bytes);
-          if (ws.lstm) std::memcpy(ws.c_prev(base) + row * H, c_rows, n * state_bytes);
+    for (const StepChunk& ch : chunks) {
+      at::Tensor xg_chunk = x_gates.narrow(0, 0, ch.rows);
+      tiled_matmul_into(xg_chunk, x.narrow(0, ch.row0, ch.rows), wih_t, false);
+      for_row_blocks(blocks, [&](int64_t lo, int64_t hi_block) {
+        for (size_t i = ch.first; i < ch.last; ++i) {
+          const Step& s = steps[i];
+          const int64_t hi = std::min(hi_block, s.rows), n = hi - lo;
+          if (n <= 0) continue;
+          const int64_t row = s.offset + lo;  // first row of this block in the flat input
+          at::Tensor h_live = h.narrow(0, lo, n), hg = h_gates.narrow(0, lo, n);
+          scalar_t* h_rows = h_ptr + lo * H;
+          scalar_t* c_rows = ws.lstm ? c_ptr + lo * H : nullptr;
+          if (need_workspace) {
+            std::memcpy(ws.h_prev(base) + row * H, h_rows, n * state_bytes);
+            if (ws.lstm) std::memcpy(ws.c_prev(base) + row * H, c_rows, n * state_bytes);
+          }
+          if (bias_h) hg.copy_(bias_h->expand_as(hg));
+          tiled_matmul_into(hg, h_live, whh_t, bias_h.has_value());
+          step_fwd<scalar_t>(mode, n, H, xg_chunk.data_ptr<scalar_t>() + (row - ch.row0) * G * H,
+                             x_bias, hg.data_ptr<scalar_t>(), h_rows, c_rows,
+                             need_workspace ? ws.saved(base) + row * ws.saved_width
+                                            : saved_scratch.data_ptr<scalar_t>() +
+                                                  lo * ws.saved_width);
+          if (ws.lstm && need_workspace)
+            std::memcpy(ws.c_new(base) + row * H, c_rows, n * state_bytes);
+          std::memcpy(out.data_ptr<scalar_t>() + row * H, h_rows, n * state_bytes);
         }
-        if (bias_h) hg.copy_(bias_h->expand_as(hg));
-        tiled_matmul_into(hg, h_live, whh_t, bias_h.has_value());
-        step_fwd<scalar_t>(mode, n, H, x_gates.data_ptr<scalar_t>() + row * G * H,
-                           hg.data_ptr<scalar_t>(), h_rows, c_rows,
-                           need_workspace ? ws.saved(base) + row * ws.saved_width
-                                          : saved_scratch.data_ptr<scalar_t>() +
-                                                lo * ws.saved_width);
-        if (ws.lstm && need_workspace)
-          std::memcpy(ws.c_new(base) + row * H, c_rows, n * state_bytes);
-        std::memcpy(out.data_ptr<scalar_t>() + row * H, h_rows, n * state_bytes);
-      }
-    });
+      });
+    }
   });
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = H;

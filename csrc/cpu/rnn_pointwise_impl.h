@@ -4,7 +4,8 @@
 // (csrc/cpu/capability/) inside that unit's CPU_CAPABILITY namespace.
 //
 // Layouts, all row-major and contiguous, n live batch rows, hidden size H:
-//   x_gates [n, G*H]  input projection of this step (+ b_ih; + b_hh for LSTM and RNN)
+//   x_gates [n, G*H]  input projection of this step (its bias x_bias comes apart:
+//                     b_ih, + b_hh for LSTM and RNN)
 //   h_gates [n, G*H]  h_prev W_hh^T (+ b_hh for GRU)
 //   saved   [n, W]    what the backward needs: LSTM W = 4H (i, f, g, o activated);
 //                     GRU W = 4H (r, z, n activated, then h_prev W_hn^T + b_hn);
@@ -67,33 +68,43 @@ inline void for_rows_and_chunks(int64_t n, int64_t H, const Body& body) {
 }  // namespace rnn_detail
 
 // Forward of one step. h [n, H] and c [n, H] (LSTM only) hold the previous state on entry
-// and the new state on exit.
+// and the new state on exit. x_bias [G*H] (or nullptr) is added to every row of x_gates:
+// the layer's input projection leaves it out, so that it is not written into (and read
+// back from) every row of a buffer the size of the whole sequence.
 template <typename T>
-void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T* h_gates, T* h,
-                  T* c, T* saved) {
+void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T* x_bias,
+                  const T* h_gates, T* h, T* c, T* saved) {
   using namespace rnn_detail;
   using V = Vec<T>;
   const int64_t G = gate_count(mode);
   for_rows_and_chunks(n, H, [&](int64_t r, int64_t j0, int64_t j1) {
-    const T* xg = x_gates + r * G * H;
+    const T* xrow = x_gates + r * G * H;
+    // The biased input gate k at unit j, vector and scalar.
+    const auto X = [&](int64_t k, int64_t j) {
+      const V v = V::loadu(xrow + k * H + j);
+      return x_bias ? v + V::loadu(x_bias + k * H + j) : v;
+    };
+    const auto Xs = [&](int64_t k, int64_t j) {
+      return x_bias ? xrow[k * H + j] + x_bias[k * H + j] : xrow[k * H + j];
+    };
     const T* hg = h_gates + r * G * H;
     T* hr = h + r * H;
     if (mode == RnnMode::kLSTM) {
       T* cr = c + r * H;
       T* sv = saved + r * 4 * H;
       for_lanes<T>(j0, j1, [&](int64_t j) {
-        const V i = sigmoid(V::loadu(xg + j) + V::loadu(hg + j));
-        const V f = sigmoid(V::loadu(xg + H + j) + V::loadu(hg + H + j));
-        const V g = (V::loadu(xg + 2 * H + j) + V::loadu(hg + 2 * H + j)).tanh();
-        const V o = sigmoid(V::loadu(xg + 3 * H + j) + V::loadu(hg + 3 * H + j));
+        const V i = sigmoid(X(0, j) + V::loadu(hg + j));
+        const V f = sigmoid(X(1, j) + V::loadu(hg + H + j));
+        const V g = (X(2, j) + V::loadu(hg + 2 * H + j)).tanh();
+        const V o = sigmoid(X(3, j) + V::loadu(hg + 3 * H + j));
         const V c_new = f * V::loadu(cr + j) + i * g;
         i.store(sv + j), f.store(sv + H + j), g.store(sv + 2 * H + j), o.store(sv + 3 * H + j);
         c_new.store(cr + j);
         (o * c_new.tanh()).store(hr + j);
       }, [&](int64_t j) {
-        const T i = sigmoid(xg[j] + hg[j]), f = sigmoid(xg[H + j] + hg[H + j]);
-        const T g = std::tanh(xg[2 * H + j] + hg[2 * H + j]);
-        const T o = sigmoid(xg[3 * H + j] + hg[3 * H + j]);
+        const T i = sigmoid(Xs(0, j) + hg[j]), f = sigmoid(Xs(1, j) + hg[H + j]);
+        const T g = std::tanh(Xs(2, j) + hg[2 * H + j]);
+        const T o = sigmoid(Xs(3, j) + hg[3 * H + j]);
         const T c_new = f * cr[j] + i * g;
         sv[j] = i, sv[H + j] = f, sv[2 * H + j] = g, sv[3 * H + j] = o;
         cr[j] = c_new;
@@ -102,16 +113,16 @@ void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T*
     } else if (mode == RnnMode::kGRU) {
       T* sv = saved + r * 4 * H;
       for_lanes<T>(j0, j1, [&](int64_t j) {
-        const V rg = sigmoid(V::loadu(xg + j) + V::loadu(hg + j));
-        const V z = sigmoid(V::loadu(xg + H + j) + V::loadu(hg + H + j));
+        const V rg = sigmoid(X(0, j) + V::loadu(hg + j));
+        const V z = sigmoid(X(1, j) + V::loadu(hg + H + j));
         const V hn = V::loadu(hg + 2 * H + j);
-        const V nn = (V::loadu(xg + 2 * H + j) + rg * hn).tanh();
+        const V nn = (X(2, j) + rg * hn).tanh();
         rg.store(sv + j), z.store(sv + H + j), nn.store(sv + 2 * H + j), hn.store(sv + 3 * H + j);
         (nn + z * (V::loadu(hr + j) - nn)).store(hr + j);
       }, [&](int64_t j) {
-        const T rg = sigmoid(xg[j] + hg[j]), z = sigmoid(xg[H + j] + hg[H + j]);
+        const T rg = sigmoid(Xs(0, j) + hg[j]), z = sigmoid(Xs(1, j) + hg[H + j]);
         const T hn = hg[2 * H + j];
-        const T nn = std::tanh(xg[2 * H + j] + rg * hn);
+        const T nn = std::tanh(Xs(2, j) + rg * hn);
         sv[j] = rg, sv[H + j] = z, sv[2 * H + j] = nn, sv[3 * H + j] = hn;
         hr[j] = nn + z * (hr[j] - nn);
       });
@@ -119,12 +130,12 @@ void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T*
       T* sv = saved + r * H;
       const bool relu = mode == RnnMode::kRNN_RELU;
       for_lanes<T>(j0, j1, [&](int64_t j) {
-        const V pre = V::loadu(xg + j) + V::loadu(hg + j);
+        const V pre = X(0, j) + V::loadu(hg + j);
         const V out = relu ? at::vec::maximum(pre, V(T(0))) : pre.tanh();
         out.store(sv + j);
         out.store(hr + j);
       }, [&](int64_t j) {
-        const T pre = xg[j] + hg[j];
+        const T pre = Xs(0, j) + hg[j];
         sv[j] = hr[j] = relu ? std::max(pre, T(0)) : std::tanh(pre);
       });
     }
