@@ -73,33 +73,45 @@ void tiled_matmul_into(at::Tensor& out, const at::Tensor& a_in, const PackedRigh
   }
 }
 
-at::Tensor matmul_once(const at::Tensor& a_in, const at::Tensor& b_in) {
-  TORCH_CHECK(a_in.dim() == 2 && b_in.dim() == 2 && a_in.size(1) == b_in.size(0),
-              "matmul_once: shapes do not match");
-  if (a_in.scalar_type() != at::kFloat || b_in.scalar_type() != at::kFloat)
-    return at::mm(a_in, b_in);
+void matmul_once_into(at::Tensor& out, const at::Tensor& a_in, const at::Tensor& b_in,
+                      bool accumulate) {
+  TORCH_CHECK(a_in.dim() == 2 && b_in.dim() == 2 && a_in.size(1) == b_in.size(0) &&
+                  out.dim() == 2 && out.size(0) == a_in.size(0) && out.size(1) == b_in.size(1),
+              "matmul_once_into: shapes do not match");
   const int64_t M = a_in.size(0), K = a_in.size(1), N = b_in.size(1);
-  at::Tensor out = at::empty({M, N}, a_in.options());
-  if (M == 0 || N == 0) return out;
-  if (K == 0) return out.zero_();
+  if (M == 0 || N == 0) return;
+  const bool fp32 = a_in.scalar_type() == at::kFloat && b_in.scalar_type() == at::kFloat &&
+                    out.scalar_type() == at::kFloat;
+  if (!fp32 || K == 0 || !row_major(out)) {
+    if (accumulate) out.addmm_(a_in, b_in);
+    else if (K == 0) out.zero_();
+    else at::mm_out(out, a_in, b_in);
+    return;
+  }
   const at::Tensor a = row_major(a_in) ? a_in : a_in.contiguous();
   const at::Tensor b = row_major(b_in) ? b_in : b_in.contiguous();
   const float* A = a.data_ptr<float>();
   const float* Bp = b.data_ptr<float>();
   float* C = out.data_ptr<float>();
-  const int64_t lda = a.stride(0), ldb = b.stride(0);
+  const int64_t lda = a.stride(0), ldb = b.stride(0), ldc = out.stride(0);
   const int64_t m_tiles = (M + kTileM - 1) / kTileM, n_tiles = (N + kPanel - 1) / kPanel;
   at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n0 = (tile / m_tiles) * kPanel, m0 = (tile % m_tiles) * kTileM;
       const int64_t rows = std::min(kTileM, M - m0), cols = std::min(kPanel, N - n0);
       for (int64_t k0 = 0; k0 < K; k0 += kChunkK)
-        at::native::cpublas::brgemm(rows, cols, std::min(kChunkK, K - k0), lda, ldb, N,
-                                    /*add_C=*/k0 > 0, A + m0 * lda + k0, Bp + k0 * ldb + n0,
-                                    C + m0 * N + n0, /*is_vnni=*/false);
+        at::native::cpublas::brgemm(rows, cols, std::min(kChunkK, K - k0), lda, ldb, ldc,
+                                    /*add_C=*/accumulate || k0 > 0, A + m0 * lda + k0,
+                                    Bp + k0 * ldb + n0, C + m0 * ldc + n0, /*is_vnni=*/false);
     }
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   });
+}
+
+at::Tensor matmul_once(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "matmul_once: operands must be 2-D");
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  matmul_once_into(out, a, b, false);
   return out;
 }
 

@@ -30,4 +30,8 @@ at::Tensor tiled_matmul(const at::Tensor& a, const at::Tensor& b);
 // 1 MB weight is streamed once rather than copied and then read; other dtypes use at::mm.
 at::Tensor matmul_once(const at::Tensor& a, const at::Tensor& b);
 
+// out [M, N] (row-major) (+)= a [M, K] @ b [K, N], b read in place as matmul_once does.
+void matmul_once_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                      bool accumulate);
+
 }  // namespace seqkern::cpu

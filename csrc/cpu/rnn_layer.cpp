@@ -298,50 +298,67 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
                                  : at::zeros_like(h0, opts))
                       : at::empty({0}, opts);
   const at::Tensor d_out = grad_output ? as_compute(*grad_output, dt).reshape({-1, H}) : at::Tensor();
-  at::Tensor dx_gates = at::empty({N, G * H}, opts);
-  at::Tensor dh_gates = mode == RnnMode::kGRU ? at::empty({N, G * H}, opts) : dx_gates;
-  at::Tensor h_prev = workspace.narrow(0, ws.saved_width * N, N * H).view({N, H});
+  const at::Tensor h_prev = workspace.narrow(0, ws.saved_width * N, N * H).view({N, H});
+  const bool gru = mode == RnnMode::kGRU;
+  // The gate gradients of a chunk of steps (as in the forward's projection): the products
+  // that take them (dx, dW_ih, dW_hh, db) run once per chunk, over all of its rows, while
+  // they are in cache; nothing the size of the whole sequence is written.
+  const std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
+  const auto blocks = row_blocks(steps, dh.size(0));
+  const std::vector<StepChunk> chunks =
+      step_chunks(steps, G * H * int64_t(at::elementSize(dt)) * (gru ? 2 : 1));
+  int64_t chunk_rows = 0;
+  for (const StepChunk& ch : chunks) chunk_rows = std::max(chunk_rows, ch.rows);
+  at::Tensor dx_gates = at::empty({chunk_rows, G * H}, opts);
+  at::Tensor dh_gates = gru ? at::empty({chunk_rows, G * H}, opts) : dx_gates;
+  at::Tensor dx = at::empty({N, x.size(1)}, opts);
+  at::Tensor dw_ih = at::zeros({G * H, x.size(1)}, opts), dw_hh = at::zeros({G * H, H}, opts);
+  at::Tensor db_ih = at::zeros({b_ih ? G * H : 0}, opts), db_hh = at::zeros({b_ih ? G * H : 0}, opts);
 
   const PackedRight whh_packed = pack_right(whh);  // [G*H, H], reused by every step
+  const PackedRight wih_packed = pack_right(wih);  // [G*H, I], by every chunk
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_bwd", [&] {
     const scalar_t* base = workspace.data_ptr<scalar_t>();
-    const std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
-    for_row_blocks(row_blocks(steps, dh.size(0)), [&](int64_t lo, int64_t hi_block) {
-      for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
-        const Step& s = *it;
-        const int64_t hi = std::min(hi_block, s.rows), n = hi - lo;
-        if (n <= 0) continue;
-        const int64_t row = s.offset + lo;  // first row of this block in the flat input
-        at::Tensor dh_live = dh.narrow(0, lo, n);
-        if (d_out.defined()) dh_live.add_(d_out.narrow(0, row, n));
-        run_rnn_step_bwd<scalar_t>(
-            mode, n, H, ws.saved(base) + row * ws.saved_width,
-            ws.lstm ? ws.c_new(base) + row * H : nullptr,
-            ws.lstm ? ws.c_prev(base) + row * H : nullptr, ws.h_prev(base) + row * H,
-            dh.data_ptr<scalar_t>() + lo * H, ws.lstm ? dc.data_ptr<scalar_t>() + lo * H : nullptr,
-            dx_gates.data_ptr<scalar_t>() + row * G * H,
-            mode == RnnMode::kGRU ? dh_gates.data_ptr<scalar_t>() + row * G * H : nullptr);
-        tiled_matmul_into(dh_live, dh_gates.narrow(0, row, n), whh_packed, true);
+    for (auto ch = chunks.rbegin(); ch != chunks.rend(); ++ch) {
+      for_row_blocks(blocks, [&](int64_t lo, int64_t hi_block) {
+        for (size_t i = ch->last; i-- > ch->first;) {
+          const Step& s = steps[i];
+          const int64_t hi = std::min(hi_block, s.rows), n = hi - lo;
+          if (n <= 0) continue;
+          const int64_t row = s.offset + lo;  // first row of this block in the flat input
+          const int64_t chunk_row = row - ch->row0;
+          at::Tensor dh_live = dh.narrow(0, lo, n);
+          if (d_out.defined()) dh_live.add_(d_out.narrow(0, row, n));
+          run_rnn_step_bwd<scalar_t>(
+              mode, n, H, ws.saved(base) + row * ws.saved_width,
+              ws.lstm ? ws.c_new(base) + row * H : nullptr,
+              ws.lstm ? ws.c_prev(base) + row * H : nullptr, ws.h_prev(base) + row * H,
+              dh.data_ptr<scalar_t>() + lo * H,
+              ws.lstm ? dc.data_ptr<scalar_t>() + lo * H : nullptr,
+              dx_gates.data_ptr<scalar_t>() + chunk_row * G * H,
+              gru ? dh_gates.data_ptr<scalar_t>() + chunk_row * G * H : nullptr);
+          tiled_matmul_into(dh_live, dh_gates.narrow(0, chunk_row, n), whh_packed, true);
+        }
+      });
+      const at::Tensor dxg_chunk = dx_gates.narrow(0, 0, ch->rows);
+      const at::Tensor dhg_chunk = dh_gates.narrow(0, 0, ch->rows);
+      at::Tensor dx_rows = dx.narrow(0, ch->row0, ch->rows);
+      tiled_matmul_into(dx_rows, dxg_chunk, wih_packed, false);
+      // The weight gradients' left operands are the gate gradients transposed: transpose
+      // once, and once more only for GRU, whose dh_gates differ from dx_gates.
+      const at::Tensor dxg_t = dxg_chunk.t().contiguous();
+      const at::Tensor dhg_t = gru ? dhg_chunk.t().contiguous() : dxg_t;
+      matmul_once_into(dw_ih, dxg_t, x.narrow(0, ch->row0, ch->rows), true);
+      matmul_once_into(dw_hh, dhg_t, h_prev.narrow(0, ch->row0, ch->rows), true);
+      if (b_ih) {
+        db_ih.add_(dxg_chunk.sum(0));
+        if (gru) db_hh.add_(dhg_chunk.sum(0));
       }
-    });
+    }
   });
-  const at::Tensor dx = tiled_matmul(dx_gates, wih);
-  // The weight gradients' left operands are the gate gradients transposed: transpose once,
-  // and only once more for GRU, whose dh_gates differ from dx_gates.
-  const at::Tensor dx_gates_t = dx_gates.t().contiguous();
-  const at::Tensor dh_gates_t =
-      mode == RnnMode::kGRU ? dh_gates.t().contiguous() : dx_gates_t;
-  const at::Tensor dw_ih = tiled_matmul(dx_gates_t, x);
-  const at::Tensor dw_hh = tiled_matmul(dh_gates_t, h_prev);
-  at::Tensor db_ih, db_hh;
-  if (b_ih) {
-    db_ih = dx_gates.sum(0);
-    // LSTM and RNN add b_hh where b_ih goes: the same gradient, in its own tensor (op
-    // outputs may not alias).
-    db_hh = mode == RnnMode::kGRU ? dh_gates.sum(0) : db_ih.clone();
-  } else {
-    db_ih = at::empty({0}, opts), db_hh = at::empty({0}, opts);
-  }
+  // LSTM and RNN add b_hh where b_ih goes: the same gradient, in its own tensor (op outputs
+  // may not alias).
+  if (b_ih && !gru) db_hh.copy_(db_ih);
   const at::ScalarType out_t = input.scalar_type();
   return {dx.reshape(input.sizes()).to(out_t), dh.to(out_t), dc.to(out_t), dw_ih.to(out_t),
           dw_hh.to(out_t), db_ih.to(out_t), db_hh.to(out_t)};
