@@ -22,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "buffer_cache.h"
 #include "matmul.h"
 #include "rnn_kernels.h"
 
@@ -218,7 +219,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
                                         : at::empty({0}, h.options());
   const Workspace ws = workspace_layout(mode, N, H);
   // Inference needs none of it: no workspace, no copies into it.
-  at::Tensor workspace = at::empty({need_workspace ? ws.numel() : 0}, h.options());
+  // Saved for the backward and freed after it: the next call reuses its pages.
+  at::Tensor workspace = cached_empty({need_workspace ? ws.numel() : 0}, h.options());
   at::Tensor out = at::empty({N, H}, h.options());
   at::Tensor h_gates = at::empty({h.size(0), G * H}, h.options());
   at::Tensor saved_scratch = at::empty({need_workspace ? 0 : h.size(0) * ws.saved_width},
@@ -229,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
       step_chunks(steps, G * H * int64_t(at::elementSize(dt)));
   int64_t chunk_rows = 0;
   for (const StepChunk& ch : chunks) chunk_rows = std::max(chunk_rows, ch.rows);
-  at::Tensor x_gates = at::empty({chunk_rows, G * H}, h.options());
+  at::Tensor x_gates = cached_empty({chunk_rows, G * H}, h.options());
 
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_fwd", [&] {
     scalar_t* base = workspace.data_ptr<scalar_t>();
@@ -309,8 +311,8 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
       step_chunks(steps, G * H * int64_t(at::elementSize(dt)) * (gru ? 2 : 1));
   int64_t chunk_rows = 0;
   for (const StepChunk& ch : chunks) chunk_rows = std::max(chunk_rows, ch.rows);
-  at::Tensor dx_gates = at::empty({chunk_rows, G * H}, opts);
-  at::Tensor dh_gates = gru ? at::empty({chunk_rows, G * H}, opts) : dx_gates;
+  at::Tensor dx_gates = cached_empty({chunk_rows, G * H}, opts);
+  at::Tensor dh_gates = gru ? cached_empty({chunk_rows, G * H}, opts) : dx_gates;
   at::Tensor dx = at::empty({N, x.size(1)}, opts);
   at::Tensor dw_ih = at::zeros({G * H, x.size(1)}, opts), dw_hh = at::zeros({G * H, H}, opts);
   at::Tensor db_ih = at::zeros({b_ih ? G * H : 0}, opts), db_hh = at::zeros({b_ih ? G * H : 0}, opts);
