@@ -292,3 +292,28 @@ def test_packed_output_unpacks_like_torch():
     assert_close("padded output", pad_packed_sequence(a)[0], pad_packed_sequence(b)[0])
     assert_close("h_n", ha, hb)
     assert_close("c_n", ca, cb)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_forwards_pending_backward_keep_their_own_buffers(cls):
+    """Workspaces large enough to come from the CPU buffer cache (csrc/cpu/buffer_cache.cpp):
+    three forwards before one backward, the second graph freed unused in between, so that
+    a freed block is handed to the next forward."""
+    ours, theirs = _pair(cls, dtype=torch.float32, input_size=64, hidden_size=128)
+    xs = [torch.randn(40, 32, 64, device=DEVICE) for _ in range(3)]
+    weights = (1.0, 0.0, 3.0)
+
+    def loss(module):
+        outs = []
+        for i, x in enumerate(xs):
+            out = module(x)[0]
+            if weights[i]:
+                outs.append(weights[i] * out.square().sum())
+        return sum(outs)
+
+    with seqkern.backend("cpu"):
+        g_ours = torch.autograd.grad(loss(ours), list(ours.parameters()))
+    g_theirs = torch.autograd.grad(loss(theirs), list(theirs.parameters()))
+    for (name, _), a, b in zip(ours.named_parameters(), g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
