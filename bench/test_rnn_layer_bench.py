@@ -41,7 +41,8 @@ def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
     module = theirs
     backend = provider.split("-", 1)[1] if provider.startswith("seqkern-") else None
     if backend and seqkern.backends.BACKENDS[backend].not_supported_reasons(
-            "rnn_layer", dict(device=torch.device(DEVICE), dtype=dtype, mode=cls)):
+            "rnn_layer", dict(device=torch.device(DEVICE), dtype=dtype, mode=cls,
+                              hidden_size=H)):
         pytest.skip(f"{provider} not usable here")
     if provider.startswith("seqkern"):
         module = getattr(seqkern, cls)(I, H).to(DEVICE, dtype)

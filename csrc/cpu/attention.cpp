@@ -9,6 +9,8 @@
 #include <cstring>
 #include <tuple>
 
+#include "../attention_args.h"
+#include "../new_outputs.h"
 #include "attention_kernels.h"
 
 namespace seqkern::cpu {
@@ -48,54 +50,11 @@ void run_weights(const AttentionProblem<scalar_t>& p, const acc_type_t<scalar_t>
   SEQKERN_CPU_DISPATCH(attention_weights_kernel<scalar_t>, p, lse, average_heads, weights);
 }
 
-// SEQKERN_POISON_OUTPUTS=1 fills new outputs with NaN before the kernel runs (tests).
-bool poison_outputs() {
-  const char* v = std::getenv("SEQKERN_POISON_OUTPUTS");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
-
-at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
-  return poison_outputs() ? at::full(shape, NAN, options) : at::empty(shape, options);
-}
-
-// [B, H, T, D] laid out as a dense [B, T, H, D] ("heads inner", seqkern/ops/attention.py):
-// the layout of a projection split into heads, so MultiheadAttention merges heads without
-// a copy.
-at::Tensor new_heads_inner(int64_t B, int64_t H, int64_t T, int64_t D,
-                           const at::TensorOptions& options) {
-  return new_output({B, T, H, D}, options).transpose(1, 2);
-}
-
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& attn_mask,
                   const std::optional<at::Tensor>& key_padding_mask) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "seqkern attention: query, key, value must be 4-D [B, H, L, D]");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
-              "seqkern cpu attention: tensors must be on the CPU");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "seqkern attention: query, key, value must share a dtype");
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "batch sizes differ");
-  TORCH_CHECK(k.size(3) == q.size(3), "query and key head dims differ");
-  TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2),
-              "value must match key's heads and length");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "query heads must be a multiple of key/value heads");
-  if (attn_mask) {
-    TORCH_CHECK(attn_mask->dim() == 4 && attn_mask->size(0) == q.size(0) &&
-                    attn_mask->size(1) == q.size(1) && attn_mask->size(2) == q.size(2) &&
-                    attn_mask->size(3) == k.size(2),
-                "attn_mask must be broadcast to [B, Hq, L, S]");
-    TORCH_CHECK(attn_mask->scalar_type() == at::kBool ||
-                    attn_mask->scalar_type() == q.scalar_type(),
-                "attn_mask must be bool or the query's dtype");
-  }
-  if (key_padding_mask) {
-    TORCH_CHECK(key_padding_mask->dim() == 2 && key_padding_mask->size(0) == q.size(0) &&
-                    key_padding_mask->size(1) == k.size(2) &&
-                    key_padding_mask->scalar_type() == at::kBool,
-                "key_padding_mask must be a [B, S] bool tensor");
-  }
+  check_attention_inputs(q, k, v, attn_mask, key_padding_mask);
+  TORCH_CHECK(q.device().is_cpu(), "seqkern cpu attention: tensors must be on the CPU");
 }
 
 template <typename scalar_t>
@@ -126,12 +85,7 @@ AttentionProblem<scalar_t> make_problem(const at::Tensor& q, const at::Tensor& k
   p.scale = scale;
   p.dropout_p = dropout_p;
   if (dropout_p > 0.0) {
-    TORCH_CHECK(seed_offset && seed_offset->numel() == 2 &&
-                    seed_offset->scalar_type() == at::kLong && seed_offset->device().is_cpu(),
-                "dropout needs seed_offset: a CPU int64 tensor [seed, offset]");
-    const at::Tensor so = seed_offset->contiguous();
-    p.seed = static_cast<uint64_t>(so.data_ptr<int64_t>()[0]);
-    p.offset = static_cast<uint64_t>(so.data_ptr<int64_t>()[1]);
+    std::tie(p.seed, p.offset) = dropout_seed_offset(seed_offset);
   }
   return p;
 }

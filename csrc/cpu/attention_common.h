@@ -3,15 +3,16 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/native/CPUBlas.h>
-
-#include <cmath>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <limits>
+
+#include "../dropout_hash.h"
 
 namespace seqkern::cpu {
 
@@ -76,15 +77,6 @@ std::vector<BlockState> key_block_states(const AttentionProblem<scalar_t>& p, in
 
 // Counter-based dropout RNG, bit-identical to seqkern.reference.dropout_keep_mask and the
 // Triton kernels: element counter c = ((b*Hq + h)*L + i)*S + j + offset.
-inline uint32_t fmix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35u;
-  x ^= x >> 16;
-  return x;
-}
-
 inline bool dropout_keep(uint64_t seed, uint64_t counter, float threshold) {
   uint32_t bits = fmix32(static_cast<uint32_t>(counter) ^ static_cast<uint32_t>(seed));
   bits = fmix32(bits ^ static_cast<uint32_t>(counter >> 32) ^ static_cast<uint32_t>(seed >> 32));

@@ -2,7 +2,12 @@
 
 The kernels are registered under seqkern_C's CUDA dispatch key by csrc/cuda/bind_*.cpp,
 which setup.py compiles only where torch has CUDA. What they handle is mirrored here, so
-that the dispatcher moves on to `triton` (with the reason) instead of failing in C++.
+that the dispatcher moves on to `triton` (with the reason) instead of failing in C++:
+attention fp16/bf16 with head dims up to 256 (an sm_90a wgmma/TMA forward for D = Dv in
+{64, 128} without masks or dropout, the sm_80 kernels otherwise; SEQKERN_CUDA_SM90=0 turns
+the Hopper path off); cells and layers in fp16/bf16/fp32, layers with G*H <= 32768 (a
+persistent cooperative kernel keeping W_hh in shared memory when it fits on the GPU, one
+launch per step otherwise). attention_weights has no CUDA kernel: triton computes it.
 """
 import torch
 
@@ -23,7 +28,11 @@ ENTRY_POINTS = {
 }
 _ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 _RNN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 MAX_HEAD_DIM = 256
+# csrc/cuda/rnn_layer.cu: a block owns whole hidden units, all G*H gate rows of a step in
+# one grid (G*H <= 32768: LSTM H <= 8192).
+MAX_LAYER_GATE_ROWS = 32768
 
 
 def availability(device):
@@ -35,6 +44,10 @@ def availability(device):
                 "SEQKERN_SKIP_CUDA_BUILD=1, or no nvcc)"]
     if device != "cuda":
         return [f"runs on CUDA tensors only, got {device} tensors"]
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 0):
+        return [f"needs compute capability 8.0 or newer (mma.sync, cp.async), this GPU has "
+                f"{capability[0]}.{capability[1]}"]
     return []
 
 
@@ -61,6 +74,11 @@ def not_supported_reasons(op, inputs):
         return [f"seqkern._C has no CUDA kernel for {', '.join(missing)}"]
     if op == "attention":
         return _attention_reasons(inputs)
+    reasons = []
     if inputs["dtype"] not in _RNN_DTYPES:
-        return [f"dtype {inputs['dtype']} is not one of fp16, bf16, fp32"]
-    return []
+        reasons.append(f"dtype {inputs['dtype']} is not one of fp16, bf16, fp32")
+    rows = _GATES.get(inputs.get("mode"), 1) * inputs.get("hidden_size", 0)
+    if op == "rnn_layer" and rows > MAX_LAYER_GATE_ROWS:
+        reasons.append(f"{inputs['mode']} with hidden size {inputs['hidden_size']}: "
+                       f"{rows} gate rows > {MAX_LAYER_GATE_ROWS}")
+    return reasons

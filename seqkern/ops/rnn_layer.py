@@ -33,8 +33,9 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _inputs(input, mode):
-    return dict(device=input.device, dtype=input.dtype, input=input, mode=mode)
+def _inputs(input, mode, w_hh):
+    return dict(device=input.device, dtype=input.dtype, input=input, mode=mode,
+                hidden_size=w_hh.shape[1])
 
 
 @torch.library.custom_op("seqkern::rnn_layer_fwd", mutates_args=())
@@ -42,7 +43,7 @@ def rnn_layer_fwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
                   c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                   b_hh: Optional[Tensor], reverse: bool, need_workspace: bool = True
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.select("rnn_layer", _inputs(input, mode))
+    impl = backends.select("rnn_layer", _inputs(input, mode, w_hh))
     return impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
                               need_workspace)
 
@@ -65,7 +66,7 @@ def rnn_layer_bwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
                   b_hh: Optional[Tensor], reverse: bool, workspace: Tensor,
                   grad_output: Optional[Tensor], grad_hn: Optional[Tensor],
                   grad_cn: Optional[Tensor]) -> list[Tensor]:
-    impl = backends.select("rnn_layer", _inputs(input, mode))
+    impl = backends.select("rnn_layer", _inputs(input, mode, w_hh))
     return list(impl.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                    reverse, workspace, grad_output, grad_hn, grad_cn))
 

@@ -1,0 +1,335 @@
+// The CUDA implementations of seqkern_C::rnn_cell_fwd, rnn_cell_gate_grads, rnn_layer_fwd and
+// rnn_layer_bwd: the CPU bindings' argument checks, output shapes and semantics
+// (csrc/cpu/rnn_cell.cpp, rnn_layer.cpp), the large products on cuBLAS through ATen, and
+// the framework-free kernels of rnn.h on the current stream for everything else.
+// fp16/bf16/fp32 (fp64 is the CPU backend's). The layer workspace has the CPU layout and
+// size in fp32 (rnn.h), so the ops' fakes hold for both backends.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../new_outputs.h"
+#include "rnn.h"
+
+namespace seqkern::cuda::rnn {
+namespace {
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "seqkern cuda ", what, " failed: ", cudaGetErrorString(err));
+}
+
+CellKind parse_mode(const std::string& mode, const char* op) {
+  if (mode == "LSTM") return CellKind::kLSTM;
+  if (mode == "GRU") return CellKind::kGRU;
+  if (mode == "RNN_TANH") return CellKind::kRnnTanh;
+  if (mode == "RNN_RELU") return CellKind::kRnnRelu;
+  TORCH_CHECK(false, op, ": mode must be LSTM, GRU, RNN_TANH or RNN_RELU, got ", mode);
+}
+
+DType kernel_dtype(at::ScalarType t, const char* op) {
+  if (t == at::kHalf) return DType::kHalf;
+  if (t == at::kBFloat16) return DType::kBFloat16;
+  TORCH_CHECK(t == at::kFloat, op, " (cuda): dtype must be float16, bfloat16 or float32, got ", t);
+  return DType::kFloat;
+}
+
+Strided2 strided(const at::Tensor& t) {
+  return {t.data_ptr(), t.stride(0), t.dim() > 1 ? t.stride(1) : 0};
+}
+Strided2 strided(const std::optional<at::Tensor>& t) { return t ? strided(*t) : Strided2{}; }
+
+// a @ b in fp32 on cuBLAS; fp16/bf16 operands accumulate and are stored in fp32.
+at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
+  return (a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat)).contiguous();
+}
+
+void check_2d(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
+              at::ScalarType dtype, const at::Device& device) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "seqkern rnn cell: ",
+              name, " must be [", rows, ", ", cols, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype && t.device() == device, "seqkern rnn cell: ", name,
+              " must be a ", dtype, " tensor on ", device);
+}
+
+// (h' [B, H], c' [B, H] for LSTM else [0, 0], saved: flat fp32, layout in rnn.h)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_fwd_cuda(
+    const std::string& mode_name, const at::Tensor& x, const at::Tensor& hx,
+    const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  const CellKind cell = parse_mode(mode_name, "seqkern rnn cell");
+  const int64_t G = gate_count(cell);
+  TORCH_CHECK(x.dim() == 2, "seqkern rnn cell: input must be [B, I], got ", x.sizes());
+  TORCH_CHECK(x.is_cuda(), "seqkern rnn cell (cuda): input must be a CUDA tensor");
+  const int64_t B = x.size(0), I = x.size(1), H = hx.dim() == 2 ? hx.size(1) : -1;
+  const auto dtype = x.scalar_type();
+  const DType kdtype = kernel_dtype(dtype, "seqkern rnn cell");
+  check_2d(x, "input", B, I, dtype, x.device());
+  check_2d(hx, "hx", B, H, dtype, x.device());
+  check_2d(w_ih, "w_ih", G * H, I, dtype, x.device());
+  check_2d(w_hh, "w_hh", G * H, H, dtype, x.device());
+  const bool lstm = cell == CellKind::kLSTM;
+  TORCH_CHECK(lstm == cx.has_value(), "seqkern rnn cell: cx is given iff mode is LSTM");
+  if (lstm) check_2d(*cx, "cx", B, H, dtype, x.device());
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "seqkern rnn cell: b_ih and b_hh go together");
+  for (const auto* b : {&b_ih, &b_hh})
+    if (b->has_value())
+      TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == G * H && (*b)->scalar_type() == dtype &&
+                      (*b)->device() == x.device(),
+                  "seqkern rnn cell: biases must be [", G * H, "] of the input's dtype");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor h = new_output({B, H}, x.options());
+  at::Tensor c = new_output({lstm ? B : 0, lstm ? H : 0}, x.options());
+  at::Tensor saved = new_output({B * H * (saved_width(cell) + (lstm ? 1 : 0))},
+                                    x.options().dtype(at::kFloat));
+  if (B == 0 || H == 0) return {h, c, saved};
+  const at::Tensor gates_x = mm_f32(x, w_ih.t()), gates_h = mm_f32(hx, w_hh.t());
+  check_cuda(rnn_cell_fwd(cell, kdtype, B, H, gates_x.data_ptr<float>(),
+                          gates_h.data_ptr<float>(), strided(b_ih), strided(b_hh), strided(hx),
+                          strided(cx), h.data_ptr(), lstm ? c.data_ptr() : nullptr,
+                          saved.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()),
+             "rnn_cell_fwd");
+  return {h, c, saved};
+}
+
+// (d_gates_ih [B, G*H], d_gates_hh [B, 3H] for GRU else [0, 0], d_hx_direct [B, H] for GRU
+// else [0, 0], d_cx [B, H] for LSTM else [0, 0]), in hx's dtype. grad_c may be absent.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_gate_grads_cuda(
+    const std::string& mode_name, const at::Tensor& grad_h, const std::optional<at::Tensor>& grad_c,
+    const at::Tensor& hx, const std::optional<at::Tensor>& cx, const at::Tensor& h,
+    const at::Tensor& saved) {
+  const CellKind cell = parse_mode(mode_name, "seqkern rnn cell");
+  const int64_t G = gate_count(cell);
+  TORCH_CHECK(hx.dim() == 2, "seqkern rnn cell: hx must be [B, H], got ", hx.sizes());
+  TORCH_CHECK(hx.is_cuda(), "seqkern rnn cell (cuda): hx must be a CUDA tensor");
+  const int64_t B = hx.size(0), H = hx.size(1);
+  const auto dtype = hx.scalar_type();
+  const DType kdtype = kernel_dtype(dtype, "seqkern rnn cell");
+  const bool lstm = cell == CellKind::kLSTM, gru = cell == CellKind::kGRU;
+  check_2d(grad_h, "grad_h", B, H, dtype, hx.device());
+  check_2d(h, "h", B, H, dtype, hx.device());
+  const int64_t saved_numel = B * H * (saved_width(cell) + (lstm ? 1 : 0));
+  TORCH_CHECK(saved.dim() == 1 && saved.numel() == saved_numel &&
+                  saved.scalar_type() == at::kFloat && saved.device() == hx.device(),
+              "seqkern rnn cell: saved must be the forward's flat ", at::kFloat, " buffer");
+  if (grad_c) check_2d(*grad_c, "grad_c", B, H, dtype, hx.device());
+  TORCH_CHECK(!lstm || cx.has_value(), "seqkern rnn cell: the LSTM backward needs cx");
+  if (lstm) check_2d(*cx, "cx", B, H, dtype, hx.device());
+
+  const c10::cuda::CUDAGuard guard(hx.device());
+  const auto opts = hx.options();
+  const auto empty = [&] { return at::empty({0, 0}, opts); };
+  at::Tensor d_ih = new_output({B, G * H}, opts);
+  at::Tensor d_hh = gru ? new_output({B, G * H}, opts) : empty();
+  at::Tensor d_hx = gru ? new_output({B, H}, opts) : empty();
+  at::Tensor d_cx = lstm ? new_output({B, H}, opts) : empty();
+  if (B > 0 && H > 0) {
+    const at::Tensor saved_c = saved.contiguous();
+    check_cuda(rnn_cell_gate_grads(cell, kdtype, B, H, strided(grad_h),
+                                   lstm ? strided(grad_c) : Strided2{}, strided(hx), strided(cx),
+                                   saved_c.data_ptr<float>(), d_ih.data_ptr(),
+                                   gru ? d_hh.data_ptr() : nullptr, gru ? d_hx.data_ptr() : nullptr,
+                                   lstm ? d_cx.data_ptr() : nullptr,
+                                   c10::cuda::getCurrentCUDAStream().stream()),
+               "rnn_cell_gate_grads");
+  }
+  return {d_ih, d_hh, d_hx, d_cx};
+}
+
+// The arguments both directions of the layer op start from: checked (as the CPU binding
+// does, plus what the kernels rely on), converted to the input's dtype, the input flattened
+// to [N, I], and the problem description (batch_sizes read on the host).
+struct LayerOperands {
+  CellKind cell;
+  int64_t G, H, B, N;
+  at::Tensor x, h0, c0, w_ih, w_hh, batch_sizes;
+  LayerProblem problem;
+};
+
+LayerOperands prepare_layer(const std::string& mode_name, const at::Tensor& input,
+                            const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+                            const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                            const std::optional<at::Tensor>& b_hh, bool reverse) {
+  LayerOperands o;
+  o.cell = parse_mode(mode_name, "rnn_layer");
+  o.G = gate_count(o.cell);
+  TORCH_CHECK(input.is_cuda(), "rnn_layer (cuda): input must be a CUDA tensor");
+  TORCH_CHECK(batch_sizes ? input.dim() == 2 : input.dim() == 3,
+              "rnn_layer: input must be [T, B, I], or packed data [N, I] with batch_sizes");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == o.G * w_hh.size(1),
+              "rnn_layer: w_hh must be [G*H, H]");
+  o.H = w_hh.size(1);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == o.G * o.H && w_ih.size(1) == input.size(-1),
+              "rnn_layer: w_ih must be [G*H, I]");
+  const DType dtype = kernel_dtype(input.scalar_type(), "rnn_layer");
+  if (batch_sizes) {
+    o.batch_sizes = batch_sizes->to(at::kCPU, at::kLong).contiguous();
+    const int64_t* s = o.batch_sizes.data_ptr<int64_t>();
+    int64_t total = 0;
+    for (int64_t t = 0; t < o.batch_sizes.numel(); ++t) {
+      TORCH_CHECK(s[t] >= 0 && (t == 0 || s[t] <= s[t - 1]),
+                  "rnn_layer (cuda): batch_sizes must be non-increasing, as torch packs them");
+      total += s[t];
+    }
+    TORCH_CHECK(total == input.size(0), "rnn_layer: batch_sizes must sum to the packed rows");
+    o.B = o.batch_sizes.numel() ? s[0] : 0;
+  } else {
+    o.B = input.size(1);
+  }
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == o.B && h0.size(1) == o.H,
+              "rnn_layer: h0 must be [B, H]");
+  const bool lstm = o.cell == CellKind::kLSTM;
+  TORCH_CHECK(!lstm || (c0 && c0->sizes() == h0.sizes()), "rnn_layer: LSTM needs c0 of h0's shape");
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value() &&
+                  (!b_ih || (b_ih->numel() == o.G * o.H && b_hh->numel() == o.G * o.H)),
+              "rnn_layer: b_ih and b_hh go together, each [G*H]");
+  for (const at::Tensor* t : {&h0, &w_ih, &w_hh})
+    TORCH_CHECK(t->device() == input.device(), "rnn_layer (cuda): all tensors on input's device");
+  const auto dt = input.scalar_type();
+  o.x = input.reshape({-1, input.size(-1)});
+  o.N = o.x.size(0);
+  o.h0 = h0.to(dt), o.w_ih = w_ih.to(dt), o.w_hh = w_hh.to(dt);
+  if (lstm) {
+    TORCH_CHECK(c0->device() == input.device(), "rnn_layer (cuda): all tensors on input's device");
+    o.c0 = c0->to(dt);
+  }
+  o.problem.cell = o.cell, o.problem.dtype = dtype, o.problem.batch = o.B, o.problem.hidden = o.H;
+  o.problem.steps = batch_sizes ? o.batch_sizes.numel() : input.size(0);
+  o.problem.batch_sizes = batch_sizes ? o.batch_sizes.data_ptr<int64_t>() : nullptr;
+  o.problem.reverse = reverse;
+  TORCH_CHECK(rnn_layer_supported(o.problem), "rnn_layer (cuda): needs G*H <= ", kMaxGateRows,
+              " and fewer than 2^31 rows, got G*H = ", o.G * o.H, ", ", o.N, " rows");
+  return o;
+}
+
+at::Tensor new_scratch(size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cuda(
+    const std::string& mode_name, const at::Tensor& input,
+    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+    const std::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse,
+    bool need_workspace) {
+  const LayerOperands o =
+      prepare_layer(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse);
+  const int64_t H = o.H, B = o.B, N = o.N;
+  const bool lstm = o.cell == CellKind::kLSTM, gru = o.cell == CellKind::kGRU;
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto opts = input.options();
+  at::Tensor out = new_output({N, H}, opts);
+  at::Tensor h_n = new_output({B, H}, opts);
+  at::Tensor c_n = lstm ? new_output({B, H}, opts) : at::empty({0}, opts);
+  at::Tensor workspace = new_output(
+      {need_workspace ? rnn_layer_workspace_numel(o.problem) : 0}, opts.dtype(at::kFloat));
+  if (B > 0 && H > 0) {
+    const at::Tensor x_gates = mm_f32(o.x, o.w_ih.t());  // [N, G*H], biases in the kernel
+    at::Tensor bias_x, bias_hn;
+    if (b_ih) {
+      // LSTM and RNN fold both biases into the input side; GRU keeps b_hn apart because it
+      // sits inside r * (W_hn h + b_hn).
+      const at::Tensor bi = b_ih->reshape({-1}).to(at::kFloat), bh = b_hh->reshape({-1}).to(at::kFloat);
+      if (gru) {
+        bias_x = at::cat({bi.narrow(0, 0, 2 * H) + bh.narrow(0, 0, 2 * H), bi.narrow(0, 2 * H, H)});
+        bias_hn = bh.narrow(0, 2 * H, H).contiguous();
+      } else {
+        bias_x = (bi + bh).contiguous();
+      }
+    }
+    at::Tensor scratch = new_scratch(rnn_layer_fwd_scratch_bytes(o.problem), input);
+    check_cuda(rnn_layer_fwd(o.problem, x_gates.data_ptr<float>(),
+                             bias_x.defined() ? bias_x.data_ptr<float>() : nullptr,
+                             bias_hn.defined() ? bias_hn.data_ptr<float>() : nullptr,
+                             strided(o.w_hh), strided(o.h0), lstm ? strided(o.c0) : Strided2{},
+                             out.data_ptr(), h_n.data_ptr(), lstm ? c_n.data_ptr() : nullptr,
+                             need_workspace ? workspace.data_ptr<float>() : nullptr,
+                             scratch.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+               "rnn_layer_fwd");
+  }
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = H;
+  return {out.reshape(out_shape), h_n, c_n, workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+rnn_layer_bwd_cuda(const std::string& mode_name, const at::Tensor& input,
+                   const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+                   const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+                   const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                   const std::optional<at::Tensor>& b_hh, bool reverse,
+                   const at::Tensor& workspace, const std::optional<at::Tensor>& grad_output,
+                   const std::optional<at::Tensor>& grad_hn,
+                   const std::optional<at::Tensor>& grad_cn) {
+  const LayerOperands o =
+      prepare_layer(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse);
+  const int64_t G = o.G, H = o.H, B = o.B, N = o.N;
+  const bool lstm = o.cell == CellKind::kLSTM, gru = o.cell == CellKind::kGRU;
+  TORCH_CHECK(workspace.dim() == 1 && workspace.numel() == rnn_layer_workspace_numel(o.problem) &&
+                  workspace.scalar_type() == at::kFloat && workspace.is_contiguous() &&
+                  workspace.device() == input.device(),
+              "rnn_layer_bwd: workspace does not come from rnn_layer_fwd with these arguments");
+  for (const auto* g : {&grad_hn, &grad_cn})
+    TORCH_CHECK(!g->has_value() || (*g)->sizes() == h0.sizes(),
+                "rnn_layer_bwd: grad_hn and grad_cn must have h0's shape");
+  TORCH_CHECK(!grad_output || grad_output->numel() == N * H,
+              "rnn_layer_bwd: grad_output must have the output's shape");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto f32 = input.options().dtype(at::kFloat);
+  const auto state_grad = [&](const std::optional<at::Tensor>& g) {
+    return g ? g->to(input.device(), at::kFloat).clone(at::MemoryFormat::Contiguous)
+             : at::zeros({B, H}, f32);
+  };
+  at::Tensor d_h = state_grad(grad_hn);
+  at::Tensor d_c = lstm ? state_grad(grad_cn) : at::empty({0}, f32);
+  at::Tensor d_gx = new_output({N, G * H}, f32);
+  at::Tensor d_gh = gru ? new_output({N, G * H}, f32) : d_gx;
+  if (B > 0 && H > 0 && N > 0) {
+    const at::Tensor grad_out =
+        grad_output ? grad_output->to(input.device(), input.scalar_type()).contiguous()
+                    : at::Tensor();
+    at::Tensor scratch = new_scratch(rnn_layer_bwd_scratch_bytes(o.problem), input);
+    check_cuda(rnn_layer_bwd(o.problem, strided(o.w_hh), workspace.data_ptr<float>(),
+                             grad_out.defined() ? grad_out.data_ptr() : nullptr,
+                             d_h.data_ptr<float>(), lstm ? d_c.data_ptr<float>() : nullptr,
+                             d_gx.data_ptr<float>(), gru ? d_gh.data_ptr<float>() : nullptr,
+                             scratch.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+               "rnn_layer_bwd");
+  }
+  // dW_hh's right operand: the state entering each (step, row), from the workspace.
+  const at::Tensor h_prev = workspace.narrow(0, saved_width(o.cell) * H * N, N * H).view({N, H});
+  const at::Tensor dx = at::mm(d_gx, o.w_ih.to(at::kFloat));
+  const at::Tensor dw_ih = at::mm(d_gx.t(), o.x.to(at::kFloat));
+  const at::Tensor dw_hh = at::mm(d_gh.t(), h_prev);
+  at::Tensor db_ih, db_hh;
+  if (b_ih) {
+    db_ih = d_gx.sum(0);
+    // LSTM and RNN add b_hh where b_ih goes: the same gradient, in its own tensor.
+    db_hh = gru ? d_gh.sum(0) : db_ih.clone();
+  } else {
+    db_ih = at::empty({0}, f32), db_hh = at::empty({0}, f32);
+  }
+  const at::ScalarType dt = input.scalar_type();
+  return {dx.reshape(input.sizes()).to(dt), d_h.to(dt), d_c.to(dt), dw_ih.to(dt),
+          dw_hh.to(dt), db_ih.to(dt), db_hh.to(dt)};
+}
+
+}  // namespace
+}  // namespace seqkern::cuda::rnn
+
+TORCH_LIBRARY_IMPL(seqkern_C, CUDA, m) {
+  m.impl("rnn_cell_fwd", &seqkern::cuda::rnn::rnn_cell_fwd_cuda);
+  m.impl("rnn_cell_gate_grads", &seqkern::cuda::rnn::rnn_cell_gate_grads_cuda);
+  m.impl("rnn_layer_fwd", &seqkern::cuda::rnn::rnn_layer_fwd_cuda);
+  m.impl("rnn_layer_bwd", &seqkern::cuda::rnn::rnn_layer_bwd_cuda);
+}

@@ -1,0 +1,616 @@
+// One recurrent layer, one direction, over a whole (optionally packed) sequence on CUDA:
+// the recurrences of rnn_layer_fwd / rnn_layer_bwd (rnn.h). The input projection before
+// and the weight gradients after are cuBLAS GEMMs made by the binding.
+//
+// Persistent design. A step is a tiny product (B rows of h against G*H rows of W_hh) whose
+// cost is latency, so one cooperative launch runs every step: block k owns `units` hidden
+// units (all G gates of them), keeps its slice of W_hh (forward) or of W_hh^T (backward)
+// in shared memory for the whole sequence, reads the previous state (or the previous
+// step's gate gradients) from L2 into shared memory, computes its gates with the fused cell
+// and writes its slice of the new state; a grid-wide barrier separates the steps. When the
+// slices do not fit in the co-resident blocks' shared memory (or cooperative launch is not
+// available) the same kernel runs one launch per step, reading W_hh from L2.
+//
+// Inside a block, 8 warps form `groups` thread groups; a group owns RT weight rows (the G
+// gates of one unit forward, 4 units of W_hh^T backward), its threads split the reduction
+// dimension K in 4-element slices, each accumulating RT x BT fp32 dot products (BT = batch
+// rows per pass). A warp reduce-scatter and a sum over the group's warps in shared memory
+// finish the products, and one thread per (unit, batch row) runs the cell.
+//
+// Backward order: phase p first completes dh for the rows of step S-p (the product of the
+// gate gradients written in phase p-1 with W_hh), then runs the pointwise backward of step
+// S-1-p; one barrier per phase. dh and dc of a unit are only touched by its owner block,
+// so only the gate gradients cross blocks.
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "rnn.h"
+
+namespace seqkern::cuda::rnn {
+namespace {
+
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int kPad = 8;        // K padded to a multiple of 8: 16-byte rows in every dtype
+constexpr int kBwdRows = 4;    // backward: rows of W_hh^T (hidden units) per thread
+constexpr int kUnitPad = 16;   // packed weights hold a multiple of 16 units (the widest block)
+constexpr int kBatchTiles[3] = {1, 4, 8};
+
+__host__ __device__ constexpr int pow2_ceil(int v) { return v <= 1 ? 1 : 2 * pow2_ceil((v + 1) / 2); }
+__host__ __device__ constexpr int log2_ceil(int v) { return v <= 1 ? 0 : 1 + log2_ceil((v + 1) / 2); }
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Everything a layer kernel reads; one struct for both directions.
+struct KernelArgs {
+  int S = 0, B = 0, H = 0;      // steps, batch, hidden
+  int units = 0, groups = 0;    // hidden units per block; thread groups per block
+  int K = 0, Kp = 0;            // reduction length (forward H, backward G*H), padded
+  bool w_in_smem = false;       // persistent: the block's weight slice sits in shared memory
+  bool vec4 = false;            // rows of the staged operand can be read as float4
+  const int* steps = nullptr;   // [S][2] (row offset, live rows), processing order
+  const void* w = nullptr;      // packed weights: forward [Hr][G][Kp], backward [Hr][Kp]
+  unsigned* barrier = nullptr;  // arrival counter, zero at launch
+  int64_t N = 0;
+  float* ws = nullptr;          // forward: written unless nullptr; backward: read
+  const float *x_gates = nullptr, *bias_x = nullptr, *bias_hn = nullptr;
+  float* h_state = nullptr;     // [2][B][H] ping-pong
+  float* c_state = nullptr;     // [B][H] (LSTM)
+  void *out = nullptr, *h_n = nullptr, *c_n = nullptr;
+  const void* grad_out = nullptr;
+  float *d_h = nullptr, *d_c = nullptr, *d_gx = nullptr, *d_gh = nullptr;
+};
+
+__device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
+  const float4 t = *reinterpret_cast<const float4*>(p);
+  v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+}
+__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+// Four fp16 / bf16 values (8 bytes) as two pairs P.
+template <typename P, typename T>
+__device__ __forceinline__ void load4_pairs(const T* p, float (&v)[4]) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  P lo, hi;
+  memcpy(&lo, &raw.x, 4), memcpy(&hi, &raw.y, 4);
+  const float2 a = to_float2(lo), b = to_float2(hi);
+  v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+}
+__device__ __forceinline__ void load4(const __half* p, float (&v)[4]) { load4_pairs<__half2>(p, v); }
+__device__ __forceinline__ void load4(const __nv_bfloat16* p, float (&v)[4]) {
+  load4_pairs<__nv_bfloat162>(p, v);
+}
+
+// acc[r * BT + b] += w[r][k] v[b][k] over k = 4 klane + 4 nk i + (0..3), k < Kp. w: RT rows
+// of Kp elements (shared or global); v: BT rows of Kp floats in shared memory.
+template <typename T, int RT, int BT, int VP>
+__device__ __forceinline__ void rows_dot(const T* w, int Kp, const float* v, int klane, int nk,
+                                         float (&acc)[VP]) {
+  for (int k = 4 * klane; k < Kp; k += 4 * nk) {
+    float wv[RT][4];
+#pragma unroll
+    for (int r = 0; r < RT; ++r) load4(w + r * Kp + k, wv[r]);
+#pragma unroll
+    for (int b = 0; b < BT; ++b) {
+      const float4 h = *reinterpret_cast<const float4*>(v + b * Kp + k);
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        float s = acc[r * BT + b];
+        s = fmaf(wv[r][0], h.x, s);
+        s = fmaf(wv[r][1], h.y, s);
+        s = fmaf(wv[r][2], h.z, s);
+        acc[r * BT + b] = fmaf(wv[r][3], h.w, s);
+      }
+    }
+  }
+}
+
+// Sums each of the V partial sums over the warp's lanes and stores the V totals in
+// red[0, V). Reduce-scatter: at level s a lane keeps half of its values (the upper half if
+// bit 4-s of its lane is set) and adds its partner's copy of them, so after the levels lane
+// L holds values L*(V/32) .. (V >= 32) or value L >> (5 - log2 V) (V < 32, then finished by
+// plain butterflies).
+template <int V, int S>
+__device__ __forceinline__ void scatter_levels(float (&v)[V], int lane) {
+  if constexpr (S < 5 && (V >> S) > 1) {  // one template level per step: constant indices
+    constexpr int o = 16 >> S, half = (V >> S) / 2;
+    const bool upper = (lane & o) != 0;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float send = upper ? v[i] : v[i + half];
+      const float keep = upper ? v[i + half] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+    }
+    scatter_levels<V, S + 1>(v, lane);
+  }
+}
+
+template <int V>
+__device__ __forceinline__ void warp_sum_to_smem(float (&v)[V], float* red, int lane) {
+  constexpr int kLevels = log2_ceil(V) < 5 ? log2_ceil(V) : 5;
+  scatter_levels<V, 0>(v, lane);
+  if constexpr (V >= 32) {
+#pragma unroll
+    for (int i = 0; i < V / 32; ++i) red[lane * (V / 32) + i] = v[i];
+  } else {
+    constexpr int kShift = 5 - kLevels;
+#pragma unroll
+    for (int o = 16 >> kLevels; o >= 1; o >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+    if ((lane & ((1 << kShift) - 1)) == 0) red[lane >> kShift] = v[0];
+  }
+}
+
+// The total of partial sum idx over the warps of a group.
+__device__ __forceinline__ float group_sum(const float* red, int vp, int group, int wpg, int idx) {
+  float s = 0.f;
+  for (int w = 0; w < wpg; ++w) s += red[(group * wpg + w) * vp + idx];
+  return s;
+}
+
+// dst[r][0, K) = src[r * ld + (0, K)] for r < rows. Through L2 (ld.cg): other blocks wrote
+// src in this launch, so L1 may hold stale lines.
+__device__ __forceinline__ void stage_rows(float* dst, int Kp, const float* src, int64_t ld,
+                                           int rows, int K, bool vec4) {
+  if (vec4) {
+    const int K4 = K / 4;
+    for (int i = threadIdx.x; i < rows * K4; i += kThreads) {
+      const int r = i / K4, c = i - r * K4;
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(src + r * ld) + c);
+      *reinterpret_cast<float4*>(dst + r * Kp + 4 * c) = x;
+    }
+  } else {
+    for (int i = threadIdx.x; i < rows * K; i += kThreads) {
+      const int r = i / K, c = i - r * K;
+      dst[r * Kp + c] = __ldcg(src + r * ld + c);
+    }
+  }
+}
+
+// Grid-wide barrier over co-resident blocks (cooperative launch only). counter counts
+// arrivals over the whole launch; barrier number n completes at n * gridDim.x. The fences
+// make each block's writes visible before it arrives and order its later reads after it
+// leaves; the readers then use ld.cg.
+__device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned& target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    target += gridDim.x;
+    __threadfence();
+    atomicAdd(counter, 1u);
+    while (static_cast<int>(*reinterpret_cast<volatile unsigned*>(counter) - target) < 0) {
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// A block's shared memory and where each thread sits in it. Shared memory: [weight slice
+// (persistent only)] [BT x Kp staged rows] [8 x VP partial sums]. Warps form a.groups
+// groups; group q owns weight rows [q RT, q RT + RT) of the block's slice. Thread (u, bb) for
+// u < units runs the cell of hidden unit j for batch row bb of each tile.
+template <typename T, int RT, int BT>
+struct Block {
+  static constexpr int VP = pow2_ceil(RT * BT);
+  const T* w_rows;  // this thread group's RT rows (shared when persistent, else global)
+  float *staged, *red;
+  int lane, warp, wpg, klane, u, bb, j;
+  bool owner;
+
+  // Copies the weight slice in (persistent) and zeroes the staged rows' padding columns,
+  // which staging never writes and the zero weight padding multiplies.
+  __device__ Block(const KernelArgs& a, unsigned char* smem) {
+    const int64_t slice = int64_t(a.groups) * RT * a.Kp;
+    const T* w = static_cast<const T*>(a.w) + blockIdx.x * slice;
+    size_t w_bytes = 0;
+    if (a.w_in_smem) {
+      w_bytes = slice * sizeof(T);
+      const uint4* src = reinterpret_cast<const uint4*>(w);
+      uint4* dst = reinterpret_cast<uint4*>(smem);
+      for (int64_t i = threadIdx.x; i < int64_t(w_bytes / 16); i += kThreads) dst[i] = src[i];
+      w = reinterpret_cast<const T*>(smem);
+    }
+    staged = reinterpret_cast<float*>(smem + w_bytes);
+    red = staged + BT * a.Kp;
+    const int pad = a.Kp - a.K;
+    for (int i = threadIdx.x; i < BT * pad; i += kThreads)
+      staged[(i / pad) * a.Kp + a.K + i % pad] = 0.f;
+    const int tid = threadIdx.x;
+    lane = tid & 31, warp = tid >> 5, wpg = kWarps / a.groups;
+    const int group = warp / wpg;
+    klane = (warp - group * wpg) * 32 + lane;
+    w_rows = w + group * RT * a.Kp;
+    u = tid / BT, bb = tid - u * BT, j = blockIdx.x * a.units + u;
+    owner = tid < a.units * BT && j < a.H;
+    __syncthreads();
+  }
+
+  // The group's RT rows times the staged rows, summed over the group's threads per warp
+  // into red (then group_sum adds the group's warps).
+  __device__ void product(int Kp) {
+    float acc[VP];
+#pragma unroll
+    for (int i = 0; i < VP; ++i) acc[i] = 0.f;
+    rows_dot<T, RT, BT>(w_rows, Kp, staged, klane, wpg * 32, acc);
+    warp_sum_to_smem<VP>(acc, red + warp * VP, lane);
+  }
+
+  // The total for row r of group q, batch row bb.
+  __device__ float total(int q, int r) const { return group_sum(red, VP, q, wpg, r * BT + bb); }
+};
+
+template <class Cell, typename T, int BT>
+__global__ void __launch_bounds__(kThreads, 1)
+    layer_fwd_kernel(const Cell cell, const KernelArgs a, int p_begin, int p_end) {
+  constexpr int G = Cell::kGates, W = Cell::kSaved;
+  extern __shared__ __align__(16) unsigned char smem[];
+  Block<T, G, BT> blk(a, smem);  // group u = unit u: its G gate rows
+  const int H = a.H, j = blk.j, bb = blk.bb;
+  const bool owner = blk.owner;
+  const int64_t GH = int64_t(G) * H;
+  float bias[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) bias[g] = owner && a.bias_x ? a.bias_x[g * H + j] : 0.f;
+  const float bias_hn = owner && a.bias_hn ? a.bias_hn[j] : 0.f;
+  unsigned target = 0;
+  int off = a.steps[2 * p_begin], n = a.steps[2 * p_begin + 1];
+  for (int p = p_begin; p < p_end; ++p) {
+    const bool has_next = p + 1 < a.S;
+    const int off_next = has_next ? a.steps[2 * p + 2] : 0;
+    const int n_next = has_next ? a.steps[2 * p + 3] : 0;
+    const float* h_src = a.h_state + int64_t(p & 1) * a.B * H;
+    float* h_dst = a.h_state + int64_t((p + 1) & 1) * a.B * H;
+    for (int b0 = 0; b0 < n; b0 += BT) {
+      const int rows = min(BT, n - b0), b = b0 + bb;
+      const bool live = owner && bb < rows;
+      const int64_t row = int64_t(off) + b;
+      float x[G];  // issued now, used after the product
+#pragma unroll
+      for (int g = 0; g < G; ++g) x[g] = live ? a.x_gates[row * GH + g * H + j] + bias[g] : 0.f;
+      stage_rows(blk.staged, a.Kp, h_src + int64_t(b0) * H, H, rows, H, a.vec4);
+      __syncthreads();
+      blk.product(a.Kp);
+      __syncthreads();
+      if (live) {
+        float hid[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) hid[g] = blk.total(blk.u, g);
+        if constexpr (Cell::kSplitHidden) hid[G - 1] += bias_hn;
+        const float h_prev = blk.staged[bb * a.Kp + j];
+        const int64_t bj = int64_t(b) * H + j;
+        float c = Cell::kHasCell ? a.c_state[bj] : 0.f;
+        const float c_prev = c;
+        float s[W];
+        const float h = cell.fwd(x, hid, h_prev, c, s);
+        h_dst[bj] = h;
+        static_cast<T*>(a.out)[row * H + j] = dev::from_float<T>(h);
+        if constexpr (Cell::kHasCell) a.c_state[bj] = c;
+        if (b >= n_next) {  // the row's last step: its final state
+          static_cast<T*>(a.h_n)[bj] = dev::from_float<T>(h);
+          if constexpr (Cell::kHasCell) static_cast<T*>(a.c_n)[bj] = dev::from_float<T>(c);
+        }
+        if (a.ws) {
+#pragma unroll
+          for (int w = 0; w < W; ++w) a.ws[row * W * H + w * H + j] = s[w];
+          float* tail = a.ws + a.N * W * H;  // h_prev, then c_prev and c' (LSTM)
+          tail[row * H + j] = h_prev;
+          if constexpr (Cell::kHasCell) {
+            tail[(a.N + row) * H + j] = c_prev;
+            tail[(2 * a.N + row) * H + j] = c;
+          }
+        }
+      }
+      __syncthreads();
+    }
+    off = off_next, n = n_next;
+    if (p + 1 < p_end) grid_barrier(a.barrier, target);
+  }
+}
+
+template <class Cell, typename T, int BT>
+__global__ void __launch_bounds__(kThreads, 1)
+    layer_bwd_kernel(const Cell cell, const KernelArgs a, int p_begin, int p_end) {
+  constexpr int G = Cell::kGates, W = Cell::kSaved;
+  extern __shared__ __align__(16) unsigned char smem[];
+  Block<T, kBwdRows, BT> blk(a, smem);  // group q: W_hh^T rows of units 4q .. 4q+3
+  const int H = a.H, S = a.S, j = blk.j, bb = blk.bb;
+  const bool owner = blk.owner;
+  const int64_t GH = int64_t(G) * H, N = a.N;
+  const float* d_hidden = Cell::kSplitHidden ? a.d_gh : a.d_gx;  // what W_hh^T multiplies
+  const float* h_prev_ws = a.ws + N * W * H;
+  const float* c_prev_ws = h_prev_ws + N * H;
+  const float* c_new_ws = c_prev_ws + N * H;
+  unsigned target = 0;
+  // (off_a, n_a): step S-p, whose gate gradients phase p multiplies; (off_b, n_b): step
+  // S-1-p, whose pointwise backward phase p runs. n = 0 where the step does not exist.
+  const int sa = S - p_begin, sb = S - 1 - p_begin;
+  int off_a = sa < S ? a.steps[2 * sa] : 0, n_a = sa < S ? a.steps[2 * sa + 1] : 0;
+  int off_b = sb >= 0 ? a.steps[2 * sb] : 0, n_b = sb >= 0 ? a.steps[2 * sb + 1] : 0;
+  for (int p = p_begin; p < p_end; ++p) {
+    const int s_next = S - 2 - p;
+    const int off_next = s_next >= 0 ? a.steps[2 * s_next] : 0;
+    const int n_next = s_next >= 0 ? a.steps[2 * s_next + 1] : 0;
+    for (int b0 = 0; b0 < max(n_a, n_b); b0 += BT) {
+      const int b = b0 + bb, rows_a = min(BT, n_a - b0);
+      const bool in_a = owner && b < n_a, in_b = owner && b < n_b;
+      const int64_t row = int64_t(off_b) + b;
+      float s[W], c_new = 0.f, c_prev = 0.f, h_prev = 0.f, g_out = 0.f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) s[w] = in_b ? a.ws[row * W * H + w * H + j] : 0.f;
+      if (in_b) {
+        if constexpr (Cell::kHasCell) c_prev = c_prev_ws[row * H + j], c_new = c_new_ws[row * H + j];
+        if constexpr (Cell::kSplitHidden) h_prev = h_prev_ws[row * H + j];
+        if (a.grad_out) g_out = dev::to_float(static_cast<const T*>(a.grad_out)[row * H + j]);
+      }
+      if (rows_a > 0)
+        stage_rows(blk.staged, a.Kp, d_hidden + (int64_t(off_a) + b0) * GH, GH, rows_a, a.K,
+                   a.vec4);
+      __syncthreads();
+      if (rows_a > 0) blk.product(a.Kp);  // block-uniform condition
+      __syncthreads();
+      if (in_a || in_b) {
+        const int64_t bj = int64_t(b) * H + j;
+        float dh = a.d_h[bj];  // in_a: the bypass part left by phase p-1
+        if (in_a) dh += blk.total(blk.u / kBwdRows, blk.u % kBwdRows);
+        if (in_b) {
+          float dc = Cell::kHasCell ? a.d_c[bj] : 0.f, dx[G], dhid[G];
+          dh = cell.bwd(s, c_new, c_prev, h_prev, dh + g_out, dc, dx, dhid);
+#pragma unroll
+          for (int g = 0; g < G; ++g) a.d_gx[row * GH + g * H + j] = dx[g];
+          if constexpr (Cell::kSplitHidden) {
+#pragma unroll
+            for (int g = 0; g < G; ++g) a.d_gh[row * GH + g * H + j] = dhid[g];
+          }
+          if constexpr (Cell::kHasCell) a.d_c[bj] = dc;
+        }
+        a.d_h[bj] = dh;
+      }
+      __syncthreads();
+    }
+    off_a = off_b, n_a = n_b, off_b = off_next, n_b = n_next;
+    if (p + 1 < p_end) grid_barrier(a.barrier, target);
+  }
+}
+
+template <typename T>
+__global__ void pack_w_kernel(const T* __restrict__ w, int64_t s0, int64_t s1, int G, int H,
+                              int Kp, int64_t total, bool transpose, T* __restrict__ out) {
+  // forward: out[(jj * G + g) * Kp + k] = W[g H + jj, k]; backward: out[jj * Kp + r] = W[r, jj]
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = i % Kp, rest = i / Kp;
+    float v = 0.f;
+    if (transpose) {
+      if (rest < H && k < int64_t(G) * H) v = dev::to_float(w[k * s0 + rest * s1]);
+    } else {
+      const int64_t g = rest % G, jj = rest / G;
+      if (jj < H && k < H) v = dev::to_float(w[(g * H + jj) * s0 + k * s1]);
+    }
+    out[i] = dev::from_float<T>(v);
+  }
+}
+
+template <typename T>
+__global__ void init_state_kernel(int64_t B, int64_t H, Strided2 h0, Strided2 c0,
+                                  float* h_state, float* c_state, T* h_n, T* c_n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * H;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / H, jj = i - b * H;
+    const T h = static_cast<const T*>(h0.data)[b * h0.s0 + jj * h0.s1];
+    h_state[i] = h_state[B * H + i] = dev::to_float(h);
+    h_n[i] = h;
+    if (c_state) {
+      const T c = static_cast<const T*>(c0.data)[b * c0.s0 + jj * c0.s1];
+      c_state[i] = dev::to_float(c);
+      c_n[i] = c;
+    }
+  }
+}
+
+int grid_for(int64_t total) {
+  return static_cast<int>(std::min<int64_t>((total + 255) / 256, 1 << 16));
+}
+
+size_t elem_size(DType d) { return d == DType::kFloat ? 4 : 2; }
+
+// Byte offsets in a call's scratch: barrier counter, step table, (forward) the fp32 states,
+// packed weights.
+struct Scratch {
+  size_t steps = 256, h_state = 0, c_state = 0, w = 0, total = 0;
+};
+
+Scratch scratch_layout(const LayerProblem& p, bool backward) {
+  const auto al = [](int64_t bytes) { return size_t(round_up(bytes, 256)); };
+  const int64_t G = gate_count(p.cell), H = p.hidden, BH = p.batch * H;
+  Scratch s;
+  size_t at = s.steps + al(p.steps * 2 * int64_t(sizeof(int)));
+  if (!backward) {
+    s.h_state = at, at += al(2 * BH * 4);
+    s.c_state = at, at += p.cell == CellKind::kLSTM ? al(BH * 4) : 0;
+  }
+  const int64_t Hr = round_up(H, kUnitPad);
+  const int64_t w_elems = backward ? Hr * round_up(G * H, kPad) : Hr * G * round_up(H, kPad);
+  s.w = at, s.total = at + al(w_elems * int64_t(elem_size(p.dtype)));
+  return s;
+}
+
+// [S][2] (row offset, live rows) in processing order.
+std::vector<int> step_table(const LayerProblem& p) {
+  std::vector<int> offsets(p.steps + 1, 0), t(2 * p.steps);
+  for (int64_t s = 0; s < p.steps; ++s)
+    offsets[s + 1] = int(offsets[s] + (p.batch_sizes ? p.batch_sizes[s] : p.batch));
+  for (int64_t s = 0; s < p.steps; ++s) {
+    const int64_t time = p.reverse ? p.steps - 1 - s : s;
+    t[2 * s] = offsets[time], t[2 * s + 1] = offsets[time + 1] - offsets[time];
+  }
+  return t;
+}
+
+template <class Cell, typename T>
+const void* kernel_ptr(bool backward, int bt) {
+  const auto pick = [&](auto fwd, auto bwd) {
+    return backward ? reinterpret_cast<const void*>(bwd) : reinterpret_cast<const void*>(fwd);
+  };
+  if (bt == 1) return pick(&layer_fwd_kernel<Cell, T, 1>, &layer_bwd_kernel<Cell, T, 1>);
+  if (bt == 4) return pick(&layer_fwd_kernel<Cell, T, 4>, &layer_bwd_kernel<Cell, T, 4>);
+  return pick(&layer_fwd_kernel<Cell, T, 8>, &layer_bwd_kernel<Cell, T, 8>);
+}
+
+// Persistent if some (batch tile, units) has every block co-resident: the largest batch
+// tile the batch can use first, then the fewest units that leave each thread >= 8 reduction
+// elements, preferring one block per SM. Else one launch per step with 4 units per block.
+template <class Cell, typename T>
+cudaError_t make_plan(const LayerProblem& p, bool backward, bool allow_persistent,
+                      LayerPlan* plan) {
+  const int G = Cell::kGates, RT = backward ? kBwdRows : G;
+  const int64_t H = p.hidden, Kp = round_up(backward ? G * H : H, kPad);
+  int dev = 0, sms = 0, max_smem = 0, coop = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  for (auto [attr, value] : {std::pair{cudaDevAttrMultiProcessorCount, &sms},
+                             std::pair{cudaDevAttrMaxSharedMemoryPerBlockOptin, &max_smem},
+                             std::pair{cudaDevAttrCooperativeLaunch, &coop}})
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(value, attr, dev);
+  if (err != cudaSuccess) return err;
+  const int bt_max = p.batch <= 1 ? 0 : p.batch <= 4 ? 1 : 2;
+  const auto smem_for = [&](int groups, int bt, bool w) {
+    return size_t((w ? groups * RT * Kp * int64_t(sizeof(T)) : 0) + bt * Kp * 4 +
+                  kWarps * pow2_ceil(RT * bt) * 4);
+  };
+  const int units_fwd[] = {1, 2, 4, 8}, units_bwd[] = {4, 8, 16};
+  const int* units = backward ? units_bwd : units_fwd;
+  const int n_units = backward ? 3 : 4;
+  int first = 0;
+  const auto groups_of = [&](int us) { return backward ? us / kBwdRows : us; };
+  while (first + 1 < n_units && Kp * groups_of(units[first]) < 8 * kThreads) ++first;
+  for (int bi = bt_max; allow_persistent && coop && bi >= 0; --bi) {
+    const void* kernel = kernel_ptr<Cell, T>(backward, kBatchTiles[bi]);
+    for (int pass = 0; pass < 2; ++pass) {
+      for (int ui = first; ui < n_units; ++ui) {
+        const int groups = groups_of(units[ui]);
+        const int blocks = static_cast<int>((H + units[ui] - 1) / units[ui]);
+        const size_t smem = smem_for(groups, kBatchTiles[bi], true);
+        if (smem > size_t(max_smem) || (pass == 0 && blocks > sms)) continue;
+        // The device maximum, not smem: calls planning other sizes may run concurrently.
+        err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
+        int occupancy = 0;
+        if (err == cudaSuccess)
+          err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, kThreads, smem);
+        if (err != cudaSuccess) return err;
+        if (blocks > occupancy * sms) continue;
+        *plan = {true, units[ui], kBatchTiles[bi], blocks, smem};
+        return cudaSuccess;
+      }
+    }
+  }
+  for (int bi = bt_max; bi >= 0; --bi) {
+    const int groups = groups_of(4);
+    const size_t smem = smem_for(groups, kBatchTiles[bi], false);
+    if (smem > size_t(max_smem)) continue;
+    err = cudaFuncSetAttribute(kernel_ptr<Cell, T>(backward, kBatchTiles[bi]),
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
+    *plan = {false, 4, kBatchTiles[bi], static_cast<int>((H + 3) / 4), smem};
+    return err;
+  }
+  return cudaErrorNotSupported;
+}
+
+// Step table, packed weights and barrier into scratch, then the recurrence: one cooperative
+// launch, or one launch per phase (the forward has S phases, the backward S + 1).
+template <class Cell, typename T>
+cudaError_t run_layer(const LayerProblem& p, bool backward, Cell cell, Strided2 w_hh,
+                      KernelArgs a, unsigned char* scratch, cudaStream_t stream) {
+  const Scratch sc = scratch_layout(p, backward);
+  const int G = Cell::kGates;
+  const int64_t H = p.hidden, K = backward ? G * H : H, Kp = round_up(K, kPad);
+  const int64_t Hr = round_up(H, kUnitPad);
+  const std::vector<int> table = step_table(p);
+  cudaError_t err = cudaMemsetAsync(scratch, 0, sizeof(unsigned), stream);
+  if (err == cudaSuccess)  // pageable source: staged before the call returns
+    err = cudaMemcpyAsync(scratch + sc.steps, table.data(), table.size() * sizeof(int),
+                          cudaMemcpyHostToDevice, stream);
+  if (err != cudaSuccess) return err;
+  T* w_packed = reinterpret_cast<T*>(scratch + sc.w);
+  const int64_t w_elems = backward ? Hr * Kp : Hr * G * Kp;
+  pack_w_kernel<T><<<grid_for(w_elems), 256, 0, stream>>>(
+      static_cast<const T*>(w_hh.data), w_hh.s0, w_hh.s1, G, int(H), int(Kp), w_elems, backward,
+      w_packed);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  a.S = int(p.steps), a.B = int(p.batch), a.H = int(H), a.K = int(K), a.Kp = int(Kp);
+  a.vec4 = K % 4 == 0;
+  a.steps = reinterpret_cast<const int*>(scratch + sc.steps);
+  a.w = w_packed;
+  a.barrier = reinterpret_cast<unsigned*>(scratch);
+  a.N = rnn_layer_rows(p);
+  const int phases = int(p.steps) + (backward ? 1 : 0);
+  LayerPlan plan;
+  for (bool allow_persistent : {true, false}) {
+    if ((err = make_plan<Cell, T>(p, backward, allow_persistent, &plan)) != cudaSuccess) return err;
+    a.units = plan.units, a.groups = backward ? plan.units / kBwdRows : plan.units;
+    a.w_in_smem = plan.persistent;
+    const void* kernel = kernel_ptr<Cell, T>(backward, plan.batch_tile);
+    int begin = 0, end = phases;
+    void* args[] = {&cell, &a, &begin, &end};
+    if (!plan.persistent) {
+      for (int ph = 0; ph < phases && err == cudaSuccess; ++ph) {
+        begin = ph, end = ph + 1;
+        err = cudaLaunchKernel(kernel, dim3(plan.blocks), dim3(kThreads), args, plan.smem_bytes,
+                               stream);
+      }
+      return err;
+    }
+    err = cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), args,
+                                      plan.smem_bytes, stream);
+    if (err != cudaErrorCooperativeLaunchTooLarge) return err;
+    (void)cudaGetLastError();  // fewer co-resident blocks than the occupancy query said
+  }
+  return err;
+}
+
+}  // namespace
+
+size_t rnn_layer_fwd_scratch_bytes(const LayerProblem& p) { return scratch_layout(p, false).total; }
+size_t rnn_layer_bwd_scratch_bytes(const LayerProblem& p) { return scratch_layout(p, true).total; }
+
+cudaError_t rnn_layer_plan(const LayerProblem& p, bool backward, LayerPlan* plan) {
+  if (!rnn_layer_supported(p)) return cudaErrorNotSupported;
+  return dev::with_cell_and_type(p.cell, p.dtype, [&](auto cell, auto t) {
+    return make_plan<decltype(cell), decltype(t)>(p, backward, true, plan);
+  });
+}
+
+cudaError_t rnn_layer_fwd(const LayerProblem& p, const float* x_gates, const float* bias_x,
+                          const float* bias_hn, Strided2 w_hh, Strided2 h0, Strided2 c0,
+                          void* out, void* h_n, void* c_n, float* workspace, void* scratch,
+                          cudaStream_t stream) {
+  if (!rnn_layer_supported(p)) return cudaErrorNotSupported;
+  if (p.batch == 0 || p.hidden == 0) return cudaSuccess;
+  return dev::with_cell_and_type(p.cell, p.dtype, [&](auto cell, auto t) {
+    using T = decltype(t);
+    const Scratch sc = scratch_layout(p, false);
+    auto* base = static_cast<unsigned char*>(scratch);
+    KernelArgs a;
+    a.h_state = reinterpret_cast<float*>(base + sc.h_state);
+    a.c_state = p.cell == CellKind::kLSTM ? reinterpret_cast<float*>(base + sc.c_state) : nullptr;
+    init_state_kernel<T><<<grid_for(p.batch * p.hidden), 256, 0, stream>>>(
+        p.batch, p.hidden, h0, c0, a.h_state, a.c_state, static_cast<T*>(h_n),
+        static_cast<T*>(c_n));
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || p.steps == 0) return err;
+    a.x_gates = x_gates, a.bias_x = bias_x, a.bias_hn = bias_hn;
+    a.out = out, a.h_n = h_n, a.c_n = c_n, a.ws = workspace;
+    return run_layer<decltype(cell), T>(p, false, cell, w_hh, a, base, stream);
+  });
+}
+
+cudaError_t rnn_layer_bwd(const LayerProblem& p, Strided2 w_hh, const float* workspace,
+                          const void* grad_out, float* d_h, float* d_c, float* d_gates_x,
+                          float* d_gates_h, void* scratch, cudaStream_t stream) {
+  if (!rnn_layer_supported(p)) return cudaErrorNotSupported;
+  if (p.batch == 0 || p.hidden == 0 || p.steps == 0) return cudaSuccess;
+  return dev::with_cell_and_type(p.cell, p.dtype, [&](auto cell, auto t) {
+    KernelArgs a;
+    a.ws = const_cast<float*>(workspace);  // read only in the backward
+    a.grad_out = grad_out, a.d_h = d_h, a.d_c = d_c, a.d_gx = d_gates_x, a.d_gh = d_gates_h;
+    return run_layer<decltype(cell), decltype(t)>(p, true, cell, w_hh, a,
+                                                  static_cast<unsigned char*>(scratch), stream);
+  });
+}
+
+}  // namespace seqkern::cuda::rnn
