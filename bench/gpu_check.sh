@@ -20,18 +20,26 @@ build_rc=$?
 tail -n 20 "$LOG/build.log"
 $PY -m seqkern.info | tee "$LOG/info.txt"
 
-echo "== tests on the GPU"
-SEQKERN_TEST_DEVICE=cuda $PY -m pytest tests/ -q -p no:cacheprovider >"$LOG/tests.log" 2>&1
+# Every stage has a time limit: a hand-written grid barrier or TMA wait that never completes
+# must not eat the machine's whole lease. TESTS_S and BENCH_S override them.
+echo "== tests on the GPU (cuda and triton backends; the CUDA kernels for the first time)"
+SEQKERN_TEST_DEVICE=cuda SEQKERN_POISON_OUTPUTS=1 timeout "${TESTS_S:-300}" \
+  $PY -m pytest tests/ -q -p no:cacheprovider >"$LOG/tests.log" 2>&1
 tests_rc=$?
 tail -n 15 "$LOG/tests.log"
+echo "== CUDA attention with the Hopper path off (the sm_80 kernels at D 64/128)"
+SEQKERN_TEST_DEVICE=cuda SEQKERN_CUDA_SM90=0 timeout 120 $PY -m pytest tests/test_attention.py \
+  -q -k cuda -p no:cacheprovider >"$LOG/tests_sm80.log" 2>&1
+sm80_rc=$?
+tail -n 3 "$LOG/tests_sm80.log"
 
 echo "== benchmarks"
-$PY -m pytest bench/ -q -s -p no:cacheprovider --benchmark-json="$LOG/bench.json" \
-  >"$LOG/bench.log" 2>&1
+timeout "${BENCH_S:-300}" $PY -m pytest bench/ -q -s -p no:cacheprovider \
+  --benchmark-json="$LOG/bench.json" >"$LOG/bench.log" 2>&1
 bench_rc=$?
 cp bench/results/*.json "$LOG/" 2>/dev/null
 
 echo
-echo "== summary (build rc=$build_rc, tests rc=$tests_rc, bench rc=$bench_rc)"
+echo "== summary (build rc=$build_rc, tests rc=$tests_rc, sm80 tests rc=$sm80_rc, bench rc=$bench_rc; rc 124 = timed out)"
 grep -E "passed|failed" "$LOG/tests.log" | tail -n 1
 sed -n '/^seqkern benchmarks/,/^$/p' "$LOG/bench.log" | cut -c1-110

@@ -13,17 +13,20 @@ from seqkern.backends import cpu, cuda, reference, triton
 
 BACKENDS = {b.NAME: b for b in (cuda, triton, cpu, reference)}
 
-# Per device type: the order in which backends are tried.
+# Per device type: the order in which backends are tried. On CUDA tensors `triton` goes
+# first until a GPU run has verified and timed the CUDA kernels: they have only been compiled
+# (sm_80, sm_90a) and run under the CPU emulation of tests/test_cuda_emulation.py, and a
+# wrong hand-written barrier or TMA wait hangs where a Triton kernel would not.
 PRIORITY = {
-    "cuda": ("cuda", "triton", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpu", "reference"),
 }
 
-# On CUDA tensors both compiled backends can run most ops; which goes first is a measured
-# fact. Each entry: (device, op) -> [(applies(inputs) -> bool, order, evidence)]; the
-# first that applies wins; evidence names the bench/RESULTS.md run that showed it. An op
-# without a matching entry keeps PRIORITY's order (the CUDA kernels first, as the hand-tuned path). No entry yet:
-# no GPU run has measured cuda against triton (bench/RESULTS.md, "not yet measured").
+# Which of the two compiled GPU backends goes first is a measured fact. Each entry:
+# (device, op) -> [(applies(inputs) -> bool, order, evidence)]; the first that applies
+# wins; evidence names the bench/RESULTS.md run that showed it (bench/gpu_check.sh runs
+# both side by side). An op without a matching entry keeps PRIORITY's order. No entry yet:
+# no GPU has run them (bench/RESULTS.md, "GPU: not yet measured").
 MEASURED_ORDER = {}
 
 
