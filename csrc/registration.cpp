@@ -41,18 +41,20 @@ TORCH_LIBRARY(seqkern_C, m) {
       "Tensor? seed_offset, bool average_heads) -> Tensor");
   // One recurrent layer, one direction, whole sequence (csrc/cpu/rnn_layer.cpp). mode: LSTM,
   // GRU, RNN_TANH, RNN_RELU. input [T, B, I], or packed data [N, I] with batch_sizes [T].
-  // Returns (output [T, B, H] or [N, H], h_n [B, H], c_n [B, H] (LSTM; else empty),
-  // workspace for the backward, empty unless need_workspace).
+  // w_hr [P, H]: LSTM projection (proj_size P < H; then w_hh is [4H, P] and h0 [B, P]).
+  // Returns (output [T, B, P] or [N, P], h_n [B, P], c_n [B, H] (LSTM; else empty),
+  // workspace for the backward, empty unless need_workspace); P = H without projection.
   m.def(
       "rnn_layer_fwd(str mode, Tensor input, Tensor? batch_sizes, Tensor h0, Tensor? c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse, "
-      "bool need_workspace) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Returns (d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh); empty where not applicable.
+      "bool need_workspace, Tensor? w_hr=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns (d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_w_hr); empty where not
+  // applicable.
   m.def(
       "rnn_layer_bwd(str mode, Tensor input, Tensor? batch_sizes, Tensor h0, Tensor? c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse, Tensor workspace, "
-      "Tensor? grad_output, Tensor? grad_hn, Tensor? grad_cn) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? grad_output, Tensor? grad_hn, Tensor? grad_cn, Tensor? w_hr=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Shapes and semantics: seqkern/ops/rnn_cells.py. mode: LSTM, GRU, RNN_TANH, RNN_RELU.
   m.def(
       "rnn_cell_fwd(str mode, Tensor input, Tensor hx, Tensor? cx, Tensor w_ih, Tensor w_hh, "

@@ -232,9 +232,12 @@ def _rnn_layer_bwd_kernel(
 
 
 def rnn_layer_not_supported_reasons(inputs):
+    reasons = []
     if inputs["dtype"] not in _DTYPES:
-        return [f"dtype {inputs['dtype']} is not one of fp16, bf16, fp32"]
-    return []
+        reasons.append(f"dtype {inputs['dtype']} is not one of fp16, bf16, fp32")
+    if inputs.get("projection"):
+        reasons.append("LSTM projections (proj_size) have no Triton kernel")
+    return reasons
 
 
 def _steps(input, batch_sizes, reverse):
@@ -271,7 +274,8 @@ def _views(mode, workspace, N, H):
 
 
 def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                  need_workspace):
+                  need_workspace, w_hr=None):
+    assert w_hr is None, "rnn_layer_not_supported_reasons refuses projections"
     G, H, I = _GATES[mode], w_hh.shape[1], input.shape[-1]
     x = input.reshape(-1, I).float()
     N = x.shape[0]
@@ -307,7 +311,8 @@ def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
 
 
 def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                  workspace, grad_output, grad_hn, grad_cn):
+                  workspace, grad_output, grad_hn, grad_cn, w_hr=None):
+    assert w_hr is None, "rnn_layer_not_supported_reasons refuses projections"
     G, H, I = _GATES[mode], w_hh.shape[1], input.shape[-1]
     x = input.reshape(-1, I).float()
     N, B = x.shape[0], h0.shape[0]
@@ -337,4 +342,5 @@ def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
         grads += [dxg.sum(0), dhg.sum(0) if mode == "GRU" else dxg.sum(0)]
     else:
         grads += [h0.new_empty((0,)), h0.new_empty((0,))]
+    grads.append(h0.new_empty((0,)))  # d_w_hr: no projection here
     return [g.to(dt) if g.numel() else g for g in grads]

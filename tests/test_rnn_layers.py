@@ -28,14 +28,14 @@ def _flatten(result):
     return [out, *hidden]
 
 
-def _random_config(rng):
+def _random_config(rng, projections=True):
     cls = rng.choice(["LSTM", "GRU", "RNN"])
     kw = dict(input_size=rng.choice([1, 3, 7]), hidden_size=rng.choice([1, 5, 8]),
               num_layers=rng.choice([1, 2, 3]), bias=rng.random() < 0.7,
               batch_first=rng.random() < 0.5, bidirectional=rng.random() < 0.5)
     if cls == "RNN":
         kw["nonlinearity"] = rng.choice(["tanh", "relu"])
-    if cls == "LSTM" and rng.random() < 0.25:
+    if cls == "LSTM" and rng.random() < 0.25 and projections:
         kw["proj_size"] = rng.randint(1, kw["hidden_size"]) if kw["hidden_size"] > 1 else 0
     form = rng.choice(["padded", "padded", "unbatched", "packed_sorted", "packed_unsorted"])
     return cls, kw, form, rng.choice([1, 4, 9]), rng.choice([1, 2, 5]), rng.random() < 0.5
@@ -76,7 +76,8 @@ def test_randomized_parity_with_torch(backend, seed, dtype):
     if not usable[backend]:
         pytest.skip(f"{backend} backend not usable here")
     rng = random.Random(seed)
-    cls, kw, form, T, B, given_h0 = _random_config(rng)
+    # LSTM projections have a kernel on cpu only (triton and cuda refuse them).
+    cls, kw, form, T, B, given_h0 = _random_config(rng, backend in ("cpu", "reference"))
     gen = torch.Generator().manual_seed(seed)
     ours, theirs = _pair(cls, **kw)
     ours.to(dtype)
@@ -317,3 +318,53 @@ def test_forwards_pending_backward_keep_their_own_buffers(cls):
     g_theirs = torch.autograd.grad(loss(theirs), list(theirs.parameters()))
     for (name, _), a, b in zip(ours.named_parameters(), g_ours, g_theirs):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("form", ["padded", "packed_unsorted"])
+def test_lstm_projection_kernel_matches_torch(form):
+    """proj_size runs inside the C++ recurrence (h = h_full W_hr^T every step)."""
+    ours, theirs = _pair("LSTM", input_size=7, hidden_size=33, proj_size=13, num_layers=2,
+                         bidirectional=True)
+    x = torch.randn(11, 6, 7, dtype=torch.float64, device=DEVICE)
+    h0 = torch.randn(4, 6, 13, dtype=torch.float64, device=DEVICE)
+    c0 = torch.randn(4, 6, 33, dtype=torch.float64, device=DEVICE)
+    lengths = torch.tensor([11, 3, 7, 1, 11, 5])
+
+    def run(module, x, h0, c0):
+        inp = x if form == "padded" else pack_padded_sequence(x, lengths, enforce_sorted=False)
+        return _flatten(module(inp, (h0, c0)))
+
+    leaves = [[t.clone().requires_grad_(True) for t in (x, h0, c0)] for _ in range(2)]
+    with seqkern.backend("cpu"):
+        got = run(ours, *leaves[0])
+    want = run(theirs, *leaves[1])
+    grads = [torch.randn_like(w) for w in want]
+    with seqkern.backend("cpu"):
+        g_ours = torch.autograd.grad(got, leaves[0] + list(ours.parameters()), grads)
+    g_theirs = torch.autograd.grad(want, leaves[1] + list(theirs.parameters()), grads)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(f"output[{i}]", g, w)
+    names = ["input", "h0", "c0"] + [n for n, _ in ours.named_parameters()]
+    for name, g, w in zip(names, g_ours, g_theirs):
+        assert_close(f"d{name}", g, w)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+def test_lstm_projection_gradcheck():
+    sizes = torch.tensor([3, 2, 1])
+    H, P = 5, 3
+    x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, P, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(3, H, dtype=torch.float64, requires_grad=True)
+    w = [torch.randn(4 * H, n, dtype=torch.float64, requires_grad=True) for n in (2, P)]
+    b = [torch.randn(4 * H, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    w_hr = torch.randn(P, H, dtype=torch.float64, requires_grad=True)
+
+    def f(x, h0, c0, w_hr, *wb):
+        out, h, c, _ = seqkern.ops.rnn_layer.rnn_layer_fwd("LSTM", x, sizes, h0, c0, *wb, True,
+                                                           True, w_hr)
+        return out.sum() + h.square().sum() + c.sum()
+
+    with seqkern.backend("cpu"):
+        assert torch.autograd.gradcheck(f, (x, h0, c0, w_hr, *w, *b))

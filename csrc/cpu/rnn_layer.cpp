@@ -97,20 +97,23 @@ void for_row_blocks(const std::vector<std::pair<int64_t, int64_t>>& blocks, cons
 
 // The workspace the forward leaves for the backward: four blocks, each [N, width] row-major,
 // one row per (step, live batch row) like the flattened input: the cell's saved gates, the
-// state entering the step (h_prev) and, for LSTM, c_prev and c_new.
+// state entering the step (h_prev, P wide) and, for LSTM, c_prev and c_new; with a
+// projection (LSTM proj_size: the state is h = h_full W_hr^T, P < H) also h_full.
 struct Workspace {
-  int64_t N, H, saved_width;
-  bool lstm;
-  int64_t numel() const { return N * (saved_width + H + (lstm ? 2 * H : 0)); }
+  int64_t N, H, P, saved_width;
+  bool lstm, proj;
+  int64_t numel() const { return N * (saved_width + P + (lstm ? 2 * H : 0) + (proj ? H : 0)); }
   template <typename T> T* saved(T* base) const { return base; }
   template <typename T> T* h_prev(T* base) const { return base + N * saved_width; }
-  template <typename T> T* c_prev(T* base) const { return base + N * (saved_width + H); }
-  template <typename T> T* c_new(T* base) const { return base + N * (saved_width + 2 * H); }
+  template <typename T> T* c_prev(T* base) const { return base + N * (saved_width + P); }
+  template <typename T> T* c_new(T* base) const { return base + N * (saved_width + P + H); }
+  int64_t h_full_offset() const { return N * (saved_width + P + 2 * H); }
+  template <typename T> T* h_full(T* base) const { return base + h_full_offset(); }
 };
 
-Workspace workspace_layout(RnnMode mode, int64_t N, int64_t H) {
+Workspace workspace_layout(RnnMode mode, int64_t N, int64_t H, int64_t P) {
   const int64_t saved = mode == RnnMode::kLSTM || mode == RnnMode::kGRU ? 4 * H : H;
-  return {N, H, saved, mode == RnnMode::kLSTM};
+  return {N, H, P, saved, mode == RnnMode::kLSTM, P != H};
 }
 
 template <typename T>
@@ -158,19 +161,26 @@ at::Tensor as_compute(const at::Tensor& t, at::ScalarType dtype) {
 void check_layer_args(RnnMode mode, const at::Tensor& input,
                       const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
                       const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
-                      const at::Tensor& w_hh) {
-  const int64_t G = gate_count(mode), H = w_hh.size(1);
+                      const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr) {
+  const int64_t G = gate_count(mode);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % G == 0, "rnn_layer: w_hh must be [G*H, P]");
+  const int64_t H = w_hh.size(0) / G, P = w_hh.size(1);
   TORCH_CHECK(input.device().is_cpu(), "rnn_layer (cpu): input must be a CPU tensor");
   TORCH_CHECK(batch_sizes ? input.dim() == 2 : input.dim() == 3,
               "rnn_layer: input must be [T, B, I], or packed data [N, I] with batch_sizes");
   TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == G * H && w_ih.size(1) == input.size(-1),
               "rnn_layer: w_ih must be [G*H, I]");
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == G * H, "rnn_layer: w_hh must be [G*H, H]");
+  TORCH_CHECK(w_hr ? (mode == RnnMode::kLSTM && w_hr->dim() == 2 && w_hr->size(0) == P &&
+                      w_hr->size(1) == H && P < H)
+                   : P == H,
+              "rnn_layer: w_hh must be [G*H, H], or [4H, P] with an LSTM projection w_hr "
+              "[P, H], P < H");
   const int64_t B = batch_sizes ? (batch_sizes->numel() ? batch_sizes->max().item<int64_t>() : 0)
                                 : input.size(1);
-  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) == H, "rnn_layer: h0 must be [B, H]");
-  TORCH_CHECK(mode != RnnMode::kLSTM || (c0 && c0->sizes() == h0.sizes()),
-              "rnn_layer: LSTM needs c0 of h0's shape");
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) == P, "rnn_layer: h0 must be [B, P]");
+  TORCH_CHECK(mode != RnnMode::kLSTM || (c0 && c0->dim() == 2 && c0->size(0) == B &&
+                                         c0->size(1) == H),
+              "rnn_layer: LSTM needs c0 [B, H]");
 }
 
 // The arguments both directions of the op start from: checked, in the compute dtype, the
@@ -178,21 +188,21 @@ void check_layer_args(RnnMode mode, const at::Tensor& input,
 struct LayerOperands {
   RnnMode mode;
   at::ScalarType dtype;
-  int64_t H, G, N;
-  at::Tensor x, w_ih, w_hh;
+  int64_t H, P, G, N;  // hidden size, state size (P < H with a projection, else H)
+  at::Tensor x, w_ih, w_hh, w_hr;  // w_hr undefined without a projection
 };
 
 LayerOperands prepare(const std::string& mode_name, const at::Tensor& input,
                       const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
                       const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
-                      const at::Tensor& w_hh) {
+                      const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr) {
   const RnnMode mode = parse_rnn_mode(mode_name, "rnn_layer");
-  check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh);
+  check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr);
   const at::ScalarType dt = compute_dtype(input.scalar_type());
   at::Tensor x = as_compute(input, dt).reshape({-1, input.size(-1)});
-  const int64_t N = x.size(0);
-  return {mode, dt, w_hh.size(1), gate_count(mode), N, x, as_compute(w_ih, dt),
-          as_compute(w_hh, dt)};
+  const int64_t G = gate_count(mode), N = x.size(0);
+  return {mode, dt, w_hh.size(0) / G, w_hh.size(1), G, N, x, as_compute(w_ih, dt),
+          as_compute(w_hh, dt), w_hr ? as_compute(*w_hr, dt) : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
@@ -200,13 +210,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse,
-    bool need_workspace) {
-  const LayerOperands ops = prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh);
+    bool need_workspace, const std::optional<at::Tensor>& w_hr) {
+  const LayerOperands ops = prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr);
   const RnnMode mode = ops.mode;
   const at::ScalarType dt = ops.dtype;
-  const int64_t H = ops.H, G = ops.G, N = ops.N;
+  const int64_t H = ops.H, P = ops.P, G = ops.G, N = ops.N;
   const at::Tensor &x = ops.x, &wih = ops.w_ih, &whh = ops.w_hh;
-  const PackedRight whh_t = pack_right(whh.t());  // [H, G*H]: the step product's right operand
+  const bool proj = ops.w_hr.defined();
+  const PackedRight whh_t = pack_right(whh.t());  // [P, G*H]: the step product's right operand
+  // [H, P]: h = h_full W_hr^T after the cell (LSTM proj_size)
+  const PackedRight whr_t = proj ? pack_right(ops.w_hr.t()) : PackedRight{};
   // LSTM and RNN add both biases with the input projection; GRU keeps b_hh with h W_hh^T
   // because b_hn sits inside r * (W_hn h + b_hn).
   std::optional<at::Tensor> bias_x, bias_h;
@@ -219,12 +232,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   at::Tensor h = h0.to(dt).clone(at::MemoryFormat::Contiguous);
   at::Tensor c = mode == RnnMode::kLSTM ? c0->to(dt).clone(at::MemoryFormat::Contiguous)
                                         : at::empty({0}, h.options());
-  const Workspace ws = workspace_layout(mode, N, H);
+  const Workspace ws = workspace_layout(mode, N, H, P);
   // Inference needs none of it: no workspace, no copies into it.
   // Saved for the backward and freed after it: the next call reuses its pages.
   at::Tensor workspace = cached_empty({need_workspace ? ws.numel() : 0}, h.options());
-  at::Tensor out = at::empty({N, H}, h.options());
+  at::Tensor out = at::empty({N, P}, h.options());
   at::Tensor h_gates = at::empty({h.size(0), G * H}, h.options());
+  // The cell's output before the projection, per batch row (inference; training writes it
+  // into the workspace, where the backward finds it).
+  at::Tensor h_full_scratch = at::empty({proj && !need_workspace ? h.size(0) : 0, H},
+                                        h.options());
   at::Tensor saved_scratch = at::empty({need_workspace ? 0 : h.size(0) * ws.saved_width},
                                        h.options());
   const std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
@@ -240,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     scalar_t* h_ptr = h.data_ptr<scalar_t>();
     scalar_t* c_ptr = ws.lstm ? c.data_ptr<scalar_t>() : nullptr;
     const scalar_t* x_bias = bias_x ? bias_x->data_ptr<scalar_t>() : nullptr;
-    const size_t state_bytes = H * sizeof(scalar_t);
+    const size_t state_bytes = P * sizeof(scalar_t), cell_bytes = H * sizeof(scalar_t);
     for (const StepChunk& ch : chunks) {
       at::Tensor xg_chunk = x_gates.narrow(0, 0, ch.rows);
       tiled_matmul_into(xg_chunk, x.narrow(0, ch.row0, ch.rows), wih_t, false);
@@ -251,33 +268,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
           if (n <= 0) continue;
           const int64_t row = s.offset + lo;  // first row of this block in the flat input
           at::Tensor h_live = h.narrow(0, lo, n), hg = h_gates.narrow(0, lo, n);
-          scalar_t* h_rows = h_ptr + lo * H;
+          scalar_t* h_rows = h_ptr + lo * P;
           scalar_t* c_rows = ws.lstm ? c_ptr + lo * H : nullptr;
           if (need_workspace) {
-            std::memcpy(ws.h_prev(base) + row * H, h_rows, n * state_bytes);
-            if (ws.lstm) std::memcpy(ws.c_prev(base) + row * H, c_rows, n * state_bytes);
+            std::memcpy(ws.h_prev(base) + row * P, h_rows, n * state_bytes);
+            if (ws.lstm) std::memcpy(ws.c_prev(base) + row * H, c_rows, n * cell_bytes);
           }
           if (bias_h) hg.copy_(bias_h->expand_as(hg));
           tiled_matmul_into(hg, h_live, whh_t, bias_h.has_value());
+          // With a projection the cell writes h_full [n, H] (the LSTM cell reads no h_prev).
+          scalar_t* cell_out = !proj ? h_rows
+                               : need_workspace ? ws.h_full(base) + row * H
+                                                : h_full_scratch.data_ptr<scalar_t>() + lo * H;
           step_fwd<scalar_t>(mode, n, H, xg_chunk.data_ptr<scalar_t>() + (row - ch.row0) * G * H,
-                             x_bias, hg.data_ptr<scalar_t>(), h_rows, c_rows,
+                             x_bias, hg.data_ptr<scalar_t>(), cell_out, c_rows,
                              need_workspace ? ws.saved(base) + row * ws.saved_width
                                             : saved_scratch.data_ptr<scalar_t>() +
                                                   lo * ws.saved_width);
+          if (proj) {
+            const at::Tensor h_full = at::from_blob(cell_out, {n, H}, h.options());
+            tiled_matmul_into(h_live, h_full, whr_t, false);
+          }
           if (ws.lstm && need_workspace)
-            std::memcpy(ws.c_new(base) + row * H, c_rows, n * state_bytes);
-          std::memcpy(out.data_ptr<scalar_t>() + row * H, h_rows, n * state_bytes);
+            std::memcpy(ws.c_new(base) + row * H, c_rows, n * cell_bytes);
+          std::memcpy(out.data_ptr<scalar_t>() + row * P, h_rows, n * state_bytes);
         }
       });
     }
   });
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
-  out_shape.back() = H;
+  out_shape.back() = P;
   return {out.reshape(out_shape).to(input.scalar_type()), h.to(input.scalar_type()),
           c.to(input.scalar_type()), workspace};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
 rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
                   const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
                   const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
@@ -285,13 +311,15 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
                   const std::optional<at::Tensor>& b_hh, bool reverse,
                   const at::Tensor& workspace, const std::optional<at::Tensor>& grad_output,
                   const std::optional<at::Tensor>& grad_hn,
-                  const std::optional<at::Tensor>& grad_cn) {
-  const LayerOperands ops = prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh);
+                  const std::optional<at::Tensor>& grad_cn,
+                  const std::optional<at::Tensor>& w_hr) {
+  const LayerOperands ops = prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr);
   const RnnMode mode = ops.mode;
   const at::ScalarType dt = ops.dtype;
-  const int64_t H = ops.H, G = ops.G, N = ops.N;
+  const int64_t H = ops.H, P = ops.P, G = ops.G, N = ops.N;
   const at::Tensor &x = ops.x, &wih = ops.w_ih, &whh = ops.w_hh;
-  const Workspace ws = workspace_layout(mode, N, H);
+  const bool proj = ops.w_hr.defined();
+  const Workspace ws = workspace_layout(mode, N, H, P);
   TORCH_CHECK(workspace.dim() == 1 && workspace.numel() == ws.numel() &&
                   workspace.scalar_type() == dt && workspace.is_contiguous(),
               "rnn_layer_bwd: workspace does not come from rnn_layer_fwd with these arguments");
@@ -299,10 +327,10 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   at::Tensor dh = grad_hn ? grad_hn->to(dt).clone(at::MemoryFormat::Contiguous) : at::zeros_like(h0, opts);
   at::Tensor dc = mode == RnnMode::kLSTM
                       ? (grad_cn ? grad_cn->to(dt).clone(at::MemoryFormat::Contiguous)
-                                 : at::zeros_like(h0, opts))
+                                 : at::zeros({h0.size(0), H}, opts))
                       : at::empty({0}, opts);
-  const at::Tensor d_out = grad_output ? as_compute(*grad_output, dt).reshape({-1, H}) : at::Tensor();
-  const at::Tensor h_prev = workspace.narrow(0, ws.saved_width * N, N * H).view({N, H});
+  const at::Tensor d_out = grad_output ? as_compute(*grad_output, dt).reshape({-1, P}) : at::Tensor();
+  const at::Tensor h_prev = workspace.narrow(0, ws.saved_width * N, N * P).view({N, P});
   const bool gru = mode == RnnMode::kGRU;
   // The gate gradients of a chunk of steps (as in the forward's projection): the products
   // that take them (dx, dW_ih, dW_hh, db) run once per chunk, over all of its rows, while
@@ -316,10 +344,16 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   at::Tensor dx_gates = cached_empty({chunk_rows, G * H}, opts);
   at::Tensor dh_gates = gru ? cached_empty({chunk_rows, G * H}, opts) : dx_gates;
   at::Tensor dx = at::empty({N, x.size(1)}, opts);
-  at::Tensor dw_ih = at::zeros({G * H, x.size(1)}, opts), dw_hh = at::zeros({G * H, H}, opts);
+  at::Tensor dw_ih = at::zeros({G * H, x.size(1)}, opts), dw_hh = at::zeros({G * H, P}, opts);
+  // Projection: the gradient reaching h_full (per batch row) and the state gradients of the
+  // chunk's rows, the left operand of dW_hr = sum dh^T h_full.
+  at::Tensor dw_hr = at::zeros({proj ? P : 0, proj ? H : 0}, opts);
+  at::Tensor dh_full = at::empty({proj ? h0.size(0) : 0, H}, opts);
+  at::Tensor dh_chunk = at::empty({proj ? chunk_rows : 0, P}, opts);
+  const PackedRight whr_packed = proj ? pack_right(ops.w_hr) : PackedRight{};  // [P, H]
   at::Tensor db_ih = at::zeros({b_ih ? G * H : 0}, opts), db_hh = at::zeros({b_ih ? G * H : 0}, opts);
 
-  const PackedRight whh_packed = pack_right(whh);  // [G*H, H], reused by every step
+  const PackedRight whh_packed = pack_right(whh);  // [G*H, P], reused by every step
   const PackedRight wih_packed = pack_right(wih);  // [G*H, I], by every chunk
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_bwd", [&] {
     const scalar_t* base = workspace.data_ptr<scalar_t>();
@@ -333,15 +367,24 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
           const int64_t chunk_row = row - ch->row0;
           at::Tensor dh_live = dh.narrow(0, lo, n);
           if (d_out.defined()) dh_live.add_(d_out.narrow(0, row, n));
+          // The cell's output gradient: dh itself, or through the projection dh W_hr.
+          scalar_t* d_cell_out = dh.data_ptr<scalar_t>() + lo * P;
+          if (proj) {
+            dh_chunk.narrow(0, chunk_row, n).copy_(dh_live);
+            at::Tensor dh_full_live = dh_full.narrow(0, lo, n);
+            tiled_matmul_into(dh_full_live, dh_live, whr_packed, false);
+            d_cell_out = dh_full_live.data_ptr<scalar_t>();
+          }
           run_rnn_step_bwd<scalar_t>(
               mode, n, H, ws.saved(base) + row * ws.saved_width,
               ws.lstm ? ws.c_new(base) + row * H : nullptr,
-              ws.lstm ? ws.c_prev(base) + row * H : nullptr, ws.h_prev(base) + row * H,
-              dh.data_ptr<scalar_t>() + lo * H,
-              ws.lstm ? dc.data_ptr<scalar_t>() + lo * H : nullptr,
+              ws.lstm ? ws.c_prev(base) + row * H : nullptr, ws.h_prev(base) + row * P,
+              d_cell_out, ws.lstm ? dc.data_ptr<scalar_t>() + lo * H : nullptr,
               dx_gates.data_ptr<scalar_t>() + chunk_row * G * H,
               gru ? dh_gates.data_ptr<scalar_t>() + chunk_row * G * H : nullptr);
-          tiled_matmul_into(dh_live, dh_gates.narrow(0, chunk_row, n), whh_packed, true);
+          // dh_prev = (the part around W_hh, left in dh by the step: 0 for LSTM, which is
+          // the only mode with a projection) + dG W_hh.
+          tiled_matmul_into(dh_live, dh_gates.narrow(0, chunk_row, n), whh_packed, !proj);
         }
       });
       const at::Tensor dxg_chunk = dx_gates.narrow(0, 0, ch->rows);
@@ -354,6 +397,11 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
       const at::Tensor dhg_t = gru ? dhg_chunk.t().contiguous() : dxg_t;
       matmul_once_into(dw_ih, dxg_t, x.narrow(0, ch->row0, ch->rows), true);
       matmul_once_into(dw_hh, dhg_t, h_prev.narrow(0, ch->row0, ch->rows), true);
+      if (proj) {
+        const at::Tensor h_full = workspace.narrow(0, ws.h_full_offset(), N * H).view({N, H});
+        matmul_once_into(dw_hr, dh_chunk.narrow(0, 0, ch->rows).t().contiguous(),
+                         h_full.narrow(0, ch->row0, ch->rows), true);
+      }
       if (b_ih) {
         db_ih.add_(dxg_chunk.sum(0));
         if (gru) db_hh.add_(dhg_chunk.sum(0));
@@ -365,7 +413,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   if (b_ih && !gru) db_hh.copy_(db_ih);
   const at::ScalarType out_t = input.scalar_type();
   return {dx.reshape(input.sizes()).to(out_t), dh.to(out_t), dc.to(out_t), dw_ih.to(out_t),
-          dw_hh.to(out_t), db_ih.to(out_t), db_hh.to(out_t)};
+          dw_hh.to(out_t), db_ih.to(out_t), db_hh.to(out_t), dw_hr.to(out_t)};
 }
 
 }  // namespace

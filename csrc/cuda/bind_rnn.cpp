@@ -221,7 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cuda(
     const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse,
-    bool need_workspace) {
+    bool need_workspace, const std::optional<at::Tensor>& w_hr) {
+  TORCH_CHECK(!w_hr, "seqkern cuda rnn_layer: LSTM projections (proj_size) are not supported");
   const LayerOperands o =
       prepare_layer(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse);
   const int64_t H = o.H, B = o.B, N = o.N;
@@ -262,7 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cuda(
   return {out.reshape(out_shape), h_n, c_n, workspace};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
 rnn_layer_bwd_cuda(const std::string& mode_name, const at::Tensor& input,
                    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
                    const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
@@ -270,7 +272,9 @@ rnn_layer_bwd_cuda(const std::string& mode_name, const at::Tensor& input,
                    const std::optional<at::Tensor>& b_hh, bool reverse,
                    const at::Tensor& workspace, const std::optional<at::Tensor>& grad_output,
                    const std::optional<at::Tensor>& grad_hn,
-                   const std::optional<at::Tensor>& grad_cn) {
+                   const std::optional<at::Tensor>& grad_cn,
+                   const std::optional<at::Tensor>& w_hr) {
+  TORCH_CHECK(!w_hr, "seqkern cuda rnn_layer: LSTM projections (proj_size) are not supported");
   const LayerOperands o =
       prepare_layer(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse);
   const int64_t G = o.G, H = o.H, B = o.B, N = o.N;
@@ -321,7 +325,7 @@ rnn_layer_bwd_cuda(const std::string& mode_name, const at::Tensor& input,
   }
   const at::ScalarType dt = input.scalar_type();
   return {dx.reshape(input.sizes()).to(dt), d_h.to(dt), d_c.to(dt), dw_ih.to(dt),
-          dw_hh.to(dt), db_ih.to(dt), db_hh.to(dt)};
+          dw_hh.to(dt), db_ih.to(dt), db_hh.to(dt), at::empty({0}, f32)};
 }
 
 }  // namespace

@@ -25,16 +25,16 @@ def attention_weights(query, key, lse, attn_mask, key_padding_mask, is_causal, s
 
 
 def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                  need_workspace):
+                  need_workspace, w_hr=None):
     return torch.ops.seqkern_C.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh,
-                                             b_ih, b_hh, reverse, need_workspace)
+                                             b_ih, b_hh, reverse, need_workspace, w_hr)
 
 
 def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                  workspace, grad_output, grad_hn, grad_cn):
+                  workspace, grad_output, grad_hn, grad_cn, w_hr=None):
     return torch.ops.seqkern_C.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh,
                                              b_ih, b_hh, reverse, workspace, grad_output,
-                                             grad_hn, grad_cn)
+                                             grad_hn, grad_cn, w_hr)
 
 
 def rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):

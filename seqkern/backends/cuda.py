@@ -28,7 +28,6 @@ ENTRY_POINTS = {
 }
 _ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 _RNN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 MAX_HEAD_DIM = 256
 # csrc/cuda/rnn_layer.cu: a block owns whole hidden units, all G*H gate rows of a step in
 # one grid (G*H <= 32768: LSTM H <= 8192).
@@ -77,8 +76,11 @@ def not_supported_reasons(op, inputs):
     reasons = []
     if inputs["dtype"] not in _RNN_DTYPES:
         reasons.append(f"dtype {inputs['dtype']} is not one of fp16, bf16, fp32")
-    rows = _GATES.get(inputs.get("mode"), 1) * inputs.get("hidden_size", 0)
-    if op == "rnn_layer" and rows > MAX_LAYER_GATE_ROWS:
-        reasons.append(f"{inputs['mode']} with hidden size {inputs['hidden_size']}: "
-                       f"{rows} gate rows > {MAX_LAYER_GATE_ROWS}")
+    if op == "rnn_layer":
+        rows = inputs.get("gate_rows", 0)
+        if rows > MAX_LAYER_GATE_ROWS:
+            reasons.append(f"{inputs['mode']} with {rows} gate rows (G*H) > "
+                           f"{MAX_LAYER_GATE_ROWS}")
+        if inputs.get("projection"):
+            reasons.append("LSTM projections (proj_size) have no CUDA kernel")
     return reasons

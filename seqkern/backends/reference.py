@@ -75,23 +75,24 @@ def _lse_dtype(dtype):
 
 
 def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                  need_workspace):
+                  need_workspace, w_hr=None):
     from seqkern.ops import rnn_layer as ops
     out, h_n, c_n = ops.reference_forward(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih,
-                                          b_hh, reverse)
+                                          b_hh, reverse, w_hr)
     rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
     # The reference backward recomputes the forward: its workspace holds nothing.
-    numel = ops.workspace_numel(mode, rows, w_hh.shape[1]) if need_workspace else 0
+    hidden = w_hh.shape[0] // ops.gate_count(mode)
+    numel = ops.workspace_numel(mode, rows, hidden, w_hh.shape[1]) if need_workspace else 0
     workspace = torch.zeros(numel, dtype=ops.compute_dtype(input.dtype), device=input.device)
     c_n = c_n if c_n is not None else h0.new_empty((0,))
     return out, h_n, c_n, workspace
 
 
 def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                  workspace, grad_output, grad_hn, grad_cn):
+                  workspace, grad_output, grad_hn, grad_cn, w_hr=None):
     from seqkern.ops import rnn_layer as ops
     grads = ops.reference_grads(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                reverse, grad_output, grad_hn, grad_cn)
+                                reverse, grad_output, grad_hn, grad_cn, w_hr=w_hr)
     # Outputs of a custom op may not alias each other: a fresh empty tensor for each absent one.
     return [g if g is not None else h0.new_empty((0,)) for g in grads]
 

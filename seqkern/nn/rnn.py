@@ -9,14 +9,15 @@ forward is seqkern's own: each layer and direction runs as one seqkern::rnn_laye
 kernel with the loop over time inside it), PackedSequence natively (only the live rows of
 each step are computed; the reverse direction starts at each sequence's own end).
 
-LSTM with proj_size > 0 runs through the readable reference recurrence (no kernel yet).
+LSTM with proj_size > 0 runs the same op with the projection inside the recurrence (C++
+kernel on the CPU; the Triton and CUDA kernels refuse it, so on a GPU it runs the
+reference).
 """
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from seqkern.ops.rnn_layer import rnn_layer_fwd
-from seqkern.reference.rnn import recurrent_layer
 
 
 class _SeqkernRNNMixin:
@@ -98,14 +99,12 @@ class _SeqkernRNNMixin:
     def _run_layer(self, x, batch_sizes, h0, c0, weights, reverse):
         w_ih, w_hh = weights[0], weights[1]
         b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
-        if self.proj_size > 0:
-            w_hr = weights[-1]
-            return recurrent_layer("LSTM", x, h0, (w_ih, w_hh, b_ih, b_hh), c0=c0,
-                                   reverse=reverse, w_hr=w_hr, batch_sizes=batch_sizes)
+        w_hr = weights[-1] if self.proj_size > 0 else None
         need_workspace = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+            t is not None and t.requires_grad
+            for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
         out, h, c, _ = rnn_layer_fwd(self.mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih,
-                                     b_hh, reverse, need_workspace)
+                                     b_hh, reverse, need_workspace, w_hr)
         return out, h, c
 
     def _unbatched_hidden(self, hx):

@@ -5,8 +5,10 @@ Args of the forward: mode ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"); input [T, B, 
 time-major, or packed data [N, I] with batch_sizes ([T] int64 on the CPU, non-increasing);
 h0 [B, H]; c0 [B, H] (LSTM) or None; w_ih [G*H, I], w_hh [G*H, H], b_ih, b_hh [G*H] or None
 (G = 4 LSTM, 3 GRU, 1 RNN); reverse: run from the last step to the first (packed: from each
-sequence's own end). Returns output [T, B, H] or [N, H], h_n [B, H], c_n [B, H] (LSTM; else
-empty), and a workspace (1-D, fp32 or fp64) that only the backward reads.
+sequence's own end); w_hr [P, H] or None: LSTM's projection (proj_size P < H; the state is
+then h = h_full W_hr^T, so h0 and h_n are [B, P], w_hh is [4H, P] and the output's last
+dim is P). Returns output [T, B, H] or [N, H], h_n [B, H], c_n [B, H] (LSTM; else empty),
+and a workspace (1-D, fp32 or fp64) that only the backward reads.
 """
 from typing import Optional
 
@@ -22,41 +24,44 @@ def gate_count(mode):
     return {"LSTM": 4, "GRU": 3}.get(mode, 1)
 
 
-def workspace_numel(mode, rows, hidden):
-    """Size of the forward's workspace: per (step, row) the saved gates, h_prev and, for
-    LSTM, c_prev and c_new (csrc/cpu/rnn_layer.cpp)."""
+def workspace_numel(mode, rows, hidden, state=None):
+    """Size of the forward's workspace: per (step, row) the saved gates, h_prev (state
+    wide) and, for LSTM, c_prev and c_new, and with a projection h_full
+    (csrc/cpu/rnn_layer.cpp)."""
+    state = hidden if state is None else state
     saved = 4 * hidden if mode in ("LSTM", "GRU") else hidden
-    return rows * (saved + hidden + (2 * hidden if mode == "LSTM" else 0))
+    return rows * (saved + state + (2 * hidden if mode == "LSTM" else 0) +
+                   (hidden if state != hidden else 0))
 
 
 def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _inputs(input, mode, w_hh):
+def _inputs(input, mode, w_hh, w_hr):
     return dict(device=input.device, dtype=input.dtype, input=input, mode=mode,
-                hidden_size=w_hh.shape[1])
+                gate_rows=w_hh.shape[0], projection=w_hr is not None)
 
 
 @torch.library.custom_op("seqkern::rnn_layer_fwd", mutates_args=())
 def rnn_layer_fwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor,
                   c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-                  b_hh: Optional[Tensor], reverse: bool, need_workspace: bool = True
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.select("rnn_layer", _inputs(input, mode, w_hh))
+                  b_hh: Optional[Tensor], reverse: bool, need_workspace: bool = True,
+                  w_hr: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = backends.select("rnn_layer", _inputs(input, mode, w_hh, w_hr))
     return impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                              need_workspace)
+                              need_workspace, w_hr)
 
 
 @rnn_layer_fwd.register_fake
 def _rnn_layer_fwd_fake(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                        need_workspace=True):
-    H = w_hh.shape[1]
-    out = input.new_empty((*input.shape[:-1], H))
+                        need_workspace=True, w_hr=None):
+    H, P = w_hh.shape[0] // gate_count(mode), w_hh.shape[1]
+    out = input.new_empty((*input.shape[:-1], P))
     rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
-    workspace = input.new_empty((workspace_numel(mode, rows, H) if need_workspace else 0,),
+    workspace = input.new_empty((workspace_numel(mode, rows, H, P) if need_workspace else 0,),
                                 dtype=compute_dtype(input.dtype))
-    c_n = h0.new_empty(h0.shape) if mode == "LSTM" else h0.new_empty((0,))
+    c_n = c0.new_empty(c0.shape) if mode == "LSTM" else h0.new_empty((0,))
     return out, h0.new_empty(h0.shape), c_n, workspace
 
 
@@ -65,72 +70,77 @@ def rnn_layer_bwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
                   c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                   b_hh: Optional[Tensor], reverse: bool, workspace: Tensor,
                   grad_output: Optional[Tensor], grad_hn: Optional[Tensor],
-                  grad_cn: Optional[Tensor]) -> list[Tensor]:
-    impl = backends.select("rnn_layer", _inputs(input, mode, w_hh))
+                  grad_cn: Optional[Tensor], w_hr: Optional[Tensor] = None) -> list[Tensor]:
+    """(d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_w_hr), [0] where absent."""
+    impl = backends.select("rnn_layer", _inputs(input, mode, w_hh, w_hr))
     return list(impl.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                   reverse, workspace, grad_output, grad_hn, grad_cn))
+                                   reverse, workspace, grad_output, grad_hn, grad_cn, w_hr))
 
 
 @rnn_layer_bwd.register_fake
 def _rnn_layer_bwd_fake(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                        workspace, grad_output, grad_hn, grad_cn):
-    empty = h0.new_empty((0,))
-    return [torch.empty_like(input), torch.empty_like(h0),
-            torch.empty_like(h0) if mode == "LSTM" else empty,
-            torch.empty_like(w_ih), torch.empty_like(w_hh),
-            torch.empty_like(b_ih) if b_ih is not None else empty,
-            torch.empty_like(b_hh) if b_hh is not None else empty]
+                        workspace, grad_output, grad_hn, grad_cn, w_hr=None):
+    def like(t):
+        return torch.empty_like(t) if t is not None else h0.new_empty((0,))
+    return [like(input), like(h0), like(c0 if mode == "LSTM" else None), like(w_ih),
+            like(w_hh), like(b_ih), like(b_hh), like(w_hr)]
 
 
 def _setup_context(ctx, inputs, output):
-    mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, need_workspace = inputs
+    (mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, need_workspace,
+     w_hr) = inputs
     ctx.mark_non_differentiable(output[3])
     ctx.mode, ctx.reverse = mode, reverse
-    ctx.save_for_backward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, output[3])
+    ctx.save_for_backward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output[3])
 
 
 def _backward(ctx, grad_output, grad_hn, grad_cn, _grad_workspace):
-    input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, workspace = ctx.saved_tensors
+    input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, workspace = ctx.saved_tensors
     if torch.is_grad_enabled() or workspace.numel() == 0:
         # create_graph=True (double backward), or a forward run with need_workspace=False:
         # differentiate the reference instead.
         grads = reference_grads(ctx.mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                ctx.reverse, grad_output, grad_hn, grad_cn, create_graph=True)
+                                ctx.reverse, grad_output, grad_hn, grad_cn, create_graph=True,
+                                w_hr=w_hr)
     else:
         grads = rnn_layer_bwd(ctx.mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                               ctx.reverse, workspace, grad_output, grad_hn,
-                              grad_cn if ctx.mode == "LSTM" else None)
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = grads
+                              grad_cn if ctx.mode == "LSTM" else None, w_hr)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = grads
     return (None, dx, None, dh0, dc0 if c0 is not None else None, dw_ih, dw_hh,
-            db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, None, None)
+            db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, None,
+            None, dw_hr if w_hr is not None else None)
 
 
-def reference_forward(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+def reference_forward(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
+                      w_hr=None):
     """seqkern.reference.recurrent_layer with the op's argument conventions."""
     from seqkern.reference import recurrent_layer
     kind, _, nonlinearity = mode.partition("_")
     return recurrent_layer(kind, input, h0, (w_ih, w_hh, b_ih, b_hh), c0=c0, reverse=reverse,
                            nonlinearity=(nonlinearity or "tanh").lower(),
-                           batch_sizes=batch_sizes)
+                           batch_sizes=batch_sizes, w_hr=w_hr)
 
 
 def reference_grads(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                    grad_output, grad_hn, grad_cn, create_graph=False):
-    """Gradients of the reference layer for every input (zeros where none flows)."""
+                    grad_output, grad_hn, grad_cn, create_graph=False, w_hr=None):
+    """Gradients of the reference layer for (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    (zeros where none flows, None where the argument is None)."""
     from seqkern.backends.reference import autograd_inside_op
+    args = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     with autograd_inside_op():
         leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_(True)
-                  for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh)]
-        out, h_n, c_n = reference_forward(mode, leaves[0], batch_sizes, *leaves[1:], reverse)
-        input, h0, c0, w_ih, w_hh, b_ih, b_hh = leaves
+                  for t in args]
+        out, h_n, c_n = reference_forward(mode, leaves[0], batch_sizes, *leaves[1:7], reverse,
+                                          w_hr=leaves[7])
         pairs = [(o, g) for o, g in ((out, grad_output), (h_n, grad_hn), (c_n, grad_cn))
                  if o is not None and g is not None]
-        wrt = [t for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh) if t is not None]
+        wrt = [t for t in leaves if t is not None]
         got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
                                        create_graph=create_graph, allow_unused=True))
-    grads = [next(got) if t is not None else None for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+    grads = [next(got) if t is not None else None for t in leaves]
     return [g if g is not None else torch.zeros_like(t) if t is not None else None
-            for g, t in zip(grads, (input, h0, c0, w_ih, w_hh, b_ih, b_hh))]
+            for g, t in zip(grads, leaves)]
 
 
 rnn_layer_fwd.register_autograd(_backward, setup_context=_setup_context)
