@@ -17,14 +17,15 @@ call: projections, attention, weights and gradients.
 """
 import json
 import os
-import resource
-import subprocess
 import sys
 
 import pytest
 import torch
 
 import seqkern
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peak_memory  # noqa: E402  (bench/peak_memory.py; bench/ is not a package)
 
 CUDA = torch.cuda.is_available()
 
@@ -96,22 +97,9 @@ def _peak_memory_mb(provider, case, mode, need_weights):
         before = torch.cuda.memory_allocated()
         target()
         return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
-    spec = json.dumps(dict(provider=provider, case=[*case[:4], str(case[4]), case[5]],
-                           mode=mode, need_weights=need_weights))
-    result = subprocess.run([sys.executable, __file__, spec], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if result.returncode != 0:
-        raise RuntimeError(f"memory probe failed: {result.stderr[-2000:]}")
-    return float(result.stdout.strip().splitlines()[-1])
-
-
-def _maxrss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    spec = dict(provider=provider, case=[*case[:4], str(case[4]), case[5]], mode=mode,
+                need_weights=need_weights)
+    return peak_memory.probe(__file__, spec)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "train"])
@@ -134,8 +122,6 @@ if __name__ == "__main__":  # the CPU memory probe: one call in a fresh process
     case = (B, E, H, L, getattr(torch, dtype.replace("torch.", "")), mask)
     module, x, kwargs = _setup(spec["provider"], case, spec["mode"])
     one_row = {k: (v[:1] if k == "key_padding_mask" else v) for k, v in kwargs.items()}
-    _target(module, x[:1], one_row, spec["mode"], spec["need_weights"])()  # warm-up
+    warm_up = _target(module, x[:1], one_row, spec["mode"], spec["need_weights"])
     target = _target(module, x, kwargs, spec["mode"], spec["need_weights"])
-    before = _rss_mb()
-    target()
-    print(_maxrss_mb() - before)
+    print(peak_memory.measure(warm_up, target))

@@ -1,13 +1,22 @@
 """Recurrent layers: seqkern.LSTM / GRU against torch.nn's (oneDNN on the CPU, cuDNN on CUDA),
 same weights and inputs, same process. Inference (no_grad) and a training step (forward +
 backward of the output sum). FLOPs: 2*T*B*G*H*(I+H) forward (G = 4 LSTM, 3 GRU), 3x for a
-training step; packed sequences count only their live rows.
+training step; packed sequences count only their live rows. Peak memory: on CUDA
+torch.cuda.max_memory_allocated over the timed calls; on the CPU (fastrnns shape only) the
+peak RSS growth of one call in a fresh process (bench/peak_memory.py).
 """
+import json
+import os
+import sys
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import seqkern
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peak_memory  # noqa: E402  (bench/peak_memory.py; bench/ is not a package)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -29,21 +38,14 @@ def _sync():
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("pass_", ["inference", "train"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
-@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
+def _setup(provider, cls, shape, dtype, pass_, batch=None):
+    """(target, flops) for one provider; batch overrides B (the memory probe's warm-up)."""
     name, T, B, I, H, packed = shape
+    B = batch or B
     gen = torch.Generator().manual_seed(0)
     theirs = getattr(torch.nn, cls)(I, H).to(DEVICE, dtype)
     module = theirs
     backend = provider.split("-", 1)[1] if provider.startswith("seqkern-") else None
-    if backend and seqkern.backends.BACKENDS[backend].not_supported_reasons(
-            "rnn_layer", dict(device=torch.device(DEVICE), dtype=dtype, mode=cls,
-                              hidden_size=H)):
-        pytest.skip(f"{provider} not usable here")
     if provider.startswith("seqkern"):
         module = getattr(seqkern, cls)(I, H).to(DEVICE, dtype)
         module.load_state_dict(theirs.state_dict())
@@ -61,7 +63,7 @@ def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
     if pass_ == "inference":
         inp = make_input(x)
 
-        def target():
+        def run():
             with torch.no_grad():
                 module(inp)
             _sync()
@@ -69,20 +71,56 @@ def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
         flops *= 3
         xg = x.detach().requires_grad_(True)
 
-        def target():
+        def run():
             out, _ = module(make_input(xg))
             (out.data if packed else out).float().sum().backward()
             _sync()
+    if not backend:
+        return run, flops
+
+    def forced():
+        with seqkern.backend(backend):
+            run()
+    return forced, flops
+
+
+def _peak_memory_mb(provider, cls, shape, dtype, pass_):
+    """CPU: peak RSS growth of one call in a fresh process (bench/peak_memory.py)."""
+    return peak_memory.probe(__file__, dict(provider=provider, cls=cls, shape=list(shape),
+                                            dtype=str(dtype), pass_=pass_))
+
+
+@pytest.mark.parametrize("pass_", ["inference", "train"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
+    name, T, B, I, H, packed = shape
+    backend = provider.split("-", 1)[1] if provider.startswith("seqkern-") else None
+    if backend and seqkern.backends.BACKENDS[backend].not_supported_reasons(
+            "rnn_layer", dict(device=torch.device(DEVICE), dtype=dtype, mode=cls,
+                              gate_rows=(4 if cls == "LSTM" else 3) * H)):
+        pytest.skip(f"{provider} not usable here")
+    target, flops = _setup(provider, cls, shape, dtype, pass_)
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
-    if backend:
-        forced = target
-
-        def target():
-            with seqkern.backend(backend):
-                forced()
     benchmark.pedantic(target, rounds=10 if CUDA else 4, iterations=1, warmup_rounds=1)
-    extra = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20} if CUDA else None
+    if CUDA:
+        extra = {"peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+    elif name == "fastrnns":  # a fresh process per measurement: a few seconds each
+        extra = {"peak_mb": _peak_memory_mb(provider, cls, shape, dtype, pass_)}
+    else:
+        extra = None
     case = f"{cls} {pass_} {name} T{T} B{B} H{H} {str(dtype).replace('torch.', '')}"
     label = {"seqkern": f"seqkern-{DEVICE}", "torch": f"torch-{cls}"}.get(provider, provider)
     record(benchmark, case, label, flops, extra)
+
+
+if __name__ == "__main__":  # the CPU memory probe: one call in a fresh process
+    spec = json.loads(sys.argv[1])
+    args = (spec["provider"], spec["cls"], tuple(spec["shape"]),
+            getattr(torch, spec["dtype"].replace("torch.", "")), spec["pass_"])
+    warm_up, _ = _setup(*args, batch=1)
+    target, _ = _setup(*args)
+    print(peak_memory.measure(warm_up, target))
