@@ -20,6 +20,31 @@ from torch.nn.utils.rnn import PackedSequence
 from seqkern.ops.rnn_layer import rnn_layer_fwd
 
 
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device):
+    """One side stream per CUDA device, made once (never a stream per call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
+def _on_side_stream(run, device):
+    """run() on the device's side stream, after the work queued so far on the current one.
+    The caller makes the current stream wait for it before using the results; autograd runs
+    the backward of these ops on the side stream too, and synchronises with its consumers."""
+    main, side = torch.cuda.current_stream(device), _side_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        results = run()
+    for t in results:
+        if t is not None and t.numel():
+            t.record_stream(main)  # freed tensors wait for main's uses before reuse
+    return results
+
+
 class _SeqkernRNNMixin:
     """forward() shared by the three drop-ins; the rest is torch's own RNNBase."""
 
@@ -70,17 +95,27 @@ class _SeqkernRNNMixin:
         x = input.transpose(0, 1) if (self.batch_first and not packed) else input
         h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
         h_n, c_n = [], []
+        # On a GPU the reverse direction runs on a side stream, concurrently with the forward
+        # one (a recurrence at small batch leaves most of the GPU idle). On the CPU both
+        # cores already share each direction's rows.
+        concurrent = (directions == 2 and x.is_cuda and not torch.compiler.is_compiling())
         for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
+            results = [None] * directions
+            for direction in reversed(range(directions)):  # the side stream's work first
                 index = layer * directions + direction
                 weights = [getattr(self, name) for name in self._all_weights[index]]
-                out, h, c = self._run_layer(x, batch_sizes, h0[index],
-                                            c0[index] if lstm else None, weights,
-                                            reverse=direction == 1)
-                outputs.append(out)
+                args = (x, batch_sizes, h0[index], c0[index] if lstm else None, weights)
+                if concurrent and direction == 1:
+                    results[direction] = _on_side_stream(
+                        lambda: self._run_layer(*args, reverse=True), x.device)
+                else:
+                    results[direction] = self._run_layer(*args, reverse=direction == 1)
+            if concurrent:
+                torch.cuda.current_stream(x.device).wait_stream(_side_stream(x.device))
+            for out, h, c in results:
                 h_n.append(h)
                 c_n.append(c)
+            outputs = [out for out, _, _ in results]
             x = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
