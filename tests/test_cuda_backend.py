@@ -1,0 +1,72 @@
+"""Checks aimed at the CUDA kernels' riskiest parts, on a GPU only (bench/gpu_check.sh runs
+them first, under a short time limit). Elsewhere every test here skips.
+
+The persistent recurrences synchronise all blocks with a grid barrier once per step; a
+missing fence shows up only after many steps, so one sequence here is long. Hidden sizes
+that do not fit on chip take the per-step fallback. The results are compared with the same
+layer run in float64 by the cpu backend.
+"""
+import pytest
+import torch
+
+import seqkern
+from seqkern.backends import BACKENDS
+from tests.tolerances import assert_close
+
+CUDA_USABLE = torch.cuda.is_available() and not BACKENDS["cuda"].availability("cuda")
+pytestmark = pytest.mark.skipif(not CUDA_USABLE, reason="needs the cuda backend on a GPU")
+
+
+def _layer_against_cpu64(cls, T, B, I, H, dtype, bidirectional=False):
+    torch.manual_seed(0)
+    # Explicit devices: the GPU run sets torch's default device to cuda (tests/conftest.py).
+    ours = getattr(seqkern, cls)(I, H, bidirectional=bidirectional, device="cpu")
+    ref = getattr(seqkern, cls)(I, H, bidirectional=bidirectional, dtype=torch.float64,
+                                device="cpu")
+    ref.load_state_dict(ours.state_dict())
+    ours = ours.to("cuda", dtype)
+    x = torch.randn(T, B, I, dtype=torch.float64, device="cpu")
+    x_gpu = x.to("cuda", dtype).requires_grad_(True)
+    x_ref = x.clone().requires_grad_(True)
+    with seqkern.backend("cuda"):
+        out, _ = ours(x_gpu)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+    with seqkern.backend("cpu"):
+        want, _ = ref(x_ref)
+        want.backward(grad.double().cpu())
+    assert_close(f"{cls} T{T} H{H} output", out.float().cpu(), want, dtype)
+    assert_close(f"{cls} T{T} H{H} dx", x_gpu.grad.float().cpu(), x_ref.grad, dtype)
+    for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert_close(f"{cls} T{T} H{H} d{name}", p.grad.float().cpu(), q.grad, dtype)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_long_sequence_grid_barrier(cls):
+    _layer_against_cpu64(cls, T=3000, B=4, I=32, H=256, dtype=torch.float32)
+
+
+def test_hidden_size_past_the_persistent_kernel():
+    _layer_against_cpu64("LSTM", T=20, B=3, I=64, H=2048, dtype=torch.float32)
+
+
+def test_bidirectional_directions_on_two_streams():
+    _layer_against_cpu64("GRU", T=50, B=8, I=16, H=128, dtype=torch.float32,
+                         bidirectional=True)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("L", [1, 63, 257, 4096])
+def test_attention_hopper_shapes_finish_and_match(D, L):
+    """The shapes the sm_90a forward takes (D 64/128, no mask): partial tiles, one block,
+    many blocks. A wrong TMA byte count or mbarrier phase hangs here rather than later."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with seqkern.backend("cuda"):
+        out = seqkern.functional.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
+    torch.cuda.synchronize()
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), is_causal=L > 1)
+    peer = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
+    err, peer_err = (out.double() - want).abs().max(), (peer.double() - want).abs().max()
+    assert err <= 2 * peer_err + 1e-6, f"D{D} L{L}: error {err:.3g}, torch's {peer_err:.3g}"
