@@ -22,6 +22,12 @@ PackedRight pack_right(const at::Tensor& b) {
   const int64_t K = b.size(0), N = b.size(1);
   if (b.scalar_type() != at::kFloat) return {b, K, N};
   const int64_t n_panels = (N + kPanel - 1) / kPanel;
+  // The common case, a row-major weight W [N, K] passed as b = W^T with N a multiple of the
+  // panel width: the panels are W's row blocks transposed, one batched copy (the loop below
+  // made 2 * n_panels small strided copies: about a third slower for a 2048 x 512 weight).
+  if (N % kPanel == 0 && b.stride(0) == 1 && b.stride(1) == K) {
+    return {b.t().view({n_panels, kPanel, K}).transpose(1, 2).contiguous(), K, N};
+  }
   at::Tensor panels = at::zeros({n_panels, K, kPanel}, b.options());
   for (int64_t p = 0; p < n_panels; ++p) {
     const int64_t cols = std::min(kPanel, N - p * kPanel);
