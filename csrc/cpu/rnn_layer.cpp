@@ -344,7 +344,10 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   at::Tensor dx_gates = cached_empty({chunk_rows, G * H}, opts);
   at::Tensor dh_gates = gru ? cached_empty({chunk_rows, G * H}, opts) : dx_gates;
   at::Tensor dx = at::empty({N, x.size(1)}, opts);
-  at::Tensor dw_ih = at::zeros({G * H, x.size(1)}, opts), dw_hh = at::zeros({G * H, P}, opts);
+  // The weight gradients accumulate transposed, dW^T += [x | h_prev]^T dG, so that what is
+  // transposed per chunk is x and h_prev ([rows, I] and [rows, P]) rather than the gate
+  // gradients ([rows, G*H]: 2 to 3 times the bytes); transposed back once at the end.
+  at::Tensor dw_ih_t = at::zeros({x.size(1), G * H}, opts), dw_hh_t = at::zeros({P, G * H}, opts);
   // Projection: the gradient reaching h_full (per batch row) and the state gradients of the
   // chunk's rows, the left operand of dW_hr = sum dh^T h_full.
   at::Tensor dw_hr = at::zeros({proj ? P : 0, proj ? H : 0}, opts);
@@ -391,12 +394,10 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
       const at::Tensor dhg_chunk = dh_gates.narrow(0, 0, ch->rows);
       at::Tensor dx_rows = dx.narrow(0, ch->row0, ch->rows);
       tiled_matmul_into(dx_rows, dxg_chunk, wih_packed, false);
-      // The weight gradients' left operands are the gate gradients transposed: transpose
-      // once, and once more only for GRU, whose dh_gates differ from dx_gates.
-      const at::Tensor dxg_t = dxg_chunk.t().contiguous();
-      const at::Tensor dhg_t = gru ? dhg_chunk.t().contiguous() : dxg_t;
-      matmul_once_into(dw_ih, dxg_t, x.narrow(0, ch->row0, ch->rows), true);
-      matmul_once_into(dw_hh, dhg_t, h_prev.narrow(0, ch->row0, ch->rows), true);
+      matmul_once_into(dw_ih_t, x.narrow(0, ch->row0, ch->rows).t().contiguous(), dxg_chunk,
+                       true);
+      matmul_once_into(dw_hh_t, h_prev.narrow(0, ch->row0, ch->rows).t().contiguous(),
+                       dhg_chunk, true);
       if (proj) {
         const at::Tensor h_full = workspace.narrow(0, ws.h_full_offset(), N * H).view({N, H});
         matmul_once_into(dw_hr, dh_chunk.narrow(0, 0, ch->rows).t().contiguous(),
@@ -411,6 +412,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   // LSTM and RNN add b_hh where b_ih goes: the same gradient, in its own tensor (op outputs
   // may not alias).
   if (b_ih && !gru) db_hh.copy_(db_ih);
+  const at::Tensor dw_ih = dw_ih_t.t().contiguous(), dw_hh = dw_hh_t.t().contiguous();
   const at::ScalarType out_t = input.scalar_type();
   return {dx.reshape(input.sizes()).to(out_t), dh.to(out_t), dc.to(out_t), dw_ih.to(out_t),
           dw_hh.to(out_t), db_ih.to(out_t), db_hh.to(out_t), dw_hr.to(out_t)};
