@@ -368,3 +368,31 @@ def test_lstm_projection_gradcheck():
 
     with seqkern.backend("cpu"):
         assert torch.autograd.gradcheck(f, (x, h0, c0, w_hr, *w, *b))
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("used", ["h_n", "c_n", "output"])
+def test_gradients_when_only_some_outputs_are_used(cls, used):
+    """Unused outputs reach the backward as None, not as zero tensors (no materialisation)."""
+    if cls == "GRU" and used == "c_n":
+        pytest.skip("GRU has no c_n")
+    ours, theirs = _pair(cls, input_size=5, hidden_size=7, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 3, 5, dtype=torch.float64, device=DEVICE)
+
+    def loss(module, x):
+        out, hidden = module(x)
+        h_n, c_n = hidden if cls == "LSTM" else (hidden, None)
+        return {"h_n": h_n, "c_n": c_n, "output": out}[used].square().sum()
+
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with seqkern.backend("cpu"):
+        g_ours = torch.autograd.grad(loss(ours, xa), [xa, *ours.parameters()], allow_unused=True)
+    g_theirs = torch.autograd.grad(loss(theirs, xb), [xb, *theirs.parameters()],
+                                   allow_unused=True)
+    names = ["input"] + [n for n, _ in ours.named_parameters()]
+    for name, a, b in zip(names, g_ours, g_theirs):
+        if b is None:
+            assert a is None or not a.abs().max(), f"d{name}: expected no gradient"
+            continue
+        assert_close(f"{used}: d{name}", a, b)
