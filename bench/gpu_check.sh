@@ -50,3 +50,5 @@ echo
 echo "== summary (build rc=$build_rc, cuda checks rc=$cuda_rc, tests rc=$tests_rc, sm80 tests rc=$sm80_rc, bench rc=$bench_rc; rc 124 = timed out)"
 grep -E "passed|failed" "$LOG/tests.log" | tail -n 1
 sed -n '/^seqkern benchmarks/,/^$/p' "$LOG/bench.log" | cut -c1-110
+echo "== cuda vs triton, case by case (the evidence for seqkern.backends.MEASURED_ORDER)"
+$PY bench/compare_backends.py | tee "$LOG/cuda_vs_triton.md" | tail -n 6

@@ -1,0 +1,59 @@
+"""Which GPU backend is faster, case by case: seqkern-cuda against seqkern-triton in one saved
+benchmark run (bench/results/*.json, written by `pytest bench/`). The table it prints is the
+evidence for seqkern.backends.MEASURED_ORDER (which backend a GPU op tries first).
+
+Usage: python bench/compare_backends.py [results.json]   (default: the newest run)
+"""
+import glob
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def compare(rows, first="seqkern-cuda", second="seqkern-triton"):
+    """[(case, first ms, second ms, second / first)] for the cases both providers ran."""
+    by_case = {}
+    for row in rows:
+        by_case.setdefault(row["case"], {})[row["provider"]] = row["median_ms"]
+    return [(case, times[first], times[second], times[second] / times[first])
+            for case, times in by_case.items() if first in times and second in times]
+
+
+def family(case):
+    """The op a benchmark case exercises, as seqkern.backends names it."""
+    head = case.split()[0]
+    if head == "attention":
+        return "attention"
+    if head.endswith("Cell"):
+        return "rnn_cell"
+    if head in ("LSTM", "GRU", "RNN"):
+        return "rnn_layer"
+    return head
+
+
+def report(path):
+    run = json.load(open(path))
+    pairs = compare(run["rows"])
+    lines = [f"{run['device']}, torch {run['torch']}, commit {run['commit']}, {run['date']}",
+             "", "| op | case | cuda ms | triton ms | triton / cuda |", "|---|---|---|---|---|"]
+    for case, cuda_ms, triton_ms, ratio in sorted(pairs, key=lambda p: (family(p[0]), p[0])):
+        lines.append(f"| {family(case)} | {case} | {cuda_ms:.3f} | {triton_ms:.3f} | "
+                     f"{ratio:.2f} |")
+    if not pairs:
+        lines.append("| | no case ran on both seqkern-cuda and seqkern-triton | | | |")
+    wins = {}
+    for case, _, _, ratio in pairs:
+        wins.setdefault(family(case), []).append(ratio > 1.0)
+    lines.append("")
+    for op, outcome in sorted(wins.items()):
+        lines.append(f"{op}: cuda faster in {sum(outcome)} of {len(outcome)} cases")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    runs = sys.argv[1:] or sorted(glob.glob(os.path.join(HERE, "results", "*.json")))[-1:]
+    if not runs:
+        sys.exit("no saved benchmark run in bench/results/")
+    print(report(runs[0]))
