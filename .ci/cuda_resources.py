@@ -1,8 +1,7 @@
 """Reads ptxas's -v report from a CMake build log (`make cuda-check`) and prints, per kernel
 and architecture, registers, shared memory, stack and spills. Exits 1 if a kernel spills
 registers or uses local memory (a stack frame), which on the hot kernels of a fused
-attention or recurrence means a slow path, unless the kernel is listed in ALLOWED below
-with the reason.
+attention or recurrence means a slow path.
 
 Usage: python .ci/cuda_resources.py build-cmake/build.log
 """
@@ -10,9 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-
-# kernel name prefix -> why spilling or a stack frame is accepted there
-ALLOWED = {}
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
 _PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -62,8 +58,7 @@ def main(path):
         short = pretty if len(pretty) < 110 else pretty[:107] + "..."
         spill = r["spill_st"] + r["spill_ld"]
         print(f"{arch:7} {r['regs']:4d} {r['smem']:6d} {r['stack']:5d} {spill:5d}  {short}")
-        if (spill or r["stack"]) and not any(pretty.startswith(a) or name.startswith(a)
-                                              for a in ALLOWED):
+        if spill or r["stack"]:
             bad.append(f"{arch} {short}: {r['stack']} B stack, {spill} B spills")
     if bad:
         print("\nkernels with local memory or spills:\n  " + "\n  ".join(bad))

@@ -121,10 +121,4 @@ at::Tensor matmul_once(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-at::Tensor tiled_matmul(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-  tiled_matmul_into(out, a, pack_right(b), false);
-  return out;
-}
-
 }  // namespace seqkern::cpu

@@ -22,9 +22,6 @@ PackedRight pack_right(const at::Tensor& b);
 void tiled_matmul_into(at::Tensor& out, const at::Tensor& a, const PackedRight& b,
                        bool accumulate);
 
-// A new contiguous [M, N] = a @ b.
-at::Tensor tiled_matmul(const at::Tensor& a, const at::Tensor& b);
-
 // A new contiguous [M, N] = a [M, K] @ b [K, N] for a product used once (a cell step's
 // gradients): fp32 operands are read in place (when row-major) instead of packed, so a
 // 1 MB weight is streamed once rather than copied and then read; other dtypes use at::mm.

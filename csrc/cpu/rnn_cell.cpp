@@ -1,7 +1,9 @@
-// The CPU implementations of seqkern_C::rnn_cell_fwd / rnn_cell_gate_grads: argument
+// The CPU implementations of seqkern_C::rnn_cell_fwd / rnn_cell_bwd: argument
 // checks, output allocation, dtype and capability dispatch. Forward kernel:
 // rnn_cell_impl.h; the gate gradients are the whole-sequence layer's pointwise step
 // backward (rnn_pointwise_impl.h), and rnn_cell_bwd adds the products (dx, dh, dW, db).
+// (rnn_cell_gate_grads, the pointwise part alone, is the CUDA binding's: the cpu backend
+// runs the whole backward in rnn_cell_bwd.)
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -129,21 +131,6 @@ GateGrads gate_grads(RnnMode mode, const at::Tensor& grad_h,
   return {dx_gates, dh_gates, dh, dc};
 }
 
-// (d_gates_ih [B, G*H], d_gates_hh [B, 3H] for GRU else [0, 0], d_hx_direct [B, H] for GRU
-// else [0, 0], d_cx [B, H] for LSTM else [0, 0]), in hx's dtype.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_gate_grads_cpu(
-    const std::string& mode_name, const at::Tensor& grad_h, const std::optional<at::Tensor>& grad_c,
-    const at::Tensor& hx, const std::optional<at::Tensor>& cx, const at::Tensor& h,
-    const at::Tensor& saved) {
-  const RnnMode mode = parse_rnn_mode(mode_name, "seqkern rnn cell");
-  const GateGrads g = gate_grads(mode, grad_h, grad_c, hx, cx, h, saved);
-  const auto dtype = hx.scalar_type();
-  const bool lstm = mode == RnnMode::kLSTM, gru = mode == RnnMode::kGRU;
-  const auto empty = [&] { return at::empty({0, 0}, hx.options()); };
-  return {g.d_ih.to(dtype), gru ? g.d_hh.to(dtype) : empty(),
-          gru ? g.d_hx_direct.to(dtype) : empty(), lstm ? g.d_cx.to(dtype) : empty()};
-}
-
 // The whole cell backward in one call (seqkern/ops/rnn_cells.py, rnn_cell_bwd): the gate
 // gradients, then the products dx = dG_ih W_ih, dhx = dG_hh W_hh (+ GRU's direct part),
 // dW_ih = dG_ih^T x, dW_hh = dG_hh^T hx and the bias sums. needs[k] says whether gradient k
@@ -193,6 +180,5 @@ std::vector<at::Tensor> rnn_cell_bwd_cpu(
 
 TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
   m.impl("rnn_cell_fwd", &seqkern::cpu::rnn_cell_fwd_cpu);
-  m.impl("rnn_cell_gate_grads", &seqkern::cpu::rnn_cell_gate_grads_cpu);
   m.impl("rnn_cell_bwd", &seqkern::cpu::rnn_cell_bwd_cpu);
 }

@@ -3,8 +3,8 @@ import torch
 
 from seqkern import _extension
 from seqkern.backends._compiled import (  # noqa: F401  (the op entry points)
-    attention_bwd, attention_fwd, attention_weights, rnn_cell_bwd, rnn_cell_fwd,
-    rnn_cell_gate_grads, rnn_layer_bwd, rnn_layer_fwd,
+    attention_bwd, attention_fwd, attention_weights, rnn_cell_bwd, rnn_cell_fwd, rnn_layer_bwd,
+    rnn_layer_fwd,
 )
 
 NAME = "cpu"
