@@ -396,3 +396,25 @@ def test_gradients_when_only_some_outputs_are_used(cls, used):
             assert a is None or not a.abs().max(), f"d{name}: expected no gradient"
             continue
         assert_close(f"{used}: d{name}", a, b)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("sizes, match", [([2, 3], "non-increasing"), ([3, 3], "sum to 6"),
+                                          ([3, -1], "non-increasing")])
+def test_layer_op_refuses_malformed_batch_sizes(sizes, match):
+    """The kernels index rows by batch_sizes: a malformed one must raise, not read past N."""
+    x = torch.randn(5, 4)
+    h0 = torch.zeros(3, 6)
+    w_ih, w_hh = torch.randn(18, 4), torch.randn(18, 6)
+    with seqkern.backend("cpu"), pytest.raises(RuntimeError, match=match):
+        seqkern.ops.rnn_layer.rnn_layer_fwd("GRU", x, torch.tensor(sizes), h0, None, w_ih, w_hh,
+                                            None, None, False, False)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+def test_layer_op_refuses_biases_of_the_wrong_size():
+    x, h0 = torch.randn(4, 2, 3), torch.zeros(2, 5)
+    w_ih, w_hh = torch.randn(15, 3), torch.randn(15, 5)
+    with seqkern.backend("cpu"), pytest.raises(RuntimeError, match=r"each \[G\*H\]"):
+        seqkern.ops.rnn_layer.rnn_layer_fwd("GRU", x, None, h0, None, w_ih, w_hh,
+                                            torch.randn(14), torch.randn(15), False, False)

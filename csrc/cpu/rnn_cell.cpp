@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../new_outputs.h"
+#include "../rnn_args.h"
 #include "matmul.h"
 #include "rnn_cell_kernels.h"
 
@@ -27,14 +28,6 @@ View2<T> view2(const at::Tensor& t) {
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_2d(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
-              at::ScalarType dtype) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "seqkern rnn cell: ",
-              name, " must be [", rows, ", ", cols, "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype && t.device().is_cpu(), "seqkern rnn cell: ", name,
-              " must be a CPU ", dtype, " tensor");
-}
-
 template <typename scalar_t>
 void run_fwd(const CellProblem<scalar_t>& p, scalar_t* h, scalar_t* c, cell_acc_t<scalar_t>* saved) {
   SEQKERN_CPU_DISPATCH(rnn_cell_fwd_kernel<scalar_t>, p, h, c, saved);
@@ -47,22 +40,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_fwd_cpu(
     const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
   const RnnMode mode = parse_rnn_mode(mode_name, "seqkern rnn cell");
-  const int64_t G = gate_count(mode);
-  TORCH_CHECK(x.dim() == 2, "seqkern rnn cell: input must be [B, I], got ", x.sizes());
-  const int64_t B = x.size(0), I = x.size(1), H = hx.dim() == 2 ? hx.size(1) : -1;
-  const auto dtype = x.scalar_type();
-  check_2d(x, "input", B, I, dtype);
-  check_2d(hx, "hx", B, H, dtype);
-  check_2d(w_ih, "w_ih", G * H, I, dtype);
-  check_2d(w_hh, "w_hh", G * H, H, dtype);
   const bool lstm = mode == RnnMode::kLSTM;
-  TORCH_CHECK(lstm == cx.has_value(), "seqkern rnn cell: cx is given iff mode is LSTM");
-  if (lstm) check_2d(*cx, "cx", B, H, dtype);
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "seqkern rnn cell: b_ih and b_hh go together");
-  for (const auto* b : {&b_ih, &b_hh})
-    if (b->has_value())
-      TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == G * H && (*b)->scalar_type() == dtype,
-                  "seqkern rnn cell: biases must be [", G * H, "] of the input's dtype");
+  check_cell_args(gate_count(mode), lstm, x, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  const int64_t B = x.size(0), I = x.size(1), H = hx.size(1);
+  const auto dtype = x.scalar_type();
 
   at::Tensor h = new_output({B, H}, x.options());
   at::Tensor c = new_output({lstm ? B : 0, lstm ? H : 0}, x.options());
@@ -95,18 +76,11 @@ GateGrads gate_grads(RnnMode mode, const at::Tensor& grad_h,
                      const std::optional<at::Tensor>& cx, const at::Tensor& h,
                      const at::Tensor& saved) {
   const int64_t G = gate_count(mode);
-  TORCH_CHECK(hx.dim() == 2, "seqkern rnn cell: hx must be [B, H], got ", hx.sizes());
-  const int64_t B = hx.size(0), H = hx.size(1);
-  const auto dtype = hx.scalar_type(), acc = acc_dtype(dtype);
   const bool lstm = mode == RnnMode::kLSTM, gru = mode == RnnMode::kGRU;
-  check_2d(grad_h, "grad_h", B, H, dtype);
-  check_2d(h, "h", B, H, dtype);
-  TORCH_CHECK(saved.dim() == 1 && saved.numel() == cell_saved_numel(mode, B, H) &&
-                  saved.scalar_type() == acc,
-              "seqkern rnn cell: saved must be the forward's flat ", acc, " buffer");
-  if (grad_c) check_2d(*grad_c, "grad_c", B, H, dtype);
-  TORCH_CHECK(!lstm || cx.has_value(), "seqkern rnn cell: the LSTM backward needs cx");
-  if (lstm) check_2d(*cx, "cx", B, H, dtype);
+  const auto acc = acc_dtype(hx.scalar_type());
+  check_gate_grad_args(lstm, grad_h, grad_c, hx, cx, h, saved,
+                       hx.dim() == 2 ? cell_saved_numel(mode, hx.size(0), hx.size(1)) : -1, acc);
+  const int64_t B = hx.size(0), H = hx.size(1);
 
   // rnn_step_bwd works in the accumulator dtype on contiguous rows; dh and dc are in/out.
   const auto acc_opts = hx.options().dtype(acc);
@@ -144,12 +118,12 @@ std::vector<at::Tensor> rnn_cell_bwd_cpu(
     const at::Tensor& saved, c10::List<bool> needs) {
   const RnnMode mode = parse_rnn_mode(mode_name, "seqkern rnn cell");
   TORCH_CHECK(needs.size() == 7, "seqkern rnn cell: needs must have 7 entries");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == hx.size(0),
+  TORCH_CHECK(x.dim() == 2 && hx.dim() == 2 && x.size(0) == hx.size(0),
               "seqkern rnn cell: input must be [B, I] with hx's batch, got ", x.sizes());
   const int64_t G = gate_count(mode), H = hx.size(1);
   const auto dtype = hx.scalar_type();
-  check_2d(w_ih, "w_ih", G * H, x.size(1), dtype);
-  check_2d(w_hh, "w_hh", G * H, H, dtype);
+  check_rnn_2d(w_ih, "w_ih", G * H, x.size(1), dtype, hx.device());
+  check_rnn_2d(w_hh, "w_hh", G * H, H, dtype, hx.device());
   const GateGrads g = gate_grads(mode, grad_h, grad_c, hx, cx, h, saved);
   const bool fp32 = dtype == at::kFloat, lstm = mode == RnnMode::kLSTM,
              gru = mode == RnnMode::kGRU;

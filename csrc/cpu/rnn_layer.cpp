@@ -22,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../rnn_args.h"
 #include "buffer_cache.h"
 #include "matmul.h"
 #include "rnn_kernels.h"
@@ -158,31 +159,6 @@ at::Tensor as_compute(const at::Tensor& t, at::ScalarType dtype) {
   return t.to(dtype).contiguous();
 }
 
-void check_layer_args(RnnMode mode, const at::Tensor& input,
-                      const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
-                      const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
-                      const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr) {
-  const int64_t G = gate_count(mode);
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % G == 0, "rnn_layer: w_hh must be [G*H, P]");
-  const int64_t H = w_hh.size(0) / G, P = w_hh.size(1);
-  TORCH_CHECK(input.device().is_cpu(), "rnn_layer (cpu): input must be a CPU tensor");
-  TORCH_CHECK(batch_sizes ? input.dim() == 2 : input.dim() == 3,
-              "rnn_layer: input must be [T, B, I], or packed data [N, I] with batch_sizes");
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == G * H && w_ih.size(1) == input.size(-1),
-              "rnn_layer: w_ih must be [G*H, I]");
-  TORCH_CHECK(w_hr ? (mode == RnnMode::kLSTM && w_hr->dim() == 2 && w_hr->size(0) == P &&
-                      w_hr->size(1) == H && P < H)
-                   : P == H,
-              "rnn_layer: w_hh must be [G*H, H], or [4H, P] with an LSTM projection w_hr "
-              "[P, H], P < H");
-  const int64_t B = batch_sizes ? (batch_sizes->numel() ? batch_sizes->max().item<int64_t>() : 0)
-                                : input.size(1);
-  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) == P, "rnn_layer: h0 must be [B, P]");
-  TORCH_CHECK(mode != RnnMode::kLSTM || (c0 && c0->dim() == 2 && c0->size(0) == B &&
-                                         c0->size(1) == H),
-              "rnn_layer: LSTM needs c0 [B, H]");
-}
-
 // The arguments both directions of the op start from: checked, in the compute dtype, the
 // input flattened to [N, I].
 struct LayerOperands {
@@ -195,14 +171,17 @@ struct LayerOperands {
 LayerOperands prepare(const std::string& mode_name, const at::Tensor& input,
                       const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
                       const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
-                      const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr) {
+                      const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                      const std::optional<at::Tensor>& b_hh,
+                      const std::optional<at::Tensor>& w_hr) {
   const RnnMode mode = parse_rnn_mode(mode_name, "rnn_layer");
-  check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr);
+  const int64_t G = gate_count(mode);
+  const LayerDims dims = check_layer_args(G, mode == RnnMode::kLSTM, input, batch_sizes, h0, c0,
+                                          w_ih, w_hh, b_ih, b_hh, w_hr);
   const at::ScalarType dt = compute_dtype(input.scalar_type());
   at::Tensor x = as_compute(input, dt).reshape({-1, input.size(-1)});
-  const int64_t G = gate_count(mode), N = x.size(0);
-  return {mode, dt, w_hh.size(0) / G, w_hh.size(1), G, N, x, as_compute(w_ih, dt),
-          as_compute(w_hh, dt), w_hr ? as_compute(*w_hr, dt) : at::Tensor()};
+  return {mode, dt, dims.H, dims.P, G, x.size(0), x, as_compute(w_ih, dt), as_compute(w_hh, dt),
+          w_hr ? as_compute(*w_hr, dt) : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
@@ -211,7 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     const std::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse,
     bool need_workspace, const std::optional<at::Tensor>& w_hr) {
-  const LayerOperands ops = prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr);
+  const LayerOperands ops =
+      prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   const RnnMode mode = ops.mode;
   const at::ScalarType dt = ops.dtype;
   const int64_t H = ops.H, P = ops.P, G = ops.G, N = ops.N;
@@ -313,7 +293,8 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
                   const std::optional<at::Tensor>& grad_hn,
                   const std::optional<at::Tensor>& grad_cn,
                   const std::optional<at::Tensor>& w_hr) {
-  const LayerOperands ops = prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr);
+  const LayerOperands ops =
+      prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   const RnnMode mode = ops.mode;
   const at::ScalarType dt = ops.dtype;
   const int64_t H = ops.H, P = ops.P, G = ops.G, N = ops.N;

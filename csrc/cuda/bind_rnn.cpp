@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../new_outputs.h"
+#include "../rnn_args.h"
 #include "rnn.h"
 
 namespace seqkern::cuda::rnn {
@@ -52,39 +53,17 @@ at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
   return (a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat)).contiguous();
 }
 
-void check_2d(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
-              at::ScalarType dtype, const at::Device& device) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "seqkern rnn cell: ",
-              name, " must be [", rows, ", ", cols, "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype && t.device() == device, "seqkern rnn cell: ", name,
-              " must be a ", dtype, " tensor on ", device);
-}
-
 // (h' [B, H], c' [B, H] for LSTM else [0, 0], saved: flat fp32, layout in rnn.h)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_fwd_cuda(
     const std::string& mode_name, const at::Tensor& x, const at::Tensor& hx,
     const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
   const CellKind cell = parse_mode(mode_name, "seqkern rnn cell");
-  const int64_t G = gate_count(cell);
-  TORCH_CHECK(x.dim() == 2, "seqkern rnn cell: input must be [B, I], got ", x.sizes());
-  TORCH_CHECK(x.is_cuda(), "seqkern rnn cell (cuda): input must be a CUDA tensor");
-  const int64_t B = x.size(0), I = x.size(1), H = hx.dim() == 2 ? hx.size(1) : -1;
-  const auto dtype = x.scalar_type();
-  const DType kdtype = kernel_dtype(dtype, "seqkern rnn cell");
-  check_2d(x, "input", B, I, dtype, x.device());
-  check_2d(hx, "hx", B, H, dtype, x.device());
-  check_2d(w_ih, "w_ih", G * H, I, dtype, x.device());
-  check_2d(w_hh, "w_hh", G * H, H, dtype, x.device());
   const bool lstm = cell == CellKind::kLSTM;
-  TORCH_CHECK(lstm == cx.has_value(), "seqkern rnn cell: cx is given iff mode is LSTM");
-  if (lstm) check_2d(*cx, "cx", B, H, dtype, x.device());
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "seqkern rnn cell: b_ih and b_hh go together");
-  for (const auto* b : {&b_ih, &b_hh})
-    if (b->has_value())
-      TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == G * H && (*b)->scalar_type() == dtype &&
-                      (*b)->device() == x.device(),
-                  "seqkern rnn cell: biases must be [", G * H, "] of the input's dtype");
+  TORCH_CHECK(x.is_cuda(), "seqkern rnn cell (cuda): input must be a CUDA tensor");
+  check_cell_args(gate_count(cell), lstm, x, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  const int64_t B = x.size(0), H = hx.size(1);
+  const DType kdtype = kernel_dtype(x.scalar_type(), "seqkern rnn cell");
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor h = new_output({B, H}, x.options());
@@ -109,21 +88,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_gate_grads_c
     const at::Tensor& saved) {
   const CellKind cell = parse_mode(mode_name, "seqkern rnn cell");
   const int64_t G = gate_count(cell);
-  TORCH_CHECK(hx.dim() == 2, "seqkern rnn cell: hx must be [B, H], got ", hx.sizes());
-  TORCH_CHECK(hx.is_cuda(), "seqkern rnn cell (cuda): hx must be a CUDA tensor");
-  const int64_t B = hx.size(0), H = hx.size(1);
-  const auto dtype = hx.scalar_type();
-  const DType kdtype = kernel_dtype(dtype, "seqkern rnn cell");
   const bool lstm = cell == CellKind::kLSTM, gru = cell == CellKind::kGRU;
-  check_2d(grad_h, "grad_h", B, H, dtype, hx.device());
-  check_2d(h, "h", B, H, dtype, hx.device());
-  const int64_t saved_numel = B * H * (saved_width(cell) + (lstm ? 1 : 0));
-  TORCH_CHECK(saved.dim() == 1 && saved.numel() == saved_numel &&
-                  saved.scalar_type() == at::kFloat && saved.device() == hx.device(),
-              "seqkern rnn cell: saved must be the forward's flat ", at::kFloat, " buffer");
-  if (grad_c) check_2d(*grad_c, "grad_c", B, H, dtype, hx.device());
-  TORCH_CHECK(!lstm || cx.has_value(), "seqkern rnn cell: the LSTM backward needs cx");
-  if (lstm) check_2d(*cx, "cx", B, H, dtype, hx.device());
+  TORCH_CHECK(hx.is_cuda(), "seqkern rnn cell (cuda): hx must be a CUDA tensor");
+  const int64_t saved_per_unit = saved_width(cell) + (lstm ? 1 : 0);
+  check_gate_grad_args(lstm, grad_h, grad_c, hx, cx, h, saved,
+                       hx.dim() == 2 ? hx.size(0) * hx.size(1) * saved_per_unit : -1,
+                       at::kFloat);
+  const int64_t B = hx.size(0), H = hx.size(1);
+  const DType kdtype = kernel_dtype(hx.scalar_type(), "seqkern rnn cell");
 
   const c10::cuda::CUDAGuard guard(hx.device());
   const auto opts = hx.options();
@@ -163,46 +135,18 @@ LayerOperands prepare_layer(const std::string& mode_name, const at::Tensor& inpu
   LayerOperands o;
   o.cell = parse_mode(mode_name, "rnn_layer");
   o.G = gate_count(o.cell);
-  TORCH_CHECK(input.is_cuda(), "rnn_layer (cuda): input must be a CUDA tensor");
-  TORCH_CHECK(batch_sizes ? input.dim() == 2 : input.dim() == 3,
-              "rnn_layer: input must be [T, B, I], or packed data [N, I] with batch_sizes");
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == o.G * w_hh.size(1),
-              "rnn_layer: w_hh must be [G*H, H]");
-  o.H = w_hh.size(1);
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == o.G * o.H && w_ih.size(1) == input.size(-1),
-              "rnn_layer: w_ih must be [G*H, I]");
-  const DType dtype = kernel_dtype(input.scalar_type(), "rnn_layer");
-  if (batch_sizes) {
-    o.batch_sizes = batch_sizes->to(at::kCPU, at::kLong).contiguous();
-    const int64_t* s = o.batch_sizes.data_ptr<int64_t>();
-    int64_t total = 0;
-    for (int64_t t = 0; t < o.batch_sizes.numel(); ++t) {
-      TORCH_CHECK(s[t] >= 0 && (t == 0 || s[t] <= s[t - 1]),
-                  "rnn_layer (cuda): batch_sizes must be non-increasing, as torch packs them");
-      total += s[t];
-    }
-    TORCH_CHECK(total == input.size(0), "rnn_layer: batch_sizes must sum to the packed rows");
-    o.B = o.batch_sizes.numel() ? s[0] : 0;
-  } else {
-    o.B = input.size(1);
-  }
-  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == o.B && h0.size(1) == o.H,
-              "rnn_layer: h0 must be [B, H]");
   const bool lstm = o.cell == CellKind::kLSTM;
-  TORCH_CHECK(!lstm || (c0 && c0->sizes() == h0.sizes()), "rnn_layer: LSTM needs c0 of h0's shape");
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value() &&
-                  (!b_ih || (b_ih->numel() == o.G * o.H && b_hh->numel() == o.G * o.H)),
-              "rnn_layer: b_ih and b_hh go together, each [G*H]");
-  for (const at::Tensor* t : {&h0, &w_ih, &w_hh})
-    TORCH_CHECK(t->device() == input.device(), "rnn_layer (cuda): all tensors on input's device");
+  TORCH_CHECK(input.is_cuda(), "rnn_layer (cuda): input must be a CUDA tensor");
+  const DType dtype = kernel_dtype(input.scalar_type(), "rnn_layer");
+  const LayerDims dims = check_layer_args(o.G, lstm, input, batch_sizes, h0, c0, w_ih, w_hh,
+                                          b_ih, b_hh, std::nullopt);
+  o.B = dims.B, o.H = dims.H;
+  if (batch_sizes) o.batch_sizes = batch_sizes->to(at::kLong).contiguous();
   const auto dt = input.scalar_type();
   o.x = input.reshape({-1, input.size(-1)});
   o.N = o.x.size(0);
   o.h0 = h0.to(dt), o.w_ih = w_ih.to(dt), o.w_hh = w_hh.to(dt);
-  if (lstm) {
-    TORCH_CHECK(c0->device() == input.device(), "rnn_layer (cuda): all tensors on input's device");
-    o.c0 = c0->to(dt);
-  }
+  if (lstm) o.c0 = c0->to(dt);
   o.problem.cell = o.cell, o.problem.dtype = dtype, o.problem.batch = o.B, o.problem.hidden = o.H;
   o.problem.steps = batch_sizes ? o.batch_sizes.numel() : input.size(0);
   o.problem.batch_sizes = batch_sizes ? o.batch_sizes.data_ptr<int64_t>() : nullptr;
