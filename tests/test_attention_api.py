@@ -115,10 +115,35 @@ def test_measured_order_overrides_the_default_priority(monkeypatch):
     assert seqkern.backends.select("rnn_layer", small) is BACKENDS["cpu"]
 
 
-def test_cuda_backend_names_what_it_lacks():
-    reasons = BACKENDS["cuda"].not_supported_reasons(
-        "attention", dict(device=torch.device("cpu"), dtype=torch.float32))
-    assert reasons and all(isinstance(r, str) and r for r in reasons)
+def test_cuda_backend_mirrors_what_its_kernels_handle(monkeypatch):
+    """The cuda backend's rules, as if a CUDA build and GPU were present: what it refuses
+    goes to triton with the reason instead of failing inside the C++ binding."""
+    cuda = BACKENDS["cuda"]
+    monkeypatch.setattr(cuda, "availability", lambda device: [])
+    present = {"attention_fwd", "attention_bwd", "rnn_cell_fwd", "rnn_cell_gate_grads",
+               "rnn_layer_fwd", "rnn_layer_bwd"}
+    monkeypatch.setattr(cuda, "has_cuda_kernel", lambda name: name in present)
+    device = torch.device("cuda")
+
+    def attention(dtype, D, Dv=None):
+        q, v = torch.empty(1, 1, 1, D), torch.empty(1, 1, 1, Dv or D)
+        return cuda.not_supported_reasons("attention", dict(device=device, dtype=dtype,
+                                                            query=q, key=q, value=v))
+
+    def layer(dtype, gate_rows, projection=False):
+        return cuda.not_supported_reasons("rnn_layer", dict(
+            device=device, dtype=dtype, mode="LSTM", gate_rows=gate_rows, projection=projection))
+
+    assert attention(torch.float16, 64) == [] and attention(torch.bfloat16, 256, 40) == []
+    assert any("fp16 or bf16" in r for r in attention(torch.float32, 64))
+    assert any("head dims" in r for r in attention(torch.float16, 320))
+    assert layer(torch.float32, 2048) == [] and layer(torch.bfloat16, 32768) == []
+    assert any("gate rows" in r for r in layer(torch.float16, 32772))
+    assert any("proj_size" in r for r in layer(torch.float32, 2048, projection=True))
+    assert any("dtype" in r for r in cuda.not_supported_reasons(
+        "rnn_cell", dict(device=device, dtype=torch.float64, mode="GRU")))
+    assert any("attention_weights" in r for r in cuda.not_supported_reasons(
+        "attention_weights", dict(device=device, dtype=torch.float16)))
 
 
 def test_triton_on_cpu_needs_the_interpreter():
