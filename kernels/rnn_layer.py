@@ -288,8 +288,9 @@ def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
         x_gates += bias_x
     offsets, sizes = _steps(input, batch_sizes, reverse)
     B = h0.shape[0]
-    state_h = h0.float().unsqueeze(0).repeat(2, 1, 1).contiguous()
-    state_c = (c0.float().contiguous().clone() if mode == "LSTM"
+    state_h = h0.float().unsqueeze(0).repeat(2, 1, 1)
+    state_c = (c0.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+               if mode == "LSTM"
                else torch.empty(0, device=input.device))
     out = new_output((N, H), torch.float32, input.device)
     workspace = _workspace(mode, N, H, input.device, need_workspace)
@@ -319,12 +320,14 @@ def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
     offsets, sizes = _steps(input, batch_sizes, reverse)
     sw, saved, h_prev, c_prev, c_new = _views(mode, workspace, N, H)
     dh0 = grad_hn.float() if grad_hn is not None else torch.zeros(B, H, device=x.device)
-    state_dh = dh0.unsqueeze(0).repeat(2, 1, 1).contiguous()
-    state_dc = ((grad_cn.float().contiguous().clone() if grad_cn is not None
+    state_dh = dh0.unsqueeze(0).repeat(2, 1, 1)
+    state_dc = ((grad_cn.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                 if grad_cn is not None
                  else torch.zeros(B, H, device=x.device)) if mode == "LSTM"
                 else torch.empty(0, device=x.device))
-    dxg = torch.zeros(N, G * H, device=x.device)
-    dhg = torch.zeros(N, G * H, device=x.device) if mode == "GRU" else dxg
+    # Every flat row is live at exactly one step, so the kernel writes all of them.
+    dxg = new_output((N, G * H), torch.float32, x.device)
+    dhg = new_output((N, G * H), torch.float32, x.device) if mode == "GRU" else dxg
     grad_out = (grad_output.reshape(N, H).float().contiguous() if grad_output is not None
                 else torch.empty(0, device=x.device))
     BLOCK_B, BLOCK_H, BLOCK_K = _blocks(H)
