@@ -81,23 +81,27 @@ def _rnn_cell_fwd_kernel(
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = (offs_b[:, None] < B) & (offs_h[None, :] < H)
     out_offs = offs_b[:, None] * H + offs_h[None, :]
+    # (x W_ih[g]^T + b_ih[g], h W_hh[g]^T + b_hh[g]) for the gates the mode has: LSTM i, f,
+    # g, o; GRU r, z, n; RNN one. The ifs are on a constexpr, resolved when compiling.
+    gi0, gh0 = _gate(X, sxb, sxi, Hx, shb, shh, W_ih, swi_r, swi_k, W_hh, swh_r, swh_k, B_ih,
+                     sbi, B_hh, sbh, 0, offs_b, offs_h, B, I, H, HAS_BIAS, BLOCK_B, BLOCK_H,
+                     BLOCK_K, UPCAST)
+    if MODE <= 1:
+        gi1, gh1 = _gate(X, sxb, sxi, Hx, shb, shh, W_ih, swi_r, swi_k, W_hh, swh_r, swh_k,
+                         B_ih, sbi, B_hh, sbh, 1, offs_b, offs_h, B, I, H, HAS_BIAS, BLOCK_B,
+                         BLOCK_H, BLOCK_K, UPCAST)
+        gi2, gh2 = _gate(X, sxb, sxi, Hx, shb, shh, W_ih, swi_r, swi_k, W_hh, swh_r, swh_k,
+                         B_ih, sbi, B_hh, sbh, 2, offs_b, offs_h, B, I, H, HAS_BIAS, BLOCK_B,
+                         BLOCK_H, BLOCK_K, UPCAST)
+    if MODE == 0:
+        gi3, gh3 = _gate(X, sxb, sxi, Hx, shb, shh, W_ih, swi_r, swi_k, W_hh, swh_r, swh_k,
+                         B_ih, sbi, B_hh, sbh, 3, offs_b, offs_h, B, I, H, HAS_BIAS, BLOCK_B,
+                         BLOCK_H, BLOCK_K, UPCAST)
     if MODE == 0:  # LSTM: i, f, g, o
-        gi, gh = _gate(X, sxb, sxi, Hx, shb, shh, W_ih, swi_r, swi_k, W_hh, swh_r, swh_k,
-                       B_ih, sbi, B_hh, sbh, 0, offs_b, offs_h, B, I, H, HAS_BIAS,
-                       BLOCK_B, BLOCK_H, BLOCK_K, UPCAST)
-        in_gate = _sigmoid(gi + gh)
-        gi, gh = _gate(X, sxb, sxi, Hx, shb, shh, W_ih, swi_r, swi_k, W_hh, swh_r, swh_k,
-                       B_ih, sbi, B_hh, sbh, 1, offs_b, offs_h, B, I, H, HAS_BIAS,
-                       BLOCK_B, BLOCK_H, BLOCK_K, UPCAST)
-        forget = _sigmoid(gi + gh)
-        gi, gh = _gate(X, sxb, sxi, Hx, shb, shh, W_ih, swi_r, swi_k, W_hh, swh_r, swh_k,
-                       B_ih, sbi, B_hh, sbh, 2, offs_b, offs_h, B, I, H, HAS_BIAS,
-                       BLOCK_B, BLOCK_H, BLOCK_K, UPCAST)
-        cand = _tanh(gi + gh)
-        gi, gh = _gate(X, sxb, sxi, Hx, shb, shh, W_ih, swi_r, swi_k, W_hh, swh_r, swh_k,
-                       B_ih, sbi, B_hh, sbh, 3, offs_b, offs_h, B, I, H, HAS_BIAS,
-                       BLOCK_B, BLOCK_H, BLOCK_K, UPCAST)
-        out_gate = _sigmoid(gi + gh)
+        in_gate = _sigmoid(gi0 + gh0)
+        forget = _sigmoid(gi1 + gh1)
+        cand = _tanh(gi2 + gh2)
+        out_gate = _sigmoid(gi3 + gh3)
         c_prev = tl.load(Cx + offs_b[:, None] * scb + offs_h[None, :] * sch, mask=mask,
                          other=0.0).to(tl.float32)
         c = forget * c_prev + in_gate * cand
@@ -111,18 +115,10 @@ def _rnn_cell_fwd_kernel(
         tl.store(saved + 3 * H, out_gate, mask=mask)
         tl.store(Saved + 4 * B * H + out_offs, c, mask=mask)
     elif MODE == 1:  # GRU: r, z, n with n = tanh(gi_n + r * (W_hn h + b_hn))
-        gi, gh = _gate(X, sxb, sxi, Hx, shb, shh, W_ih, swi_r, swi_k, W_hh, swh_r, swh_k,
-                       B_ih, sbi, B_hh, sbh, 0, offs_b, offs_h, B, I, H, HAS_BIAS,
-                       BLOCK_B, BLOCK_H, BLOCK_K, UPCAST)
-        reset = _sigmoid(gi + gh)
-        gi, gh = _gate(X, sxb, sxi, Hx, shb, shh, W_ih, swi_r, swi_k, W_hh, swh_r, swh_k,
-                       B_ih, sbi, B_hh, sbh, 1, offs_b, offs_h, B, I, H, HAS_BIAS,
-                       BLOCK_B, BLOCK_H, BLOCK_K, UPCAST)
-        update = _sigmoid(gi + gh)
-        gi, gh_n = _gate(X, sxb, sxi, Hx, shb, shh, W_ih, swi_r, swi_k, W_hh, swh_r, swh_k,
-                         B_ih, sbi, B_hh, sbh, 2, offs_b, offs_h, B, I, H, HAS_BIAS,
-                         BLOCK_B, BLOCK_H, BLOCK_K, UPCAST)
-        cand = _tanh(gi + reset * gh_n)
+        reset = _sigmoid(gi0 + gh0)
+        update = _sigmoid(gi1 + gh1)
+        gh_n = gh2
+        cand = _tanh(gi2 + reset * gh_n)
         h_prev = tl.load(Hx + offs_b[:, None] * shb + offs_h[None, :] * shh, mask=mask,
                          other=0.0).to(tl.float32)
         h = (1.0 - update) * cand + update * h_prev
@@ -132,13 +128,10 @@ def _rnn_cell_fwd_kernel(
         tl.store(saved + 2 * H, cand, mask=mask)
         tl.store(saved + 3 * H, gh_n, mask=mask)
     else:  # RNN, tanh (2) or relu (3)
-        gi, gh = _gate(X, sxb, sxi, Hx, shb, shh, W_ih, swi_r, swi_k, W_hh, swh_r, swh_k,
-                       B_ih, sbi, B_hh, sbh, 0, offs_b, offs_h, B, I, H, HAS_BIAS,
-                       BLOCK_B, BLOCK_H, BLOCK_K, UPCAST)
         if MODE == 2:
-            h = _tanh(gi + gh)
+            h = _tanh(gi0 + gh0)
         else:
-            h = tl.maximum(gi + gh, 0.0)
+            h = tl.maximum(gi0 + gh0, 0.0)
         tl.store(Saved + out_offs, h, mask=mask)
     tl.store(H_out + out_offs, h.to(H_out.dtype.element_ty), mask=mask)
 
