@@ -3,6 +3,8 @@ benchmark run (bench/results/*.json, written by `pytest bench/`). The table it p
 evidence for seqkern.backends.MEASURED_ORDER (which backend a GPU op tries first).
 
 Usage: python bench/compare_backends.py [results.json]   (default: the newest run)
+       python bench/compare_backends.py --merge OUT.json RUN.json...   (one run of several)
+       python bench/compare_backends.py --table RUN.json   (every provider per case, short)
 """
 import glob
 import json
@@ -52,7 +54,48 @@ def report(path):
     return "\n".join(lines)
 
 
+def merge(paths):
+    """Several saved runs of one session (one per pytest call) as one run."""
+    runs = [json.load(open(p)) for p in paths]
+    merged = dict(runs[0], rows=[row for run in runs for row in run["rows"]])
+    merged["date"] = ", ".join(run["date"] for run in runs)
+    return merged
+
+
+def table(run):
+    """One line per case: each provider's milliseconds, then torch's time over each seqkern
+    provider's (>1: seqkern faster)."""
+    by_case = {}
+    for row in run["rows"]:
+        by_case.setdefault(row["case"], {})[row["provider"]] = row["median_ms"]
+    lines = [f"{run['device']}, torch {run['torch']}, commit {run['commit']}",
+             "case | ms per provider | torch / seqkern"]
+    for case, times in by_case.items():
+        peer = next((ms for name, ms in times.items() if name.startswith("torch")), None)
+        cells = " ".join(f"{name.replace('seqkern-', '')} {ms:.3f}" for name, ms in times.items())
+        ratios = " ".join(f"{name.replace('seqkern-', '')} {peer / ms:.2f}"
+                          for name, ms in times.items()
+                          if peer is not None and not name.startswith("torch"))
+        lines.append(f"{case} | {cells} | {ratios}")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--merge"]:
+        paths = [p for p in sys.argv[3:] if os.path.exists(p)]
+        if not paths:
+            sys.exit("no saved benchmark run to merge")
+        with open(sys.argv[2], "w") as f:
+            json.dump(merge(paths), f, indent=1)
+        sys.exit(0)
+    if sys.argv[1:2] == ["--table"]:
+        if not os.path.exists(sys.argv[2]):
+            sys.exit(f"no benchmark run at {sys.argv[2]}")
+        run = json.load(open(sys.argv[2]))
+        print(table(run))
+        print()
+        print(report(sys.argv[2]))
+        sys.exit(0)
     runs = sys.argv[1:] or sorted(glob.glob(os.path.join(HERE, "results", "*.json")))[-1:]
     if not runs:
         sys.exit("no saved benchmark run in bench/results/")
