@@ -9,8 +9,20 @@ Knobs (never decided by probing for a GPU):
 """
 import glob
 import os
+import platform
 
 from setuptools import find_packages, setup
+
+# The per-capability kernel units are compiled with their own instruction-set flags, as torch
+# compiles its own (a `#pragma GCC target` in the source instead breaks with libstdc++ 13,
+# whose always_inline allocator then mismatches the pragma's target). x86-64 only.
+CAPABILITY_FLAGS = {
+    "avx2": ["-mavx", "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mpopcnt"],
+    "avx512": ["-mavx", "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mpopcnt",
+               "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+}
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
 
 def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
@@ -51,7 +63,28 @@ def _extensions():
 
 def _cmdclass():
     from torch.utils.cpp_extension import BuildExtension
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    class BuildWithCapabilityFlags(BuildExtension):
+        """setuptools gives an extension one set of flags: the capability units are compiled
+        first, each with its CAPABILITY_FLAGS, and linked after the other objects (so the
+        baseline unit's copies of shared inline functions are the ones the linker keeps)."""
+
+        def build_extension(self, ext):
+            own_flags = {src: CAPABILITY_FLAGS[name] for src in ext.sources
+                         for name in CAPABILITY_FLAGS
+                         if X86_64 and src.endswith(f"capability/{name}.cpp")}
+            objects = []
+            for src, flags in own_flags.items():
+                args = dict(ext.extra_compile_args, cxx=ext.extra_compile_args["cxx"] + flags)
+                objects += self.compiler.compile(
+                    [src], output_dir=self.build_temp, macros=ext.define_macros,
+                    include_dirs=ext.include_dirs, debug=self.debug, extra_postargs=args,
+                    depends=ext.depends)
+            ext.sources = [src for src in ext.sources if src not in own_flags]
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+            super().build_extension(ext)
+
+    return {"build_ext": BuildWithCapabilityFlags.with_options(use_ninja=True)}
 
 
 setup(

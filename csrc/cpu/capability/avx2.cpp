@@ -1,12 +1,10 @@
-// AVX2 + FMA build of the kernels, run where at::get_cpu_capability() says AVX2.
+// AVX2 + FMA build of the kernels, run where at::get_cpu_capability() says AVX2. Compiled
+// with -mavx2 -mfma -mf16c -mbmi -mbmi2 -mlzcnt -mpopcnt (setup.py and CMakeLists.txt give
+// this file its own flags, as torch does for its capability units).
 #if defined(__x86_64__)
-#pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-// The pragma enables the instructions but not the feature macros that sleef.h and at::vec
-// test, so they are defined here, as -mavx2 -mfma would.
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "capability/avx2.cpp must be compiled with -mavx2 -mfma (see setup.py)"
+#endif
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #include "instantiate.h"
