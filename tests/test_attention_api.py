@@ -115,6 +115,52 @@ def test_measured_order_overrides_the_default_priority(monkeypatch):
     assert seqkern.backends.select("rnn_layer", small) is BACKENDS["cpu"]
 
 
+def _attention_step():
+    q, k, v = (t.requires_grad_(True) for t in _qkv())
+    return sdpa(q, k, v).sum()
+
+
+def _layer_step():
+    layer = seqkern.GRU(5, 6, device=DEVICE)
+    return layer(torch.randn(4, 3, 5, device=DEVICE, requires_grad=True))[0].sum()
+
+
+def _cell_step():
+    cell = seqkern.LSTMCell(5, 6, device=DEVICE)
+    return cell(torch.randn(3, 5, device=DEVICE, requires_grad=True))[0].sum()
+
+
+@needs_c
+@pytest.mark.parametrize("step, backward_fn", [
+    (_attention_step, "attention_bwd"), (_layer_step, "rnn_layer_bwd"),
+    (_cell_step, "rnn_cell_gate_grads")], ids=["attention", "rnn_layer", "rnn_cell"])
+def test_forced_backend_reaches_a_backward_on_another_thread(monkeypatch, step, backward_fn):
+    """autograd runs CUDA backwards on its own worker thread: the backend forced around the
+    forward must still run the backward (the first GPU run timed cuda's forwards with
+    triton's backwards). Here the backward runs on a thread of its own, where the default
+    choice would be cpu."""
+    import threading
+    monkeypatch.delenv("SEQKERN_BACKEND", raising=False)
+    calls = []
+    original = getattr(BACKENDS["reference"], backward_fn)
+    monkeypatch.setattr(BACKENDS["reference"], backward_fn,
+                        lambda *a: calls.append(threading.get_ident()) or original(*a))
+    with seqkern.backend("reference"):
+        loss = step()
+    errors = []
+
+    def run_backward():
+        try:
+            loss.backward()
+        except Exception as e:  # reported by the assertion below
+            errors.append(e)
+
+    worker = threading.Thread(target=run_backward)
+    worker.start()
+    worker.join()
+    assert not errors and calls and set(calls) == {worker.ident}
+
+
 def test_cuda_backend_mirrors_what_its_kernels_handle(monkeypatch):
     """The cuda backend's rules, as if a CUDA build and GPU were present: what it refuses
     goes to triton with the reason instead of failing inside the C++ binding."""

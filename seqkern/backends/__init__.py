@@ -14,9 +14,8 @@ from seqkern.backends import cpu, cuda, reference, triton
 BACKENDS = {b.NAME: b for b in (cuda, triton, cpu, reference)}
 
 # Per device type: the order in which backends are tried. On CUDA tensors `triton` goes
-# first until a GPU run has verified and timed the CUDA kernels: they have only been compiled
-# (sm_80, sm_90a) and run under the CPU emulation of tests/test_cuda_emulation.py, and a
-# wrong hand-written barrier or TMA wait hangs where a Triton kernel would not.
+# first unless MEASURED_ORDER says otherwise for the op: a CUDA kernel goes first only once
+# a GPU run has verified and timed it against the Triton one.
 PRIORITY = {
     "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpu", "reference"),
@@ -25,9 +24,15 @@ PRIORITY = {
 # Which of the two compiled GPU backends goes first is a measured fact. Each entry:
 # (device, op) -> [(applies(inputs) -> bool, order, evidence)]; the first that applies
 # wins; evidence names the bench/RESULTS.md run that showed it (bench/gpu_check.sh runs
-# both side by side). An op without a matching entry keeps PRIORITY's order. No entry yet:
-# no GPU has run them (bench/RESULTS.md, "GPU: not yet measured").
-MEASURED_ORDER = {}
+# both side by side). An op without a matching entry keeps PRIORITY's order.
+MEASURED_ORDER = {
+    # H200, 2026-11-26 (bench/RESULTS.md, "GPU"): the persistent CUDA recurrence ran every
+    # layer case faster than the Triton one (inference 24-170x: Triton's layer kernel runs
+    # one program per 16 batch rows, so one to four SMs), and passed the GPU test suite,
+    # 3000-step grid-barrier runs included.
+    ("cuda", "rnn_layer"): [(lambda inputs: True, ("cuda", "triton", "reference"),
+                             "H200 2026-11-26: cuda faster in 24 of 24 layer cases")],
+}
 
 
 def priority(device, op, inputs):
@@ -56,6 +61,21 @@ def backend(name):
         yield
     finally:
         _local.forced = previous
+
+
+def remember_forced(ctx):
+    """In an op's setup_context (the forward's thread): keep the backend forced there.
+
+    autograd runs the backward of CUDA tensors on its own worker thread, which does not see
+    this thread's `with seqkern.backend(...)`: without this, a forced forward's backward went
+    to the default choice (on the first GPU run, cuda's forward with triton's backward)."""
+    ctx.seqkern_forced = getattr(_local, "forced", None)
+
+
+def as_in_forward(ctx):
+    """Context for an op's backward: the backend forced around its forward, if any."""
+    name = getattr(ctx, "seqkern_forced", None)
+    return backend(name) if name is not None else contextlib.nullcontext()
 
 
 def forced_backend():

@@ -81,13 +81,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(query, key, value, out, lse, attn_mask, key_padding_mask,
                           seed_offset)
     ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+    backends.remember_forced(ctx)
 
 
 def _backward(ctx, grad_out, grad_lse):
     query, key, value, out, lse, attn_mask, key_padding_mask, seed_offset = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(grad_out, query, key, value, out, lse, attn_mask,
-                               key_padding_mask, ctx.dropout_p, ctx.is_causal, ctx.scale,
-                               seed_offset)
+    with backends.as_in_forward(ctx):
+        dq, dk, dv = attention_bwd(grad_out, query, key, value, out, lse, attn_mask,
+                                   key_padding_mask, ctx.dropout_p, ctx.is_causal, ctx.scale,
+                                   seed_offset)
     return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -125,6 +125,7 @@ def _setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(c)
     ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, h, saved)
     ctx.mode = mode
+    backends.remember_forced(ctx)
 
 
 def _reference_step(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
@@ -162,8 +163,9 @@ def _backward(ctx, grad_h, grad_c, grad_saved):
     if mode != "LSTM" or (grad_c is not None and grad_c.numel() == 0):
         grad_c = None
     needs = list(ctx.needs_input_grad[1:])
-    grads = rnn_cell_bwd(mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih is not None,
-                         h, saved, needs)
+    with backends.as_in_forward(ctx):
+        grads = rnn_cell_bwd(mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, b_ih is not None,
+                             h, saved, needs)
     return (None, *(g if want else None for g, want in zip(grads, needs)))
 
 

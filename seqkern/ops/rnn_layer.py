@@ -94,6 +94,7 @@ def _setup_context(ctx, inputs, output):
     # gradients: for the 92 MB workspace of a fastrnns LSTM that fill cost ~9 ms a step.
     ctx.set_materialize_grads(False)
     ctx.mode, ctx.reverse = mode, reverse
+    backends.remember_forced(ctx)
     ctx.save_for_backward(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output[3])
 
 
@@ -106,9 +107,10 @@ def _backward(ctx, grad_output, grad_hn, grad_cn, _grad_workspace):
                                 ctx.reverse, grad_output, grad_hn, grad_cn, create_graph=True,
                                 w_hr=w_hr)
     else:
-        grads = rnn_layer_bwd(ctx.mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                              ctx.reverse, workspace, grad_output, grad_hn,
-                              grad_cn if ctx.mode == "LSTM" else None, w_hr)
+        with backends.as_in_forward(ctx):
+            grads = rnn_layer_bwd(ctx.mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                  ctx.reverse, workspace, grad_output, grad_hn,
+                                  grad_cn if ctx.mode == "LSTM" else None, w_hr)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = grads
     return (None, dx, None, dh0, dc0 if c0 is not None else None, dw_ih, dw_hh,
             db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, None,
