@@ -7,6 +7,8 @@
 # grid barrier or TMA wait that never completes cannot eat the lease.
 #   bash bench/gpu_check.sh                 all stages (PYTHON=python3 by default)
 #   STAGES="bench_more" bash bench/gpu_check.sh   only the named stages (a warm second call)
+#   LAYER_K / TESTS_K / MORE_K narrow the layer benchmarks, the tests, the other benchmarks
+#   (pytest -k expressions).
 # Logs and benchmark JSON go to $OUT (at most 8 files come back: one tarball of all logs,
 # the summary, the benchmark runs merged into one JSON).
 set -uo pipefail
@@ -72,14 +74,15 @@ PYTEST=($PY -m pytest -q -p no:cacheprovider -rf)
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=150 --timeout-method=thread)
 XDIST=()
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n "${WORKERS:-8}")
-export SEQKERN_TEST_DEVICE=cuda SEQKERN_POISON_OUTPUTS=1
+# (tests/conftest.py poisons every test's outputs; the benchmarks run unpoisoned)
+export SEQKERN_TEST_DEVICE=cuda
 
 stage cuda_risky 150 "${PYTEST[@]}" tests/test_cuda_backend.py
 BENCH=($PY -m pytest -q -s -p no:cacheprovider)
 # Issue 5's GPU targets first: small batch, fastrnns training, packed (mid-batch skipped).
 stage bench_layers 170 "${BENCH[@]}" bench/test_rnn_layer_bench.py -k "${LAYER_K:-not mid-batch}"
 stage tests 200 "${PYTEST[@]}" "${XDIST[@]}" tests/ -m "not cuda_emulation" \
-  --ignore=tests/test_cuda_backend.py
+  --ignore=tests/test_cuda_backend.py -k "${TESTS_K:-}"
 stage sm80 60 env SEQKERN_CUDA_SM90=0 "${PYTEST[@]}" "${XDIST[@]}" tests/test_attention.py -k cuda
 stage bench_more 200 "${BENCH[@]}" bench/test_attention_bench.py bench/test_rnn_cell_bench.py \
   -k "${MORE_K:-L4096 or (Cell and B64)}"

@@ -192,8 +192,8 @@ def test_rnn_cell_fwd_and_gate_grads(harness, tmp_path, mode, dtype, B, H, bias)
 def _lengths_to_batch_sizes(lengths):
     """batch_sizes of the packed sequence torch makes from these (unsorted) lengths."""
     padded = torch.zeros(max(lengths), len(lengths), 1)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(padded, torch.tensor(lengths),
-                                                     enforce_sorted=False)
+    lengths = torch.tensor(lengths, device="cpu")  # torch wants CPU lengths on any device
+    packed = torch.nn.utils.rnn.pack_padded_sequence(padded, lengths, enforce_sorted=False)
     return [int(b) for b in packed.batch_sizes]
 
 

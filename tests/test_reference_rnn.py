@@ -46,7 +46,7 @@ def test_bidirectional_layer_matches_torch(mode, packed):
     x = torch.randn(T, B, I, dtype=torch.float64)
     h0 = torch.randn(2, B, H, dtype=torch.float64)
     c0 = torch.randn(2, B, H, dtype=torch.float64)
-    lengths = torch.tensor([6, 5, 3, 1])
+    lengths = torch.tensor([6, 5, 3, 1], device="cpu")  # lengths live on the CPU
     state = (h0, c0) if mode == "LSTM" else h0
     if packed:
         data = pack_padded_sequence(x, lengths)

@@ -288,7 +288,7 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_packed_output_unpacks_like_torch():
     ours, theirs = _pair("LSTM", input_size=3, hidden_size=4, bidirectional=True)
     x = torch.randn(6, 3, 3, dtype=torch.float64)
-    packed = pack_padded_sequence(x, torch.tensor([2, 6, 4]), enforce_sorted=False)
+    packed = pack_padded_sequence(x, torch.tensor([2, 6, 4], device="cpu"), enforce_sorted=False)
     a, (ha, ca) = ours(packed)
     b, (hb, cb) = theirs(packed)
     assert_close("padded output", pad_packed_sequence(a)[0], pad_packed_sequence(b)[0])
@@ -331,7 +331,7 @@ def test_lstm_projection_kernel_matches_torch(form):
     x = torch.randn(11, 6, 7, dtype=torch.float64, device=DEVICE)
     h0 = torch.randn(4, 6, 13, dtype=torch.float64, device=DEVICE)
     c0 = torch.randn(4, 6, 33, dtype=torch.float64, device=DEVICE)
-    lengths = torch.tensor([11, 3, 7, 1, 11, 5])
+    lengths = torch.tensor([11, 3, 7, 1, 11, 5], device="cpu")
 
     def run(module, x, h0, c0):
         inp = x if form == "padded" else pack_padded_sequence(x, lengths, enforce_sorted=False)
