@@ -20,7 +20,7 @@ rm -rf "$LOG"; mkdir -p "$LOG" "$OUT_DIR"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # Hopper only unless told otherwise: half the nvcc work of the default 80;90a.
 export SEQKERN_CUDA_ARCHS=${SEQKERN_CUDA_ARCHS:-90a}
-STAGES=${STAGES:-"build cuda_risky bench_layers tests sm80 bench_more"}
+STAGES=${STAGES:-"build cuda_risky bench_layers profile tests sm80 bench_more"}
 START=$(date +%s)
 TOTAL_S=${TOTAL_S:-520}
 declare -A RC
@@ -81,6 +81,8 @@ stage cuda_risky 150 "${PYTEST[@]}" tests/test_cuda_backend.py
 BENCH=($PY -m pytest -q -s -p no:cacheprovider)
 # Issue 5's GPU targets first: small batch, fastrnns training, packed (mid-batch skipped).
 stage bench_layers 170 "${BENCH[@]}" bench/test_rnn_layer_bench.py -k "${LAYER_K:-not mid-batch}"
+# Where the layer and cell time goes (kernels vs host), cuda / triton / torch side by side.
+TAIL=30 stage profile 60 $PY bench/gpu_profile.py
 stage tests 200 "${PYTEST[@]}" "${XDIST[@]}" tests/ -m "not cuda_emulation" \
   --ignore=tests/test_cuda_backend.py -k "${TESTS_K:-}"
 stage sm80 60 env SEQKERN_CUDA_SM90=0 "${PYTEST[@]}" "${XDIST[@]}" tests/test_attention.py -k cuda

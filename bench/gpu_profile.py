@@ -1,0 +1,100 @@
+"""Where a GPU call's time goes: torch.profiler over a few cases, each provider side by side.
+
+For each case and provider: host time per call (wall clock, synchronised), device time per
+call (the sum of its CUDA kernels), and the kernels that take most of it. Host time far above
+device time means launch or Python overhead; device time above the peer's means a kernel.
+
+    python bench/gpu_profile.py            (bench/gpu_check.sh's `profile` stage)
+"""
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import seqkern
+
+ITERS = 10
+
+
+def _layer_train(cls, T, B, H, dtype):
+    def make(provider):
+        theirs = getattr(torch.nn, cls)(H, H).cuda().to(dtype)
+        module = theirs
+        if provider != "torch":
+            module = getattr(seqkern, cls)(H, H).cuda().to(dtype)
+            module.load_state_dict(theirs.state_dict())
+        x = torch.randn(T, B, H, device="cuda", dtype=dtype, requires_grad=True)
+
+        def step():
+            out, _ = module(x)
+            out.float().sum().backward()
+        return step
+    return f"{cls} train T{T} B{B} H{H} {str(dtype)[6:]}", make
+
+
+def _cell_step(cls, B, H, dtype):
+    def make(provider):
+        theirs = getattr(torch.nn, cls)(H, H).cuda().to(dtype)
+        cell = theirs
+        if provider != "torch":
+            cell = getattr(seqkern, cls)(H, H).cuda().to(dtype)
+            cell.load_state_dict(theirs.state_dict())
+        x = torch.randn(B, H, device="cuda", dtype=dtype)
+
+        def step():
+            with torch.no_grad():
+                cell(x)
+        return step
+    return f"{cls} step B{B} H{H} {str(dtype)[6:]}", make
+
+
+CASES = [_layer_train("LSTM", 100, 64, 512, torch.bfloat16),
+         _layer_train("LSTM", 200, 16, 512, torch.bfloat16),
+         _cell_step("LSTMCell", 64, 512, torch.bfloat16)]
+PROVIDERS = ["cuda", "triton", "torch"]
+
+
+def measure(step):
+    step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(ITERS):
+        step()
+    torch.cuda.synchronize()
+    host_ms = (time.perf_counter() - start) * 1e3 / ITERS
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(ITERS):
+            step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None)
+        if device_us is None:
+            device_us = event.cuda_time_total
+        if device_us > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.key] = device_us / 1e3 / ITERS
+    return host_ms, kernels
+
+
+def main():
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; per call, "
+          f"mean of {ITERS}")
+    for (name, make) in CASES:
+        for provider in PROVIDERS:
+            if name.startswith("LSTM train") and provider == "triton":
+                continue  # 24-170x slower than cuda (bench/RESULTS.md): minutes of lease
+            step = make(provider)
+            if provider == "torch":
+                host_ms, kernels = measure(step)
+            else:
+                with seqkern.backend(provider):
+                    host_ms, kernels = measure(step)
+            device_ms = sum(kernels.values())
+            top = sorted(kernels.items(), key=lambda kv: -kv[1])[:4]
+            print(f"{name} | {provider}: host {host_ms:.3f} ms, device {device_ms:.3f} ms")
+            for key, ms in top:
+                print(f"    {ms:8.3f} ms  {key[:90]}")
+
+
+if __name__ == "__main__":
+    main()
