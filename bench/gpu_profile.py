@@ -16,13 +16,19 @@ import seqkern
 ITERS = 10
 
 
+def _module(provider, cls, H, dtype):
+    """torch's module, or seqkern's with torch's weights."""
+    theirs = getattr(torch.nn, cls)(H, H).cuda().to(dtype)
+    if provider == "torch":
+        return theirs
+    ours = getattr(seqkern, cls)(H, H).cuda().to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return ours
+
+
 def _layer_train(cls, T, B, H, dtype):
     def make(provider):
-        theirs = getattr(torch.nn, cls)(H, H).cuda().to(dtype)
-        module = theirs
-        if provider != "torch":
-            module = getattr(seqkern, cls)(H, H).cuda().to(dtype)
-            module.load_state_dict(theirs.state_dict())
+        module = _module(provider, cls, H, dtype)
         x = torch.randn(T, B, H, device="cuda", dtype=dtype, requires_grad=True)
 
         def step():
@@ -34,11 +40,7 @@ def _layer_train(cls, T, B, H, dtype):
 
 def _cell_step(cls, B, H, dtype):
     def make(provider):
-        theirs = getattr(torch.nn, cls)(H, H).cuda().to(dtype)
-        cell = theirs
-        if provider != "torch":
-            cell = getattr(seqkern, cls)(H, H).cuda().to(dtype)
-            cell.load_state_dict(theirs.state_dict())
+        cell = _module(provider, cls, H, dtype)
         x = torch.randn(B, H, device="cuda", dtype=dtype)
 
         def step():
