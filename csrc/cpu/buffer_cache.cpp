@@ -9,7 +9,7 @@ namespace {
 
 constexpr size_t kMinCachedBytes = size_t(1) << 20;  // smaller ones come from malloc's heap
 constexpr size_t kMaxCachedBytes = size_t(1) << 30;
-constexpr size_t kMaxBlocks = 8;
+constexpr size_t kMaxBlocks = 16;  // a training step frees about 10
 constexpr size_t kAlignment = 64;
 
 struct Block {

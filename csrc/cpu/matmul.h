@@ -22,6 +22,12 @@ PackedRight pack_right(const at::Tensor& b);
 void tiled_matmul_into(at::Tensor& out, const at::Tensor& a, const PackedRight& b,
                        bool accumulate);
 
+// The fp32 core of tiled_matmul_into on row-major pointers: C [M, b.N] (row stride ldc)
+// (+)= A [M, b.K] (row stride lda) @ b. For the per-step products of a recurrence, where
+// making tensor views cost about as much as a small step's product.
+void tiled_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight& b, float* C,
+                      int64_t ldc, bool accumulate);
+
 // A new contiguous [M, N] = a [M, K] @ b [K, N] for a product used once (a cell step's
 // gradients): fp32 operands are read in place (when row-major) instead of packed, so a
 // 1 MB weight is streamed once rather than copied and then read; other dtypes use at::mm.

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../rnn_args.h"
@@ -123,6 +124,21 @@ void step_fwd(RnnMode mode, int64_t n, int64_t H, const T* xg, const T* x_bias, 
   SEQKERN_CPU_DISPATCH(rnn_step_fwd<T>, mode, n, H, xg, x_bias, hg, h, c, saved);
 }
 
+// out [n, b.N] (row stride ldc) (+)= a [n, b.K] (row stride lda) @ b, on the row blocks of
+// one step: no tensor views in the time loop (their cost rivals a small step's product).
+template <typename T>
+void step_product(int64_t n, const T* a, int64_t lda, const PackedRight& b, T* out, int64_t ldc,
+                  bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {
+    tiled_matmul_raw(n, a, lda, b, out, ldc, accumulate);
+  } else {
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    at::Tensor o = at::from_blob(out, {n, b.N}, {ldc, 1}, opts);
+    tiled_matmul_into(o, at::from_blob(const_cast<T*>(a), {n, b.K}, {lda, 1}, opts), b,
+                      accumulate);
+  }
+}
+
 // The input projection runs chunk by chunk, a few steps ahead of the recurrence: one
 // product over every row of the chunk's steps (both threads, large M), whose output is
 // still in cache when the steps read it. One buffer for the whole sequence (T * B * G*H,
@@ -216,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   // Inference needs none of it: no workspace, no copies into it.
   // Saved for the backward and freed after it: the next call reuses its pages.
   at::Tensor workspace = cached_empty({need_workspace ? ws.numel() : 0}, h.options());
-  at::Tensor out = at::empty({N, P}, h.options());
+  at::Tensor out = cached_empty({N, P}, h.options());  // already mapped (see the backward)
   at::Tensor h_gates = at::empty({h.size(0), G * H}, h.options());
   // The cell's output before the projection, per batch row (inference; training writes it
   // into the workspace, where the backward finds it).
@@ -247,28 +263,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
           const int64_t hi = std::min(hi_block, s.rows), n = hi - lo;
           if (n <= 0) continue;
           const int64_t row = s.offset + lo;  // first row of this block in the flat input
-          at::Tensor h_live = h.narrow(0, lo, n), hg = h_gates.narrow(0, lo, n);
+          scalar_t* hg = h_gates.data_ptr<scalar_t>() + lo * G * H;
           scalar_t* h_rows = h_ptr + lo * P;
           scalar_t* c_rows = ws.lstm ? c_ptr + lo * H : nullptr;
           if (need_workspace) {
             std::memcpy(ws.h_prev(base) + row * P, h_rows, n * state_bytes);
             if (ws.lstm) std::memcpy(ws.c_prev(base) + row * H, c_rows, n * cell_bytes);
           }
-          if (bias_h) hg.copy_(bias_h->expand_as(hg));
-          tiled_matmul_into(hg, h_live, whh_t, bias_h.has_value());
+          if (bias_h) {
+            for (int64_t r = 0; r < n; ++r)
+              std::memcpy(hg + r * G * H, bias_h->data_ptr<scalar_t>(), G * H * sizeof(scalar_t));
+          }
+          step_product<scalar_t>(n, h_rows, P, whh_t, hg, G * H, bias_h.has_value());
           // With a projection the cell writes h_full [n, H] (the LSTM cell reads no h_prev).
           scalar_t* cell_out = !proj ? h_rows
                                : need_workspace ? ws.h_full(base) + row * H
                                                 : h_full_scratch.data_ptr<scalar_t>() + lo * H;
           step_fwd<scalar_t>(mode, n, H, xg_chunk.data_ptr<scalar_t>() + (row - ch.row0) * G * H,
-                             x_bias, hg.data_ptr<scalar_t>(), cell_out, c_rows,
+                             x_bias, hg, cell_out, c_rows,
                              need_workspace ? ws.saved(base) + row * ws.saved_width
                                             : saved_scratch.data_ptr<scalar_t>() +
                                                   lo * ws.saved_width);
-          if (proj) {
-            const at::Tensor h_full = at::from_blob(cell_out, {n, H}, h.options());
-            tiled_matmul_into(h_live, h_full, whr_t, false);
-          }
+          if (proj) step_product<scalar_t>(n, cell_out, H, whr_t, h_rows, P, false);
           if (ws.lstm && need_workspace)
             std::memcpy(ws.c_new(base) + row * H, c_rows, n * cell_bytes);
           std::memcpy(out.data_ptr<scalar_t>() + row * P, h_rows, n * state_bytes);
@@ -305,7 +321,8 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
                   workspace.scalar_type() == dt && workspace.is_contiguous(),
               "rnn_layer_bwd: workspace does not come from rnn_layer_fwd with these arguments");
   const auto opts = x.options();
-  at::Tensor dh = grad_hn ? grad_hn->to(dt).clone(at::MemoryFormat::Contiguous) : at::zeros_like(h0, opts);
+  at::Tensor dh = grad_hn ? grad_hn->to(dt).clone(at::MemoryFormat::Contiguous)
+                          : at::zeros({h0.size(0), P}, opts);
   at::Tensor dc = mode == RnnMode::kLSTM
                       ? (grad_cn ? grad_cn->to(dt).clone(at::MemoryFormat::Contiguous)
                                  : at::zeros({h0.size(0), H}, opts))
@@ -324,11 +341,17 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   for (const StepChunk& ch : chunks) chunk_rows = std::max(chunk_rows, ch.rows);
   at::Tensor dx_gates = cached_empty({chunk_rows, G * H}, opts);
   at::Tensor dh_gates = gru ? cached_empty({chunk_rows, G * H}, opts) : dx_gates;
-  at::Tensor dx = at::empty({N, x.size(1)}, opts);
+  // Outputs and accumulators in cached, already mapped memory (buffer_cache.h): fresh 4 MB
+  // buffers are faulted in page by page (about 1 ms each here), and a training step makes
+  // several. An output's block returns to the cache when autograd or the user frees it.
+  at::Tensor dx = cached_empty({N, x.size(1)}, opts);
   // The weight gradients accumulate transposed, dW^T += [x | h_prev]^T dG, so that what is
   // transposed per chunk is x and h_prev ([rows, I] and [rows, P]) rather than the gate
-  // gradients ([rows, G*H]: 2 to 3 times the bytes); transposed back once at the end.
-  at::Tensor dw_ih_t = at::zeros({x.size(1), G * H}, opts), dw_hh_t = at::zeros({P, G * H}, opts);
+  // gradients ([rows, G*H]: 2 to 3 times the bytes); transposed back once at the end. The
+  // first chunk overwrites them (no zero fill).
+  at::Tensor dw_ih_t = cached_empty({x.size(1), G * H}, opts);
+  at::Tensor dw_hh_t = cached_empty({P, G * H}, opts);
+  if (chunks.empty()) dw_ih_t.zero_(), dw_hh_t.zero_();
   // Projection: the gradient reaching h_full (per batch row) and the state gradients of the
   // chunk's rows, the left operand of dW_hr = sum dh^T h_full.
   at::Tensor dw_hr = at::zeros({proj ? P : 0, proj ? H : 0}, opts);
@@ -342,6 +365,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_bwd", [&] {
     const scalar_t* base = workspace.data_ptr<scalar_t>();
     for (auto ch = chunks.rbegin(); ch != chunks.rend(); ++ch) {
+      const bool first_chunk = ch == chunks.rbegin();
       for_row_blocks(blocks, [&](int64_t lo, int64_t hi_block) {
         for (size_t i = ch->last; i-- > ch->first;) {
           const Step& s = steps[i];
@@ -349,15 +373,18 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
           if (n <= 0) continue;
           const int64_t row = s.offset + lo;  // first row of this block in the flat input
           const int64_t chunk_row = row - ch->row0;
-          at::Tensor dh_live = dh.narrow(0, lo, n);
-          if (d_out.defined()) dh_live.add_(d_out.narrow(0, row, n));
+          scalar_t* dh_rows = dh.data_ptr<scalar_t>() + lo * P;
+          if (d_out.defined()) {
+            const scalar_t* g = d_out.data_ptr<scalar_t>() + row * P;
+            for (int64_t k = 0; k < n * P; ++k) dh_rows[k] += g[k];
+          }
           // The cell's output gradient: dh itself, or through the projection dh W_hr.
-          scalar_t* d_cell_out = dh.data_ptr<scalar_t>() + lo * P;
+          scalar_t* d_cell_out = dh_rows;
           if (proj) {
-            dh_chunk.narrow(0, chunk_row, n).copy_(dh_live);
-            at::Tensor dh_full_live = dh_full.narrow(0, lo, n);
-            tiled_matmul_into(dh_full_live, dh_live, whr_packed, false);
-            d_cell_out = dh_full_live.data_ptr<scalar_t>();
+            std::memcpy(dh_chunk.data_ptr<scalar_t>() + chunk_row * P, dh_rows,
+                        n * P * sizeof(scalar_t));
+            d_cell_out = dh_full.data_ptr<scalar_t>() + lo * H;
+            step_product<scalar_t>(n, dh_rows, P, whr_packed, d_cell_out, H, false);
           }
           run_rnn_step_bwd<scalar_t>(
               mode, n, H, ws.saved(base) + row * ws.saved_width,
@@ -368,7 +395,8 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
               gru ? dh_gates.data_ptr<scalar_t>() + chunk_row * G * H : nullptr);
           // dh_prev = (the part around W_hh, left in dh by the step: 0 for LSTM, which is
           // the only mode with a projection) + dG W_hh.
-          tiled_matmul_into(dh_live, dh_gates.narrow(0, chunk_row, n), whh_packed, !proj);
+          step_product<scalar_t>(n, dh_gates.data_ptr<scalar_t>() + chunk_row * G * H, G * H,
+                                 whh_packed, dh_rows, P, !proj);
         }
       });
       const at::Tensor dxg_chunk = dx_gates.narrow(0, 0, ch->rows);
@@ -376,9 +404,9 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
       at::Tensor dx_rows = dx.narrow(0, ch->row0, ch->rows);
       tiled_matmul_into(dx_rows, dxg_chunk, wih_packed, false);
       matmul_once_into(dw_ih_t, x.narrow(0, ch->row0, ch->rows).t().contiguous(), dxg_chunk,
-                       true);
+                       !first_chunk);
       matmul_once_into(dw_hh_t, h_prev.narrow(0, ch->row0, ch->rows).t().contiguous(),
-                       dhg_chunk, true);
+                       dhg_chunk, !first_chunk);
       if (proj) {
         const at::Tensor h_full = workspace.narrow(0, ws.h_full_offset(), N * H).view({N, H});
         matmul_once_into(dw_hr, dh_chunk.narrow(0, 0, ch->rows).t().contiguous(),
@@ -393,7 +421,9 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   // LSTM and RNN add b_hh where b_ih goes: the same gradient, in its own tensor (op outputs
   // may not alias).
   if (b_ih && !gru) db_hh.copy_(db_ih);
-  const at::Tensor dw_ih = dw_ih_t.t().contiguous(), dw_hh = dw_hh_t.t().contiguous();
+  at::Tensor dw_ih = cached_empty({G * H, x.size(1)}, opts);
+  at::Tensor dw_hh = cached_empty({G * H, P}, opts);
+  dw_ih.copy_(dw_ih_t.t()), dw_hh.copy_(dw_hh_t.t());
   const at::ScalarType out_t = input.scalar_type();
   return {dx.reshape(input.sizes()).to(out_t), dh.to(out_t), dc.to(out_t), dw_ih.to(out_t),
           dw_hh.to(out_t), db_ih.to(out_t), db_hh.to(out_t), dw_hr.to(out_t)};
