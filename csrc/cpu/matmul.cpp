@@ -130,6 +130,30 @@ void matmul_once_into(at::Tensor& out, const at::Tensor& a_in, const at::Tensor&
   });
 }
 
+at::Tensor transposed(const at::Tensor& m) {
+  TORCH_CHECK(m.dim() == 2, "transposed: m must be 2-D");
+  const int64_t R = m.size(0), C = m.size(1);
+  if (m.scalar_type() != at::kFloat || m.stride(1) != 1) return m.t().contiguous();
+  at::Tensor out = cached_empty({C, R}, m.options());
+  const float* src = m.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t ld = m.stride(0);
+  constexpr int64_t kBlock = 16;
+  // Each task writes whole 16-row stripes of the output (16 source columns), reading
+  // 16 x 16 tiles so that both sides touch whole cache lines.
+  at::parallel_for(0, (C + kBlock - 1) / kBlock, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t cb = c_begin; cb < c_end; ++cb) {
+      const int64_t c0 = cb * kBlock, c1 = std::min(C, c0 + kBlock);
+      for (int64_t r0 = 0; r0 < R; r0 += kBlock) {
+        const int64_t r1 = std::min(R, r0 + kBlock);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) dst[c * R + r] = src[r * ld + c];
+      }
+    }
+  });
+  return out;
+}
+
 at::Tensor matmul_once(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "matmul_once: operands must be 2-D");
   at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());

@@ -403,13 +403,13 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
       const at::Tensor dhg_chunk = dh_gates.narrow(0, 0, ch->rows);
       at::Tensor dx_rows = dx.narrow(0, ch->row0, ch->rows);
       tiled_matmul_into(dx_rows, dxg_chunk, wih_packed, false);
-      matmul_once_into(dw_ih_t, x.narrow(0, ch->row0, ch->rows).t().contiguous(), dxg_chunk,
+      matmul_once_into(dw_ih_t, transposed(x.narrow(0, ch->row0, ch->rows)), dxg_chunk,
                        !first_chunk);
-      matmul_once_into(dw_hh_t, h_prev.narrow(0, ch->row0, ch->rows).t().contiguous(),
-                       dhg_chunk, !first_chunk);
+      matmul_once_into(dw_hh_t, transposed(h_prev.narrow(0, ch->row0, ch->rows)), dhg_chunk,
+                       !first_chunk);
       if (proj) {
         const at::Tensor h_full = workspace.narrow(0, ws.h_full_offset(), N * H).view({N, H});
-        matmul_once_into(dw_hr, dh_chunk.narrow(0, 0, ch->rows).t().contiguous(),
+        matmul_once_into(dw_hr, transposed(dh_chunk.narrow(0, 0, ch->rows)),
                          h_full.narrow(0, ch->row0, ch->rows), true);
       }
       if (b_ih) {
@@ -421,9 +421,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   // LSTM and RNN add b_hh where b_ih goes: the same gradient, in its own tensor (op outputs
   // may not alias).
   if (b_ih && !gru) db_hh.copy_(db_ih);
-  at::Tensor dw_ih = cached_empty({G * H, x.size(1)}, opts);
-  at::Tensor dw_hh = cached_empty({G * H, P}, opts);
-  dw_ih.copy_(dw_ih_t.t()), dw_hh.copy_(dw_hh_t.t());
+  const at::Tensor dw_ih = transposed(dw_ih_t), dw_hh = transposed(dw_hh_t);
   const at::ScalarType out_t = input.scalar_type();
   return {dx.reshape(input.sizes()).to(out_t), dh.to(out_t), dc.to(out_t), dw_ih.to(out_t),
           dw_hh.to(out_t), db_ih.to(out_t), db_hh.to(out_t), dw_hr.to(out_t)};
