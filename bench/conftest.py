@@ -27,6 +27,8 @@ def record():
 
 
 def _commit():
+    if os.environ.get("SEQKERN_COMMIT"):  # the device copy's .git may lag its tree
+        return os.environ["SEQKERN_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=os.path.dirname(__file__)).stdout.strip()

@@ -57,7 +57,9 @@ stage() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
     --format=csv,noheader
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+  # The device tool copies the working tree over a checkout whose .git may lag it: pass the
+  # real commit as SEQKERN_COMMIT=$(git rev-parse --short HEAD) in the device command.
+  echo "commit ${SEQKERN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null) (per .git, may lag)}"
 } 2>&1 | tee "$LOG/gpu.txt"
 
 build() {
