@@ -19,6 +19,22 @@ bool row_major(const at::Tensor& t) {
   return (t.stride(1) == 1 || t.size(1) <= 1) && (t.stride(0) >= t.size(1) || t.size(0) <= 1) &&
          t.stride(0) >= 1;
 }
+
+// dst [cols, rows] (row stride ld_dst) = src [rows, cols] (row stride ld_src) transposed, in
+// 16 x 16 tiles so that reads and writes both touch whole cache lines (a strided
+// at::Tensor::copy_ of a transpose ran at about 2-8 GB/s here).
+void transpose_block(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst,
+                     int64_t ld_dst) {
+  constexpr int64_t kTile = 16;
+  for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+    const int64_t c1 = std::min(cols, c0 + kTile);
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+      const int64_t r1 = std::min(rows, r0 + kTile);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+    }
+  }
+}
 }  // namespace
 
 PackedRight pack_right(const at::Tensor& b) {
@@ -31,7 +47,17 @@ PackedRight pack_right(const at::Tensor& b) {
   // per-panel copies into fresh zeroed memory cost ~1 ms per 4 MB weight on these machines.
   if (N % kPanel == 0) {
     at::Tensor panels = cached_empty({n_panels, K, kPanel}, b.options());
-    panels.copy_(b.view({K, n_panels, kPanel}).permute({1, 0, 2}));
+    if (b.stride(0) == 1) {  // b = W^T, W row-major [N, K]: each panel is a W row block^T
+      const float* w = b.data_ptr<float>();
+      float* out = panels.data_ptr<float>();
+      const int64_t ldw = b.stride(1);
+      at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p)
+          transpose_block(w + p * kPanel * ldw, kPanel, K, ldw, out + p * K * kPanel, kPanel);
+      });
+    } else {
+      panels.copy_(b.view({K, n_panels, kPanel}).permute({1, 0, 2}));
+    }
     return {panels, K, N};
   }
   at::Tensor panels = at::zeros({n_panels, K, kPanel}, b.options());
@@ -138,17 +164,11 @@ at::Tensor transposed(const at::Tensor& m) {
   const float* src = m.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const int64_t ld = m.stride(0);
-  constexpr int64_t kBlock = 16;
-  // Each task writes whole 16-row stripes of the output (16 source columns), reading
-  // 16 x 16 tiles so that both sides touch whole cache lines.
-  at::parallel_for(0, (C + kBlock - 1) / kBlock, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t cb = c_begin; cb < c_end; ++cb) {
-      const int64_t c0 = cb * kBlock, c1 = std::min(C, c0 + kBlock);
-      for (int64_t r0 = 0; r0 < R; r0 += kBlock) {
-        const int64_t r1 = std::min(R, r0 + kBlock);
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r) dst[c * R + r] = src[r * ld + c];
-      }
+  constexpr int64_t kStripe = 16;  // output rows (source columns) per task
+  at::parallel_for(0, (C + kStripe - 1) / kStripe, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t c0 = s * kStripe, cols = std::min(C, c0 + kStripe) - c0;
+      transpose_block(src + c0, R, cols, ld, dst + c0 * R, R);
     }
   });
   return out;
