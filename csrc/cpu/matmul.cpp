@@ -42,9 +42,10 @@ PackedRight pack_right(const at::Tensor& b) {
   const int64_t K = b.size(0), N = b.size(1);
   if (b.scalar_type() != at::kFloat) return {b, K, N};
   const int64_t n_panels = (N + kPanel - 1) / kPanel;
-  // With N a multiple of the panel width the panels are one batched copy of b's column
-  // blocks, into a cached (already mapped) buffer: a weight is repacked on every call, and
-  // per-panel copies into fresh zeroed memory cost ~1 ms per 4 MB weight on these machines.
+  // With N a multiple of the panel width the panels are written straight into a cached
+  // (already mapped) buffer: a tiled transpose of W's row blocks when b = W^T, else one
+  // batched copy of b's column blocks. A weight is repacked on every call, and per-panel
+  // copies into fresh zeroed memory cost ~1 ms per 4 MB weight on these machines.
   if (N % kPanel == 0) {
     at::Tensor panels = cached_empty({n_panels, K, kPanel}, b.options());
     if (b.stride(0) == 1) {  // b = W^T, W row-major [N, K]: each panel is a W row block^T
