@@ -98,9 +98,11 @@ def _peak_memory_mb(provider, cls, shape, dtype, pass_):
 def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
     name, T, B, I, H, packed = shape
     backend = provider.split("-", 1)[1] if provider.startswith("seqkern-") else None
+    # The op's own inputs dict, as the op builds it (w_hh [G*H, H], no projection).
+    x = torch.empty(T, B, I, device=DEVICE, dtype=dtype)
+    w_hh = torch.empty((4 if cls == "LSTM" else 3) * H, H, device=DEVICE, dtype=dtype)
     if backend and seqkern.backends.BACKENDS[backend].not_supported_reasons(
-            "rnn_layer", dict(device=torch.device(DEVICE), dtype=dtype, mode=cls,
-                              gate_rows=(4 if cls == "LSTM" else 3) * H)):
+            "rnn_layer", seqkern.ops.rnn_layer._inputs(x, cls, w_hh, None)):
         pytest.skip(f"{provider} not usable here")
     target, flops = _setup(provider, cls, shape, dtype, pass_)
     if CUDA:
