@@ -14,13 +14,19 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def compare(rows, first="seqkern-cuda", second="seqkern-triton"):
-    """[(case, first ms, second ms, second / first)] for the cases both providers ran."""
+def times_by_case(rows):
+    """{case: {provider: median ms}}, cases in the order they ran."""
     by_case = {}
     for row in rows:
         by_case.setdefault(row["case"], {})[row["provider"]] = row["median_ms"]
+    return by_case
+
+
+def compare(rows, first="seqkern-cuda", second="seqkern-triton"):
+    """[(case, first ms, second ms, second / first)] for the cases both providers ran."""
     return [(case, times[first], times[second], times[second] / times[first])
-            for case, times in by_case.items() if first in times and second in times]
+            for case, times in times_by_case(rows).items()
+            if first in times and second in times]
 
 
 def family(case):
@@ -65,12 +71,9 @@ def merge(paths):
 def table(run):
     """One line per case: each provider's milliseconds, then torch's time over each seqkern
     provider's (>1: seqkern faster)."""
-    by_case = {}
-    for row in run["rows"]:
-        by_case.setdefault(row["case"], {})[row["provider"]] = row["median_ms"]
     lines = [f"{run['device']}, torch {run['torch']}, commit {run['commit']}",
              "case | ms per provider | torch / seqkern"]
-    for case, times in by_case.items():
+    for case, times in times_by_case(run["rows"]).items():
         peer = next((ms for name, ms in times.items() if name.startswith("torch")), None)
         cells = " ".join(f"{name.replace('seqkern-', '')} {ms:.3f}" for name, ms in times.items())
         ratios = " ".join(f"{name.replace('seqkern-', '')} {peer / ms:.2f}"
