@@ -1,0 +1,39 @@
+"""The tolerance helpers themselves: what the relative rule accepts and what it refuses."""
+import pytest
+import torch
+
+from tests.tolerances import assert_close, assert_close_relative
+
+
+def test_relative_rule_scales_with_torchs_error():
+    ref = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    peer = ref + 1e-2
+    assert_close_relative("ok", (ref + 2.9e-2).half(), ref, peer, 3.0)
+    with pytest.raises(AssertionError, match="max abs err"):
+        assert_close_relative("too far", (ref + 3.5e-2).half(), ref, peer, 3.0)
+
+
+def test_exact_torch_leaves_one_ulp_at_the_references_scale():
+    # Where torch is exact the base is one fp16 ulp at max |ref| (2^-10 at 1.0), no more.
+    ref = torch.tensor([1.0, 0.25], dtype=torch.float64)
+    assert_close_relative("2 ulp", (ref + 2 * 2.0**-10).half(), ref, ref.half(), 3.0)
+    with pytest.raises(AssertionError):
+        assert_close_relative("4 ulp", (ref + 4 * 2.0**-10).half(), ref, ref.half(), 3.0)
+
+
+def test_exact_zero_answer_allows_only_the_smallest_subnormal():
+    # The H200 case: dq exactly 0, torch exactly 0, the kernel 6e-8 (fp16's smallest step).
+    ref = torch.zeros(4, dtype=torch.float64)
+    tiny = torch.finfo(torch.float16).smallest_normal * torch.finfo(torch.float16).eps
+    assert_close_relative("one subnormal", (ref + tiny).half(), ref, ref.half(), 3.0)
+    with pytest.raises(AssertionError):
+        assert_close_relative("1e-5", (ref + 1e-5).half(), ref, ref.half(), 3.0)
+
+
+def test_nan_always_fails():
+    ref = torch.ones(3, dtype=torch.float64)
+    bad = torch.tensor([1.0, float("nan"), 1.0]).half()
+    with pytest.raises(AssertionError, match="NaN"):
+        assert_close_relative("nan", bad, ref, ref.half(), 3.0)
+    with pytest.raises(AssertionError, match="NaN"):
+        assert_close("nan", bad.float(), ref)
