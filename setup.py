@@ -13,14 +13,16 @@ import platform
 
 from setuptools import find_packages, setup
 
-# The per-capability kernel units are compiled with their own instruction-set flags, as torch
-# compiles its own (a `#pragma GCC target` in the source instead breaks with libstdc++ 13,
-# whose always_inline allocator then mismatches the pragma's target). x86-64 only.
-CAPABILITY_FLAGS = {
-    "avx2": ["-mavx", "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mpopcnt"],
-    "avx512": ["-mavx", "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mpopcnt",
-               "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
-}
+def _capability_flags():
+    """{unit: flags} of the per-capability kernel units (csrc/cpu/capability/flags.txt)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu",
+                        "capability", "flags.txt")
+    with open(path) as f:
+        lines = [line.split() for line in f if line.strip() and not line.startswith("#")]
+    return {words[0]: words[1:] for words in lines}
+
+
+CAPABILITY_FLAGS = _capability_flags()
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 

@@ -1,6 +1,5 @@
-// AVX-512 build of the kernels, run where at::get_cpu_capability() says AVX512. Compiled
-// with -mavx512f -mavx512bw -mavx512vl -mavx512dq and the AVX2 unit's flags (setup.py and
-// CMakeLists.txt give this file its own flags, as torch does for its capability units).
+// AVX-512 build of the kernels, run where at::get_cpu_capability() says AVX512, compiled
+// with its own flags (flags.txt beside this file, read by setup.py and CMakeLists.txt).
 #if defined(__x86_64__)
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \
     !defined(__AVX512DQ__)
