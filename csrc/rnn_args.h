@@ -123,4 +123,22 @@ inline LayerDims check_layer_args(int64_t G, bool lstm, const at::Tensor& input,
   return {B, H, P};
 }
 
+// rnn_layer_bwd's incoming gradients, each optional: grad_output with the output's N * P
+// elements (read as [N, P]), grad_hn [B, P] and grad_cn [B, H] (h_n's and c_n's shapes). The
+// kernels read them without bounds checks.
+inline void check_layer_grads(const LayerDims& dims, int64_t N,
+                              const std::optional<at::Tensor>& grad_output,
+                              const std::optional<at::Tensor>& grad_hn,
+                              const std::optional<at::Tensor>& grad_cn) {
+  TORCH_CHECK(!grad_output || grad_output->numel() == N * dims.P,
+              "rnn_layer_bwd: grad_output must have the output's ", N * dims.P,
+              " elements, got ", grad_output->sizes());
+  TORCH_CHECK(!grad_hn || (grad_hn->dim() == 2 && grad_hn->size(0) == dims.B &&
+                           grad_hn->size(1) == dims.P),
+              "rnn_layer_bwd: grad_hn must be h_n's [", dims.B, ", ", dims.P, "]");
+  TORCH_CHECK(!grad_cn || (grad_cn->dim() == 2 && grad_cn->size(0) == dims.B &&
+                           grad_cn->size(1) == dims.H),
+              "rnn_layer_bwd: grad_cn must be c_n's [", dims.B, ", ", dims.H, "]");
+}
+
 }  // namespace seqkern

@@ -227,11 +227,7 @@ rnn_layer_bwd_cuda(const std::string& mode_name, const at::Tensor& input,
                   workspace.scalar_type() == at::kFloat && workspace.is_contiguous() &&
                   workspace.device() == input.device(),
               "rnn_layer_bwd: workspace does not come from rnn_layer_fwd with these arguments");
-  for (const auto* g : {&grad_hn, &grad_cn})
-    TORCH_CHECK(!g->has_value() || (*g)->sizes() == h0.sizes(),
-                "rnn_layer_bwd: grad_hn and grad_cn must have h0's shape");
-  TORCH_CHECK(!grad_output || grad_output->numel() == N * H,
-              "rnn_layer_bwd: grad_output must have the output's shape");
+  check_layer_grads({B, H, H}, N, grad_output, grad_hn, grad_cn);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto f32 = input.options().dtype(at::kFloat);
   const auto state_grad = [&](const std::optional<at::Tensor>& g) {
