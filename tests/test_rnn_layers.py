@@ -420,3 +420,37 @@ def test_layer_op_refuses_biases_of_the_wrong_size():
     with seqkern.backend("cpu"), pytest.raises(RuntimeError, match=r"each \[G\*H\]"):
         seqkern.ops.rnn_layer.rnn_layer_fwd("GRU", x, None, h0, None, w_ih, w_hh,
                                             torch.randn(14), torch.randn(15), False, False)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("which, match", [(0, "grad_output must have the output's 40"),
+                                          (1, r"grad_hn must be h_n's \[2, 5\]"),
+                                          (2, r"grad_cn must be c_n's \[2, 5\]")])
+def test_layer_backward_op_refuses_gradients_of_the_wrong_size(which, match):
+    """The backward reads the incoming gradients without bounds checks."""
+    x, h0, c0 = torch.randn(4, 2, 3), torch.zeros(2, 5), torch.zeros(2, 5)
+    w_ih, w_hh = torch.randn(20, 3), torch.randn(20, 5)
+    args = ("LSTM", x, None, h0, c0, w_ih, w_hh, None, None, False)
+    with seqkern.backend("cpu"):
+        workspace = seqkern.ops.rnn_layer.rnn_layer_fwd(*args, True)[3]
+        grads = [torch.randn(4, 2, 5), torch.randn(2, 5), torch.randn(2, 5)]
+        grads[which] = grads[which][..., :4] if which else torch.randn(4, 2, 4)
+        with pytest.raises(RuntimeError, match=match):
+            seqkern.ops.rnn_layer.rnn_layer_bwd(*args, workspace, *grads, None)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_expanded_output_gradient_is_read_through_its_strides(cls):
+    """out.sum()'s gradient is one value expanded (all strides 0); a transposed one has a
+    column stride: the C++ backward reads both in place."""
+    ours, theirs = _pair(cls, input_size=3, hidden_size=4, num_layers=2)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE)
+    for make_loss in (lambda out: out.sum(),
+                      lambda out: (out * torch.randn(4, 2, 5, dtype=torch.float64,
+                                                     device=DEVICE).permute(2, 1, 0)).sum()):
+        torch.manual_seed(1)
+        got = torch.autograd.grad(make_loss(ours(x)[0]), list(ours.parameters()))
+        torch.manual_seed(1)
+        want = torch.autograd.grad(make_loss(theirs(x)[0]), list(theirs.parameters()))
+        for (name, _), g, w in zip(ours.named_parameters(), got, want):
+            assert_close(f"{cls} d{name}", g, w)

@@ -139,6 +139,20 @@ void step_product(int64_t n, const T* a, int64_t lda, const PackedRight& b, T* o
   }
 }
 
+// dst [n, P] (contiguous) += rows [row, row + n) of g [N, P] (any strides).
+template <typename T>
+void add_rows(T* dst, const at::Tensor& g, int64_t row, int64_t n) {
+  const int64_t P = g.size(1), rs = g.stride(0), cs = g.stride(1);
+  const T* src = g.data_ptr<T>() + row * rs;
+  for (int64_t r = 0; r < n; ++r, dst += P, src += rs) {
+    if (cs == 1) {
+      for (int64_t k = 0; k < P; ++k) dst[k] += src[k];
+    } else {
+      for (int64_t k = 0; k < P; ++k) dst[k] += src[k * cs];
+    }
+  }
+}
+
 // The input projection runs chunk by chunk, a few steps ahead of the recurrence: one
 // product over every row of the chunk's steps (both threads, large M), whose output is
 // still in cache when the steps read it. One buffer for the whole sequence (T * B * G*H,
@@ -316,6 +330,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   const int64_t H = ops.H, P = ops.P, G = ops.G, N = ops.N;
   const at::Tensor &x = ops.x, &wih = ops.w_ih, &whh = ops.w_hh;
   const bool proj = ops.w_hr.defined();
+  check_layer_grads({h0.size(0), H, P}, N, grad_output, grad_hn, grad_cn);
   const Workspace ws = workspace_layout(mode, N, H, P);
   TORCH_CHECK(workspace.dim() == 1 && workspace.numel() == ws.numel() &&
                   workspace.scalar_type() == dt && workspace.is_contiguous(),
@@ -327,7 +342,9 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
                       ? (grad_cn ? grad_cn->to(dt).clone(at::MemoryFormat::Contiguous)
                                  : at::zeros({h0.size(0), H}, opts))
                       : at::empty({0}, opts);
-  const at::Tensor d_out = grad_output ? as_compute(*grad_output, dt).reshape({-1, P}) : at::Tensor();
+  // Read through its strides: the gradient of out.sum() is one value expanded over [T, B, P],
+  // which .contiguous() would write out in full (13 MB for the fastrnns LSTM).
+  const at::Tensor d_out = grad_output ? grad_output->to(dt).reshape({-1, P}) : at::Tensor();
   const at::Tensor h_prev = workspace.narrow(0, ws.saved_width * N, N * P).view({N, P});
   const bool gru = mode == RnnMode::kGRU;
   // The gate gradients of a chunk of steps (as in the forward's projection): the products
@@ -374,10 +391,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
           const int64_t row = s.offset + lo;  // first row of this block in the flat input
           const int64_t chunk_row = row - ch->row0;
           scalar_t* dh_rows = dh.data_ptr<scalar_t>() + lo * P;
-          if (d_out.defined()) {
-            const scalar_t* g = d_out.data_ptr<scalar_t>() + row * P;
-            for (int64_t k = 0; k < n * P; ++k) dh_rows[k] += g[k];
-          }
+          if (d_out.defined()) add_rows(dh_rows, d_out, row, n);
           // The cell's output gradient: dh itself, or through the projection dh W_hr.
           scalar_t* d_cell_out = dh_rows;
           if (proj) {
