@@ -34,12 +34,13 @@ save() {  # what comes back even if the call is cut off later
     $(find bench/results -name '*.json' -newer "$LOG/gpu.txt" 2>/dev/null) >/dev/null 2>&1
 }
 
-# stage NAME LIMIT_S CMD...: runs CMD under min(LIMIT_S, time left - 15 s).
+# stage NAME LIMIT_S CMD...: runs CMD under min(LIMIT_S, time left - 35 s), the 35 s being
+# timeout's 20 s grace after SIGINT and the summary.
 stage() {
   local name=$1 limit=$2; shift 2
   [[ " $STAGES " == *" $name "* ]] || return 0
-  local left=$(( $(remaining) - 15 ))
-  (( left - 20 < limit )) && limit=$(( left - 20 ))
+  local left=$(( $(remaining) - 35 ))
+  (( left < limit )) && limit=$left
   if (( limit < 20 )); then
     echo "== $name: skipped, $(remaining) s left"; RC[$name]=skipped; return 0
   fi
