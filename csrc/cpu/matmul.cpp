@@ -94,7 +94,7 @@ void tiled_matmul_into(at::Tensor& out, const at::Tensor& a_in, const PackedRigh
 }
 
 void tiled_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight& b, float* C,
-                      int64_t ldc, bool accumulate) {
+                      int64_t ldc, bool accumulate, bool backwards) {
   const int64_t N = b.N, K = b.K;
   if (M == 0 || N == 0) return;
   if (K == 0) {
@@ -104,22 +104,26 @@ void tiled_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight&
   }
   const float* P = b.panels.data_ptr<float>();
   const int64_t m_tiles = (M + kTileM - 1) / kTileM, n_tiles = (N + kPanel - 1) / kPanel;
-  // Long reductions (weight gradients sum over every time step: K = T * B) go in chunks so
-  // that a tile's slices of A and of the panel stay in cache.
-  for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
-    const int64_t kc = std::min(kChunkK, K - k0);
-    const bool add = accumulate || k0 > 0;
-    at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t np = tile / m_tiles, m0 = (tile % m_tiles) * kTileM, n0 = np * kPanel;
-        const int64_t rows = std::min(kTileM, M - m0), cols = std::min(kPanel, N - n0);
-        at::native::cpublas::brgemm(rows, cols, kc, lda, kPanel, ldc, add, A + m0 * lda + k0,
+  const int64_t k_chunks = (K + kChunkK - 1) / kChunkK;
+  // One task per output tile, its reduction in chunks of kChunkK so that the tile's slices of
+  // A and of the panel stay in cache while the C tile stays in L1. `backwards` walks a
+  // thread's tiles and each tile's chunks in the opposite order: what the previous call read
+  // last is still in this core's L2 and is read first.
+  at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t tile = backwards ? begin + end - 1 - i : i;
+      const int64_t np = tile / m_tiles, m0 = (tile % m_tiles) * kTileM, n0 = np * kPanel;
+      const int64_t rows = std::min(kTileM, M - m0), cols = std::min(kPanel, N - n0);
+      for (int64_t j = 0; j < k_chunks; ++j) {
+        const int64_t k0 = (backwards ? k_chunks - 1 - j : j) * kChunkK;
+        at::native::cpublas::brgemm(rows, cols, std::min(kChunkK, K - k0), lda, kPanel, ldc,
+                                    /*add_C=*/accumulate || j > 0, A + m0 * lda + k0,
                                     P + (np * K + k0) * kPanel, C + m0 * ldc + n0,
                                     /*is_vnni=*/false);
       }
-      at::native::cpublas::brgemm_release(/*is_vnni=*/false);
-    });
-  }
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
 }
 
 void matmul_once_into(at::Tensor& out, const at::Tensor& a_in, const at::Tensor& b_in,

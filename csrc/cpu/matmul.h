@@ -24,9 +24,11 @@ void tiled_matmul_into(at::Tensor& out, const at::Tensor& a, const PackedRight& 
 
 // The fp32 core of tiled_matmul_into on row-major pointers: C [M, b.N] (row stride ldc)
 // (+)= A [M, b.K] (row stride lda) @ b. For the per-step products of a recurrence, where
-// making tensor views cost about as much as a small step's product.
+// making tensor views cost about as much as a small step's product. `backwards` reverses
+// the order in which each thread walks b: alternate it from one call to the next on the same
+// b so that the part of b the last call left in cache is read first.
 void tiled_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight& b, float* C,
-                      int64_t ldc, bool accumulate);
+                      int64_t ldc, bool accumulate, bool backwards = false);
 
 // A new contiguous [M, N] = a [M, K] @ b [K, N] for a product used once (a cell step's
 // gradients): fp32 operands are read in place (when row-major) instead of packed, so a
