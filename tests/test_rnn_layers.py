@@ -476,3 +476,60 @@ def test_cpu_float32_tanh_within_four_ulps():
     assert torch.isnan(y[-1]).all()
     rel = (y[:-1] - ref[:-1]).abs() / ref[:-1].abs().clamp_min(1e-38)
     assert rel.max().item() <= 4 * 2.0**-24, f"max relative error {rel.max().item():.3g}"
+
+
+# (name, hidden size, batch, packed, bidirectional, output gradient): float32, whole panels of
+# 64 units and under 16 rows a thread, so that on two or more threads the C++ layer splits the
+# hidden units over a team (csrc/cpu/rnn_layer_team.h); H = 192 gives the threads 64 and 128.
+TEAM_CASES = [("padded", 128, 5, False, False, "weighted"),
+              ("one-row", 128, 1, False, False, "weighted"),
+              ("packed-bidirectional", 192, 7, True, True, "weighted"),
+              ("expanded-gradient", 128, 3, False, True, "sum"),
+              ("row-split", 128, 33, True, False, "weighted")]  # the other path, same checks
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("case", TEAM_CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize("cls,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {}),
+                                    ("RNN", {"nonlinearity": "relu"})], ids=["LSTM", "GRU", "RNN", "RNN_RELU"])
+def test_cpu_float32_team_time_loop_matches_float64(case, cls, kw):
+    """float32 forward and every gradient (input, h0/c0, weights) against torch's module in
+    float64, initial states given, 9 steps (packed: unsorted lengths 1 .. 9, so rows end and,
+    in the reverse direction, start at different steps)."""
+    _, H, B, packed, bidirectional, grad = case
+    torch.manual_seed(B * H)
+    ours = getattr(seqkern, cls)(24, H, bidirectional=bidirectional, device="cpu", **kw)
+    theirs = getattr(torch.nn, cls)(24, H, bidirectional=bidirectional, device="cpu",
+                                    dtype=torch.float64, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    dirs = 2 if bidirectional else 1
+    x = torch.randn(9, B, 24)
+    states = [torch.randn(dirs, B, H) * 0.5 for _ in range(2 if cls == "LSTM" else 1)]
+    lengths = torch.randint(1, 10, (B,)) if packed else None
+    if packed:
+        lengths[0] = 9
+
+    def run(module, dtype):
+        xs = x.to(dtype).requires_grad_(True)
+        hs = [s.to(dtype).requires_grad_(True) for s in states]
+        inp = pack_padded_sequence(xs, lengths, enforce_sorted=False) if packed else xs
+        out, hn = module(inp, tuple(hs) if cls == "LSTM" else hs[0])
+        out = out.data if packed else out
+        finals = list(hn) if cls == "LSTM" else [hn]
+        gen = torch.Generator().manual_seed(1)
+        if grad == "sum":
+            loss = out.sum()
+        else:
+            loss = (out * torch.randn(out.shape, generator=gen).to(dtype)).sum()
+        loss = loss + sum((f * torch.randn(f.shape, generator=gen).to(dtype)).sum()
+                          for f in finals)
+        grads = torch.autograd.grad(loss, [xs, *hs, *module.parameters()])
+        return [out, *finals, *grads]
+
+    with seqkern.backend("cpu"):
+        got = run(ours, torch.float32)
+    want = run(theirs, torch.float64)
+    names = ["out", "h_n", "c_n"][:1 + len(states)] + ["dx"] + [f"d{n}" for n in ("h0", "c0")][:len(states)]
+    names += [f"d{n}" for n, _ in ours.named_parameters()]
+    for name, a, b in zip(names, got, want):
+        assert_close(f"{cls} {name}", a, b)

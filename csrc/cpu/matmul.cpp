@@ -10,7 +10,7 @@
 namespace seqkern::cpu {
 namespace {
 constexpr int64_t kTileM = 64;
-constexpr int64_t kPanel = 64;  // output columns per tile = panel width
+constexpr int64_t kPanel = kPanelWidth;  // output columns per tile
 constexpr int64_t kChunkK = 512;
 
 // Whether a 2-D tensor is a row-major matrix brgemm can read: unit column stride and a row
@@ -93,6 +93,29 @@ void tiled_matmul_into(at::Tensor& out, const at::Tensor& a_in, const PackedRigh
                    accumulate);
 }
 
+namespace {
+// Output tile (panel np, rows [m0, m0 + kTileM) of M) of C (+)= A @ b, its reduction in chunks
+// of kChunkK so that the tile's slices of A and of the panel stay in cache while the C tile
+// stays in L1; `backwards` takes the chunks in the opposite order.
+void tile_product(const float* A, int64_t lda, const PackedRight& b, float* C, int64_t ldc,
+                  bool accumulate, bool backwards, int64_t np, int64_t m0, int64_t M) {
+  const int64_t K = b.K, n0 = np * kPanel;
+  const int64_t rows = std::min(kTileM, M - m0), cols = std::min(kPanel, b.N - n0);
+  const int64_t k_chunks = (K + kChunkK - 1) / kChunkK;
+  const float* P = b.panels.data_ptr<float>();
+  for (int64_t j = 0; j < k_chunks; ++j) {
+    const int64_t k0 = (backwards ? k_chunks - 1 - j : j) * kChunkK;
+    at::native::cpublas::brgemm(rows, cols, std::min(kChunkK, K - k0), lda, kPanel, ldc,
+                                /*add_C=*/accumulate || j > 0, A + m0 * lda + k0,
+                                P + (np * K + k0) * kPanel, C + m0 * ldc + n0,
+                                /*is_vnni=*/false);
+  }
+}
+}  // namespace
+
+// Parallel over output tiles, one task each; `backwards` walks a thread's tiles (and each
+// tile's chunks) in the opposite order: what the previous call read last is still in this
+// core's L2 and is read first.
 void tiled_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight& b, float* C,
                       int64_t ldc, bool accumulate, bool backwards) {
   const int64_t N = b.N, K = b.K;
@@ -102,28 +125,34 @@ void tiled_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight&
       for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.f);
     return;
   }
-  const float* P = b.panels.data_ptr<float>();
   const int64_t m_tiles = (M + kTileM - 1) / kTileM, n_tiles = (N + kPanel - 1) / kPanel;
-  const int64_t k_chunks = (K + kChunkK - 1) / kChunkK;
-  // One task per output tile, its reduction in chunks of kChunkK so that the tile's slices of
-  // A and of the panel stay in cache while the C tile stays in L1. `backwards` walks a
-  // thread's tiles and each tile's chunks in the opposite order: what the previous call read
-  // last is still in this core's L2 and is read first.
   at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t tile = backwards ? begin + end - 1 - i : i;
-      const int64_t np = tile / m_tiles, m0 = (tile % m_tiles) * kTileM, n0 = np * kPanel;
-      const int64_t rows = std::min(kTileM, M - m0), cols = std::min(kPanel, N - n0);
-      for (int64_t j = 0; j < k_chunks; ++j) {
-        const int64_t k0 = (backwards ? k_chunks - 1 - j : j) * kChunkK;
-        at::native::cpublas::brgemm(rows, cols, std::min(kChunkK, K - k0), lda, kPanel, ldc,
-                                    /*add_C=*/accumulate || j > 0, A + m0 * lda + k0,
-                                    P + (np * K + k0) * kPanel, C + m0 * ldc + n0,
-                                    /*is_vnni=*/false);
-      }
+      tile_product(A, lda, b, C, ldc, accumulate, backwards, tile / m_tiles,
+                   (tile % m_tiles) * kTileM, M);
     }
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   });
+}
+
+void panel_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight& b,
+                      int64_t panel0, int64_t panels, float* C, int64_t ldc, bool accumulate,
+                      bool backwards) {
+  if (M == 0 || panels == 0) return;
+  if (b.K == 0) {
+    const int64_t n0 = panel0 * kPanel, n1 = std::min(b.N, (panel0 + panels) * kPanel);
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc + n0, C + m * ldc + n1, 0.f);
+    return;
+  }
+  const int64_t m_tiles = (M + kTileM - 1) / kTileM;
+  for (int64_t i = 0; i < panels * m_tiles; ++i) {
+    const int64_t tile = backwards ? panels * m_tiles - 1 - i : i;
+    tile_product(A, lda, b, C, ldc, accumulate, backwards, panel0 + tile / m_tiles,
+                 (tile % m_tiles) * kTileM, M);
+  }
+  at::native::cpublas::brgemm_release(/*is_vnni=*/false);
 }
 
 void matmul_once_into(at::Tensor& out, const at::Tensor& a_in, const at::Tensor& b_in,

@@ -7,6 +7,8 @@
 
 namespace seqkern::cpu {
 
+constexpr int64_t kPanelWidth = 64;
+
 // The right operand b [K, N] repacked as column panels: panels [ceil(N / 64), K, 64], each
 // contiguous (the last one zero-padded), so that one output tile streams one panel. Pack a
 // matrix that is used many times (W_hh across time steps) once.
@@ -29,6 +31,13 @@ void tiled_matmul_into(at::Tensor& out, const at::Tensor& a, const PackedRight& 
 // b so that the part of b the last call left in cache is read first.
 void tiled_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight& b, float* C,
                       int64_t ldc, bool accumulate, bool backwards = false);
+
+// tiled_matmul_raw on the calling thread alone, for the output columns of panels
+// [panel0, panel0 + panels) of b (columns panel0 * kPanelWidth on; C points at column 0):
+// each thread of a team computes its own columns of one step's product.
+void panel_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight& b,
+                      int64_t panel0, int64_t panels, float* C, int64_t ldc, bool accumulate,
+                      bool backwards);
 
 // A new contiguous [M, N] = a [M, K] @ b [K, N] for a product used once (a cell step's
 // gradients): fp32 operands are read in place (when row-major) instead of packed, so a

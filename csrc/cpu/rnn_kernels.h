@@ -31,24 +31,34 @@ inline RnnMode parse_rnn_mode(const std::string& mode, const char* op) {
   namespace NS {                                                                             \
   template <typename T>                                                                      \
   void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T* x_bias, \
-                    const T* h_gates, T* h, T* c, T* saved);                                 \
+                    const T* h_gates, const T* h_prev, T* h, T* c, T* saved, int64_t u0,     \
+                    int64_t u1);                                                             \
   template <typename T>                                                                      \
   void rnn_step_bwd(RnnMode mode, int64_t n, int64_t H, const T* saved, const T* c_new,     \
                     const T* c_prev, const T* h_prev, T* dh, T* dc, T* dx_gates,             \
-                    T* dh_gates);                                                            \
+                    T* dh_gates, int64_t u0, int64_t u1);                                    \
   }
 
 SEQKERN_DECLARE_RNN_KERNELS(DEFAULT)
 SEQKERN_DECLARE_RNN_KERNELS(AVX2)
 SEQKERN_DECLARE_RNN_KERNELS(AVX512)
 
-// rnn_step_bwd for the CPU's capability; shared by the layer (rnn_layer.cpp) and the cell
+// The pointwise step kernels for the CPU's capability, over hidden units [u0, u1) (all of
+// them by default). run_rnn_step_bwd is shared by the layer (rnn_layer.cpp) and the cell
 // (rnn_cell.cpp), which both leave the products to GEMMs.
 template <typename T>
+void run_rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* xg, const T* x_bias,
+                      const T* hg, const T* h_prev, T* h, T* c, T* saved, int64_t u0 = 0,
+                      int64_t u1 = -1) {
+  SEQKERN_CPU_DISPATCH(rnn_step_fwd<T>, mode, n, H, xg, x_bias, hg, h_prev, h, c, saved, u0,
+                       u1 < 0 ? H : u1);
+}
+template <typename T>
 void run_rnn_step_bwd(RnnMode mode, int64_t n, int64_t H, const T* saved, const T* c_new,
-                      const T* c_prev, const T* h_prev, T* dh, T* dc, T* dxg, T* dhg) {
+                      const T* c_prev, const T* h_prev, T* dh, T* dc, T* dxg, T* dhg,
+                      int64_t u0 = 0, int64_t u1 = -1) {
   SEQKERN_CPU_DISPATCH(rnn_step_bwd<T>, mode, n, H, saved, c_new, c_prev, h_prev, dh, dc, dxg,
-                       dhg);
+                       dhg, u0, u1 < 0 ? H : u1);
 }
 
 }  // namespace seqkern::cpu

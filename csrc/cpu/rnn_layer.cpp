@@ -25,15 +25,13 @@
 
 #include "../rnn_args.h"
 #include "buffer_cache.h"
+#include "rnn_layer_plan.h"
+#include "rnn_layer_team.h"
 #include "matmul.h"
 #include "rnn_kernels.h"
 
 namespace seqkern::cpu {
 namespace {
-
-struct Step {
-  int64_t offset, rows;
-};
 
 std::vector<Step> make_steps(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
                              bool reverse) {
@@ -54,6 +52,8 @@ std::vector<Step> make_steps(const at::Tensor& input, const std::optional<at::Te
   return steps;
 }
 
+// float32 layers with fewer than 16 rows per thread split the hidden units instead
+// (rnn_layer_team.h). Otherwise:
 // Batch rows never interact in a recurrence, so the time loop runs once per block of rows,
 // the blocks in parallel with no synchronisation between steps (a barrier per step, which
 // a column split of each step needs, costs milliseconds whenever another process holds a
@@ -97,33 +97,6 @@ void for_row_blocks(const std::vector<std::pair<int64_t, int64_t>>& blocks, cons
   });
 }
 
-// The workspace the forward leaves for the backward: four blocks, each [N, width] row-major,
-// one row per (step, live batch row) like the flattened input: the cell's saved gates, the
-// state entering the step (h_prev, P wide) and, for LSTM, c_prev and c_new; with a
-// projection (LSTM proj_size: the state is h = h_full W_hr^T, P < H) also h_full.
-struct Workspace {
-  int64_t N, H, P, saved_width;
-  bool lstm, proj;
-  int64_t numel() const { return N * (saved_width + P + (lstm ? 2 * H : 0) + (proj ? H : 0)); }
-  template <typename T> T* saved(T* base) const { return base; }
-  template <typename T> T* h_prev(T* base) const { return base + N * saved_width; }
-  template <typename T> T* c_prev(T* base) const { return base + N * (saved_width + P); }
-  template <typename T> T* c_new(T* base) const { return base + N * (saved_width + P + H); }
-  int64_t h_full_offset() const { return N * (saved_width + P + 2 * H); }
-  template <typename T> T* h_full(T* base) const { return base + h_full_offset(); }
-};
-
-Workspace workspace_layout(RnnMode mode, int64_t N, int64_t H, int64_t P) {
-  const int64_t saved = mode == RnnMode::kLSTM || mode == RnnMode::kGRU ? 4 * H : H;
-  return {N, H, P, saved, mode == RnnMode::kLSTM, P != H};
-}
-
-template <typename T>
-void step_fwd(RnnMode mode, int64_t n, int64_t H, const T* xg, const T* x_bias, const T* hg, T* h,
-              T* c, T* saved) {
-  SEQKERN_CPU_DISPATCH(rnn_step_fwd<T>, mode, n, H, xg, x_bias, hg, h, c, saved);
-}
-
 // out [n, b.N] (row stride ldc) (+)= a [n, b.K] (row stride lda) @ b, on the row blocks of
 // one step: no tensor views in the time loop (their cost rivals a small step's product).
 // Step i walks b in the direction opposite to step i - 1 (see tiled_matmul_raw): a weight
@@ -162,13 +135,7 @@ void add_rows(T* dst, const at::Tensor& g, int64_t row, int64_t n) {
 // memory: it cost more than the recurrence itself.
 constexpr int64_t kProjectionChunkBytes = int64_t(4) << 20;
 
-// Consecutive steps [first, last) whose rows fill about kProjectionChunkBytes of gates
-// (at least one step), and the contiguous range of flat input rows they cover.
-struct StepChunk {
-  size_t first, last;
-  int64_t row0, rows;
-};
-
+// Consecutive steps whose rows fill about kProjectionChunkBytes of gates (at least one).
 std::vector<StepChunk> step_chunks(const std::vector<Step>& steps, int64_t row_bytes) {
   std::vector<StepChunk> chunks;
   const int64_t budget = std::max<int64_t>(1, kProjectionChunkBytes / std::max<int64_t>(1, row_bytes));
@@ -263,6 +230,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   int64_t chunk_rows = 0;
   for (const StepChunk& ch : chunks) chunk_rows = std::max(chunk_rows, ch.rows);
   at::Tensor x_gates = cached_empty({chunk_rows, G * H}, h.options());
+  // Small batches: hidden units split over a team of threads (rnn_layer_team.h), the state in
+  // two buffers, h and h_other, step i reading the one written by step i - 1.
+  const bool team = team_size(dt == at::kFloat, proj, h.size(0), H) > 0;
+  at::Tensor h_other = team ? h.clone() : at::Tensor();
+  TeamForward team_args{};  // float32 only; its chunk is set per chunk
+  if (team) {
+    team_args = {mode, H, &steps, {}, x_gates.data_ptr<float>(),
+                 bias_x ? bias_x->data_ptr<float>() : nullptr,
+                 bias_h ? bias_h->data_ptr<float>() : nullptr, &whh_t,
+                 {h.data_ptr<float>(), h_other.data_ptr<float>()},
+                 ws.lstm ? c.data_ptr<float>() : nullptr, h_gates.data_ptr<float>(),
+                 saved_scratch.data_ptr<float>(),
+                 need_workspace ? workspace.data_ptr<float>() : nullptr, ws,
+                 out.data_ptr<float>()};
+  }
 
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_fwd", [&] {
     scalar_t* base = workspace.data_ptr<scalar_t>();
@@ -273,6 +255,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     for (const StepChunk& ch : chunks) {
       at::Tensor xg_chunk = x_gates.narrow(0, 0, ch.rows);
       tiled_matmul_into(xg_chunk, x.narrow(0, ch.row0, ch.rows), wih_t, false);
+      if (team) {
+        TeamForward args = team_args;
+        args.chunk = ch;
+        team_forward_chunk(args);
+        continue;
+      }
       for_row_blocks(blocks, [&](int64_t lo, int64_t hi_block) {
         for (size_t i = ch.first; i < ch.last; ++i) {
           const Step& s = steps[i];
@@ -295,8 +283,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
           scalar_t* cell_out = !proj ? h_rows
                                : need_workspace ? ws.h_full(base) + row * H
                                                 : h_full_scratch.data_ptr<scalar_t>() + lo * H;
-          step_fwd<scalar_t>(mode, n, H, xg_chunk.data_ptr<scalar_t>() + (row - ch.row0) * G * H,
-                             x_bias, hg, cell_out, c_rows,
+          run_rnn_step_fwd<scalar_t>(mode, n, H,
+                             xg_chunk.data_ptr<scalar_t>() + (row - ch.row0) * G * H, x_bias, hg,
+                             cell_out, cell_out, c_rows,
                              need_workspace ? ws.saved(base) + row * ws.saved_width
                                             : saved_scratch.data_ptr<scalar_t>() +
                                                   lo * ws.saved_width);
@@ -308,6 +297,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
       });
     }
   });
+  if (team) {
+    // Each row's final state is in the buffer its last live step wrote: h_other after an
+    // even-numbered step (packed rows end at different steps).
+    std::vector<int64_t> last(h.size(0), -1);
+    for (size_t i = 0; i < steps.size(); ++i)
+      for (int64_t r = 0; r < steps[i].rows; ++r) last[r] = int64_t(i);
+    for (int64_t r = 0; r < h.size(0); ++r)
+      if (last[r] >= 0 && last[r] % 2 == 0) h[r].copy_(h_other[r]);
+  }
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = P;
   return {out.reshape(out_shape).to(input.scalar_type()), h.to(input.scalar_type()),
@@ -381,11 +379,24 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
 
   const PackedRight whh_packed = pack_right(whh);  // [G*H, P], reused by every step
   const PackedRight wih_packed = pack_right(wih);  // [G*H, I], by every chunk
+  const bool team = team_size(dt == at::kFloat, proj, dh.size(0), H) > 0;
+  TeamBackward team_args{};  // float32 only; its chunk is set per chunk
+  if (team) {
+    team_args = {mode, H, &steps, {}, workspace.data_ptr<float>(), ws,
+                 d_out.defined() ? d_out.data_ptr<float>() : nullptr,
+                 d_out.defined() ? d_out.stride(0) : 0, d_out.defined() ? d_out.stride(1) : 0,
+                 dh.data_ptr<float>(), ws.lstm ? dc.data_ptr<float>() : nullptr,
+                 dx_gates.data_ptr<float>(), dh_gates.data_ptr<float>(), &whh_packed};
+  }
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_bwd", [&] {
     const scalar_t* base = workspace.data_ptr<scalar_t>();
     for (auto ch = chunks.rbegin(); ch != chunks.rend(); ++ch) {
       const bool first_chunk = ch == chunks.rbegin();
-      for_row_blocks(blocks, [&](int64_t lo, int64_t hi_block) {
+      if (team) {
+        TeamBackward args = team_args;
+        args.chunk = *ch;
+        team_backward_chunk(args);
+      } else for_row_blocks(blocks, [&](int64_t lo, int64_t hi_block) {
         for (size_t i = ch->last; i-- > ch->first;) {
           const Step& s = steps[i];
           const int64_t hi = std::min(hi_block, s.rows), n = hi - lo;

@@ -75,31 +75,35 @@ inline void for_lanes(int64_t j0, int64_t j1, const F& f, const FTail& f_tail) {
 // that small batches still use every thread.
 constexpr int64_t kUnitChunk = 128;
 
-// Runs body(r, j0, j1) for every row r < n and unit chunk [j0, j1) of [0, H), in parallel.
+// Runs body(r, j0, j1) for every row r < n and unit chunk [j0, j1) of [u0, u1), in parallel
+// (serially inside a parallel region).
 template <typename Body>
-inline void for_rows_and_chunks(int64_t n, int64_t H, const Body& body) {
-  const int64_t chunks = (H + kUnitChunk - 1) / kUnitChunk;
+inline void for_rows_and_chunks(int64_t n, int64_t u0, int64_t u1, const Body& body) {
+  const int64_t chunks = (u1 - u0 + kUnitChunk - 1) / kUnitChunk;
   at::parallel_for(0, n * chunks, 4, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / chunks, j0 = (item % chunks) * kUnitChunk;
-      body(r, j0, std::min(H, j0 + kUnitChunk));
+      const int64_t r = item / chunks, j0 = u0 + (item % chunks) * kUnitChunk;
+      body(r, j0, std::min(u1, j0 + kUnitChunk));
     }
   });
 }
 
 }  // namespace rnn_detail
 
-// Forward of one step. h [n, H] and c [n, H] (LSTM only) hold the previous state on entry
-// and the new state on exit. x_bias [G*H] (or nullptr) is added to every row of x_gates:
+// Forward of one step, for hidden units [u0, u1) of every row. h_prev [n, H]: the previous
+// state (read by GRU); h [n, H]: the new state (h_prev itself, or a second buffer when other
+// threads still read h_prev); c [n, H] (LSTM only) holds the previous cell state on entry and
+// the new one on exit. x_bias [G*H] (or nullptr) is added to every row of x_gates:
 // the layer's input projection leaves it out, so that it is not written into (and read
 // back from) every row of a buffer the size of the whole sequence.
 template <typename T>
 void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T* x_bias,
-                  const T* h_gates, T* h, T* c, T* saved) {
+                  const T* h_gates, const T* h_prev, T* h, T* c, T* saved, int64_t u0,
+                  int64_t u1) {
   using namespace rnn_detail;
   using V = Vec<T>;
   const int64_t G = gate_count(mode);
-  for_rows_and_chunks(n, H, [&](int64_t r, int64_t j0, int64_t j1) {
+  for_rows_and_chunks(n, u0, u1, [&](int64_t r, int64_t j0, int64_t j1) {
     const T* xrow = x_gates + r * G * H;
     // The biased input gate k at unit j, vector and scalar.
     const auto X = [&](int64_t k, int64_t j) {
@@ -110,6 +114,7 @@ void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T*
       return x_bias ? xrow[k * H + j] + x_bias[k * H + j] : xrow[k * H + j];
     };
     const T* hg = h_gates + r * G * H;
+    const T* hp = h_prev + r * H;
     T* hr = h + r * H;
     if (mode == RnnMode::kLSTM) {
       T* cr = c + r * H;
@@ -140,13 +145,13 @@ void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T*
         const V hn = V::loadu(hg + 2 * H + j);
         const V nn = tanh(X(2, j) + rg * hn);
         rg.store(sv + j), z.store(sv + H + j), nn.store(sv + 2 * H + j), hn.store(sv + 3 * H + j);
-        (nn + z * (V::loadu(hr + j) - nn)).store(hr + j);
+        (nn + z * (V::loadu(hp + j) - nn)).store(hr + j);
       }, [&](int64_t j) {
         const T rg = sigmoid(Xs(0, j) + hg[j]), z = sigmoid(Xs(1, j) + hg[H + j]);
         const T hn = hg[2 * H + j];
         const T nn = std::tanh(Xs(2, j) + rg * hn);
         sv[j] = rg, sv[H + j] = z, sv[2 * H + j] = nn, sv[3 * H + j] = hn;
-        hr[j] = nn + z * (hr[j] - nn);
+        hr[j] = nn + z * (hp[j] - nn);
       });
     } else {
       T* sv = saved + r * H;
@@ -164,7 +169,7 @@ void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T*
   });
 }
 
-// Backward of one step. dh [n, H]: gradient of the step's output h' (in), replaced by the
+// Backward of one step, for hidden units [u0, u1) of every row. dh [n, H]: gradient of the step's output h' (in), replaced by the
 // part of dL/dh_prev that does not go through W_hh (GRU: dh' * z; others: 0). dc [n, H]
 // (LSTM): dL/dc' in, dL/dc_prev out. c_new, c_prev [n, H] (LSTM), h_prev [n, H] (GRU).
 // dx_gates [n, G*H]: gradient of the pre-activations as seen by the input projection;
@@ -172,12 +177,13 @@ void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T*
 // gradient of h_prev W_hh^T + b_hh.
 template <typename T>
 void rnn_step_bwd(RnnMode mode, int64_t n, int64_t H, const T* saved, const T* c_new,
-                  const T* c_prev, const T* h_prev, T* dh, T* dc, T* dx_gates, T* dh_gates) {
+                  const T* c_prev, const T* h_prev, T* dh, T* dc, T* dx_gates, T* dh_gates,
+                  int64_t u0, int64_t u1) {
   using namespace rnn_detail;
   using V = Vec<T>;
   const int64_t G = gate_count(mode);
   const V one(T(1));
-  for_rows_and_chunks(n, H, [&](int64_t r, int64_t j0, int64_t j1) {
+  for_rows_and_chunks(n, u0, u1, [&](int64_t r, int64_t j0, int64_t j1) {
     T* dhr = dh + r * H;
     T* dxg = dx_gates + r * G * H;
     if (mode == RnnMode::kLSTM) {

@@ -24,10 +24,10 @@ SEQKERN_INSTANTIATE(at::BFloat16)
 
 namespace seqkern::cpu::CPU_CAPABILITY {
 #define SEQKERN_INSTANTIATE_RNN(T)                                                          \
-  template void rnn_step_fwd<T>(RnnMode, int64_t, int64_t, const T*, const T*, const T*, T*, T*, \
-                                T*);                                                          \
+  template void rnn_step_fwd<T>(RnnMode, int64_t, int64_t, const T*, const T*, const T*,    \
+                                const T*, T*, T*, T*, int64_t, int64_t);                    \
   template void rnn_step_bwd<T>(RnnMode, int64_t, int64_t, const T*, const T*, const T*,    \
-                                const T*, T*, T*, T*, T*);
+                                const T*, T*, T*, T*, T*, int64_t, int64_t);
 SEQKERN_INSTANTIATE_RNN(float)
 SEQKERN_INSTANTIATE_RNN(double)
 #undef SEQKERN_INSTANTIATE_RNN

@@ -1,0 +1,47 @@
+// How the CPU layer (rnn_layer.cpp, rnn_layer_team.cpp) lays a sequence out: its steps, the
+// chunks of steps whose products run together, and the workspace the forward leaves for the
+// backward.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "rnn_kernels.h"
+
+namespace seqkern::cpu {
+
+// Step s (in processing order) covers rows [0, rows) of the batch at row `offset` of the
+// flattened input [N, I]: t * B for a padded input, the sum of earlier batch_sizes for a
+// packed one.
+struct Step {
+  int64_t offset, rows;
+};
+
+// Consecutive steps [first, last) and the contiguous range of flat input rows they cover.
+struct StepChunk {
+  size_t first, last;
+  int64_t row0, rows;
+};
+
+// The workspace the forward leaves for the backward: four blocks, each [N, width] row-major,
+// one row per (step, live batch row) like the flattened input: the cell's saved gates, the
+// state entering the step (h_prev, P wide) and, for LSTM, c_prev and c_new; with a
+// projection (LSTM proj_size: the state is h = h_full W_hr^T, P < H) also h_full.
+struct Workspace {
+  int64_t N, H, P, saved_width;
+  bool lstm, proj;
+  int64_t numel() const { return N * (saved_width + P + (lstm ? 2 * H : 0) + (proj ? H : 0)); }
+  template <typename T> T* saved(T* base) const { return base; }
+  template <typename T> T* h_prev(T* base) const { return base + N * saved_width; }
+  template <typename T> T* c_prev(T* base) const { return base + N * (saved_width + P); }
+  template <typename T> T* c_new(T* base) const { return base + N * (saved_width + P + H); }
+  int64_t h_full_offset() const { return N * (saved_width + P + 2 * H); }
+  template <typename T> T* h_full(T* base) const { return base + h_full_offset(); }
+};
+
+inline Workspace workspace_layout(RnnMode mode, int64_t N, int64_t H, int64_t P) {
+  const int64_t saved = mode == RnnMode::kLSTM || mode == RnnMode::kGRU ? 4 * H : H;
+  return {N, H, P, saved, mode == RnnMode::kLSTM, P != H};
+}
+
+}  // namespace seqkern::cpu
