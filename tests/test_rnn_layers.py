@@ -8,6 +8,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import seqkern
 from seqkern.backends import BACKENDS
 from tests.attention_cases import DEVICE
+from tests.capability_runner import assert_passes_under_capability
 from tests.tolerances import FWD_FACTOR, assert_close, assert_close_relative
 
 HAS_C = not BACKENDS["cpu"].availability(DEVICE)
@@ -457,25 +458,60 @@ def test_expanded_output_gradient_is_read_through_its_strides(cls):
             assert_close(f"{cls} d{name}", g, w)
 
 
-@pytest.mark.skipif(not HAS_C, reason="no _C")
-def test_cpu_float32_tanh_within_four_ulps():
-    """The C++ cells' float32 tanh (one exp, and a series near 0: csrc/cpu/rnn_pointwise_impl.h)
-    against float64 torch.tanh, through a one-step RNN whose 32 units all see x: relative error
-    at most 4 ulps from 1e-30 to 12 (where (1 - t) / (1 + t) alone loses every digit near 0),
-    +-1 at +-inf, NaN at NaN."""
-    x = torch.cat([torch.linspace(-12, 12, 20001), torch.logspace(-30, 1, 4001),
-                   -torch.logspace(-30, 1, 4001),
-                   torch.tensor([0.0, -0.0, 0.25, -0.25, 0.2499999, 89.0, -89.0, float("inf"),
-                                 -float("inf"), float("nan")])])
+def _relative_ulps(y, ref):
+    """Largest error of y against the float64 ref in float32 ulps (relative, normal range)."""
+    normal = ref.abs() >= torch.finfo(torch.float32).tiny
+    return ((y - ref).abs()[normal] / ref.abs()[normal]).max().item() / 2.0**-24
+
+
+def check_cpu_float32_activations():
+    """The C++ cells' float32 tanh and sigmoid (an inlined exp, tanh through exp(-2|x|) and a
+    series near 0: csrc/cpu/rnn_pointwise_impl.h) against float64 torch, through one-step
+    layers whose 32 units all see x (the vector path, H >= 16): at most 4 ulps relative,
+    including 1e-30 (where (1 - t) / (1 + t) alone loses every digit) and the ends of exp's
+    range; +-1 / 0 and 1 at +-inf and beyond; NaN at NaN."""
+    x = torch.cat([torch.linspace(-30, 30, 20001), torch.logspace(-30, 2, 4001),
+                   -torch.logspace(-30, 2, 4001),
+                   torch.tensor([0.0, -0.0, 0.25, -0.25, 0.2499999, 87.5, -87.5, 88.5, -88.5,
+                                 89.0, -89.0, 104.0, -104.0, 1e30, -1e30, float("nan")])])
     rnn = seqkern.RNN(1, 32, bias=False)
+    lstm = seqkern.LSTM(1, 32)  # c_n = sigmoid(x) * tanh(20) + sigmoid(-1000) * 0
     with torch.no_grad(), seqkern.backend("cpu"):
         rnn.weight_ih_l0.fill_(1.0)
         rnn.weight_hh_l0.fill_(0.0)
-        y = rnn(x.view(1, -1, 1))[0][0].double()  # [rows, 32]: the vector path (H >= 16)
-    ref = torch.tanh(x.double())[:, None].expand_as(y)
-    assert torch.isnan(y[-1]).all()
-    rel = (y[:-1] - ref[:-1]).abs() / ref[:-1].abs().clamp_min(1e-38)
-    assert rel.max().item() <= 4 * 2.0**-24, f"max relative error {rel.max().item():.3g}"
+        tanh = rnn(x.view(1, -1, 1))[0][0].double()  # [rows, 32]
+        for p in lstm.parameters():
+            p.zero_()
+        lstm.weight_ih_l0[:32] = 1.0
+        lstm.bias_ih_l0[32:64] = -1000.0
+        lstm.bias_ih_l0[64:96] = 20.0
+        sigmoid = lstm(x.view(1, -1, 1))[1][1][0].double()
+    for name, y, fn in (("tanh", tanh, torch.tanh), ("sigmoid", sigmoid, torch.sigmoid)):
+        ref = fn(x.double())[:, None].expand_as(y)
+        assert torch.isnan(y[-1]).all(), name
+        ulps = _relative_ulps(y[:-1], ref[:-1])
+        assert ulps <= 4, f"{name}: {ulps:.2f} ulps"
+        tiny = ref[:-1].abs() < torch.finfo(torch.float32).tiny  # subnormal answers
+        assert (y[:-1] - ref[:-1]).abs()[tiny].max().item() <= 1e-38, name
+    assert (tanh[-3] == 1).all() and (tanh[-2] == -1).all()
+    assert (sigmoid[-3] == 1).all() and (sigmoid[-2] == 0).all()
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+def test_cpu_float32_activations_within_four_ulps():
+    check_cpu_float32_activations()
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_float32_activations_for_every_capability(capability):
+    code = """
+import torch, seqkern
+from tests.test_rnn_layers import check_cpu_float32_activations
+check_cpu_float32_activations()
+print(torch.ops.seqkern_C.cpu_capability())
+"""
+    assert_passes_under_capability(code, capability)
 
 
 # (name, hidden size, batch, packed, bidirectional, output gradient): float32, whole panels of
