@@ -221,8 +221,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   // into the workspace, where the backward finds it).
   at::Tensor h_full_scratch = at::empty({proj && !need_workspace ? h.size(0) : 0, H},
                                         h.options());
-  at::Tensor saved_scratch = at::empty({need_workspace ? 0 : h.size(0) * ws.saved_width},
-                                       h.options());
   const std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
   const auto blocks = row_blocks(steps, h.size(0));
   const std::vector<StepChunk> chunks =
@@ -241,7 +239,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
                  bias_h ? bias_h->data_ptr<float>() : nullptr, &whh_t,
                  {h.data_ptr<float>(), h_other.data_ptr<float>()},
                  ws.lstm ? c.data_ptr<float>() : nullptr, h_gates.data_ptr<float>(),
-                 saved_scratch.data_ptr<float>(),
                  need_workspace ? workspace.data_ptr<float>() : nullptr, ws,
                  out.data_ptr<float>()};
   }
@@ -286,9 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
           run_rnn_step_fwd<scalar_t>(mode, n, H,
                              xg_chunk.data_ptr<scalar_t>() + (row - ch.row0) * G * H, x_bias, hg,
                              cell_out, cell_out, c_rows,
-                             need_workspace ? ws.saved(base) + row * ws.saved_width
-                                            : saved_scratch.data_ptr<scalar_t>() +
-                                                  lo * ws.saved_width);
+                             need_workspace ? ws.saved(base) + row * ws.saved_width : nullptr);
           if (proj) step_product<scalar_t>(i, n, cell_out, H, whr_t, h_rows, P, false);
           if (ws.lstm && need_workspace)
             std::memcpy(ws.c_new(base) + row * H, c_rows, n * cell_bytes);

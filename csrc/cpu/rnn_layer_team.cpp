@@ -97,7 +97,7 @@ void team_forward_chunk(const TeamForward& a) {
       panel_matmul_raw(n, h_cur, H, *a.whh_t, (g * H + u0) / kPanelWidth,
                        (u1 - u0) / kPanelWidth, a.h_gates, GH, a.bias_h != nullptr, backwards);
     }
-    float* saved = a.ws_base ? a.ws.saved(a.ws_base) + row * a.ws.saved_width : a.saved_scratch;
+    float* saved = a.ws_base ? a.ws.saved(a.ws_base) + row * a.ws.saved_width : nullptr;
     run_rnn_step_fwd<float>(a.mode, n, H, a.x_gates + (row - a.chunk.row0) * GH, a.x_bias,
                             a.h_gates, h_cur, h_next, a.c, saved, u0, u1);
     if (lstm && a.ws_base) copy_units(a.c, H, a.ws.c_new(a.ws_base) + row * H, H, n, u0, u1);

@@ -42,7 +42,6 @@ struct TeamForward {
   float* h[2];  // the state [B, H]: step i reads h[i % 2], writes h[(i + 1) % 2]
   float* c;     // [B, H] (LSTM), updated in place
   float* h_gates;  // scratch [B, G*H]
-  float* saved_scratch;  // [B, saved_width] when there is no workspace
   float* ws_base;        // the workspace (training) or nullptr
   Workspace ws;
   float* out;  // [N, H]

@@ -138,9 +138,10 @@ inline void for_rows_and_chunks(int64_t n, int64_t u0, int64_t u1, const Body& b
 // Forward of one step, for hidden units [u0, u1) of every row. h_prev [n, H]: the previous
 // state (read by GRU); h [n, H]: the new state (h_prev itself, or a second buffer when other
 // threads still read h_prev); c [n, H] (LSTM only) holds the previous cell state on entry and
-// the new one on exit. x_bias [G*H] (or nullptr) is added to every row of x_gates:
-// the layer's input projection leaves it out, so that it is not written into (and read
-// back from) every row of a buffer the size of the whole sequence.
+// the new one on exit. saved may be nullptr (inference: nothing is kept for a backward).
+// x_bias [G*H] (or nullptr) is added to every row of x_gates: the layer's input projection
+// leaves it out, so that it is not written into (and read back from) every row of a buffer
+// the size of the whole sequence.
 template <typename T>
 void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T* x_bias,
                   const T* h_gates, const T* h_prev, T* h, T* c, T* saved, int64_t u0,
@@ -163,14 +164,14 @@ void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T*
     T* hr = h + r * H;
     if (mode == RnnMode::kLSTM) {
       T* cr = c + r * H;
-      T* sv = saved + r * 4 * H;
+      T* sv = saved ? saved + r * 4 * H : nullptr;
       for_lanes<T>(j0, j1, [&](int64_t j) {
         const V i = sigmoid(X(0, j) + V::loadu(hg + j));
         const V f = sigmoid(X(1, j) + V::loadu(hg + H + j));
         const V g = tanh(X(2, j) + V::loadu(hg + 2 * H + j));
         const V o = sigmoid(X(3, j) + V::loadu(hg + 3 * H + j));
         const V c_new = f * V::loadu(cr + j) + i * g;
-        i.store(sv + j), f.store(sv + H + j), g.store(sv + 2 * H + j), o.store(sv + 3 * H + j);
+        if (sv) i.store(sv + j), f.store(sv + H + j), g.store(sv + 2 * H + j), o.store(sv + 3 * H + j);
         c_new.store(cr + j);
         (o * tanh(c_new)).store(hr + j);
       }, [&](int64_t j) {
@@ -178,37 +179,38 @@ void rnn_step_fwd(RnnMode mode, int64_t n, int64_t H, const T* x_gates, const T*
         const T g = std::tanh(Xs(2, j) + hg[2 * H + j]);
         const T o = sigmoid(Xs(3, j) + hg[3 * H + j]);
         const T c_new = f * cr[j] + i * g;
-        sv[j] = i, sv[H + j] = f, sv[2 * H + j] = g, sv[3 * H + j] = o;
+        if (sv) sv[j] = i, sv[H + j] = f, sv[2 * H + j] = g, sv[3 * H + j] = o;
         cr[j] = c_new;
         hr[j] = o * std::tanh(c_new);
       });
     } else if (mode == RnnMode::kGRU) {
-      T* sv = saved + r * 4 * H;
+      T* sv = saved ? saved + r * 4 * H : nullptr;
       for_lanes<T>(j0, j1, [&](int64_t j) {
         const V rg = sigmoid(X(0, j) + V::loadu(hg + j));
         const V z = sigmoid(X(1, j) + V::loadu(hg + H + j));
         const V hn = V::loadu(hg + 2 * H + j);
         const V nn = tanh(X(2, j) + rg * hn);
-        rg.store(sv + j), z.store(sv + H + j), nn.store(sv + 2 * H + j), hn.store(sv + 3 * H + j);
+        if (sv) rg.store(sv + j), z.store(sv + H + j), nn.store(sv + 2 * H + j), hn.store(sv + 3 * H + j);
         (nn + z * (V::loadu(hp + j) - nn)).store(hr + j);
       }, [&](int64_t j) {
         const T rg = sigmoid(Xs(0, j) + hg[j]), z = sigmoid(Xs(1, j) + hg[H + j]);
         const T hn = hg[2 * H + j];
         const T nn = std::tanh(Xs(2, j) + rg * hn);
-        sv[j] = rg, sv[H + j] = z, sv[2 * H + j] = nn, sv[3 * H + j] = hn;
+        if (sv) sv[j] = rg, sv[H + j] = z, sv[2 * H + j] = nn, sv[3 * H + j] = hn;
         hr[j] = nn + z * (hp[j] - nn);
       });
     } else {
-      T* sv = saved + r * H;
+      T* sv = saved ? saved + r * H : nullptr;
       const bool relu = mode == RnnMode::kRNN_RELU;
       for_lanes<T>(j0, j1, [&](int64_t j) {
         const V pre = X(0, j) + V::loadu(hg + j);
         const V out = relu ? at::vec::maximum(pre, V(T(0))) : tanh(pre);
-        out.store(sv + j);
+        if (sv) out.store(sv + j);
         out.store(hr + j);
       }, [&](int64_t j) {
         const T pre = Xs(0, j) + hg[j];
-        sv[j] = hr[j] = relu ? std::max(pre, T(0)) : std::tanh(pre);
+        hr[j] = relu ? std::max(pre, T(0)) : std::tanh(pre);
+        if (sv) sv[j] = hr[j];
       });
     }
   });
