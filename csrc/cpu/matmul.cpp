@@ -1,6 +1,7 @@
 #include "matmul.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include <ATen/Parallel.h>
 
@@ -55,6 +56,16 @@ PackedRight pack_right(const at::Tensor& b) {
       at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p)
           transpose_block(w + p * kPanel * ldw, kPanel, K, ldw, out + p * K * kPanel, kPanel);
+      });
+    } else if (b.stride(1) == 1) {  // row-major b: each row's 64-column pieces to their panels
+      const float* src = b.data_ptr<float>();
+      float* out = panels.data_ptr<float>();
+      const int64_t ld = b.stride(0);
+      at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k)
+          for (int64_t p = 0; p < n_panels; ++p)
+            std::memcpy(out + (p * K + k) * kPanel, src + k * ld + p * kPanel,
+                        kPanel * sizeof(float));
       });
     } else {
       panels.copy_(b.view({K, n_panels, kPanel}).permute({1, 0, 2}));

@@ -425,10 +425,14 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
       const at::Tensor dhg_chunk = dh_gates.narrow(0, 0, ch->rows);
       at::Tensor dx_rows = dx.narrow(0, ch->row0, ch->rows);
       tiled_matmul_into(dx_rows, dxg_chunk, wih_packed, false);
-      matmul_once_into(dw_ih_t, transposed(x.narrow(0, ch->row0, ch->rows)), dxg_chunk,
-                       !first_chunk);
-      matmul_once_into(dw_hh_t, transposed(h_prev.narrow(0, ch->row0, ch->rows)), dhg_chunk,
-                       !first_chunk);
+      // The gate gradients as the right operand of both weight gradients, packed once into
+      // panels: read in place (rows 8 KB apart at H = 512) the products ran ~20% slower.
+      const PackedRight dxg_packed = pack_right(dxg_chunk);
+      const PackedRight dhg_packed = gru ? pack_right(dhg_chunk) : dxg_packed;
+      tiled_matmul_into(dw_ih_t, transposed(x.narrow(0, ch->row0, ch->rows)), dxg_packed,
+                        !first_chunk);
+      tiled_matmul_into(dw_hh_t, transposed(h_prev.narrow(0, ch->row0, ch->rows)), dhg_packed,
+                        !first_chunk);
       if (proj) {
         const at::Tensor h_full = workspace.narrow(0, ws.h_full_offset(), N * H).view({N, H});
         matmul_once_into(dw_hr, transposed(dh_chunk.narrow(0, 0, ch->rows)),
