@@ -65,8 +65,10 @@ void for_team_steps(int64_t H, const StepChunk& chunk, bool reversed, int phases
 
 int64_t team_size(bool float32, bool proj, int64_t batch, int64_t H) {
   const int64_t threads = at::get_num_threads();
+  // Every thread owns at least one panel: a thread with none would only wait at the
+  // barriers (and the team was measured on two cores only).
   if (!float32 || proj || threads < 2 || at::in_parallel_region() || H % kPanelWidth != 0 ||
-      H / kPanelWidth < 2 || batch >= kTeamMaxRowsPerThread * threads)
+      H / kPanelWidth < threads || batch >= kTeamMaxRowsPerThread * threads)
     return 0;
   return threads;
 }

@@ -26,8 +26,8 @@ namespace seqkern::cpu {
 
 // How many threads a team would have for this layer (at::get_num_threads()), or 0 where the
 // row split runs instead: not float32, a projection, H not a multiple of the panel width or
-// under two panels, one thread, already inside a parallel region, or a batch of at least
-// kTeamMaxRowsPerThread rows per thread.
+// fewer panels than threads, one thread, already inside a parallel region, or a batch of at
+// least 16 rows per thread.
 int64_t team_size(bool float32, bool proj, int64_t batch, int64_t H);
 
 struct TeamForward {
