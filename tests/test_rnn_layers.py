@@ -569,3 +569,19 @@ def test_cpu_float32_team_time_loop_matches_float64(case, cls, kw):
     names += [f"d{n}" for n, _ in ours.named_parameters()]
     for name, a, b in zip(names, got, want):
         assert_close(f"{cls} {name}", a, b)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_float32_layers_for_every_capability(capability):
+    """The float32 layer (team and row-split loops, weight panels and transposes, activations)
+    under the kernels compiled for each instruction set."""
+    code = """
+import torch, seqkern
+from tests.test_rnn_layers import TEAM_CASES, test_cpu_float32_team_time_loop_matches_float64 as check
+for case in (TEAM_CASES[2], TEAM_CASES[4]):
+    for cls, kw in (("LSTM", {}), ("GRU", {}), ("RNN", {})):
+        check(case, cls, kw)
+print(torch.ops.seqkern_C.cpu_capability())
+"""
+    assert_passes_under_capability(code, capability)

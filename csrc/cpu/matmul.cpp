@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include "buffer_cache.h"
+#include "transpose_kernel.h"
 #include <ATen/native/CPUBlas.h>
 
 namespace seqkern::cpu {
@@ -19,22 +20,6 @@ constexpr int64_t kChunkK = 512;
 bool row_major(const at::Tensor& t) {
   return (t.stride(1) == 1 || t.size(1) <= 1) && (t.stride(0) >= t.size(1) || t.size(0) <= 1) &&
          t.stride(0) >= 1;
-}
-
-// dst [cols, rows] (row stride ld_dst) = src [rows, cols] (row stride ld_src) transposed, in
-// 16 x 16 tiles so that reads and writes both touch whole cache lines (a strided
-// at::Tensor::copy_ of a transpose ran at about 2-8 GB/s here).
-void transpose_block(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst,
-                     int64_t ld_dst) {
-  constexpr int64_t kTile = 16;
-  for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-    const int64_t c1 = std::min(cols, c0 + kTile);
-    for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-      const int64_t r1 = std::min(rows, r0 + kTile);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
-    }
-  }
 }
 }  // namespace
 
@@ -55,7 +40,8 @@ PackedRight pack_right(const at::Tensor& b) {
       const int64_t ldw = b.stride(1);
       at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p)
-          transpose_block(w + p * kPanel * ldw, kPanel, K, ldw, out + p * K * kPanel, kPanel);
+          run_transpose_block(w + p * kPanel * ldw, kPanel, K, ldw, out + p * K * kPanel,
+                              kPanel);
       });
     } else if (b.stride(1) == 1) {  // row-major b: each row's 64-column pieces to their panels
       const float* src = b.data_ptr<float>();
@@ -213,7 +199,7 @@ at::Tensor transposed(const at::Tensor& m) {
   at::parallel_for(0, (C + kStripe - 1) / kStripe, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t c0 = s * kStripe, cols = std::min(C, c0 + kStripe) - c0;
-      transpose_block(src + c0, R, cols, ld, dst + c0 * R, R);
+      run_transpose_block(src + c0, R, cols, ld, dst + c0 * R, R);
     }
   });
   return out;
