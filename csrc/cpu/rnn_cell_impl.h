@@ -104,22 +104,23 @@ void rnn_cell_fwd_kernel(const CellProblem<scalar_t>& p, scalar_t* h_out, scalar
         if (lstm) {
           const Vec in = rnn_detail::sigmoid(Vec::loadu(s0 + i, count));
           const Vec forget = rnn_detail::sigmoid(Vec::loadu(s1 + i, count));
-          const Vec cand = Vec::loadu(s2 + i, count).tanh();
+          const Vec cand = rnn_detail::tanh(Vec::loadu(s2 + i, count));
           const Vec out = rnn_detail::sigmoid(Vec::loadu(s3 + i, count));
           const Vec c = forget * Vec::loadu(c_t.data() + h0 * B + i, count) + in * cand;
-          const Vec tanh_c = c.tanh();
+          const Vec tanh_c = rnn_detail::tanh(c);
           in.store(s0 + i, count), forget.store(s1 + i, count), cand.store(s2 + i, count);
           out.store(s3 + i, count), c.store(c_new.data() + i, count);
           (out * tanh_c).store(h_new.data() + i, count);
         } else if (gru) {
           const Vec reset = rnn_detail::sigmoid(Vec::loadu(s0 + i, count));
           const Vec update = rnn_detail::sigmoid(Vec::loadu(s1 + i, count));
-          const Vec cand = (Vec::loadu(s2 + i, count) + reset * Vec::loadu(s3 + i, count)).tanh();
+          const Vec cand =
+              rnn_detail::tanh(Vec::loadu(s2 + i, count) + reset * Vec::loadu(s3 + i, count));
           reset.store(s0 + i, count), update.store(s1 + i, count), cand.store(s2 + i, count);
           ((one - update) * cand + update * Vec::loadu(h_prev + i, count))
               .store(h_new.data() + i, count);
         } else if (p.mode == RnnMode::kRNN_TANH) {
-          Vec::loadu(s0 + i, count).tanh().store(h_new.data() + i, count);
+          rnn_detail::tanh(Vec::loadu(s0 + i, count)).store(h_new.data() + i, count);
         } else {
           at::vec::clamp_min(Vec::loadu(s0 + i, count), Vec(acc_t(0)))
               .store(h_new.data() + i, count);
