@@ -136,9 +136,9 @@ void add_rows(T* dst, const at::Tensor& g, int64_t row, int64_t n) {
 constexpr int64_t kProjectionChunkBytes = int64_t(4) << 20;
 // The backward's chunks are larger: each chunk's weight-gradient products read and write the
 // whole dW accumulators (8 MB for the LSTM at H = 512) and pack the gate gradients once, so
-// fewer chunks cost less (4 -> 16 MB: backward 4% faster at B = 16, 10% at B = 4 T = 256,
-// side by side), for about 30 MB more peak memory (the chunk's gate gradients, their panels
-// and the transposed x and h_prev).
+// fewer chunks cost less (4 -> 16 MB: backward 1-4% faster at B = 4 to 64, side by side),
+// for about 30 MB more peak memory (the chunk's gate gradients, their panels and the
+// transposed x and h_prev).
 constexpr int64_t kBackwardChunkBytes = int64_t(16) << 20;
 
 // Consecutive steps whose rows fill about chunk_bytes of gates (at least one step).
@@ -349,9 +349,9 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   const at::Tensor d_out = grad_output ? grad_output->to(dt).reshape({-1, P}) : at::Tensor();
   const at::Tensor h_prev = workspace.narrow(0, ws.saved_width * N, N * P).view({N, P});
   const bool gru = mode == RnnMode::kGRU;
-  // The gate gradients of a chunk of steps (as in the forward's projection): the products
-  // that take them (dx, dW_ih, dW_hh, db) run once per chunk, over all of its rows, while
-  // they are in cache; nothing the size of the whole sequence is written.
+  // The gate gradients of a chunk of steps (kBackwardChunkBytes): the products that take them
+  // (dx, dW_ih, dW_hh, db) run once per chunk, over all of its rows; nothing the size of the
+  // whole sequence is written.
   const std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
   const auto blocks = row_blocks(steps, dh.size(0));
   const std::vector<StepChunk> chunks =
