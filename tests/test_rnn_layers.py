@@ -585,3 +585,19 @@ for case in (TEAM_CASES[2], TEAM_CASES[4]):
 print(torch.ops.seqkern_C.cpu_capability())
 """
     assert_passes_under_capability(code, capability)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+def test_cpu_layer_outputs_resize_like_torchs():
+    """The C++ layer's output and input gradient live in seqkern's cached blocks
+    (csrc/cpu/buffer_cache.cpp, over 1 MB); like torch's they can still grow in place."""
+    lstm = seqkern.LSTM(256, 512)
+    x = torch.randn(20, 32, 256, requires_grad=True)  # output 1.3 MB, dx 0.66 MB (+ dW)
+    with seqkern.backend("cpu"):
+        out, _ = lstm(x)
+        out.sum().backward()
+    out = out.detach()
+    for t in (out, lstm.weight_ih_l0.grad):
+        kept = t.clone()
+        t.resize_(2 * t.shape[0], *t.shape[1:])
+        assert torch.equal(t[: kept.shape[0]], kept)

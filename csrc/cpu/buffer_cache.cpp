@@ -1,5 +1,7 @@
 #include "buffer_cache.h"
 
+#include <c10/core/CPUAllocator.h>
+
 #include <cstdlib>
 #include <mutex>
 #include <vector>
@@ -74,6 +76,20 @@ BufferCache& cache() {
 
 }  // namespace
 
+namespace {
+// A block lent to a tensor's storage, handed back to the cache when the storage lets it go.
+struct LentBlock {
+  void* data;
+  size_t capacity;
+};
+
+void give_back(void* ctx) {
+  const LentBlock* block = static_cast<const LentBlock*>(ctx);
+  cache().give(block->data, block->capacity);
+  delete block;
+}
+}  // namespace
+
 at::Tensor cached_empty(at::IntArrayRef shape, const at::TensorOptions& options) {
   int64_t numel = 1;
   for (int64_t s : shape) numel *= s;
@@ -81,8 +97,13 @@ at::Tensor cached_empty(at::IntArrayRef shape, const at::TensorOptions& options)
   if (bytes < kMinCachedBytes || !options.device().is_cpu()) return at::empty(shape, options);
   size_t capacity = 0;
   void* data = cache().take(bytes, &capacity);
-  return at::from_blob(
-      data, shape, [capacity](void* p) { cache().give(p, capacity); }, options);
+  // A resizable storage, as at::empty's: growing it (out.resize_ on a layer's output)
+  // allocates from the CPU allocator, copies, and gives the block back.
+  c10::Storage storage(c10::Storage::use_byte_size_t(), bytes,
+                       c10::DataPtr(data, new LentBlock{data, capacity}, &give_back,
+                                    at::Device(at::kCPU)),
+                       c10::GetCPUAllocator(), /*resizable=*/true);
+  return at::empty({0}, options).set_(storage, 0, shape);
 }
 
 }  // namespace seqkern::cpu
