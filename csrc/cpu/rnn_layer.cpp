@@ -114,20 +114,6 @@ void step_product(size_t i, int64_t n, const T* a, int64_t lda, const PackedRigh
   }
 }
 
-// dst [n, P] (contiguous) += rows [row, row + n) of g [N, P] (any strides).
-template <typename T>
-void add_rows(T* dst, const at::Tensor& g, int64_t row, int64_t n) {
-  const int64_t P = g.size(1), rs = g.stride(0), cs = g.stride(1);
-  const T* src = g.data_ptr<T>() + row * rs;
-  for (int64_t r = 0; r < n; ++r, dst += P, src += rs) {
-    if (cs == 1) {
-      for (int64_t k = 0; k < P; ++k) dst[k] += src[k];
-    } else {
-      for (int64_t k = 0; k < P; ++k) dst[k] += src[k * cs];
-    }
-  }
-}
-
 // The input projection runs chunk by chunk, a few steps ahead of the recurrence: one
 // product over every row of the chunk's steps (both threads, large M), whose output is
 // still in cache when the steps read it. One buffer for the whole sequence (T * B * G*H,
@@ -237,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   at::Tensor x_gates = cached_empty({chunk_rows, G * H}, h.options());
   // Small batches: hidden units split over a team of threads (rnn_layer_team.h), the state in
   // two buffers, h and h_other, step i reading the one written by step i - 1.
-  const bool team = team_size(dt == at::kFloat, proj, h.size(0), H) > 0;
+  const bool team = use_team(dt == at::kFloat, proj, h.size(0), H);
   at::Tensor h_other = team ? h.clone() : at::Tensor();
   TeamForward team_args{};  // float32 only; its chunk is set per chunk
   if (team) {
@@ -382,7 +368,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
 
   const PackedRight whh_packed = pack_right(whh);  // [G*H, P], reused by every step
   const PackedRight wih_packed = pack_right(wih);  // [G*H, I], by every chunk
-  const bool team = team_size(dt == at::kFloat, proj, dh.size(0), H) > 0;
+  const bool team = use_team(dt == at::kFloat, proj, dh.size(0), H);
   TeamBackward team_args{};  // float32 only; its chunk is set per chunk
   if (team) {
     team_args = {mode, H, &steps, {}, workspace.data_ptr<float>(), ws,
@@ -407,7 +393,9 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
           const int64_t row = s.offset + lo;  // first row of this block in the flat input
           const int64_t chunk_row = row - ch->row0;
           scalar_t* dh_rows = dh.data_ptr<scalar_t>() + lo * P;
-          if (d_out.defined()) add_rows(dh_rows, d_out, row, n);
+          if (d_out.defined())
+            add_strided_rows(dh_rows, P, d_out.data_ptr<scalar_t>() + row * d_out.stride(0),
+                             d_out.stride(0), d_out.stride(1), n, 0, P);
           // The cell's output gradient: dh itself, or through the projection dh W_hr.
           scalar_t* d_cell_out = dh_rows;
           if (proj) {

@@ -39,6 +39,20 @@ struct Workspace {
   template <typename T> T* h_full(T* base) const { return base + h_full_offset(); }
 };
 
+// dst[r, u0:u1] += src[r, u0:u1] for r < n; dst row-major (row stride ld_dst), src read
+// through its strides (the output gradient: out.sum()'s is one value expanded, all strides 0).
+template <typename T>
+void add_strided_rows(T* dst, int64_t ld_dst, const T* src, int64_t row_stride,
+                      int64_t col_stride, int64_t n, int64_t u0, int64_t u1) {
+  for (int64_t r = 0; r < n; ++r, dst += ld_dst, src += row_stride) {
+    if (col_stride == 1) {
+      for (int64_t j = u0; j < u1; ++j) dst[j] += src[j];
+    } else {
+      for (int64_t j = u0; j < u1; ++j) dst[j] += src[j * col_stride];
+    }
+  }
+}
+
 inline Workspace workspace_layout(RnnMode mode, int64_t N, int64_t H, int64_t P) {
   const int64_t saved = mode == RnnMode::kLSTM || mode == RnnMode::kGRU ? 4 * H : H;
   return {N, H, P, saved, mode == RnnMode::kLSTM, P != H};

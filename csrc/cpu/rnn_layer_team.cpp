@@ -13,7 +13,7 @@ namespace seqkern::cpu {
 namespace {
 
 // Fewer rows than this per thread: the team loop; more: the row split, whose threads never
-// wait for each other and whose per-thread products are wide enough (see team_size).
+// wait for each other and whose per-thread products are wide enough (see use_team).
 constexpr int64_t kTeamMaxRowsPerThread = 16;
 
 // dst[r, u0:u1] = src[r, u0:u1] for r < n.
@@ -63,14 +63,14 @@ void for_team_steps(int64_t H, const StepChunk& chunk, bool reversed, int phases
 
 }  // namespace
 
-int64_t team_size(bool float32, bool proj, int64_t batch, int64_t H) {
+bool use_team(bool float32, bool proj, int64_t batch, int64_t H) {
   const int64_t threads = at::get_num_threads();
   // Every thread owns at least one panel: a thread with none would only wait at the
   // barriers (and the team was measured on two cores only).
   if (!float32 || proj || threads < 2 || at::in_parallel_region() || H % kPanelWidth != 0 ||
       H / kPanelWidth < threads || batch >= kTeamMaxRowsPerThread * threads)
-    return 0;
-  return threads;
+    return false;
+  return true;
 }
 
 void team_forward_chunk(const TeamForward& a) {
@@ -120,14 +120,9 @@ void team_backward_chunk(const TeamBackward& a) {
     const Step& s = (*a.steps)[i];
     const int64_t n = s.rows, row = s.offset, chunk_row = row - a.chunk.row0;
     if (phase == 0) {
-      if (a.d_out) {
-        const int64_t rs = a.d_out_row_stride, cs = a.d_out_col_stride;
-        for (int64_t r = 0; r < n; ++r) {
-          float* d = a.dh + r * H;
-          const float* g = a.d_out + (row + r) * rs;
-          for (int64_t j = u0; j < u1; ++j) d[j] += g[j * cs];
-        }
-      }
+      if (a.d_out)
+        add_strided_rows(a.dh, H, a.d_out + row * a.d_out_row_stride, a.d_out_row_stride,
+                         a.d_out_col_stride, n, u0, u1);
       run_rnn_step_bwd<float>(a.mode, n, H, a.ws.saved(base) + row * a.ws.saved_width,
                               lstm ? a.ws.c_new(base) + row * H : nullptr,
                               lstm ? a.ws.c_prev(base) + row * H : nullptr,

@@ -24,11 +24,11 @@
 
 namespace seqkern::cpu {
 
-// How many threads a team would have for this layer (at::get_num_threads()), or 0 where the
+// Whether this layer runs the team loop (on at::get_num_threads() threads). Not where the
 // row split runs instead: not float32, a projection, H not a multiple of the panel width or
 // fewer panels than threads, one thread, already inside a parallel region, or a batch of at
 // least 16 rows per thread.
-int64_t team_size(bool float32, bool proj, int64_t batch, int64_t H);
+bool use_team(bool float32, bool proj, int64_t batch, int64_t H);
 
 struct TeamForward {
   RnnMode mode;
