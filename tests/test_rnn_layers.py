@@ -515,23 +515,37 @@ print(torch.ops.seqkern_C.cpu_capability())
 
 
 # (name, hidden size, batch, packed, bidirectional, output gradient): float32, whole panels of
-# 64 units and under 16 rows a thread, so that on two or more threads the C++ layer splits the
-# hidden units over a team (csrc/cpu/rnn_layer_team.h); H = 192 gives the threads 64 and 128.
-TEAM_CASES = [("padded", 128, 5, False, False, "weighted"),
-              ("one-row", 128, 1, False, False, "weighted"),
-              ("packed-bidirectional", 192, 7, True, True, "weighted"),
-              ("expanded-gradient", 128, 3, False, True, "sum"),
-              ("row-split", 128, 33, True, False, "weighted")]  # the other path, same checks
+# 64 units and under 16 rows a thread, so that on the two threads these tests run with the C++
+# layer splits the hidden units over a team (csrc/cpu/rnn_layer_team.h: it needs a panel per
+# thread); H = 192 gives the threads 64 and 128 units.
+TEAM_CASES = {case[0]: case for case in [
+    ("padded", 128, 5, False, False, "weighted"),
+    ("one-row", 128, 1, False, False, "weighted"),
+    ("packed-bidirectional", 192, 7, True, True, "weighted"),
+    ("expanded-gradient", 128, 3, False, True, "sum"),
+    ("row-split", 128, 33, True, False, "weighted")]}  # 33 rows: the other loop, same checks
+TEAM_THREADS = 2
 
 
 @pytest.mark.skipif(not HAS_C, reason="no _C")
-@pytest.mark.parametrize("case", TEAM_CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize("case", TEAM_CASES)
 @pytest.mark.parametrize("cls,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {}),
-                                    ("RNN", {"nonlinearity": "relu"})], ids=["LSTM", "GRU", "RNN", "RNN_RELU"])
+                                    ("RNN", {"nonlinearity": "relu"})],
+                         ids=["LSTM", "GRU", "RNN", "RNN_RELU"])
 def test_cpu_float32_team_time_loop_matches_float64(case, cls, kw):
     """float32 forward and every gradient (input, h0/c0, weights) against torch's module in
     float64, initial states given, 9 steps (packed: unsorted lengths 1 .. 9, so rows end and,
-    in the reverse direction, start at different steps)."""
+    in the reverse direction, start at different steps). Run on TEAM_THREADS threads whatever
+    the machine has, so that the team loop is the one tested."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TEAM_THREADS)
+    try:
+        _check_float32_layer_against_float64(TEAM_CASES[case], cls, kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_float32_layer_against_float64(case, cls, kw):
     _, H, B, packed, bidirectional, grad = case
     torch.manual_seed(B * H)
     ours = getattr(seqkern, cls)(24, H, bidirectional=bidirectional, device="cpu", **kw)
@@ -565,7 +579,7 @@ def test_cpu_float32_team_time_loop_matches_float64(case, cls, kw):
     with seqkern.backend("cpu"):
         got = run(ours, torch.float32)
     want = run(theirs, torch.float64)
-    names = ["out", "h_n", "c_n"][:1 + len(states)] + ["dx"] + [f"d{n}" for n in ("h0", "c0")][:len(states)]
+    names = ["out", "h_n", "c_n"][:1 + len(states)] + ["dx", "dh0", "dc0"][:1 + len(states)]
     names += [f"d{n}" for n, _ in ours.named_parameters()]
     for name, a, b in zip(names, got, want):
         assert_close(f"{cls} {name}", a, b)
@@ -578,26 +592,27 @@ def test_cpu_float32_layers_for_every_capability(capability):
     under the kernels compiled for each instruction set."""
     code = """
 import torch, seqkern
-from tests.test_rnn_layers import TEAM_CASES, test_cpu_float32_team_time_loop_matches_float64 as check
-for case in (TEAM_CASES[2], TEAM_CASES[4]):
-    for cls, kw in (("LSTM", {}), ("GRU", {}), ("RNN", {})):
-        check(case, cls, kw)
+from tests.test_rnn_layers import test_cpu_float32_team_time_loop_matches_float64 as check
+for case in ("packed-bidirectional", "row-split"):
+    for cls in ("LSTM", "GRU", "RNN"):
+        check(case, cls, {})
 print(torch.ops.seqkern_C.cpu_capability())
 """
     assert_passes_under_capability(code, capability)
 
 
 @pytest.mark.skipif(not HAS_C, reason="no _C")
-def test_cpu_layer_outputs_resize_like_torchs():
+@pytest.mark.parametrize("which", ["output", "input gradient"])
+def test_cpu_layer_outputs_resize_like_torchs(which):
     """The C++ layer's output and input gradient live in seqkern's cached blocks
-    (csrc/cpu/buffer_cache.cpp, over 1 MB); like torch's they can still grow in place."""
-    lstm = seqkern.LSTM(256, 512)
-    x = torch.randn(20, 32, 256, requires_grad=True)  # output 1.3 MB, dx 0.66 MB (+ dW)
+    (csrc/cpu/buffer_cache.cpp, over 1 MB each here); like torch's they can still grow in
+    place."""
+    lstm = seqkern.LSTM(512, 512)
+    x = torch.randn(20, 32, 512, requires_grad=True)
     with seqkern.backend("cpu"):
         out, _ = lstm(x)
         out.sum().backward()
-    out = out.detach()
-    for t in (out, lstm.weight_ih_l0.grad):
-        kept = t.clone()
-        t.resize_(2 * t.shape[0], *t.shape[1:])
-        assert torch.equal(t[: kept.shape[0]], kept)
+    t = out.detach() if which == "output" else x.grad
+    kept = t.clone()
+    t.resize_(2 * t.shape[0], *t.shape[1:])
+    assert torch.equal(t[: kept.shape[0]], kept)
