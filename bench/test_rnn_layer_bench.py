@@ -29,8 +29,20 @@ SHAPES = [("fastrnns", 100, 64, 512, 512, False),
           ("packed", 200, 16, 512, 512, True)]
 
 
-# On a GPU both compiled backends run side by side; on the CPU the default dispatch (cpu).
-PROVIDERS = ["seqkern-cuda", "seqkern-triton", "torch"] if CUDA else ["seqkern", "torch"]
+# On a GPU both compiled backends run side by side, and the CUDA layer kernel's batch-lane
+# blocks (opt-in, SEQKERN_CUDA_RNN_LANES=1, until measured; B >= 32 only) as their own row;
+# on the CPU the default dispatch (cpu).
+PROVIDERS = (["seqkern-cuda", "seqkern-cuda-lanes", "seqkern-triton", "torch"] if CUDA
+             else ["seqkern", "torch"])
+LANES_MIN_BATCH = 32  # csrc/cuda/rnn_layer.cu's kLaneMinBatch
+
+
+def _backend(provider):
+    """(backend or None, variant): "seqkern-cuda-lanes" -> ("cuda", "lanes")."""
+    if not provider.startswith("seqkern-"):
+        return None, ""
+    backend, _, variant = provider.split("-", 1)[1].partition("-")
+    return backend, variant
 
 
 def _sync():
@@ -45,7 +57,7 @@ def _setup(provider, cls, shape, dtype, pass_, batch=None):
     gen = torch.Generator().manual_seed(0)
     theirs = getattr(torch.nn, cls)(I, H).to(DEVICE, dtype)
     module = theirs
-    backend = provider.split("-", 1)[1] if provider.startswith("seqkern-") else None
+    backend, variant = _backend(provider)
     if provider.startswith("seqkern"):
         module = getattr(seqkern, cls)(I, H).to(DEVICE, dtype)
         module.load_state_dict(theirs.state_dict())
@@ -79,8 +91,16 @@ def _setup(provider, cls, shape, dtype, pass_, batch=None):
         return run, flops
 
     def forced():
-        with seqkern.backend(backend):
-            run()
+        lanes = os.environ.get("SEQKERN_CUDA_RNN_LANES")
+        os.environ["SEQKERN_CUDA_RNN_LANES"] = "1" if variant == "lanes" else "0"
+        try:
+            with seqkern.backend(backend):
+                run()
+        finally:
+            if lanes is None:
+                del os.environ["SEQKERN_CUDA_RNN_LANES"]
+            else:
+                os.environ["SEQKERN_CUDA_RNN_LANES"] = lanes
     return forced, flops
 
 
@@ -97,7 +117,9 @@ def _peak_memory_mb(provider, cls, shape, dtype, pass_):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
     name, T, B, I, H, packed = shape
-    backend = provider.split("-", 1)[1] if provider.startswith("seqkern-") else None
+    backend, variant = _backend(provider)
+    if variant == "lanes" and B < LANES_MIN_BATCH:
+        pytest.skip("batch-lane blocks take B >= 32")
     # The op's own inputs dict, as the op builds it (w_hh [G*H, H], no projection).
     x = torch.empty(T, B, I, device=DEVICE, dtype=dtype)
     w_hh = torch.empty((4 if cls == "LSTM" else 3) * H, H, device=DEVICE, dtype=dtype)

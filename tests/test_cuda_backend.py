@@ -50,6 +50,18 @@ def test_hidden_size_past_the_persistent_kernel():
     _layer_against_cpu64("LSTM", T=20, B=3, I=64, H=2048, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("cls,T,B,H,dtype", [
+    ("LSTM", 300, 64, 512, torch.float32),  # the fastrnns width, many barriers
+    ("GRU", 300, 33, 136, torch.float32),  # a part-filled 64-row tile, K not a multiple of 32
+    ("LSTM", 20, 40, 136, torch.bfloat16),
+    ("GRU", 20, 32, 512, torch.bfloat16),  # 32-row tiles
+])
+def test_batch_lane_blocks(monkeypatch, cls, T, B, H, dtype):
+    # Opt-in until measured (csrc/cuda/rnn_layer.cu); the planner reads it at every call.
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_LANES", "1")
+    _layer_against_cpu64(cls, T=T, B=B, I=64, H=H, dtype=dtype)
+
+
 def test_bidirectional_directions_on_two_streams():
     _layer_against_cpu64("GRU", T=50, B=8, I=16, H=128, dtype=torch.float32,
                          bidirectional=True)

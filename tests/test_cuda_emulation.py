@@ -223,6 +223,17 @@ LAYER_CASES = [
     LayerCase("GRU", BF16, 3, 6, 12, _lengths_to_batch_sizes([3, 1, 2, 3, 3, 2]),
               reverse=True, coop=False),
     LayerCase("LSTM", BF16, 4, 3, 16, coop=False),
+    # batch-lane blocks (SEQKERN_CUDA_RNN_LANES=1): 64 rows a pass over a part-filled tile,
+    # K not a multiple of 4 (no float4 staging)
+    LayerCase("LSTM", torch.float32, 3, 33, 13, reverse=True, lanes=True),
+    LayerCase("RNN_RELU", torch.float32, 2, 70, 9, lanes=True, sms=2),  # two passes a step
+    LayerCase("RNN_TANH", torch.float32, 2, 64, 136, lanes=True, sms=17),  # 2176 float4s
+    LayerCase("GRU", BF16, 4, 40, 10, _lengths_to_batch_sizes(
+        [4, 1, 3, 4, 2] * 8), strided=True, lanes=True),  # live rows fall below the tile
+    LayerCase("LSTM", BF16, 3, 32, 20, _lengths_to_batch_sizes([3, 2] * 14 + [1] * 4),
+              reverse=True, lanes=True, sms=3),  # 32-row tiles
+    # the backward stages K = 144 in chunks of 128 and 16 columns (small shared memory)
+    LayerCase("GRU", torch.float32, 3, 32, 48, lanes=True, sms=6, smem=23296),
 ]
 
 
@@ -230,7 +241,8 @@ def _layer_id(c):
     packed = "packed" if c.batch_sizes else "padded"
     return (f"{c.mode}-{str(c.dtype)[6:]}-T{c.steps}B{c.batch}H{c.hidden}-{packed}"
             f"{'-reverse' * c.reverse}{'-strided' * c.strided}{'-nobias' * (not c.bias)}"
-            f"-{'persistent' if c.persistent else 'per_step'}-sms{c.sms}-minwork{c.min_work}")
+            f"-{'persistent' if c.persistent else 'per_step'}-sms{c.sms}-minwork{c.min_work}"
+            f"{'-lanes' * c.lanes}-smem{c.smem}")
 
 
 @pytest.mark.parametrize("case", LAYER_CASES, ids=_layer_id)
@@ -257,6 +269,12 @@ def test_rnn_layer_fwd_bwd(harness, tmp_path, case):
     path = int(c.persistent)  # the plan took the intended path, and launched by it
     assert f"fwd persistent={path} " in plan and f"bwd persistent={path} " in plan, plan
     assert f"coop_launches={path};" in plan and plan.endswith(f"coop_launches={path}"), plan
+    tile = (64 if B > 32 else 32) if c.lanes else None  # batch-lane plans, else 1 to 8 rows
+    for direction in ("fwd", "bwd"):
+        got_tile = int(plan.split(f"{direction} tile=")[1].split()[0])
+        assert got_tile == tile if tile else got_tile <= 8, plan
+    if c.smem < 232448:  # the small shared memory made the backward stage K in chunks
+        assert int(plan.split("bwd tile=")[1].split("k_chunk=")[1].split(";")[0]) < G * H, plan
 
     kind = "RNN" if c.mode.startswith("RNN") else c.mode
     nonlinearity = "relu" if c.mode == "RNN_RELU" else "tanh"

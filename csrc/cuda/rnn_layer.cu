@@ -17,11 +17,20 @@
 // rows per pass). A warp reduce-scatter and a sum over the group's warps in shared memory
 // finish the products, and one thread per (unit, batch row) runs the cell.
 //
+// Wide batches (opt-in until measured on a GPU: SEQKERN_CUDA_RNN_LANES=1) use batch-lane
+// blocks instead (LaneBlock): 32 or 64 batch rows a pass, lane l of every warp owning rows l
+// and l + 32, the 8 warps splitting K, and each thread accumulating all of the block's
+// weight rows for its batch rows. Weights are read as warp-wide broadcasts, so the product
+// needs no shuffles and a B = 64 step one pass instead of eight; K is staged in chunks when
+// the rows do not fit (the backward's K = G*H).
+//
 // Backward order: phase p first completes dh for the rows of step S-p (the product of the
 // gate gradients written in phase p-1 with W_hh), then runs the pointwise backward of step
 // S-1-p; one barrier per phase. dh and dc of a unit are only touched by its owner block,
 // so only the gate gradients cross blocks.
 #include <algorithm>
+#include <cstdlib>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -35,6 +44,8 @@ constexpr int kPad = 8;        // K padded to a multiple of 8: 16-byte rows in e
 constexpr int kBwdRows = 4;    // backward: rows of W_hh^T (hidden units) per thread
 constexpr int kUnitPad = 16;   // packed weights hold a multiple of 16 units (the widest block)
 constexpr int kBatchTiles[3] = {1, 4, 8};
+constexpr int kLaneUnits = 4;      // batch-lane blocks: hidden units per block
+constexpr int kLaneMinBatch = 32;  // batch-lane blocks: the smallest batch they take
 
 __host__ __device__ constexpr int pow2_ceil(int v) { return v <= 1 ? 1 : 2 * pow2_ceil((v + 1) / 2); }
 __host__ __device__ constexpr int log2_ceil(int v) { return v <= 1 ? 0 : 1 + log2_ceil((v + 1) / 2); }
@@ -45,6 +56,7 @@ struct KernelArgs {
   int S = 0, B = 0, H = 0;      // steps, batch, hidden
   int units = 0, groups = 0;    // hidden units per block; thread groups per block
   int K = 0, Kp = 0;            // reduction length (forward H, backward G*H), padded
+  int kc = 0;                   // batch-lane blocks: staged columns a chunk (multiple of 32)
   bool w_in_smem = false;       // persistent: the block's weight slice sits in shared memory
   bool vec4 = false;            // rows of the staged operand can be read as float4
   const int* steps = nullptr;   // [S][2] (row offset, live rows), processing order
@@ -182,6 +194,21 @@ __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned& target
   __syncthreads();
 }
 
+// This block's weight slice (`slice` elements of the packed weights): copied to the start
+// of shared memory when persistent (*bytes: the shared memory it takes), else read in place.
+template <typename T>
+__device__ __forceinline__ const T* place_slice(const KernelArgs& a, int64_t slice,
+                                                unsigned char* smem, size_t* bytes) {
+  const T* w = static_cast<const T*>(a.w) + blockIdx.x * slice;
+  *bytes = 0;
+  if (!a.w_in_smem) return w;
+  *bytes = slice * sizeof(T);
+  const uint4* src = reinterpret_cast<const uint4*>(w);
+  uint4* dst = reinterpret_cast<uint4*>(smem);
+  for (int64_t i = threadIdx.x; i < int64_t(*bytes / 16); i += kThreads) dst[i] = src[i];
+  return reinterpret_cast<const T*>(smem);
+}
+
 // A block's shared memory and where each thread sits in it. Shared memory: [weight slice
 // (persistent only)] [BT x Kp staged rows] [8 x VP partial sums]. Warps form a.groups
 // groups; group q owns weight rows [q RT, q RT + RT) of the block's slice. Thread (u, bb) for
@@ -198,15 +225,8 @@ struct Block {
   // which staging never writes and the zero weight padding multiplies.
   __device__ Block(const KernelArgs& a, unsigned char* smem) {
     const int64_t slice = int64_t(a.groups) * RT * a.Kp;
-    const T* w = static_cast<const T*>(a.w) + blockIdx.x * slice;
     size_t w_bytes = 0;
-    if (a.w_in_smem) {
-      w_bytes = slice * sizeof(T);
-      const uint4* src = reinterpret_cast<const uint4*>(w);
-      uint4* dst = reinterpret_cast<uint4*>(smem);
-      for (int64_t i = threadIdx.x; i < int64_t(w_bytes / 16); i += kThreads) dst[i] = src[i];
-      w = reinterpret_cast<const T*>(smem);
-    }
+    const T* w = place_slice<T>(a, slice, smem, &w_bytes);
     staged = reinterpret_cast<float*>(smem + w_bytes);
     red = staged + BT * a.Kp;
     const int pad = a.Kp - a.K;
@@ -232,16 +252,142 @@ struct Block {
     warp_sum_to_smem<VP>(acc, red + warp * VP, lane);
   }
 
+  // Stages `rows` rows of src (row stride ld) and multiplies them (nothing when rows = 0);
+  // the block's threads all call it.
+  __device__ void multiply(const KernelArgs& a, const float* src, int64_t ld, int rows) {
+    if (rows > 0) stage_rows(staged, a.Kp, src, ld, rows, a.K, a.vec4);
+    __syncthreads();
+    if (rows > 0) product(a.Kp);  // block-uniform condition
+    __syncthreads();
+  }
+
   // The total for row r of group q, batch row bb.
   __device__ float total(int q, int r) const { return group_sum(red, VP, q, wpg, r * BT + bb); }
+  // Column col of staged batch row b (the forward's previous state).
+  __device__ float staged_at(const KernelArgs& a, int b, int col) const {
+    return staged[b * a.Kp + col];
+  }
 };
+
+// Batch-lane block (BT = 32 or 64): thread (warp, lane) accumulates all R weight rows of the
+// block's slice for batch rows lane + 32 i over K columns k = 4 (warp + 8 m) .. + 3 of each
+// chunk; the 8 warps' partial sums meet in red. Shared memory: [weight slice (persistent
+// only)] [BT x (kc + 4) staged rows: the 4-float pad puts 8 consecutive rows' float4s in
+// distinct banks] [8 x R x BT partial sums]. The staged rows are whole (kc >= Kp) when the
+// forward reads the previous state from them.
+template <typename T, int RT, int R, int BT>
+struct LaneBlock {
+  static constexpr int BL = BT / 32;
+  const T* w;  // the block's R rows of Kp (shared when persistent, else global)
+  float *staged, *red;
+  int stride, lane, warp, u, bb, j;
+  bool owner;
+
+  __device__ LaneBlock(const KernelArgs& a, unsigned char* smem) {
+    const int64_t slice = int64_t(R) * a.Kp;
+    size_t w_bytes = 0;
+    w = place_slice<T>(a, slice, smem, &w_bytes);
+    stride = a.kc + 4;
+    staged = reinterpret_cast<float*>(smem + w_bytes);
+    red = staged + BT * stride;
+    const int tid = threadIdx.x;
+    lane = tid & 31, warp = tid >> 5;
+    u = tid / BT, bb = tid - u * BT, j = blockIdx.x * a.units + u;
+    owner = tid < a.units * BT && j < a.H;
+    __syncthreads();
+  }
+
+  // Columns [k0, k0 + len) of `rows` rows of src into staged, zero from column K on. Through
+  // L2 (ld.cg), as stage_rows; each thread has kInFlight loads in flight before it stores
+  // (a B = 64 step stages 32 float4s a thread: one L2 round trip each, back to back, would
+  // cost more than the product).
+  __device__ void stage_chunk(const KernelArgs& a, const float* src, int64_t ld, int rows,
+                              int k0, int len) const {
+    constexpr int kInFlight = 8;
+    const int n4 = len / 4, total = rows * n4;
+    for (int i0 = threadIdx.x; i0 < total; i0 += kInFlight * kThreads) {
+      float4 v[kInFlight];
+#pragma unroll
+      for (int q = 0; q < kInFlight; ++q) {
+        const int i = i0 + q * kThreads, r = i / n4, k = k0 + 4 * (i - r * n4);
+        const float* p = src + r * ld + k;
+        if (i >= total) {
+        } else if (a.vec4 && k + 4 <= a.K) {
+          v[q] = __ldcg(reinterpret_cast<const float4*>(p));
+        } else {
+          v[q].x = k < a.K ? __ldcg(p) : 0.f, v[q].y = k + 1 < a.K ? __ldcg(p + 1) : 0.f;
+          v[q].z = k + 2 < a.K ? __ldcg(p + 2) : 0.f, v[q].w = k + 3 < a.K ? __ldcg(p + 3) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kInFlight; ++q) {
+        const int i = i0 + q * kThreads, r = i / n4, c = 4 * (i - r * n4);
+        if (i < total) *reinterpret_cast<float4*>(staged + r * stride + c) = v[q];
+      }
+    }
+  }
+
+  // As Block::multiply: stages and multiplies `rows` rows of src chunk by chunk.
+  __device__ void multiply(const KernelArgs& a, const float* src, int64_t ld, int rows) {
+    float acc[R * BL];
+#pragma unroll
+    for (int i = 0; i < R * BL; ++i) acc[i] = 0.f;
+    for (int k0 = 0; k0 < a.Kp; k0 += a.kc) {
+      const int len = min(a.kc, a.Kp - k0);
+      if (k0 > 0) __syncthreads();  // the previous chunk is read
+      if (rows > 0) stage_chunk(a, src, ld, rows, k0, len);
+      __syncthreads();
+      if (rows == 0) continue;  // block-uniform
+      for (int c = 4 * warp; c < len; c += 4 * kWarps) {
+        float4 h[BL];
+#pragma unroll
+        for (int i = 0; i < BL; ++i)
+          h[i] = *reinterpret_cast<const float4*>(staged + (lane + 32 * i) * stride + c);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float wv[4];
+          load4(w + r * a.Kp + k0 + c, wv);  // the same address in every lane: a broadcast
+#pragma unroll
+          for (int i = 0; i < BL; ++i) {
+            float s = acc[r * BL + i];
+            s = fmaf(wv[0], h[i].x, s);
+            s = fmaf(wv[1], h[i].y, s);
+            s = fmaf(wv[2], h[i].z, s);
+            acc[r * BL + i] = fmaf(wv[3], h[i].w, s);
+          }
+        }
+      }
+    }
+    if (rows > 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int i = 0; i < BL; ++i) red[(warp * R + r) * BT + lane + 32 * i] = acc[r * BL + i];
+    }
+    __syncthreads();
+  }
+
+  __device__ float total(int q, int r) const {
+    float s = 0.f;
+#pragma unroll
+    for (int w8 = 0; w8 < kWarps; ++w8) s += red[(w8 * R + q * RT + r) * BT + bb];
+    return s;
+  }
+  __device__ float staged_at(const KernelArgs&, int b, int col) const {
+    return staged[b * stride + col];
+  }
+};
+
+// The block type of a kernel: batch-lane blocks of kLaneUnits units for BT >= 32.
+template <typename T, int RT, int LaneRows, int BT>
+using BlockFor = std::conditional_t<(BT >= 32), LaneBlock<T, RT, LaneRows, BT>, Block<T, RT, BT>>;
 
 template <class Cell, typename T, int BT>
 __global__ void __launch_bounds__(kThreads, 1)
     layer_fwd_kernel(const Cell cell, const KernelArgs a, int p_begin, int p_end) {
   constexpr int G = Cell::kGates, W = Cell::kSaved;
   extern __shared__ __align__(16) unsigned char smem[];
-  Block<T, G, BT> blk(a, smem);  // group u = unit u: its G gate rows
+  BlockFor<T, G, kLaneUnits * G, BT> blk(a, smem);  // group u = unit u: its G gate rows
   const int H = a.H, j = blk.j, bb = blk.bb;
   const bool owner = blk.owner;
   const int64_t GH = int64_t(G) * H;
@@ -264,16 +410,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       float x[G];  // issued now, used after the product
 #pragma unroll
       for (int g = 0; g < G; ++g) x[g] = live ? a.x_gates[row * GH + g * H + j] + bias[g] : 0.f;
-      stage_rows(blk.staged, a.Kp, h_src + int64_t(b0) * H, H, rows, H, a.vec4);
-      __syncthreads();
-      blk.product(a.Kp);
-      __syncthreads();
+      blk.multiply(a, h_src + int64_t(b0) * H, H, rows);
       if (live) {
         float hid[G];
 #pragma unroll
         for (int g = 0; g < G; ++g) hid[g] = blk.total(blk.u, g);
         if constexpr (Cell::kSplitHidden) hid[G - 1] += bias_hn;
-        const float h_prev = blk.staged[bb * a.Kp + j];
+        const float h_prev = blk.staged_at(a, bb, j);
         const int64_t bj = int64_t(b) * H + j;
         float c = Cell::kHasCell ? a.c_state[bj] : 0.f;
         const float c_prev = c;
@@ -309,7 +452,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     layer_bwd_kernel(const Cell cell, const KernelArgs a, int p_begin, int p_end) {
   constexpr int G = Cell::kGates, W = Cell::kSaved;
   extern __shared__ __align__(16) unsigned char smem[];
-  Block<T, kBwdRows, BT> blk(a, smem);  // group q: W_hh^T rows of units 4q .. 4q+3
+  // group q: the W_hh^T rows of units 4q .. 4q+3
+  BlockFor<T, kBwdRows, kLaneUnits, BT> blk(a, smem);
   const int H = a.H, S = a.S, j = blk.j, bb = blk.bb;
   const bool owner = blk.owner;
   const int64_t GH = int64_t(G) * H, N = a.N;
@@ -339,12 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (Cell::kSplitHidden) h_prev = h_prev_ws[row * H + j];
         if (a.grad_out) g_out = dev::to_float(static_cast<const T*>(a.grad_out)[row * H + j]);
       }
-      if (rows_a > 0)
-        stage_rows(blk.staged, a.Kp, d_hidden + (int64_t(off_a) + b0) * GH, GH, rows_a, a.K,
-                   a.vec4);
-      __syncthreads();
-      if (rows_a > 0) blk.product(a.Kp);  // block-uniform condition
-      __syncthreads();
+      blk.multiply(a, d_hidden + (int64_t(off_a) + b0) * GH, GH, max(rows_a, 0));
       if (in_a || in_b) {
         const int64_t bj = int64_t(b) * H + j;
         float dh = a.d_h[bj];  // in_a: the bypass part left by phase p-1
@@ -450,7 +589,41 @@ const void* kernel_ptr(bool backward, int bt) {
   };
   if (bt == 1) return pick(&layer_fwd_kernel<Cell, T, 1>, &layer_bwd_kernel<Cell, T, 1>);
   if (bt == 4) return pick(&layer_fwd_kernel<Cell, T, 4>, &layer_bwd_kernel<Cell, T, 4>);
+  if (bt == 32) return pick(&layer_fwd_kernel<Cell, T, 32>, &layer_bwd_kernel<Cell, T, 32>);
+  if (bt == 64) return pick(&layer_fwd_kernel<Cell, T, 64>, &layer_bwd_kernel<Cell, T, 64>);
   return pick(&layer_fwd_kernel<Cell, T, 8>, &layer_bwd_kernel<Cell, T, 8>);
+}
+
+bool lanes_enabled() {
+  const char* v = std::getenv("SEQKERN_CUDA_RNN_LANES");
+  return v && v[0] == '1';
+}
+
+// A persistent batch-lane plan (kLaneUnits units a block, 32 or 64 batch rows a pass) if
+// every block is co-resident: the forward stages whole rows, the backward as few equal
+// chunks (multiples of 32 columns, at least 128) as fit beside the weight slice and the
+// partial sums. false when none fits.
+template <class Cell, typename T>
+bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, LayerPlan* plan,
+               cudaError_t* err) {
+  const int G = Cell::kGates, R = backward ? kLaneUnits : kLaneUnits * G;
+  const int64_t H = p.hidden, Kp = round_up(backward ? G * H : H, kPad);
+  const int bt = p.batch > 32 ? 64 : 32;
+  const int64_t fixed = R * Kp * int64_t(sizeof(T)) + int64_t(kWarps) * R * bt * 4;
+  const int64_t fit = ((max_smem - fixed) / (bt * 4) - 4) / 32 * 32;
+  if (fit < (backward ? std::min<int64_t>(128, round_up(Kp, 32)) : Kp)) return false;
+  const int64_t chunks = (round_up(Kp, 32) + fit - 1) / fit;
+  const int64_t kc = round_up((Kp + chunks - 1) / chunks, 32);
+  const size_t smem = size_t(fixed + bt * (kc + 4) * 4);
+  const int blocks = static_cast<int>((H + kLaneUnits - 1) / kLaneUnits);
+  const void* kernel = kernel_ptr<Cell, T>(backward, bt);
+  *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
+  int occupancy = 0;
+  if (*err == cudaSuccess)
+    *err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, kThreads, smem);
+  if (*err != cudaSuccess || blocks > occupancy * sms) return false;
+  *plan = {true, kLaneUnits, bt, blocks, smem, int(kc)};
+  return true;
 }
 
 // Persistent if some (batch tile, units) has every block co-resident: the largest batch
@@ -468,6 +641,9 @@ cudaError_t make_plan(const LayerProblem& p, bool backward, bool allow_persisten
                              std::pair{cudaDevAttrCooperativeLaunch, &coop}})
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(value, attr, dev);
   if (err != cudaSuccess) return err;
+  if (allow_persistent && coop && lanes_enabled() && p.batch >= kLaneMinBatch &&
+      (lane_plan<Cell, T>(p, backward, sms, max_smem, plan, &err) || err != cudaSuccess))
+    return err;
   const int bt_max = p.batch <= 1 ? 0 : p.batch <= 4 ? 1 : 2;
   const auto smem_for = [&](int groups, int bt, bool w) {
     return size_t((w ? groups * RT * Kp * int64_t(sizeof(T)) : 0) + bt * Kp * 4 +
@@ -543,6 +719,7 @@ cudaError_t run_layer(const LayerProblem& p, bool backward, Cell cell, Strided2 
   for (bool allow_persistent : {true, false}) {
     if ((err = make_plan<Cell, T>(p, backward, allow_persistent, &plan)) != cudaSuccess) return err;
     a.units = plan.units, a.groups = backward ? plan.units / kBwdRows : plan.units;
+    a.kc = plan.k_chunk;
     a.w_in_smem = plan.persistent;
     const void* kernel = kernel_ptr<Cell, T>(backward, plan.batch_tile);
     int begin = 0, end = phases;

@@ -122,10 +122,11 @@ def build(harness, out_dir, cuda_src=CUDA_SRC):
     return exe
 
 
-def run(exe, *args, timeout=120):
-    """Runs a harness; returns its stderr (diagnostics such as the chosen RNN plan)."""
+def run(exe, *args, timeout=120, env=None):
+    """Runs a harness (env: its environment, default ours); returns its stderr (diagnostics
+    such as the chosen RNN plan)."""
     r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, env=env)
     assert r.returncode == 0, f"{Path(exe).name} {' '.join(map(str, args))} failed " \
                               f"(rc {r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
     return r.stderr

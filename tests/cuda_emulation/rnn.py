@@ -5,6 +5,7 @@ float32 (cuBLAS's job, not the kernels'), recurrent weights, states and incoming
 the storage dtype; they return the kernels' outputs as float64 tensors, plus the gate
 gradients from which the binding forms dx, dW and db by matrix products.
 """
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,8 @@ class LayerCase:
     coop: bool = True  # cooperative launches supported (else: the per-step fallback)
     min_work: int = 8 * 256  # the plan's minimum work per block (smaller: more blocks)
     persistent: bool = None  # the path the plan should take (default: coop)
+    lanes: bool = False  # batch-lane blocks allowed (SEQKERN_CUDA_RNN_LANES=1)
+    smem: int = 232448  # opt-in shared memory per block (H100's by default)
 
     def __post_init__(self):
         if self.persistent is None:
@@ -96,11 +99,13 @@ def run_layer(exe, workdir, case, x_gates, bias_x, bias_hn, w_hh, h0, c0, grad_o
     lstm, gru = c.mode == "LSTM", c.mode == "GRU"
     fin, fout = Path(workdir) / "layer_in.bin", Path(workdir) / "layer_out.bin"
     hdr = [MODES.index(c.mode), DTYPE_CODE[c.dtype], c.steps, B, H, int(bool(c.batch_sizes)),
-           int(c.reverse), int(c.bias), 1, int(c.strided), c.sms, int(c.coop), c.min_work]
+           int(c.reverse), int(c.bias), 1, int(c.strided), c.sms, int(c.coop), c.min_work,
+           c.smem]
     arrays = [x_gates] + ([bias_x] + [bias_hn] * gru if c.bias else []) + [w_hh, h0] + \
         [c0] * lstm + [grad_out, grad_hn] + [grad_cn] * lstm
     _write(fin, hdr + list(c.batch_sizes or []), arrays)
-    plan = build.run(exe, fin, fout).strip()
+    env = dict(os.environ, SEQKERN_CUDA_RNN_LANES=str(int(c.lanes)))
+    plan = build.run(exe, fin, fout, env=env).strip()
     W = SAVED_WIDTH[c.mode]
     ws = N * (W * H + H + (2 * H if lstm else 0))  # rnn_layer_workspace_numel
     sizes = [("out", N * H), ("h_n", B * H)] + [("c_n", B * H)] * lstm + [("ws", ws),

@@ -2,8 +2,9 @@
 // the training workspace) and backward. Usage: rnn_layer_harness IN OUT (formats: rnn.py's
 // run_layer). The emulated device's multiprocessor count, cooperative-launch support and the
 // minimum work per block come from the input, to steer the plan between the persistent
-// kernel (one cooperative launch, grid barriers) and the per-step fallback. Prints the plans
-// on stderr.
+// kernel (one cooperative launch, grid barriers) and the per-step fallback, and the opt-in
+// shared memory per block too (small: the batch-lane backward stages K in chunks). Prints
+// the plans on stderr.
 #include "emu_runtime.h"
 
 #include "rnn_layer.cu"
@@ -32,7 +33,8 @@ template <class Cell>
 void register_cell() {
   [&]<class... T>(T...) {
     ((register_kernels<Cell, T, 1>(), register_kernels<Cell, T, 4>(),
-      register_kernels<Cell, T, 8>()), ...);
+      register_kernels<Cell, T, 8>(), register_kernels<Cell, T, 32>(),
+      register_kernels<Cell, T, 64>()), ...);
   }(float{}, __half{}, __nv_bfloat16{});
 }
 void* scratch(size_t bytes) {  // 0xff garbage: the kernels must initialise what they use
@@ -45,7 +47,7 @@ void* scratch(size_t bytes) {  // 0xff garbage: the kernels must initialise what
 int main(int argc, char** argv) {
   if (argc != 3) return 2;
   register_cell<dev::Lstm>(), register_cell<dev::Gru>(), register_cell<dev::Rnn>();
-  g_emu_cc_major = 9, g_emu_smem_optin = 232448;  // H100
+  g_emu_cc_major = 9;
   Reader in{fopen(argv[1], "rb")};
   int hdr[12];
   in.ints(hdr, 12);
@@ -53,6 +55,7 @@ int main(int argc, char** argv) {
             reverse = hdr[6], bias = hdr[7], training = hdr[8], strided = hdr[9];
   g_emu_sms = hdr[10], g_emu_coop = hdr[11];
   in.ints(&g_emu_min_work, 1);
+  in.ints(&g_emu_smem_optin, 1);
   std::vector<int64_t> batch_sizes(packed ? T : 0);
   in.ints(batch_sizes.data(), batch_sizes.size());
   LayerProblem p;
@@ -101,9 +104,11 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  fprintf(stderr, "fwd persistent=%d blocks=%d coop_launches=%d; bwd persistent=%d blocks=%d "
-          "coop_launches=%d\n", int(plan_f.persistent), plan_f.blocks, fwd_coop,
-          int(plan_b.persistent), plan_b.blocks, g_emu_coop_launches - fwd_coop);
+  fprintf(stderr, "fwd tile=%d k_chunk=%d; bwd tile=%d k_chunk=%d; fwd persistent=%d blocks=%d "
+          "coop_launches=%d; bwd persistent=%d blocks=%d coop_launches=%d\n",
+          plan_f.batch_tile, plan_f.k_chunk, plan_b.batch_tile, plan_b.k_chunk,
+          int(plan_f.persistent), plan_f.blocks, fwd_coop, int(plan_b.persistent), plan_b.blocks,
+          g_emu_coop_launches - fwd_coop);
   FILE* f = fopen(argv[2], "wb");
   write(f, out, N * H), write(f, h_n, B * H);
   if (lstm) write(f, c_n, B * H);
