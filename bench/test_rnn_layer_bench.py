@@ -30,11 +30,11 @@ SHAPES = [("fastrnns", 100, 64, 512, 512, False),
 
 
 # On a GPU both compiled backends run side by side, and the CUDA layer kernel's batch-lane
-# blocks (opt-in, SEQKERN_CUDA_RNN_LANES=1, until measured; B >= 32 only) as their own row;
+# blocks (opt-in, SEQKERN_CUDA_RNN_LANES=1, until measured; B > 8 only) as their own row;
 # on the CPU the default dispatch (cpu).
 PROVIDERS = (["seqkern-cuda", "seqkern-cuda-lanes", "seqkern-triton", "torch"] if CUDA
              else ["seqkern", "torch"])
-LANES_MIN_BATCH = 32  # csrc/cuda/rnn_layer.cu's kLaneMinBatch
+LANES_MIN_BATCH = 9  # csrc/cuda/rnn_layer.cu's kLaneMinBatch
 
 
 def _backend(provider):
@@ -119,7 +119,7 @@ def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
     name, T, B, I, H, packed = shape
     backend, variant = _backend(provider)
     if variant == "lanes" and B < LANES_MIN_BATCH:
-        pytest.skip("batch-lane blocks take B >= 32")
+        pytest.skip("batch-lane blocks take B >= 9")
     # The op's own inputs dict, as the op builds it (w_hh [G*H, H], no projection).
     x = torch.empty(T, B, I, device=DEVICE, dtype=dtype)
     w_hh = torch.empty((4 if cls == "LSTM" else 3) * H, H, device=DEVICE, dtype=dtype)

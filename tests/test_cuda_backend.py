@@ -55,6 +55,7 @@ def test_hidden_size_past_the_persistent_kernel():
     ("GRU", 300, 33, 136, torch.float32),  # a part-filled 64-row tile, K not a multiple of 32
     ("LSTM", 20, 40, 136, torch.bfloat16),
     ("GRU", 20, 32, 512, torch.bfloat16),  # 32-row tiles
+    ("LSTM", 100, 16, 512, torch.float32),  # 16-row tiles: two K slices a warp
 ])
 def test_batch_lane_blocks(monkeypatch, cls, T, B, H, dtype):
     # Opt-in until measured (csrc/cuda/rnn_layer.cu); the planner reads it at every call.

@@ -232,8 +232,12 @@ LAYER_CASES = [
         [4, 1, 3, 4, 2] * 8), strided=True, lanes=True),  # live rows fall below the tile
     LayerCase("LSTM", BF16, 3, 32, 20, _lengths_to_batch_sizes([3, 2] * 14 + [1] * 4),
               reverse=True, lanes=True, sms=3),  # 32-row tiles
-    # the backward stages K = 144 in chunks of 128 and 16 columns (small shared memory)
+    # the backward stages K = 144 in chunks of 96 and 48 columns (small shared memory)
     LayerCase("GRU", torch.float32, 3, 32, 48, lanes=True, sms=6, smem=23296),
+    # 16-row tiles: two K slices a warp
+    LayerCase("LSTM", torch.float32, 3, 16, 28, _lengths_to_batch_sizes(
+        [3, 1, 2, 3, 3, 1, 2, 2, 3, 1, 1, 3, 2, 3, 1, 2]), lanes=True, sms=4),
+    LayerCase("RNN_TANH", BF16, 2, 9, 11, reverse=True, strided=True, lanes=True),
 ]
 
 
@@ -269,7 +273,8 @@ def test_rnn_layer_fwd_bwd(harness, tmp_path, case):
     path = int(c.persistent)  # the plan took the intended path, and launched by it
     assert f"fwd persistent={path} " in plan and f"bwd persistent={path} " in plan, plan
     assert f"coop_launches={path};" in plan and plan.endswith(f"coop_launches={path}"), plan
-    tile = (64 if B > 32 else 32) if c.lanes else None  # batch-lane plans, else 1 to 8 rows
+    # batch-lane plans (B > 8), else 1 to 8 rows
+    tile = (64 if B > 32 else 32 if B > 16 else 16) if c.lanes and B > 8 else None
     for direction in ("fwd", "bwd"):
         got_tile = int(plan.split(f"{direction} tile=")[1].split()[0])
         assert got_tile == tile if tile else got_tile <= 8, plan

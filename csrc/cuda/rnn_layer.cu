@@ -17,12 +17,13 @@
 // rows per pass). A warp reduce-scatter and a sum over the group's warps in shared memory
 // finish the products, and one thread per (unit, batch row) runs the cell.
 //
-// Wide batches (opt-in until measured on a GPU: SEQKERN_CUDA_RNN_LANES=1) use batch-lane
-// blocks instead (LaneBlock): 32 or 64 batch rows a pass, lane l of every warp owning rows l
-// and l + 32, the 8 warps splitting K, and each thread accumulating all of the block's
-// weight rows for its batch rows. Weights are read as warp-wide broadcasts, so the product
-// needs no shuffles and a B = 64 step one pass instead of eight; K is staged in chunks when
-// the rows do not fit (the backward's K = G*H).
+// Batches over 8 rows (opt-in until measured on a GPU: SEQKERN_CUDA_RNN_LANES=1) use
+// batch-lane blocks instead (LaneBlock): 16, 32 or 64 batch rows a pass, the lanes of every
+// warp over the rows (and, 16-row tiles, two K slices), the 8 warps splitting K, each thread
+// accumulating all of the block's weight rows for its batch rows. Weights are read as
+// broadcasts, so the product needs no shuffles, and a step takes one pass up to B = 64
+// (eight of 8 rows before); K is staged in chunks when the rows do not fit (the backward's
+// K = G*H).
 //
 // Backward order: phase p first completes dh for the rows of step S-p (the product of the
 // gate gradients written in phase p-1 with W_hh), then runs the pointwise backward of step
@@ -45,7 +46,7 @@ constexpr int kBwdRows = 4;    // backward: rows of W_hh^T (hidden units) per th
 constexpr int kUnitPad = 16;   // packed weights hold a multiple of 16 units (the widest block)
 constexpr int kBatchTiles[3] = {1, 4, 8};
 constexpr int kLaneUnits = 4;      // batch-lane blocks: hidden units per block
-constexpr int kLaneMinBatch = 32;  // batch-lane blocks: the smallest batch they take
+constexpr int kLaneMinBatch = 9;   // batch-lane blocks: the smallest batch they take
 
 __host__ __device__ constexpr int pow2_ceil(int v) { return v <= 1 ? 1 : 2 * pow2_ceil((v + 1) / 2); }
 __host__ __device__ constexpr int log2_ceil(int v) { return v <= 1 ? 0 : 1 + log2_ceil((v + 1) / 2); }
@@ -269,18 +270,24 @@ struct Block {
   }
 };
 
-// Batch-lane block (BT = 32 or 64): thread (warp, lane) accumulates all R weight rows of the
-// block's slice for batch rows lane + 32 i over K columns k = 4 (warp + 8 m) .. + 3 of each
-// chunk; the 8 warps' partial sums meet in red. Shared memory: [weight slice (persistent
-// only)] [BT x (kc + 4) staged rows: the 4-float pad puts 8 consecutive rows' float4s in
-// distinct banks] [8 x R x BT partial sums]. The staged rows are whole (kc >= Kp) when the
-// forward reads the previous state from them.
+// Batch-lane block (BT = 16, 32 or 64): lane l of a warp takes batch rows l % RW + RW i
+// (RW = min(BT, 32)) and K slice l / RW, so part p = KG warp + l / RW of the P = 8 KG parts
+// accumulates all R weight rows of the block's slice for its rows over K columns
+// 4 (p + P m) .. + 3 of each chunk; the parts' partial sums meet in red. Shared memory:
+// [weight slice (persistent only)] [BT x (kc + 4) staged rows: the 4-float pad puts 8
+// consecutive rows' float4s in distinct banks] [P x R x BT partial sums]. The staged rows are
+// whole (kc >= Kp) when the forward reads the previous state from them.
+template <int BT>
+struct LaneShape {
+  static constexpr int RW = BT < 32 ? BT : 32, KG = 32 / RW, BL = BT / RW, P = kWarps * KG;
+};
+
 template <typename T, int RT, int R, int BT>
 struct LaneBlock {
-  static constexpr int BL = BT / 32;
+  static constexpr int RW = LaneShape<BT>::RW, BL = LaneShape<BT>::BL, P = LaneShape<BT>::P;
   const T* w;  // the block's R rows of Kp (shared when persistent, else global)
   float *staged, *red;
-  int stride, lane, warp, u, bb, j;
+  int stride, row, part, u, bb, j;
   bool owner;
 
   __device__ LaneBlock(const KernelArgs& a, unsigned char* smem) {
@@ -290,8 +297,8 @@ struct LaneBlock {
     stride = a.kc + 4;
     staged = reinterpret_cast<float*>(smem + w_bytes);
     red = staged + BT * stride;
-    const int tid = threadIdx.x;
-    lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x, lane = tid & 31;
+    row = lane % RW, part = (tid >> 5) * LaneShape<BT>::KG + lane / RW;
     u = tid / BT, bb = tid - u * BT, j = blockIdx.x * a.units + u;
     owner = tid < a.units * BT && j < a.H;
     __syncthreads();
@@ -338,15 +345,15 @@ struct LaneBlock {
       if (rows > 0) stage_chunk(a, src, ld, rows, k0, len);
       __syncthreads();
       if (rows == 0) continue;  // block-uniform
-      for (int c = 4 * warp; c < len; c += 4 * kWarps) {
+      for (int c = 4 * part; c < len; c += 4 * P) {
         float4 h[BL];
 #pragma unroll
         for (int i = 0; i < BL; ++i)
-          h[i] = *reinterpret_cast<const float4*>(staged + (lane + 32 * i) * stride + c);
+          h[i] = *reinterpret_cast<const float4*>(staged + (row + RW * i) * stride + c);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           float wv[4];
-          load4(w + r * a.Kp + k0 + c, wv);  // the same address in every lane: a broadcast
+          load4(w + r * a.Kp + k0 + c, wv);  // one address a K slice: a broadcast
 #pragma unroll
           for (int i = 0; i < BL; ++i) {
             float s = acc[r * BL + i];
@@ -362,7 +369,7 @@ struct LaneBlock {
 #pragma unroll
       for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int i = 0; i < BL; ++i) red[(warp * R + r) * BT + lane + 32 * i] = acc[r * BL + i];
+        for (int i = 0; i < BL; ++i) red[(part * R + r) * BT + row + RW * i] = acc[r * BL + i];
     }
     __syncthreads();
   }
@@ -370,7 +377,7 @@ struct LaneBlock {
   __device__ float total(int q, int r) const {
     float s = 0.f;
 #pragma unroll
-    for (int w8 = 0; w8 < kWarps; ++w8) s += red[(w8 * R + q * RT + r) * BT + bb];
+    for (int p = 0; p < P; ++p) s += red[(p * R + q * RT + r) * BT + bb];
     return s;
   }
   __device__ float staged_at(const KernelArgs&, int b, int col) const {
@@ -378,9 +385,9 @@ struct LaneBlock {
   }
 };
 
-// The block type of a kernel: batch-lane blocks of kLaneUnits units for BT >= 32.
+// The block type of a kernel: batch-lane blocks of kLaneUnits units for BT >= 16.
 template <typename T, int RT, int LaneRows, int BT>
-using BlockFor = std::conditional_t<(BT >= 32), LaneBlock<T, RT, LaneRows, BT>, Block<T, RT, BT>>;
+using BlockFor = std::conditional_t<(BT >= 16), LaneBlock<T, RT, LaneRows, BT>, Block<T, RT, BT>>;
 
 template <class Cell, typename T, int BT>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -589,6 +596,7 @@ const void* kernel_ptr(bool backward, int bt) {
   };
   if (bt == 1) return pick(&layer_fwd_kernel<Cell, T, 1>, &layer_bwd_kernel<Cell, T, 1>);
   if (bt == 4) return pick(&layer_fwd_kernel<Cell, T, 4>, &layer_bwd_kernel<Cell, T, 4>);
+  if (bt == 16) return pick(&layer_fwd_kernel<Cell, T, 16>, &layer_bwd_kernel<Cell, T, 16>);
   if (bt == 32) return pick(&layer_fwd_kernel<Cell, T, 32>, &layer_bwd_kernel<Cell, T, 32>);
   if (bt == 64) return pick(&layer_fwd_kernel<Cell, T, 64>, &layer_bwd_kernel<Cell, T, 64>);
   return pick(&layer_fwd_kernel<Cell, T, 8>, &layer_bwd_kernel<Cell, T, 8>);
@@ -599,7 +607,7 @@ bool lanes_enabled() {
   return v && v[0] == '1';
 }
 
-// A persistent batch-lane plan (kLaneUnits units a block, 32 or 64 batch rows a pass) if
+// A persistent batch-lane plan (kLaneUnits units a block, 16, 32 or 64 batch rows a pass) if
 // every block is co-resident: the forward stages whole rows, the backward as few equal
 // chunks (multiples of 32 columns, at least 128) as fit beside the weight slice and the
 // partial sums. false when none fits.
@@ -608,8 +616,9 @@ bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Laye
                cudaError_t* err) {
   const int G = Cell::kGates, R = backward ? kLaneUnits : kLaneUnits * G;
   const int64_t H = p.hidden, Kp = round_up(backward ? G * H : H, kPad);
-  const int bt = p.batch > 32 ? 64 : 32;
-  const int64_t fixed = R * Kp * int64_t(sizeof(T)) + int64_t(kWarps) * R * bt * 4;
+  const int bt = p.batch > 32 ? 64 : p.batch > 16 ? 32 : 16;
+  const int parts = kWarps * 32 / std::min(bt, 32);  // LaneShape<bt>::P
+  const int64_t fixed = R * Kp * int64_t(sizeof(T)) + int64_t(parts) * R * bt * 4;
   const int64_t fit = ((max_smem - fixed) / (bt * 4) - 4) / 32 * 32;
   if (fit < (backward ? std::min<int64_t>(128, round_up(Kp, 32)) : Kp)) return false;
   const int64_t chunks = (round_up(Kp, 32) + fit - 1) / fit;

@@ -33,7 +33,8 @@ template <class Cell>
 void register_cell() {
   [&]<class... T>(T...) {
     ((register_kernels<Cell, T, 1>(), register_kernels<Cell, T, 4>(),
-      register_kernels<Cell, T, 8>(), register_kernels<Cell, T, 32>(),
+      register_kernels<Cell, T, 8>(), register_kernels<Cell, T, 16>(),
+      register_kernels<Cell, T, 32>(),
       register_kernels<Cell, T, 64>()), ...);
   }(float{}, __half{}, __nv_bfloat16{});
 }
