@@ -6,6 +6,7 @@ device time means launch or Python overhead; device time above the peer's means 
 
     python bench/gpu_profile.py            (bench/gpu_check.sh's `profile` stage)
 """
+import os
 import time
 
 import torch
@@ -53,7 +54,8 @@ def _cell_step(cls, B, H, dtype):
 CASES = [_layer_train("LSTM", 100, 64, 512, torch.bfloat16),
          _layer_train("LSTM", 200, 16, 512, torch.bfloat16),
          _cell_step("LSTMCell", 64, 512, torch.bfloat16)]
-PROVIDERS = ["cuda", "triton", "torch"]
+# cuda-lanes: the cuda backend with the layer kernel's batch-lane blocks (SEQKERN_CUDA_RNN_LANES)
+PROVIDERS = ["cuda", "cuda-lanes", "triton", "torch"]
 
 
 def measure(step):
@@ -85,11 +87,14 @@ def main():
         for provider in PROVIDERS:
             if name.startswith("LSTM train") and provider == "triton":
                 continue  # 24-170x slower than cuda (bench/RESULTS.md): minutes of lease
+            if provider == "cuda-lanes" and not name.startswith("LSTM train"):
+                continue  # layers only
             step = make(provider)
+            os.environ["SEQKERN_CUDA_RNN_LANES"] = "1" if provider == "cuda-lanes" else "0"
             if provider == "torch":
                 host_ms, kernels = measure(step)
             else:
-                with seqkern.backend(provider):
+                with seqkern.backend(provider.split("-")[0]):
                     host_ms, kernels = measure(step)
             device_ms = sum(kernels.values())
             top = sorted(kernels.items(), key=lambda kv: -kv[1])[:4]
