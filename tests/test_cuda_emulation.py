@@ -233,7 +233,7 @@ LAYER_CASES = [
     LayerCase("LSTM", BF16, 3, 32, 20, _lengths_to_batch_sizes([3, 2] * 14 + [1] * 4),
               reverse=True, lanes=True, sms=3),  # 32-row tiles
     # the backward stages K = 144 in chunks of 96 and 48 columns (small shared memory)
-    LayerCase("GRU", torch.float32, 3, 32, 48, lanes=True, sms=6, smem=23296),
+    LayerCase("GRU", torch.float32, 3, 32, 48, lanes=True, sms=6, smem=30720),
     # 16-row tiles: two K slices a warp
     LayerCase("LSTM", torch.float32, 3, 16, 28, _lengths_to_batch_sizes(
         [3, 1, 2, 3, 3, 1, 2, 2, 3, 1, 1, 3, 2, 3, 1, 2]), lanes=True, sms=4),
@@ -273,11 +273,12 @@ def test_rnn_layer_fwd_bwd(harness, tmp_path, case):
     path = int(c.persistent)  # the plan took the intended path, and launched by it
     assert f"fwd persistent={path} " in plan and f"bwd persistent={path} " in plan, plan
     assert f"coop_launches={path};" in plan and plan.endswith(f"coop_launches={path}"), plan
-    # batch-lane plans (B > 8), else 1 to 8 rows
+    # batch-lane plans (B > 8; the backward's 8 units a block take at most 32 rows), else 1
+    # to 8 rows
     tile = (64 if B > 32 else 32 if B > 16 else 16) if c.lanes and B > 8 else None
-    for direction in ("fwd", "bwd"):
+    for direction, most in (("fwd", 64), ("bwd", 32)):
         got_tile = int(plan.split(f"{direction} tile=")[1].split()[0])
-        assert got_tile == tile if tile else got_tile <= 8, plan
+        assert got_tile == min(tile, most) if tile else got_tile <= 8, plan
     if c.smem < 232448:  # the small shared memory made the backward stage K in chunks
         assert int(plan.split("bwd tile=")[1].split("k_chunk=")[1].split(";")[0]) < G * H, plan
 

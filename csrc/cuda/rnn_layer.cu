@@ -45,7 +45,11 @@ constexpr int kPad = 8;        // K padded to a multiple of 8: 16-byte rows in e
 constexpr int kBwdRows = 4;    // backward: rows of W_hh^T (hidden units) per thread
 constexpr int kUnitPad = 16;   // packed weights hold a multiple of 16 units (the widest block)
 constexpr int kBatchTiles[3] = {1, 4, 8};
-constexpr int kLaneUnits = 4;      // batch-lane blocks: hidden units per block
+// Batch-lane blocks: hidden units per block. Every block stages the whole operand each step
+// (h_prev: B x H forward, the gate gradients: B x G*H backward), so the backward's reads
+// outweigh its products at 4 units a block (B64 H512: 512 KB a block a step); 8 units halve
+// the blocks reading them (estimates, to be measured: bench/RESULTS.md).
+constexpr int kLaneUnitsFwd = 4, kLaneUnitsBwd = 8;
 constexpr int kLaneMinBatch = 9;   // batch-lane blocks: the smallest batch they take
 
 __host__ __device__ constexpr int pow2_ceil(int v) { return v <= 1 ? 1 : 2 * pow2_ceil((v + 1) / 2); }
@@ -385,7 +389,7 @@ struct LaneBlock {
   }
 };
 
-// The block type of a kernel: batch-lane blocks of kLaneUnits units for BT >= 16.
+// The block type of a kernel: batch-lane blocks for BT >= 16.
 template <typename T, int RT, int LaneRows, int BT>
 using BlockFor = std::conditional_t<(BT >= 16), LaneBlock<T, RT, LaneRows, BT>, Block<T, RT, BT>>;
 
@@ -394,7 +398,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     layer_fwd_kernel(const Cell cell, const KernelArgs a, int p_begin, int p_end) {
   constexpr int G = Cell::kGates, W = Cell::kSaved;
   extern __shared__ __align__(16) unsigned char smem[];
-  BlockFor<T, G, kLaneUnits * G, BT> blk(a, smem);  // group u = unit u: its G gate rows
+  BlockFor<T, G, kLaneUnitsFwd * G, BT> blk(a, smem);  // group u = unit u: its G gate rows
   const int H = a.H, j = blk.j, bb = blk.bb;
   const bool owner = blk.owner;
   const int64_t GH = int64_t(G) * H;
@@ -460,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int G = Cell::kGates, W = Cell::kSaved;
   extern __shared__ __align__(16) unsigned char smem[];
   // group q: the W_hh^T rows of units 4q .. 4q+3
-  BlockFor<T, kBwdRows, kLaneUnits, BT> blk(a, smem);
+  BlockFor<T, kBwdRows, kLaneUnitsBwd, BT> blk(a, smem);
   const int H = a.H, S = a.S, j = blk.j, bb = blk.bb;
   const bool owner = blk.owner;
   const int64_t GH = int64_t(G) * H, N = a.N;
@@ -607,16 +611,17 @@ bool lanes_enabled() {
   return v && v[0] == '1';
 }
 
-// A persistent batch-lane plan (kLaneUnits units a block, 16, 32 or 64 batch rows a pass) if
-// every block is co-resident: the forward stages whole rows, the backward as few equal
+// A persistent batch-lane plan (kLaneUnitsFwd / kLaneUnitsBwd units a block, 16, 32 or 64
+// batch rows a pass, at most one (unit, row) a thread) if every block is co-resident: the forward stages whole rows, the backward as few equal
 // chunks (multiples of 32 columns, at least 128) as fit beside the weight slice and the
 // partial sums. false when none fits.
 template <class Cell, typename T>
 bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, LayerPlan* plan,
                cudaError_t* err) {
-  const int G = Cell::kGates, R = backward ? kLaneUnits : kLaneUnits * G;
+  const int G = Cell::kGates, units = backward ? kLaneUnitsBwd : kLaneUnitsFwd;
+  const int R = backward ? units : units * G;
   const int64_t H = p.hidden, Kp = round_up(backward ? G * H : H, kPad);
-  const int bt = p.batch > 32 ? 64 : p.batch > 16 ? 32 : 16;
+  const int bt = std::min(p.batch > 32 ? 64 : p.batch > 16 ? 32 : 16, kThreads / units);
   const int parts = kWarps * 32 / std::min(bt, 32);  // LaneShape<bt>::P
   const int64_t fixed = R * Kp * int64_t(sizeof(T)) + int64_t(parts) * R * bt * 4;
   const int64_t fit = ((max_smem - fixed) / (bt * 4) - 4) / 32 * 32;
@@ -624,14 +629,14 @@ bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Laye
   const int64_t chunks = (round_up(Kp, 32) + fit - 1) / fit;
   const int64_t kc = round_up((Kp + chunks - 1) / chunks, 32);
   const size_t smem = size_t(fixed + bt * (kc + 4) * 4);
-  const int blocks = static_cast<int>((H + kLaneUnits - 1) / kLaneUnits);
+  const int blocks = static_cast<int>((H + units - 1) / units);
   const void* kernel = kernel_ptr<Cell, T>(backward, bt);
   *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
   int occupancy = 0;
   if (*err == cudaSuccess)
     *err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, kThreads, smem);
   if (*err != cudaSuccess || blocks > occupancy * sms) return false;
-  *plan = {true, kLaneUnits, bt, blocks, smem, int(kc)};
+  *plan = {true, units, bt, blocks, smem, int(kc)};
   return true;
 }
 
