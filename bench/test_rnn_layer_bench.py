@@ -114,7 +114,8 @@ def _peak_memory_mb(provider, cls, shape, dtype, pass_):
 
 @pytest.mark.parametrize("pass_", ["inference", "train"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-B{s[2]}" if "small" in s[0] else s[0])
+@pytest.mark.parametrize("shape", SHAPES,
+                         ids=lambda s: f"{s[0]}-B{s[2]}" if "small" in s[0] else s[0])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
@@ -131,8 +132,8 @@ def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
     target, flops = _setup(provider, cls, shape, dtype, pass_)
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
-    # Triton's layers run 24-170x slower than the CUDA kernel on a GPU (bench/RESULTS.md):
-    # fewer rounds keep the GPU run's lease for the rest.
+    # Triton's layers ran 24-170x slower than the CUDA kernel on a GPU (bench/RESULTS.md,
+    # before their grid of programs a step): fewer rounds keep the GPU run's lease.
     rounds = (3 if backend == "triton" else 10) if CUDA else 4
     benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=1)
     if CUDA:

@@ -374,6 +374,46 @@ def test_lstm_projection_gradcheck():
         assert torch.autograd.gradcheck(f, (x, h0, c0, w_hr, *w, *b))
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton backend not usable here")
+@pytest.mark.parametrize("cls, kw", [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "relu"})])
+def test_triton_layers_over_several_program_tiles(cls, kw):
+    """Triton's steps run as a grid of (16-row, 32-unit) programs: B = 37 and H = 40 make 3 x 2
+    of them, each reading the state the others wrote at the step before (the randomized grid
+    stays within one tile). Packed unsorted, both directions, float32 against float64."""
+    ours, theirs = _pair(cls, input_size=6, hidden_size=40, bidirectional=True, **kw)
+    ours.float()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 37, 6, dtype=torch.float64, generator=gen).to(DEVICE)
+    lengths = torch.randint(1, 8, (37,), generator=gen)
+    lengths[5] = 7
+    h0 = torch.randn(2, 37, 40, dtype=torch.float64, generator=gen).to(DEVICE)
+    hx = (h0, torch.randn_like(h0)) if cls == "LSTM" else h0
+
+    def run(module, x, hx):
+        return _flatten(module(pack_padded_sequence(x, lengths, enforce_sorted=False), hx))
+
+    leaves = [x.requires_grad_(True)] + [t.requires_grad_(True) for t in
+                                         (hx if isinstance(hx, tuple) else (hx,))]
+    leaves_f = [t.detach().float().requires_grad_(True) for t in leaves]
+
+    def call(module, ls):
+        return run(module, ls[0], tuple(ls[1:]) if cls == "LSTM" else ls[1])
+
+    with seqkern.backend("triton"):
+        got = call(ours, leaves_f)
+    want = call(theirs, leaves)
+    grads = [torch.randn_like(w) for w in want]
+    with seqkern.backend("triton"):
+        g_ours = torch.autograd.grad(got, leaves_f + list(ours.parameters()),
+                                     [g.float() for g in grads])
+    g_theirs = torch.autograd.grad(want, leaves + list(theirs.parameters()), grads)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(f"{cls} output[{i}]", g, w)
+    names = ["input", "h0", "c0"][:len(leaves)] + [n for n, _ in ours.named_parameters()]
+    for name, g, w in zip(names, g_ours, g_theirs):
+        assert_close(f"{cls} d{name}", g, w)
+
+
 @pytest.mark.skipif(not HAS_C, reason="no _C")
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 @pytest.mark.parametrize("used", ["h_n", "c_n", "output"])

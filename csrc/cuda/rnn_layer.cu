@@ -612,9 +612,9 @@ bool lanes_enabled() {
 }
 
 // A persistent batch-lane plan (kLaneUnitsFwd / kLaneUnitsBwd units a block, 16, 32 or 64
-// batch rows a pass, at most one (unit, row) a thread) if every block is co-resident: the forward stages whole rows, the backward as few equal
-// chunks (multiples of 32 columns, at least 128) as fit beside the weight slice and the
-// partial sums. false when none fits.
+// batch rows a pass, at most one (unit, row) a thread) if every block is co-resident: the
+// forward stages whole rows, the backward as few equal chunks (multiples of 32 columns, at
+// least 128) as fit beside the weight slice and the partial sums. false when none fits.
 template <class Cell, typename T>
 bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, LayerPlan* plan,
                cudaError_t* err) {
