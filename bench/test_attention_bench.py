@@ -77,9 +77,11 @@ def _case_id(c):
                                           str(c[4]).replace("torch.", ""), c[5])
 
 
+# provider outermost: it varies fastest, so a case's peers run back to back (whole rows
+# when a time limit cuts the run short)
+@pytest.mark.parametrize("provider", _providers())
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("case", _cases(), ids=_case_id)
-@pytest.mark.parametrize("provider", _providers())
 def test_attention(benchmark, record, provider, case, pass_):
     B, H, L, D, dtype, mask = case
     q, k, v, kpm = _inputs(*case)
