@@ -85,8 +85,6 @@ def main():
           f"mean of {ITERS}")
     for (name, make) in CASES:
         for provider in PROVIDERS:
-            if name.startswith("LSTM train") and provider == "triton":
-                continue  # 24-170x slower than cuda (bench/RESULTS.md): minutes of lease
             if provider == "cuda-lanes" and not name.startswith("LSTM train"):
                 continue  # layers only
             step = make(provider)

@@ -6,6 +6,8 @@ missing fence shows up only after many steps, so one sequence here is long. Hidd
 that do not fit on chip take the per-step fallback. The results are compared with the same
 layer run in float64 by the cpu backend.
 """
+import re
+
 import pytest
 import torch
 
@@ -60,7 +62,18 @@ def test_hidden_size_past_the_persistent_kernel():
 def test_batch_lane_blocks(monkeypatch, cls, T, B, H, dtype):
     # Opt-in until measured (csrc/cuda/rnn_layer.cu); the planner reads it at every call.
     monkeypatch.setenv("SEQKERN_CUDA_RNN_LANES", "1")
-    _layer_against_cpu64(cls, T=T, B=B, I=64, H=H, dtype=dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _layer_against_cpu64(cls, T=T, B=B, I=64, H=H, dtype=dtype)
+    # The planner falls back to the 8-row blocks where a lane plan does not fit; on Hopper
+    # (227 KB of shared memory a block) every case here must take it: the kernels' batch
+    # tile (their last template argument) says which ran.
+    names = {e.key for e in prof.key_averages()}
+    tiles = {d: {int(m) for n in names for m in re.findall(rf"layer_{d}_kernel<[^>]*, (\d+)>", n)}
+             for d in ("fwd", "bwd")}
+    want = 64 if B > 32 else 32 if B > 16 else 16
+    assert tiles["fwd"] and tiles["bwd"], f"no layer kernels among {sorted(names)[:8]}"
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert tiles == {"fwd": {want}, "bwd": {min(want, 32)}}, tiles
 
 
 def test_bidirectional_directions_on_two_streams():

@@ -463,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     layer_bwd_kernel(const Cell cell, const KernelArgs a, int p_begin, int p_end) {
   constexpr int G = Cell::kGates, W = Cell::kSaved;
   extern __shared__ __align__(16) unsigned char smem[];
-  // group q: the W_hh^T rows of units 4q .. 4q+3
+  // Block: group q holds the W_hh^T rows of units 4q .. 4q+3 (LaneBlock: all the block's)
   BlockFor<T, kBwdRows, kLaneUnitsBwd, BT> blk(a, smem);
   const int H = a.H, S = a.S, j = blk.j, bb = blk.bb;
   const bool owner = blk.owner;
@@ -602,7 +602,9 @@ const void* kernel_ptr(bool backward, int bt) {
   if (bt == 4) return pick(&layer_fwd_kernel<Cell, T, 4>, &layer_bwd_kernel<Cell, T, 4>);
   if (bt == 16) return pick(&layer_fwd_kernel<Cell, T, 16>, &layer_bwd_kernel<Cell, T, 16>);
   if (bt == 32) return pick(&layer_fwd_kernel<Cell, T, 32>, &layer_bwd_kernel<Cell, T, 32>);
-  if (bt == 64) return pick(&layer_fwd_kernel<Cell, T, 64>, &layer_bwd_kernel<Cell, T, 64>);
+  // 64-row tiles are forward only (the backward's 8 units a block take at most 32 rows).
+  if (bt == 64)
+    return backward ? nullptr : reinterpret_cast<const void*>(&layer_fwd_kernel<Cell, T, 64>);
   return pick(&layer_fwd_kernel<Cell, T, 8>, &layer_bwd_kernel<Cell, T, 8>);
 }
 
@@ -613,8 +615,10 @@ bool lanes_enabled() {
 
 // A persistent batch-lane plan (kLaneUnitsFwd / kLaneUnitsBwd units a block, 16, 32 or 64
 // batch rows a pass, at most one (unit, row) a thread) if every block is co-resident: the
-// forward stages whole rows, the backward as few equal chunks (multiples of 32 columns, at
-// least 128) as fit beside the weight slice and the partial sums. false when none fits.
+// forward stages whole rows; the backward K in as few chunks as fit beside the weight slice
+// and the partial sums (room for at least min(128, K) columns required), each a multiple of
+// 32 columns, the last one shorter where K is not a multiple of the chunk. false when none
+// fits.
 template <class Cell, typename T>
 bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, LayerPlan* plan,
                cudaError_t* err) {
@@ -734,6 +738,11 @@ cudaError_t run_layer(const LayerProblem& p, bool backward, Cell cell, Strided2 
     if ((err = make_plan<Cell, T>(p, backward, allow_persistent, &plan)) != cudaSuccess) return err;
     a.units = plan.units, a.groups = backward ? plan.units / kBwdRows : plan.units;
     a.kc = plan.k_chunk;
+    // Batch-lane blocks loop over K in chunks of kc, and the forward reads the previous
+    // state from its staged rows: lane_plan guarantees both; a plan that broke them would
+    // hang or read stale shared memory.
+    if (plan.batch_tile >= 16 && (a.kc < 32 || a.kc % 32 != 0 || (!backward && a.kc < Kp)))
+      return cudaErrorInvalidValue;
     a.w_in_smem = plan.persistent;
     const void* kernel = kernel_ptr<Cell, T>(backward, plan.batch_tile);
     int begin = 0, end = phases;

@@ -21,13 +21,15 @@ void register_kernels() {
       const KernelArgs a = *static_cast<KernelArgs*>(args[1]);
       const int begin = *static_cast<int*>(args[2]), end = *static_cast<int*>(args[3]);
       emu_run(g, b, smem, coop, [&] {
-        if (backward) layer_bwd_kernel<Cell, T, BT>(c, a, begin, end);
-        else layer_fwd_kernel<Cell, T, BT>(c, a, begin, end);
+        if constexpr (BT <= 32) {  // 64-row tiles: forward only (rnn_layer.cu's kernel_ptr)
+          if (backward) return layer_bwd_kernel<Cell, T, BT>(c, a, begin, end);
+        }
+        layer_fwd_kernel<Cell, T, BT>(c, a, begin, end);
       });
     };
   };
   emu_registry()[kernel_ptr<Cell, T>(false, BT)] = launcher(false);
-  emu_registry()[kernel_ptr<Cell, T>(true, BT)] = launcher(true);
+  if constexpr (BT <= 32) emu_registry()[kernel_ptr<Cell, T>(true, BT)] = launcher(true);
 }
 template <class Cell>
 void register_cell() {
