@@ -54,8 +54,10 @@ def _cell_step(cls, B, H, dtype):
 CASES = [_layer_train("LSTM", 100, 64, 512, torch.bfloat16),
          _layer_train("LSTM", 200, 16, 512, torch.bfloat16),
          _cell_step("LSTMCell", 64, 512, torch.bfloat16)]
-# cuda-lanes: the cuda backend with the layer kernel's batch-lane blocks (SEQKERN_CUDA_RNN_LANES)
-PROVIDERS = ["cuda", "cuda-lanes", "triton", "torch"]
+# cuda-next: the cuda backend with its opt-in candidates (bench/test_rnn_layer_bench.py):
+# batch-lane blocks (SEQKERN_CUDA_RNN_LANES) and bf16 backward products (..._BF16_GEMMS)
+PROVIDERS = ["cuda", "cuda-next", "triton", "torch"]
+NEXT_ENV = ("SEQKERN_CUDA_RNN_LANES", "SEQKERN_CUDA_RNN_BF16_GEMMS")
 
 
 def measure(step):
@@ -85,10 +87,10 @@ def main():
           f"mean of {ITERS}")
     for (name, make) in CASES:
         for provider in PROVIDERS:
-            if provider == "cuda-lanes" and not name.startswith("LSTM train"):
+            if provider == "cuda-next" and not name.startswith("LSTM train"):
                 continue  # layers only
             step = make(provider)
-            os.environ["SEQKERN_CUDA_RNN_LANES"] = "1" if provider == "cuda-lanes" else "0"
+            os.environ.update({k: "1" if provider == "cuda-next" else "0" for k in NEXT_ENV})
             if provider == "torch":
                 host_ms, kernels = measure(step)
             else:

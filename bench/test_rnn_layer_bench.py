@@ -31,16 +31,22 @@ SHAPES = [("fastrnns", 100, 64, 512, 512, False),
           ("packed", 200, 16, 512, 512, True)]
 
 
-# On a GPU both compiled backends run side by side, and the CUDA layer kernel's batch-lane
-# blocks (opt-in, SEQKERN_CUDA_RNN_LANES=1, until measured; B > 8 only) as their own row;
-# on the CPU the default dispatch (cpu).
-PROVIDERS = (["seqkern-cuda", "seqkern-cuda-lanes", "seqkern-triton", "torch"] if CUDA
+# On a GPU both compiled backends run side by side, and as its own row the cuda backend's
+# opt-in candidates (until measured): "next" = the layer kernel's batch-lane blocks (B > 8)
+# and the bf16 backward's products on bf16 tensor cores. On the CPU the default dispatch.
+PROVIDERS = (["seqkern-cuda", "seqkern-cuda-next", "seqkern-triton", "torch"] if CUDA
              else ["seqkern", "torch"])
+NEXT_ENV = ("SEQKERN_CUDA_RNN_LANES", "SEQKERN_CUDA_RNN_BF16_GEMMS")  # "1" for next, else "0"
 LANES_MIN_BATCH = 9  # csrc/cuda/rnn_layer.cu's kLaneMinBatch
 
 
+def _next_differs(B, dtype, pass_):
+    """Whether seqkern-cuda-next runs anything seqkern-cuda does not for this case."""
+    return B >= LANES_MIN_BATCH or (dtype == torch.bfloat16 and pass_ == "train")
+
+
 def _backend(provider):
-    """(backend or None, variant): "seqkern-cuda-lanes" -> ("cuda", "lanes")."""
+    """(backend or None, variant): "seqkern-cuda-next" -> ("cuda", "next")."""
     if not provider.startswith("seqkern-"):
         return None, ""
     backend, _, variant = provider.split("-", 1)[1].partition("-")
@@ -93,16 +99,17 @@ def _setup(provider, cls, shape, dtype, pass_, batch=None):
         return run, flops
 
     def forced():
-        lanes = os.environ.get("SEQKERN_CUDA_RNN_LANES")
-        os.environ["SEQKERN_CUDA_RNN_LANES"] = "1" if variant == "lanes" else "0"
+        before = {k: os.environ.get(k) for k in NEXT_ENV}
+        os.environ.update({k: "1" if variant == "next" else "0" for k in NEXT_ENV})
         try:
             with seqkern.backend(backend):
                 run()
         finally:
-            if lanes is None:
-                del os.environ["SEQKERN_CUDA_RNN_LANES"]
-            else:
-                os.environ["SEQKERN_CUDA_RNN_LANES"] = lanes
+            for k, v in before.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
     return forced, flops
 
 
@@ -123,8 +130,8 @@ def _peak_memory_mb(provider, cls, shape, dtype, pass_):
 def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
     name, T, B, I, H, packed = shape
     backend, variant = _backend(provider)
-    if variant == "lanes" and B < LANES_MIN_BATCH:
-        pytest.skip("batch-lane blocks take B >= 9")
+    if variant == "next" and not _next_differs(B, dtype, pass_):
+        pytest.skip("seqkern-cuda-next runs what seqkern-cuda does here")
     # The op's own inputs dict, as the op builds it (w_hh [G*H, H], no projection).
     x = torch.empty(T, B, I, device=DEVICE, dtype=dtype)
     w_hh = torch.empty((4 if cls == "LSTM" else 3) * H, H, device=DEVICE, dtype=dtype)

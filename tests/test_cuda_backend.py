@@ -13,19 +13,26 @@ import torch
 
 import seqkern
 from seqkern.backends import BACKENDS
-from tests.tolerances import assert_close
+from tests.tolerances import BWD_FACTOR, FWD_FACTOR, assert_close, assert_close_relative
 
 CUDA_USABLE = torch.cuda.is_available() and not BACKENDS["cuda"].availability("cuda")
 pytestmark = pytest.mark.skipif(not CUDA_USABLE, reason="needs the cuda backend on a GPU")
 
 
 def _layer_against_cpu64(cls, T, B, I, H, dtype, bidirectional=False):
+    """The cuda layer against the cpu backend's in float64: fp32 by the tolerance table,
+    fp16/bf16 by the relative rule against torch.nn's own module (cuDNN) in that dtype."""
     torch.manual_seed(0)
     # Explicit devices: the GPU run sets torch's default device to cuda (tests/conftest.py).
     ours = getattr(seqkern, cls)(I, H, bidirectional=bidirectional, device="cpu")
     ref = getattr(seqkern, cls)(I, H, bidirectional=bidirectional, dtype=torch.float64,
                                 device="cpu")
     ref.load_state_dict(ours.state_dict())
+    low = dtype in (torch.float16, torch.bfloat16)
+    if low:
+        peer = getattr(torch.nn, cls)(I, H, bidirectional=bidirectional, device="cpu")
+        peer.load_state_dict(ours.state_dict())
+        peer = peer.to("cuda", dtype)
     ours = ours.to("cuda", dtype)
     x = torch.randn(T, B, I, dtype=torch.float64, device="cpu")
     x_gpu = x.to("cuda", dtype).requires_grad_(True)
@@ -37,10 +44,20 @@ def _layer_against_cpu64(cls, T, B, I, H, dtype, bidirectional=False):
     with seqkern.backend("cpu"):
         want, _ = ref(x_ref)
         want.backward(grad.double().cpu())
-    assert_close(f"{cls} T{T} H{H} output", out.float().cpu(), want, dtype)
-    assert_close(f"{cls} T{T} H{H} dx", x_gpu.grad.float().cpu(), x_ref.grad, dtype)
-    for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
-        assert_close(f"{cls} T{T} H{H} d{name}", p.grad.float().cpu(), q.grad, dtype)
+    got = [("output", out, want), ("dx", x_gpu.grad, x_ref.grad)] + [
+        (f"d{name}", p.grad, q.grad)
+        for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters())]
+    if not low:
+        for name, a, w in got:
+            assert_close(f"{cls} T{T} H{H} {name}", a.float().cpu(), w, dtype)
+        return
+    x_peer = x.to("cuda", dtype).requires_grad_(True)
+    out_peer, _ = peer(x_peer)
+    out_peer.backward(grad)
+    peers = [out_peer, x_peer.grad] + [p.grad for p in peer.parameters()]
+    for (name, a, w), b in zip(got, peers, strict=True):
+        assert_close_relative(f"{cls} T{T} H{H} {name}", a.cpu(), w, b.cpu(),
+                              FWD_FACTOR if name == "output" else BWD_FACTOR)
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
@@ -61,7 +78,10 @@ def test_hidden_size_past_the_persistent_kernel():
 ])
 def test_batch_lane_blocks(monkeypatch, cls, T, B, H, dtype):
     # Opt-in until measured (csrc/cuda/rnn_layer.cu); the planner reads it at every call.
+    # bf16: with the backward's products on bf16 tensor cores too (csrc/cuda/bind_rnn.cpp),
+    # as bench/gpu_check.sh's seqkern-cuda-next runs them.
     monkeypatch.setenv("SEQKERN_CUDA_RNN_LANES", "1")
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_BF16_GEMMS", "1")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         _layer_against_cpu64(cls, T=T, B=B, I=64, H=H, dtype=dtype)
     # The planner falls back to the 8-row blocks where a lane plan does not fit; on Hopper

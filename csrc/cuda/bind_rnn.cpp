@@ -48,6 +48,13 @@ Strided2 strided(const at::Tensor& t) {
 }
 Strided2 strided(const std::optional<at::Tensor>& t) { return t ? strided(*t) : Strided2{}; }
 
+// bf16 layers' backward products on bf16 tensor cores (SEQKERN_CUDA_RNN_BF16_GEMMS=1): opt-in
+// until timed on a GPU (bench/gpu_check.sh's seqkern-cuda-next); else fp32 cuBLAS.
+bool bf16_gemms_enabled() {
+  const char* v = std::getenv("SEQKERN_CUDA_RNN_BF16_GEMMS");
+  return v && v[0] == '1';
+}
+
 // a @ b in fp32 on cuBLAS; fp16/bf16 operands accumulate and are stored in fp32.
 at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
   return (a.scalar_type() == at::kFloat ? at::mm(a, b) : at::mm(a, b, at::kFloat)).contiguous();
@@ -252,9 +259,19 @@ rnn_layer_bwd_cuda(const std::string& mode_name, const at::Tensor& input,
   }
   // dW_hh's right operand: the state entering each (step, row), from the workspace.
   const at::Tensor h_prev = workspace.narrow(0, saved_width(o.cell) * H * N, N * H).view({N, H});
-  const at::Tensor dx = at::mm(d_gx, o.w_ih.to(at::kFloat));
-  const at::Tensor dw_ih = at::mm(d_gx.t(), o.x.to(at::kFloat));
-  const at::Tensor dw_hh = at::mm(d_gh.t(), h_prev);
+  at::Tensor dx, dw_ih, dw_hh;
+  if (input.scalar_type() == at::kBFloat16 && bf16_gemms_enabled()) {
+    // The gate gradients (and h_prev) rounded to bf16, as torch's cuDNN bf16 layers keep
+    // them, the products on tensor cores with fp32 accumulation and output.
+    const at::Tensor g_x = d_gx.to(at::kBFloat16), g_h = gru ? d_gh.to(at::kBFloat16) : g_x;
+    dx = at::mm(g_x, o.w_ih, at::kFloat);
+    dw_ih = at::mm(g_x.t(), o.x, at::kFloat);
+    dw_hh = at::mm(g_h.t(), h_prev.to(at::kBFloat16), at::kFloat);
+  } else {  // fp32 cuBLAS on fp32 copies
+    dx = at::mm(d_gx, o.w_ih.to(at::kFloat));
+    dw_ih = at::mm(d_gx.t(), o.x.to(at::kFloat));
+    dw_hh = at::mm(d_gh.t(), h_prev);
+  }
   at::Tensor db_ih, db_hh;
   if (b_ih) {
     db_ih = d_gx.sum(0);
