@@ -77,12 +77,14 @@ def _rnn_layer_fwd_step_kernel(
     tile = in_batch[:, None] & (offs_j[None, :] < H)
     live_tile = live[:, None] & (offs_j[None, :] < H)
     h_old = tl.load(old_h + rows[:, None] * H + offs_j[None, :], mask=tile, other=0.0)
-    xrow = XG + (off + rows)[:, None] * (G * H) + offs_j[None, :]
+    # Flat row indices in int64: N * G * H passes 2^31 at sizes in use (T1000 B256 H2048).
+    n_idx = (off + rows).to(tl.int64)[:, None]
+    xrow = XG + n_idx * (G * H) + offs_j[None, :]
     if SAVE:
-        tl.store(H_PREV + (off + rows)[:, None] * H + offs_j[None, :], h_old, mask=live_tile)
+        tl.store(H_PREV + n_idx * H + offs_j[None, :], h_old, mask=live_tile)
     a0 = tl.load(xrow, mask=live_tile, other=0.0) + _state_times_weight(
         old_h, H, rows, live, W, sw_r, sw_k, 0, offs_j, H, BLOCK_B, BLOCK_H, BLOCK_K)
-    srow = SAVED + (off + rows)[:, None] * (SW * H) + offs_j[None, :]
+    srow = SAVED + n_idx * (SW * H) + offs_j[None, :]
     if MODE == 0:  # LSTM: i, f, g, o
         a1 = tl.load(xrow + H, mask=live_tile, other=0.0) + _state_times_weight(
             old_h, H, rows, live, W, sw_r, sw_k, H, offs_j, H, BLOCK_B, BLOCK_H, BLOCK_K)
@@ -103,9 +105,9 @@ def _rnn_layer_fwd_step_kernel(
             tl.store(srow + H, f, mask=live_tile)
             tl.store(srow + 2 * H, g, mask=live_tile)
             tl.store(srow + 3 * H, o, mask=live_tile)
-            tl.store(C_PREV + (off + rows)[:, None] * H + offs_j[None, :], c_old,
+            tl.store(C_PREV + n_idx * H + offs_j[None, :], c_old,
                      mask=live_tile)
-            tl.store(C_NEW + (off + rows)[:, None] * H + offs_j[None, :], c_new,
+            tl.store(C_NEW + n_idx * H + offs_j[None, :], c_new,
                      mask=live_tile)
     elif MODE == 1:  # GRU: r, z, n with b_hn inside r * (...)
         h1 = _state_times_weight(old_h, H, rows, live, W, sw_r, sw_k, H, offs_j, H,
@@ -135,7 +137,7 @@ def _rnn_layer_fwd_step_kernel(
             tl.store(srow, h_new, mask=live_tile)
     h_keep = tl.where(live_tile, h_new, h_old)
     tl.store(new_h + rows[:, None] * H + offs_j[None, :], h_keep, mask=tile)
-    tl.store(OUT + (off + rows)[:, None] * H + offs_j[None, :], h_new, mask=live_tile)
+    tl.store(OUT + n_idx * H + offs_j[None, :], h_new, mask=live_tile)
 
 
 @triton.jit(do_not_specialize=["p"])
@@ -161,10 +163,11 @@ def _rnn_layer_bwd_step_kernel(
         s_a = num_steps - p
         off_a = tl.load(STEP_OFF + s_a)
         live_a = in_batch & (rows < tl.load(STEP_ROWS + s_a))
+        row_a = (off_a + rows).to(tl.int64)  # int64: as in the forward
         acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
         for k0 in range(0, G * H, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            dg = tl.load(DHG + (off_a + rows)[:, None] * (G * H) + offs_k[None, :],
+            dg = tl.load(DHG + row_a[:, None] * (G * H) + offs_k[None, :],
                          mask=live_a[:, None] & (offs_k[None, :] < G * H), other=0.0)
             w = tl.load(W + offs_k[:, None] * sw_r + offs_j[None, :] * sw_k,
                         mask=(offs_k[:, None] < G * H) & (offs_j[None, :] < H), other=0.0)
@@ -175,7 +178,7 @@ def _rnn_layer_bwd_step_kernel(
         off = tl.load(STEP_OFF + s)
         live = in_batch & (rows < tl.load(STEP_ROWS + s))
         live_tile = live[:, None] & (offs_j[None, :] < H)
-        n_idx = (off + rows)[:, None]
+        n_idx = (off + rows).to(tl.int64)[:, None]  # int64: as in the forward
         dh_carry = dh
         if HAS_GRAD_OUT:
             dh += tl.load(GRAD_OUT + n_idx * H + offs_j[None, :], mask=live_tile, other=0.0)
