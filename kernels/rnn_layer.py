@@ -4,11 +4,12 @@ direction, enqueued back to back with no host synchronisation.
 
 A launch's programs tile (batch rows x hidden units): each computes all gates of its units
 for its rows from the whole previous state, so a step spreads over many multiprocessors. The
-steps need a grid-wide order (every unit reads every unit's previous state), which Triton can
-only give between launches: it has no cooperative launch, so a grid barrier inside one
-launch could wait forever on programs that were never scheduled (and would in the CPU
-interpreter, which runs programs one after another). The CUDA kernel (csrc/cuda) keeps its
-weights on chip in one cooperative launch instead. The input projection of all steps
+steps need a grid-wide order (every unit reads every unit's previous state), which here comes
+from the launches. A grid barrier inside one launch would need every program co-resident
+(recent Triton releases can ask for a cooperative launch, launch_cooperative_grid) and
+cannot run in the CPU interpreter at all, which runs programs one after another: it would
+wait forever there, so it could not be tested on the machines that test this code. The CUDA
+kernel (csrc/cuda) keeps its weights on chip in one cooperative launch instead. The input projection of all steps
 (before) and the weight gradients and dx (after) are single large products made with torch.
 Packed sequences: the step table (row offset, live rows) is built on the host from
 batch_sizes; rows beyond a step's live count carry their state over unchanged.
