@@ -11,19 +11,7 @@
 // slices do not fit in the co-resident blocks' shared memory (or cooperative launch is not
 // available) the same kernel runs one launch per step, reading W_hh from L2.
 //
-// Inside a block, 8 warps form `groups` thread groups; a group owns RT weight rows (the G
-// gates of one unit forward, 4 units of W_hh^T backward), its threads split the reduction
-// dimension K in 4-element slices, each accumulating RT x BT fp32 dot products (BT = batch
-// rows per pass). A warp reduce-scatter and a sum over the group's warps in shared memory
-// finish the products, and one thread per (unit, batch row) runs the cell.
-//
-// Batches over 8 rows (opt-in until measured on a GPU: SEQKERN_CUDA_RNN_LANES=1) use
-// batch-lane blocks instead (LaneBlock): 16, 32 or 64 batch rows a pass, the lanes of every
-// warp over the rows (and, 16-row tiles, two K slices), the 8 warps splitting K, each thread
-// accumulating all of the block's weight rows for its batch rows. Weights are read as
-// broadcasts, so the product needs no shuffles, and a step takes one pass up to B = 64
-// (eight of 8 rows before); K is staged in chunks when the rows do not fit (the backward's
-// K = G*H).
+// The blocks that multiply (Block, LaneBlock) are in rnn_layer_blocks.cuh.
 //
 // Backward order: phase p first completes dh for the rows of step S-p (the product of the
 // gate gradients written in phase p-1 with W_hh), then runs the pointwise backward of step
@@ -31,16 +19,15 @@
 // so only the gate gradients cross blocks.
 #include <algorithm>
 #include <cstdlib>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "rnn.h"
+#include "rnn_layer_blocks.cuh"
 
 namespace seqkern::cuda::rnn {
 namespace {
 
-constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kPad = 8;        // K padded to a multiple of 8: 16-byte rows in every dtype
 constexpr int kBwdRows = 4;    // backward: rows of W_hh^T (hidden units) per thread
 constexpr int kUnitPad = 16;   // packed weights hold a multiple of 16 units (the widest block)
@@ -52,135 +39,7 @@ constexpr int kBatchTiles[3] = {1, 4, 8};
 constexpr int kLaneUnitsFwd = 4, kLaneUnitsBwd = 8;
 constexpr int kLaneMinBatch = 9;   // batch-lane blocks: the smallest batch they take
 
-__host__ __device__ constexpr int pow2_ceil(int v) { return v <= 1 ? 1 : 2 * pow2_ceil((v + 1) / 2); }
-__host__ __device__ constexpr int log2_ceil(int v) { return v <= 1 ? 0 : 1 + log2_ceil((v + 1) / 2); }
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-// Everything a layer kernel reads; one struct for both directions.
-struct KernelArgs {
-  int S = 0, B = 0, H = 0;      // steps, batch, hidden
-  int units = 0, groups = 0;    // hidden units per block; thread groups per block
-  int K = 0, Kp = 0;            // reduction length (forward H, backward G*H), padded
-  int kc = 0;                   // batch-lane blocks: staged columns a chunk (multiple of 32)
-  bool w_in_smem = false;       // persistent: the block's weight slice sits in shared memory
-  bool vec4 = false;            // rows of the staged operand can be read as float4
-  const int* steps = nullptr;   // [S][2] (row offset, live rows), processing order
-  const void* w = nullptr;      // packed weights: forward [Hr][G][Kp], backward [Hr][Kp]
-  unsigned* barrier = nullptr;  // arrival counter, zero at launch
-  int64_t N = 0;
-  float* ws = nullptr;          // forward: written unless nullptr; backward: read
-  const float *x_gates = nullptr, *bias_x = nullptr, *bias_hn = nullptr;
-  float* h_state = nullptr;     // [2][B][H] ping-pong
-  float* c_state = nullptr;     // [B][H] (LSTM)
-  void *out = nullptr, *h_n = nullptr, *c_n = nullptr;
-  const void* grad_out = nullptr;
-  float *d_h = nullptr, *d_c = nullptr, *d_gx = nullptr, *d_gh = nullptr;
-};
-
-__device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
-  const float4 t = *reinterpret_cast<const float4*>(p);
-  v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
-}
-__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
-__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
-// Four fp16 / bf16 values (8 bytes) as two pairs P.
-template <typename P, typename T>
-__device__ __forceinline__ void load4_pairs(const T* p, float (&v)[4]) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(p);
-  P lo, hi;
-  memcpy(&lo, &raw.x, 4), memcpy(&hi, &raw.y, 4);
-  const float2 a = to_float2(lo), b = to_float2(hi);
-  v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
-}
-__device__ __forceinline__ void load4(const __half* p, float (&v)[4]) { load4_pairs<__half2>(p, v); }
-__device__ __forceinline__ void load4(const __nv_bfloat16* p, float (&v)[4]) {
-  load4_pairs<__nv_bfloat162>(p, v);
-}
-
-// acc[r * BT + b] += w[r][k] v[b][k] over k = 4 klane + 4 nk i + (0..3), k < Kp. w: RT rows
-// of Kp elements (shared or global); v: BT rows of Kp floats in shared memory.
-template <typename T, int RT, int BT, int VP>
-__device__ __forceinline__ void rows_dot(const T* w, int Kp, const float* v, int klane, int nk,
-                                         float (&acc)[VP]) {
-  for (int k = 4 * klane; k < Kp; k += 4 * nk) {
-    float wv[RT][4];
-#pragma unroll
-    for (int r = 0; r < RT; ++r) load4(w + r * Kp + k, wv[r]);
-#pragma unroll
-    for (int b = 0; b < BT; ++b) {
-      const float4 h = *reinterpret_cast<const float4*>(v + b * Kp + k);
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        float s = acc[r * BT + b];
-        s = fmaf(wv[r][0], h.x, s);
-        s = fmaf(wv[r][1], h.y, s);
-        s = fmaf(wv[r][2], h.z, s);
-        acc[r * BT + b] = fmaf(wv[r][3], h.w, s);
-      }
-    }
-  }
-}
-
-// Sums each of the V partial sums over the warp's lanes and stores the V totals in
-// red[0, V). Reduce-scatter: at level s a lane keeps half of its values (the upper half if
-// bit 4-s of its lane is set) and adds its partner's copy of them, so after the levels lane
-// L holds values L*(V/32) .. (V >= 32) or value L >> (5 - log2 V) (V < 32, then finished by
-// plain butterflies).
-template <int V, int S>
-__device__ __forceinline__ void scatter_levels(float (&v)[V], int lane) {
-  if constexpr (S < 5 && (V >> S) > 1) {  // one template level per step: constant indices
-    constexpr int o = 16 >> S, half = (V >> S) / 2;
-    const bool upper = (lane & o) != 0;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const float send = upper ? v[i] : v[i + half];
-      const float keep = upper ? v[i + half] : v[i];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-    }
-    scatter_levels<V, S + 1>(v, lane);
-  }
-}
-
-template <int V>
-__device__ __forceinline__ void warp_sum_to_smem(float (&v)[V], float* red, int lane) {
-  constexpr int kLevels = log2_ceil(V) < 5 ? log2_ceil(V) : 5;
-  scatter_levels<V, 0>(v, lane);
-  if constexpr (V >= 32) {
-#pragma unroll
-    for (int i = 0; i < V / 32; ++i) red[lane * (V / 32) + i] = v[i];
-  } else {
-    constexpr int kShift = 5 - kLevels;
-#pragma unroll
-    for (int o = 16 >> kLevels; o >= 1; o >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
-    if ((lane & ((1 << kShift) - 1)) == 0) red[lane >> kShift] = v[0];
-  }
-}
-
-// The total of partial sum idx over the warps of a group.
-__device__ __forceinline__ float group_sum(const float* red, int vp, int group, int wpg, int idx) {
-  float s = 0.f;
-  for (int w = 0; w < wpg; ++w) s += red[(group * wpg + w) * vp + idx];
-  return s;
-}
-
-// dst[r][0, K) = src[r * ld + (0, K)] for r < rows. Through L2 (ld.cg): other blocks wrote
-// src in this launch, so L1 may hold stale lines.
-__device__ __forceinline__ void stage_rows(float* dst, int Kp, const float* src, int64_t ld,
-                                           int rows, int K, bool vec4) {
-  if (vec4) {
-    const int K4 = K / 4;
-    for (int i = threadIdx.x; i < rows * K4; i += kThreads) {
-      const int r = i / K4, c = i - r * K4;
-      const float4 x = __ldcg(reinterpret_cast<const float4*>(src + r * ld) + c);
-      *reinterpret_cast<float4*>(dst + r * Kp + 4 * c) = x;
-    }
-  } else {
-    for (int i = threadIdx.x; i < rows * K; i += kThreads) {
-      const int r = i / K, c = i - r * K;
-      dst[r * Kp + c] = __ldcg(src + r * ld + c);
-    }
-  }
-}
 
 // Grid-wide barrier over co-resident blocks (cooperative launch only). counter counts
 // arrivals over the whole launch; barrier number n completes at n * gridDim.x. The fences
@@ -199,199 +58,6 @@ __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned& target
   __syncthreads();
 }
 
-// This block's weight slice (`slice` elements of the packed weights): copied to the start
-// of shared memory when persistent (*bytes: the shared memory it takes), else read in place.
-template <typename T>
-__device__ __forceinline__ const T* place_slice(const KernelArgs& a, int64_t slice,
-                                                unsigned char* smem, size_t* bytes) {
-  const T* w = static_cast<const T*>(a.w) + blockIdx.x * slice;
-  *bytes = 0;
-  if (!a.w_in_smem) return w;
-  *bytes = slice * sizeof(T);
-  const uint4* src = reinterpret_cast<const uint4*>(w);
-  uint4* dst = reinterpret_cast<uint4*>(smem);
-  for (int64_t i = threadIdx.x; i < int64_t(*bytes / 16); i += kThreads) dst[i] = src[i];
-  return reinterpret_cast<const T*>(smem);
-}
-
-// A block's shared memory and where each thread sits in it. Shared memory: [weight slice
-// (persistent only)] [BT x Kp staged rows] [8 x VP partial sums]. Warps form a.groups
-// groups; group q owns weight rows [q RT, q RT + RT) of the block's slice. Thread (u, bb) for
-// u < units runs the cell of hidden unit j for batch row bb of each tile.
-template <typename T, int RT, int BT>
-struct Block {
-  static constexpr int VP = pow2_ceil(RT * BT);
-  const T* w_rows;  // this thread group's RT rows (shared when persistent, else global)
-  float *staged, *red;
-  int lane, warp, wpg, klane, u, bb, j;
-  bool owner;
-
-  // Copies the weight slice in (persistent) and zeroes the staged rows' padding columns,
-  // which staging never writes and the zero weight padding multiplies.
-  __device__ Block(const KernelArgs& a, unsigned char* smem) {
-    const int64_t slice = int64_t(a.groups) * RT * a.Kp;
-    size_t w_bytes = 0;
-    const T* w = place_slice<T>(a, slice, smem, &w_bytes);
-    staged = reinterpret_cast<float*>(smem + w_bytes);
-    red = staged + BT * a.Kp;
-    const int pad = a.Kp - a.K;
-    for (int i = threadIdx.x; i < BT * pad; i += kThreads)
-      staged[(i / pad) * a.Kp + a.K + i % pad] = 0.f;
-    const int tid = threadIdx.x;
-    lane = tid & 31, warp = tid >> 5, wpg = kWarps / a.groups;
-    const int group = warp / wpg;
-    klane = (warp - group * wpg) * 32 + lane;
-    w_rows = w + group * RT * a.Kp;
-    u = tid / BT, bb = tid - u * BT, j = blockIdx.x * a.units + u;
-    owner = tid < a.units * BT && j < a.H;
-    __syncthreads();
-  }
-
-  // The group's RT rows times the staged rows, summed over the group's threads per warp
-  // into red (then group_sum adds the group's warps).
-  __device__ void product(int Kp) {
-    float acc[VP];
-#pragma unroll
-    for (int i = 0; i < VP; ++i) acc[i] = 0.f;
-    rows_dot<T, RT, BT>(w_rows, Kp, staged, klane, wpg * 32, acc);
-    warp_sum_to_smem<VP>(acc, red + warp * VP, lane);
-  }
-
-  // Stages `rows` rows of src (row stride ld) and multiplies them (nothing when rows = 0);
-  // the block's threads all call it.
-  __device__ void multiply(const KernelArgs& a, const float* src, int64_t ld, int rows) {
-    if (rows > 0) stage_rows(staged, a.Kp, src, ld, rows, a.K, a.vec4);
-    __syncthreads();
-    if (rows > 0) product(a.Kp);  // block-uniform condition
-    __syncthreads();
-  }
-
-  // The total for row r of group q, batch row bb.
-  __device__ float total(int q, int r) const { return group_sum(red, VP, q, wpg, r * BT + bb); }
-  // Column col of staged batch row b (the forward's previous state).
-  __device__ float staged_at(const KernelArgs& a, int b, int col) const {
-    return staged[b * a.Kp + col];
-  }
-};
-
-// Batch-lane block (BT = 16, 32 or 64): lane l of a warp takes batch rows l % RW + RW i
-// (RW = min(BT, 32)) and K slice l / RW, so part p = KG warp + l / RW of the P = 8 KG parts
-// accumulates all R weight rows of the block's slice for its rows over K columns
-// 4 (p + P m) .. + 3 of each chunk; the parts' partial sums meet in red. Shared memory:
-// [weight slice (persistent only)] [BT x (kc + 4) staged rows: the 4-float pad puts 8
-// consecutive rows' float4s in distinct banks] [P x R x BT partial sums]. The staged rows are
-// whole (kc >= Kp) when the forward reads the previous state from them.
-template <int BT>
-struct LaneShape {
-  static constexpr int RW = BT < 32 ? BT : 32, KG = 32 / RW, BL = BT / RW, P = kWarps * KG;
-};
-
-template <typename T, int RT, int R, int BT>
-struct LaneBlock {
-  static constexpr int RW = LaneShape<BT>::RW, BL = LaneShape<BT>::BL, P = LaneShape<BT>::P;
-  const T* w;  // the block's R rows of Kp (shared when persistent, else global)
-  float *staged, *red;
-  int stride, row, part, u, bb, j;
-  bool owner;
-
-  __device__ LaneBlock(const KernelArgs& a, unsigned char* smem) {
-    const int64_t slice = int64_t(R) * a.Kp;
-    size_t w_bytes = 0;
-    w = place_slice<T>(a, slice, smem, &w_bytes);
-    stride = a.kc + 4;
-    staged = reinterpret_cast<float*>(smem + w_bytes);
-    red = staged + BT * stride;
-    const int tid = threadIdx.x, lane = tid & 31;
-    row = lane % RW, part = (tid >> 5) * LaneShape<BT>::KG + lane / RW;
-    u = tid / BT, bb = tid - u * BT, j = blockIdx.x * a.units + u;
-    owner = tid < a.units * BT && j < a.H;
-    __syncthreads();
-  }
-
-  // Columns [k0, k0 + len) of `rows` rows of src into staged, zero from column K on. Through
-  // L2 (ld.cg), as stage_rows; each thread has kInFlight loads in flight before it stores
-  // (a B = 64 step stages 32 float4s a thread: one L2 round trip each, back to back, would
-  // cost more than the product).
-  __device__ void stage_chunk(const KernelArgs& a, const float* src, int64_t ld, int rows,
-                              int k0, int len) const {
-    constexpr int kInFlight = 8;
-    const int n4 = len / 4, total = rows * n4;
-    for (int i0 = threadIdx.x; i0 < total; i0 += kInFlight * kThreads) {
-      float4 v[kInFlight];
-#pragma unroll
-      for (int q = 0; q < kInFlight; ++q) {
-        const int i = i0 + q * kThreads, r = i / n4, k = k0 + 4 * (i - r * n4);
-        const float* p = src + r * ld + k;
-        if (i >= total) {
-        } else if (a.vec4 && k + 4 <= a.K) {
-          v[q] = __ldcg(reinterpret_cast<const float4*>(p));
-        } else {
-          v[q].x = k < a.K ? __ldcg(p) : 0.f, v[q].y = k + 1 < a.K ? __ldcg(p + 1) : 0.f;
-          v[q].z = k + 2 < a.K ? __ldcg(p + 2) : 0.f, v[q].w = k + 3 < a.K ? __ldcg(p + 3) : 0.f;
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < kInFlight; ++q) {
-        const int i = i0 + q * kThreads, r = i / n4, c = 4 * (i - r * n4);
-        if (i < total) *reinterpret_cast<float4*>(staged + r * stride + c) = v[q];
-      }
-    }
-  }
-
-  // As Block::multiply: stages and multiplies `rows` rows of src chunk by chunk.
-  __device__ void multiply(const KernelArgs& a, const float* src, int64_t ld, int rows) {
-    float acc[R * BL];
-#pragma unroll
-    for (int i = 0; i < R * BL; ++i) acc[i] = 0.f;
-    for (int k0 = 0; k0 < a.Kp; k0 += a.kc) {
-      const int len = min(a.kc, a.Kp - k0);
-      if (k0 > 0) __syncthreads();  // the previous chunk is read
-      if (rows > 0) stage_chunk(a, src, ld, rows, k0, len);
-      __syncthreads();
-      if (rows == 0) continue;  // block-uniform
-      for (int c = 4 * part; c < len; c += 4 * P) {
-        float4 h[BL];
-#pragma unroll
-        for (int i = 0; i < BL; ++i)
-          h[i] = *reinterpret_cast<const float4*>(staged + (row + RW * i) * stride + c);
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          float wv[4];
-          load4(w + r * a.Kp + k0 + c, wv);  // one address a K slice: a broadcast
-#pragma unroll
-          for (int i = 0; i < BL; ++i) {
-            float s = acc[r * BL + i];
-            s = fmaf(wv[0], h[i].x, s);
-            s = fmaf(wv[1], h[i].y, s);
-            s = fmaf(wv[2], h[i].z, s);
-            acc[r * BL + i] = fmaf(wv[3], h[i].w, s);
-          }
-        }
-      }
-    }
-    if (rows > 0) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int i = 0; i < BL; ++i) red[(part * R + r) * BT + row + RW * i] = acc[r * BL + i];
-    }
-    __syncthreads();
-  }
-
-  __device__ float total(int q, int r) const {
-    float s = 0.f;
-#pragma unroll
-    for (int p = 0; p < P; ++p) s += red[(p * R + q * RT + r) * BT + bb];
-    return s;
-  }
-  __device__ float staged_at(const KernelArgs&, int b, int col) const {
-    return staged[b * stride + col];
-  }
-};
-
-// The block type of a kernel: batch-lane blocks for BT >= 16.
-template <typename T, int RT, int LaneRows, int BT>
-using BlockFor = std::conditional_t<(BT >= 16), LaneBlock<T, RT, LaneRows, BT>, Block<T, RT, BT>>;
 
 template <class Cell, typename T, int BT>
 __global__ void __launch_bounds__(kThreads, 1)

@@ -21,7 +21,7 @@ REQUIRED_HEADERS = ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h")
 HARNESSES = {
     "attention_harness": ("attention_common.cuh", "attention_fwd.cu", "attention_bwd.cu"),
     "rnn_cell_harness": ("rnn.h", "rnn_cell.cu"),
-    "rnn_layer_harness": ("rnn.h", "rnn_layer.cu"),
+    "rnn_layer_harness": ("rnn.h", "rnn_layer_blocks.cuh", "rnn_layer.cu"),
 }
 
 _LAUNCH = re.compile(r"([\w:]+(?:<\w+>)?)\s*<<<(.*?)>>>\((.*?)\);", re.S)
