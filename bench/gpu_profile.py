@@ -13,6 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import seqkern
+from test_rnn_layer_bench import NEXT_ENV  # bench/ is this script's directory: on sys.path
 
 ITERS = 10
 
@@ -54,10 +55,8 @@ def _cell_step(cls, B, H, dtype):
 CASES = [_layer_train("LSTM", 100, 64, 512, torch.bfloat16),
          _layer_train("LSTM", 200, 16, 512, torch.bfloat16),
          _cell_step("LSTMCell", 64, 512, torch.bfloat16)]
-# cuda-next: the cuda backend with its opt-in candidates (bench/test_rnn_layer_bench.py):
-# batch-lane blocks (SEQKERN_CUDA_RNN_LANES) and bf16 backward products (..._BF16_GEMMS)
+# cuda-next: the cuda backend with its opt-in candidates, as the layer benchmarks run them
 PROVIDERS = ["cuda", "cuda-next", "triton", "torch"]
-NEXT_ENV = ("SEQKERN_CUDA_RNN_LANES", "SEQKERN_CUDA_RNN_BF16_GEMMS")
 
 
 def measure(step):
