@@ -49,11 +49,11 @@ TORCH_LIBRARY(seqkern_C, m) {
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse, "
       "bool need_workspace, Tensor? w_hr=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // Returns (d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_w_hr); empty where not
-  // applicable.
+  // applicable or where needs[k] (8 entries, in that order) is false.
   m.def(
       "rnn_layer_bwd(str mode, Tensor input, Tensor? batch_sizes, Tensor h0, Tensor? c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse, Tensor workspace, "
-      "Tensor? grad_output, Tensor? grad_hn, Tensor? grad_cn, Tensor? w_hr=None) "
+      "Tensor? grad_output, Tensor? grad_hn, Tensor? grad_cn, bool[] needs, Tensor? w_hr=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Shapes and semantics: seqkern/ops/rnn_cells.py. mode: LSTM, GRU, RNN_TANH, RNN_RELU.
   m.def(

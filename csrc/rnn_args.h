@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/List.h>
 
 #include <cstdint>
 #include <optional>
@@ -139,6 +140,20 @@ inline void check_layer_grads(const LayerDims& dims, int64_t N,
   TORCH_CHECK(!grad_cn || (grad_cn->dim() == 2 && grad_cn->size(0) == dims.B &&
                            grad_cn->size(1) == dims.H),
               "rnn_layer_bwd: grad_cn must be c_n's [", dims.B, ", ", dims.H, "]");
+}
+
+// rnn_layer_bwd's needs: which of its eight gradients the caller wants. An unwanted one is
+// returned as [0] and its product skipped (the first layer's input is data more often than
+// not, and its product, dx = dG W_ih, costs as much as dW_ih's).
+struct LayerGradNeeds {
+  bool input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr;
+};
+
+inline LayerGradNeeds layer_grad_needs(const c10::List<bool>& needs) {
+  TORCH_CHECK(needs.size() == 8,
+              "rnn_layer_bwd: needs must have 8 entries (d_input, d_h0, d_c0, d_w_ih, d_w_hh, "
+              "d_b_ih, d_b_hh, d_w_hr), got ", needs.size());
+  return {needs[0], needs[1], needs[2], needs[3], needs[4], needs[5], needs[6], needs[7]};
 }
 
 }  // namespace seqkern

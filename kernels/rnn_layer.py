@@ -320,7 +320,7 @@ def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
 
 
 def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                  workspace, grad_output, grad_hn, grad_cn, w_hr=None):
+                  workspace, grad_output, grad_hn, grad_cn, needs, w_hr=None):
     assert w_hr is None, "rnn_layer_not_supported_reasons refuses projections"
     G, H, I = _GATES[mode], w_hh.shape[1], input.shape[-1]
     x = input.reshape(-1, I).float()
@@ -349,12 +349,13 @@ def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
             BLOCK_K=BLOCK_K)
     dt = input.dtype
     h_prev_rows = h_prev.view(N, H)
-    grads = [(dxg @ w_ih.float()).reshape(input.shape), state_dh,
-             state_dc if mode == "LSTM" else h0.new_empty((0,)), dxg.t() @ x,
-             dhg.t() @ h_prev_rows]
-    if b_ih is not None:
-        grads += [dxg.sum(0), dhg.sum(0) if mode == "GRU" else dxg.sum(0)]
-    else:
-        grads += [h0.new_empty((0,)), h0.new_empty((0,))]
-    grads.append(h0.new_empty((0,)))  # d_w_hr: no projection here
+    # Only the products asked for (needs); an unwanted gradient is [0].
+    has_bias = b_ih is not None
+    make = (lambda: (dxg @ w_ih.float()).reshape(input.shape), lambda: state_dh,
+            lambda: state_dc if mode == "LSTM" else None, lambda: dxg.t() @ x,
+            lambda: dhg.t() @ h_prev_rows, lambda: dxg.sum(0) if has_bias else None,
+            lambda: (dhg if mode == "GRU" else dxg).sum(0) if has_bias else None,
+            lambda: None)  # d_w_hr: no projection here
+    grads = [(make_grad() if want else None) for make_grad, want in zip(make, needs)]
+    grads = [h0.new_empty((0,)) if g is None else g for g in grads]
     return [g.to(dt) if g.numel() else g for g in grads]

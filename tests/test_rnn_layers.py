@@ -97,9 +97,19 @@ def test_randomized_parity_with_torch(backend, seed, dtype):
                                        enforce_sorted=form == "packed_sorted")
         return _flatten(module(inp, hx))
 
-    leaves_b = [x.clone().requires_grad_(True)] + ([] if hx is None else [
-        t.clone().requires_grad_(True) for t in (hx if isinstance(hx, tuple) else (hx,))])
-    leaves_a = [t.detach().to(dtype).requires_grad_(True) for t in leaves_b]
+    # Which leaves want a gradient, drawn apart from the configuration: the input (data, as in
+    # a training step, or not), the initial states, and a random subset of frozen parameters.
+    # The backward skips the products of the unwanted ones.
+    want_rng = random.Random(1000 + seed)
+    leaves_b = [x.clone()] + ([] if hx is None else [
+        t.clone() for t in (hx if isinstance(hx, tuple) else (hx,))])
+    wants = [want_rng.random() < 0.6 for _ in leaves_b]
+    leaves_b = [t.requires_grad_(want) for t, want in zip(leaves_b, wants)]
+    leaves_a = [t.detach().to(dtype).requires_grad_(want) for t, want in zip(leaves_b, wants)]
+    frozen = {name for name, _ in ours.named_parameters() if want_rng.random() < 0.2}
+    for module in (ours, theirs):
+        for name, p in module.named_parameters():
+            p.requires_grad_(name not in frozen)
 
     def call(module, leaves):
         h = None if hx is None else (tuple(leaves[1:]) if cls == "LSTM" else leaves[1])
@@ -111,13 +121,17 @@ def test_randomized_parity_with_torch(backend, seed, dtype):
     for i, (g, w) in enumerate(zip(got, want)):
         assert_close(f"{cls} {kw} {form} output[{i}]", g, w)
     grads = [torch.randn_like(w) for w in want]
-    with seqkern.backend(backend):
-        g_ours = torch.autograd.grad(got, leaves_a + list(ours.parameters()),
-                                     [g.to(dtype) for g in grads])
-    g_theirs = torch.autograd.grad(want, leaves_b + list(theirs.parameters()), grads)
     names = ["input", "h0", "c0"][:len(leaves_a)] + [n for n, _ in ours.named_parameters()]
+    wrt_a = [t for t in leaves_a + list(ours.parameters()) if t.requires_grad]
+    wrt_b = [t for t in leaves_b + list(theirs.parameters()) if t.requires_grad]
+    names = [n for n, t in zip(names, leaves_a + list(ours.parameters())) if t.requires_grad]
+    if not wrt_a:
+        return
+    with seqkern.backend(backend):
+        g_ours = torch.autograd.grad(got, wrt_a, [g.to(dtype) for g in grads])
+    g_theirs = torch.autograd.grad(want, wrt_b, grads)
     for name, g, w in zip(names, g_ours, g_theirs):
-        assert_close(f"{cls} {kw} {form} d{name}", g, w)
+        assert_close(f"{cls} {kw} {form} frozen {sorted(frozen)} d{name}", g, w)
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
@@ -478,7 +492,48 @@ def test_layer_backward_op_refuses_gradients_of_the_wrong_size(which, match):
         grads = [torch.randn(4, 2, 5), torch.randn(2, 5), torch.randn(2, 5)]
         grads[which] = grads[which][..., :4] if which else torch.randn(4, 2, 4)
         with pytest.raises(RuntimeError, match=match):
-            seqkern.ops.rnn_layer.rnn_layer_bwd(*args, workspace, *grads, None)
+            seqkern.ops.rnn_layer.rnn_layer_bwd(*args, workspace, *grads, [True] * 8, None)
+
+
+NEEDS_PATTERNS = {  # rnn_layer_bwd's needs: d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+    "parameters only (a first layer on data)": [0, 0, 0, 1, 1, 1, 1, 0],
+    "input only (frozen layer)": [1, 0, 0, 0, 0, 0, 0, 0],
+    "states and w_hh": [0, 1, 1, 0, 1, 0, 0, 0],
+    "biases and w_ih": [0, 0, 0, 1, 0, 1, 1, 0],
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("pattern", NEEDS_PATTERNS)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_layer_backward_computes_only_the_gradients_asked_for(backend, pattern, mode):
+    """What needs leaves out comes back as [0] (its product skipped), and what it asks for
+    equals the gradient of a backward that computes everything."""
+    usable = {"cpu": HAS_C, "triton": HAS_TRITON, "reference": True}
+    if not usable[backend]:
+        pytest.skip(f"{backend} backend not usable here")
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    G = {"LSTM": 4, "GRU": 3}.get(mode, 1)
+    gen = torch.Generator().manual_seed(7)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, dtype=dtype).to(DEVICE)
+
+    T, B, I, H = 5, 3, 4, 6
+    c0 = randn(B, H) if mode == "LSTM" else None
+    args = (mode, randn(T, B, I), None, randn(B, H), c0, randn(G * H, I), randn(G * H, H),
+            randn(G * H), randn(G * H), False)
+    grads = (randn(T, B, H), randn(B, H), randn(B, H) if mode == "LSTM" else None)
+    needs = [bool(n) for n in NEEDS_PATTERNS[pattern]]
+    with seqkern.backend(backend):
+        workspace = seqkern.ops.rnn_layer.rnn_layer_fwd(*args, True)[3]
+        everything = seqkern.ops.rnn_layer.rnn_layer_bwd(*args, workspace, *grads, [True] * 8)
+        asked = seqkern.ops.rnn_layer.rnn_layer_bwd(*args, workspace, *grads, needs)
+    for name, want, full, got in zip(seqkern.ops.rnn_layer.GRAD_NAMES, needs, everything, asked):
+        if not want or full.numel() == 0:  # not asked for, or not applicable (d_c0 of GRU)
+            assert got.numel() == 0, f"{name} was not asked for but came back {got.shape}"
+        else:
+            assert_close(f"{mode} {pattern} {name}", got, full)
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])

@@ -309,8 +309,9 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
                   const std::optional<at::Tensor>& b_hh, bool reverse,
                   const at::Tensor& workspace, const std::optional<at::Tensor>& grad_output,
                   const std::optional<at::Tensor>& grad_hn,
-                  const std::optional<at::Tensor>& grad_cn,
+                  const std::optional<at::Tensor>& grad_cn, c10::List<bool> needs_list,
                   const std::optional<at::Tensor>& w_hr) {
+  const LayerGradNeeds needs = layer_grad_needs(needs_list);
   const LayerOperands ops =
       prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   const RnnMode mode = ops.mode;
@@ -350,24 +351,28 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   // Outputs and accumulators in cached, already mapped memory (buffer_cache.h): fresh 4 MB
   // buffers are faulted in page by page (about 1 ms each here), and a training step makes
   // several. An output's block returns to the cache when autograd or the user frees it.
-  at::Tensor dx = cached_empty({N, x.size(1)}, opts);
+  at::Tensor dx = cached_empty({needs.input ? N : 0, x.size(1)}, opts);
   // The weight gradients accumulate transposed, dW^T += [x | h_prev]^T dG, so that what is
   // transposed per chunk is x and h_prev ([rows, I] and [rows, P]) rather than the gate
   // gradients ([rows, G*H]: 2 to 3 times the bytes); transposed back once at the end. The
   // first chunk overwrites them (no zero fill).
-  at::Tensor dw_ih_t = cached_empty({x.size(1), G * H}, opts);
-  at::Tensor dw_hh_t = cached_empty({P, G * H}, opts);
+  at::Tensor dw_ih_t = cached_empty({needs.w_ih ? x.size(1) : 0, G * H}, opts);
+  at::Tensor dw_hh_t = cached_empty({needs.w_hh ? P : 0, G * H}, opts);
   if (chunks.empty()) dw_ih_t.zero_(), dw_hh_t.zero_();
   // Projection: the gradient reaching h_full (per batch row) and the state gradients of the
   // chunk's rows, the left operand of dW_hr = sum dh^T h_full.
-  at::Tensor dw_hr = at::zeros({proj ? P : 0, proj ? H : 0}, opts);
+  const bool want_dw_hr = proj && needs.w_hr;
+  at::Tensor dw_hr = at::zeros({want_dw_hr ? P : 0, want_dw_hr ? H : 0}, opts);
   at::Tensor dh_full = at::empty({proj ? h0.size(0) : 0, H}, opts);
-  at::Tensor dh_chunk = at::empty({proj ? chunk_rows : 0, P}, opts);
+  at::Tensor dh_chunk = at::empty({want_dw_hr ? chunk_rows : 0, P}, opts);
   const PackedRight whr_packed = proj ? pack_right(ops.w_hr) : PackedRight{};  // [P, H]
-  at::Tensor db_ih = at::zeros({b_ih ? G * H : 0}, opts), db_hh = at::zeros({b_ih ? G * H : 0}, opts);
+  const bool want_db = b_ih && (needs.b_ih || needs.b_hh);
+  at::Tensor db_ih = at::zeros({want_db ? G * H : 0}, opts);
+  at::Tensor db_hh = at::zeros({want_db ? G * H : 0}, opts);
 
   const PackedRight whh_packed = pack_right(whh);  // [G*H, P], reused by every step
-  const PackedRight wih_packed = pack_right(wih);  // [G*H, I], by every chunk
+  // [G*H, I], by every chunk
+  const PackedRight wih_packed = needs.input ? pack_right(wih) : PackedRight{};
   const bool team = use_team(dt == at::kFloat, proj, dh.size(0), H);
   TeamBackward team_args{};  // float32 only; its chunk is set per chunk
   if (team) {
@@ -399,8 +404,9 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
           // The cell's output gradient: dh itself, or through the projection dh W_hr.
           scalar_t* d_cell_out = dh_rows;
           if (proj) {
-            std::memcpy(dh_chunk.data_ptr<scalar_t>() + chunk_row * P, dh_rows,
-                        n * P * sizeof(scalar_t));
+            if (want_dw_hr)
+              std::memcpy(dh_chunk.data_ptr<scalar_t>() + chunk_row * P, dh_rows,
+                          n * P * sizeof(scalar_t));
             d_cell_out = dh_full.data_ptr<scalar_t>() + lo * H;
             step_product<scalar_t>(i, n, dh_rows, P, whr_packed, d_cell_out, H, false);
           }
@@ -419,22 +425,26 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
       });
       const at::Tensor dxg_chunk = dx_gates.narrow(0, 0, ch->rows);
       const at::Tensor dhg_chunk = dh_gates.narrow(0, 0, ch->rows);
-      at::Tensor dx_rows = dx.narrow(0, ch->row0, ch->rows);
-      tiled_matmul_into(dx_rows, dxg_chunk, wih_packed, false);
+      if (needs.input) {
+        at::Tensor dx_rows = dx.narrow(0, ch->row0, ch->rows);
+        tiled_matmul_into(dx_rows, dxg_chunk, wih_packed, false);
+      }
       // The gate gradients as the right operand of both weight gradients, packed once into
       // panels: read in place (rows 8 KB apart at H = 512) the products ran ~20% slower.
-      const PackedRight dxg_packed = pack_right(dxg_chunk);
-      const PackedRight dhg_packed = gru ? pack_right(dhg_chunk) : dxg_packed;
-      tiled_matmul_into(dw_ih_t, transposed(x.narrow(0, ch->row0, ch->rows)), dxg_packed,
-                        !first_chunk);
-      tiled_matmul_into(dw_hh_t, transposed(h_prev.narrow(0, ch->row0, ch->rows)), dhg_packed,
-                        !first_chunk);
-      if (proj) {
+      const PackedRight dxg_packed =
+          needs.w_ih || (needs.w_hh && !gru) ? pack_right(dxg_chunk) : PackedRight{};
+      if (needs.w_ih)
+        tiled_matmul_into(dw_ih_t, transposed(x.narrow(0, ch->row0, ch->rows)), dxg_packed,
+                          !first_chunk);
+      if (needs.w_hh)
+        tiled_matmul_into(dw_hh_t, transposed(h_prev.narrow(0, ch->row0, ch->rows)),
+                          gru ? pack_right(dhg_chunk) : dxg_packed, !first_chunk);
+      if (want_dw_hr) {
         const at::Tensor h_full = workspace.narrow(0, ws.h_full_offset(), N * H).view({N, H});
         matmul_once_into(dw_hr, transposed(dh_chunk.narrow(0, 0, ch->rows)),
                          h_full.narrow(0, ch->row0, ch->rows), true);
       }
-      if (b_ih) {
+      if (want_db) {
         db_ih.add_(dxg_chunk.sum(0));
         if (gru) db_hh.add_(dhg_chunk.sum(0));
       }
@@ -442,11 +452,17 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   });
   // LSTM and RNN add b_hh where b_ih goes: the same gradient, in its own tensor (op outputs
   // may not alias).
-  if (b_ih && !gru) db_hh.copy_(db_ih);
-  const at::Tensor dw_ih = transposed(dw_ih_t), dw_hh = transposed(dw_hh_t);
+  if (want_db && !gru) db_hh.copy_(db_ih);
   const at::ScalarType out_t = input.scalar_type();
-  return {dx.reshape(input.sizes()).to(out_t), dh.to(out_t), dc.to(out_t), dw_ih.to(out_t),
-          dw_hh.to(out_t), db_ih.to(out_t), db_hh.to(out_t), dw_hr.to(out_t)};
+  // What was not asked for goes back as [0] (its product was skipped above).
+  const auto wanted = [&](bool want, const at::Tensor& t) {
+    return want ? t.to(out_t) : at::empty({0}, input.options());
+  };
+  return {needs.input ? dx.reshape(input.sizes()).to(out_t) : at::empty({0}, input.options()),
+          wanted(needs.h0, dh), wanted(needs.c0, dc),
+          needs.w_ih ? transposed(dw_ih_t).to(out_t) : at::empty({0}, input.options()),
+          needs.w_hh ? transposed(dw_hh_t).to(out_t) : at::empty({0}, input.options()),
+          wanted(needs.b_ih, db_ih), wanted(needs.b_hh, db_hh), wanted(want_dw_hr, dw_hr)};
 }
 
 }  // namespace

@@ -223,9 +223,10 @@ rnn_layer_bwd_cuda(const std::string& mode_name, const at::Tensor& input,
                    const std::optional<at::Tensor>& b_hh, bool reverse,
                    const at::Tensor& workspace, const std::optional<at::Tensor>& grad_output,
                    const std::optional<at::Tensor>& grad_hn,
-                   const std::optional<at::Tensor>& grad_cn,
+                   const std::optional<at::Tensor>& grad_cn, c10::List<bool> needs_list,
                    const std::optional<at::Tensor>& w_hr) {
   TORCH_CHECK(!w_hr, "seqkern cuda rnn_layer: LSTM projections (proj_size) are not supported");
+  const LayerGradNeeds needs = layer_grad_needs(needs_list);
   const LayerOperands o =
       prepare_layer(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse);
   const int64_t G = o.G, H = o.H, B = o.B, N = o.N;
@@ -259,30 +260,32 @@ rnn_layer_bwd_cuda(const std::string& mode_name, const at::Tensor& input,
   }
   // dW_hh's right operand: the state entering each (step, row), from the workspace.
   const at::Tensor h_prev = workspace.narrow(0, saved_width(o.cell) * H * N, N * H).view({N, H});
-  at::Tensor dx, dw_ih, dw_hh;
+  // Only the products asked for (needs); an unwanted gradient comes back as [0], each a
+  // tensor of its own (op outputs may not alias).
+  at::Tensor dx, dw_ih, dw_hh, db_ih, db_hh;
   if (input.scalar_type() == at::kBFloat16 && bf16_gemms_enabled()) {
     // The gate gradients (and h_prev) rounded to bf16, as torch's cuDNN bf16 layers keep
     // them, the products on tensor cores with fp32 accumulation and output.
     const at::Tensor g_x = d_gx.to(at::kBFloat16), g_h = gru ? d_gh.to(at::kBFloat16) : g_x;
-    dx = at::mm(g_x, o.w_ih, at::kFloat);
-    dw_ih = at::mm(g_x.t(), o.x, at::kFloat);
-    dw_hh = at::mm(g_h.t(), h_prev.to(at::kBFloat16), at::kFloat);
+    if (needs.input) dx = at::mm(g_x, o.w_ih, at::kFloat);
+    if (needs.w_ih) dw_ih = at::mm(g_x.t(), o.x, at::kFloat);
+    if (needs.w_hh) dw_hh = at::mm(g_h.t(), h_prev.to(at::kBFloat16), at::kFloat);
   } else {  // fp32 cuBLAS on fp32 copies
-    dx = at::mm(d_gx, o.w_ih.to(at::kFloat));
-    dw_ih = at::mm(d_gx.t(), o.x.to(at::kFloat));
-    dw_hh = at::mm(d_gh.t(), h_prev);
+    if (needs.input) dx = at::mm(d_gx, o.w_ih.to(at::kFloat));
+    if (needs.w_ih) dw_ih = at::mm(d_gx.t(), o.x.to(at::kFloat));
+    if (needs.w_hh) dw_hh = at::mm(d_gh.t(), h_prev);
   }
-  at::Tensor db_ih, db_hh;
-  if (b_ih) {
-    db_ih = d_gx.sum(0);
-    // LSTM and RNN add b_hh where b_ih goes: the same gradient, in its own tensor.
-    db_hh = gru ? d_gh.sum(0) : db_ih.clone();
-  } else {
-    db_ih = at::empty({0}, f32), db_hh = at::empty({0}, f32);
-  }
+  if (b_ih && needs.b_ih) db_ih = d_gx.sum(0);
+  // LSTM and RNN add b_hh where b_ih goes: the same gradient.
+  if (b_ih && needs.b_hh) db_hh = (gru ? d_gh : d_gx).sum(0);
   const at::ScalarType dt = input.scalar_type();
-  return {dx.reshape(input.sizes()).to(dt), d_h.to(dt), d_c.to(dt), dw_ih.to(dt),
-          dw_hh.to(dt), db_ih.to(dt), db_hh.to(dt), at::empty({0}, f32)};
+  const auto out = [&](bool want, const at::Tensor& t) {
+    return want && t.defined() ? t.to(dt) : at::empty({0}, input.options());
+  };
+  return {needs.input ? dx.reshape(input.sizes()).to(dt) : at::empty({0}, input.options()),
+          out(needs.h0, d_h), out(needs.c0 && lstm, d_c), out(needs.w_ih, dw_ih),
+          out(needs.w_hh, dw_hh), out(needs.b_ih, db_ih), out(needs.b_hh, db_hh),
+          at::empty({0}, input.options())};
 }
 
 }  // namespace

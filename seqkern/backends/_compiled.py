@@ -31,10 +31,10 @@ def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
 
 
 def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                  workspace, grad_output, grad_hn, grad_cn, w_hr=None):
+                  workspace, grad_output, grad_hn, grad_cn, needs, w_hr=None):
     return torch.ops.seqkern_C.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh,
                                              b_ih, b_hh, reverse, workspace, grad_output,
-                                             grad_hn, grad_cn, w_hr)
+                                             grad_hn, grad_cn, needs, w_hr)
 
 
 def rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):

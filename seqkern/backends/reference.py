@@ -89,10 +89,10 @@ def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
 
 
 def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                  workspace, grad_output, grad_hn, grad_cn, w_hr=None):
+                  workspace, grad_output, grad_hn, grad_cn, needs, w_hr=None):
     from seqkern.ops import rnn_layer as ops
     grads = ops.reference_grads(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                reverse, grad_output, grad_hn, grad_cn, w_hr=w_hr)
+                                reverse, grad_output, grad_hn, grad_cn, w_hr=w_hr, needs=needs)
     # Outputs of a custom op may not alias each other: a fresh empty tensor for each absent one.
     return [g if g is not None else h0.new_empty((0,)) for g in grads]
 

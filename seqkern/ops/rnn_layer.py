@@ -70,20 +70,36 @@ def rnn_layer_bwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
                   c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                   b_hh: Optional[Tensor], reverse: bool, workspace: Tensor,
                   grad_output: Optional[Tensor], grad_hn: Optional[Tensor],
-                  grad_cn: Optional[Tensor], w_hr: Optional[Tensor] = None) -> list[Tensor]:
-    """(d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_w_hr), [0] where absent."""
+                  grad_cn: Optional[Tensor], needs: list[bool],
+                  w_hr: Optional[Tensor] = None) -> list[Tensor]:
+    """(d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_w_hr), [0] where absent or
+    where needs[k] is false: an unwanted gradient's product is skipped (dx of a first layer
+    whose input is data costs as much as dW_ih)."""
+    if len(needs) != len(GRAD_NAMES):
+        raise ValueError(f"rnn_layer_bwd: needs must have {len(GRAD_NAMES)} entries "
+                         f"({', '.join(GRAD_NAMES)}), got {len(needs)}")
     impl = backends.select("rnn_layer", _inputs(input, mode, w_hh, w_hr))
     return list(impl.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                   reverse, workspace, grad_output, grad_hn, grad_cn, w_hr))
+                                   reverse, workspace, grad_output, grad_hn, grad_cn, needs,
+                                   w_hr))
 
 
 @rnn_layer_bwd.register_fake
 def _rnn_layer_bwd_fake(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                        workspace, grad_output, grad_hn, grad_cn, w_hr=None):
-    def like(t):
-        return torch.empty_like(t) if t is not None else h0.new_empty((0,))
-    return [like(input), like(h0), like(c0 if mode == "LSTM" else None), like(w_ih),
-            like(w_hh), like(b_ih), like(b_hh), like(w_hr)]
+                        workspace, grad_output, grad_hn, grad_cn, needs, w_hr=None):
+    wrt = (input, h0, c0 if mode == "LSTM" else None, w_ih, w_hh, b_ih, b_hh, w_hr)
+    return [torch.empty_like(t) if t is not None and want else h0.new_empty((0,))
+            for t, want in zip(wrt, needs)]
+
+
+GRAD_NAMES = ("d_input", "d_h0", "d_c0", "d_w_ih", "d_w_hh", "d_b_ih", "d_b_hh", "d_w_hr")
+
+
+def grad_needs(needs_input_grad):
+    """rnn_layer_bwd's needs from the forward's needs_input_grad (its arguments' order; a
+    call that leaves w_hr at its default has no entry for it)."""
+    return [i < len(needs_input_grad) and bool(needs_input_grad[i])
+            for i in (1, 3, 4, 5, 6, 7, 8, 11)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -100,18 +116,21 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output, grad_hn, grad_cn, _grad_workspace):
     input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, workspace = ctx.saved_tensors
+    needs = grad_needs(ctx.needs_input_grad)
     if torch.is_grad_enabled() or workspace.numel() == 0:
         # create_graph=True (double backward), or a forward run with need_workspace=False:
         # differentiate the reference instead.
         grads = reference_grads(ctx.mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                 ctx.reverse, grad_output, grad_hn, grad_cn, create_graph=True,
-                                w_hr=w_hr)
+                                w_hr=w_hr, needs=needs)
     else:
         with backends.as_in_forward(ctx):
             grads = rnn_layer_bwd(ctx.mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                   ctx.reverse, workspace, grad_output, grad_hn,
-                                  grad_cn if ctx.mode == "LSTM" else None, w_hr)
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = grads
+                                  grad_cn if ctx.mode == "LSTM" else None, needs, w_hr)
+    # An unwanted gradient (its product skipped) is [0] or None: autograd gets None.
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = (g if want else None
+                                                       for g, want in zip(grads, needs))
     return (None, dx, None, dh0, dc0 if c0 is not None else None, dw_ih, dw_hh,
             db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, None,
             None, dw_hr if w_hr is not None else None)
@@ -128,24 +147,29 @@ def reference_forward(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, 
 
 
 def reference_grads(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                    grad_output, grad_hn, grad_cn, create_graph=False, w_hr=None):
+                    grad_output, grad_hn, grad_cn, create_graph=False, w_hr=None, needs=None):
     """Gradients of the reference layer for (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    (zeros where none flows, None where the argument is None)."""
+    (zeros where none flows, None where the argument is None or needs says it is not wanted;
+    needs=None: all)."""
     from seqkern.backends.reference import autograd_inside_op
     args = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    wanted = [t is not None and (needs is None or bool(want))
+              for t, want in zip(args, needs or [True] * len(args))]
+    if not any(wanted):
+        return [None] * len(args)
     with autograd_inside_op():
-        leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_(True)
-                  for t in args]
+        leaves = [t if not want or t.requires_grad else t.detach().requires_grad_(True)
+                  for t, want in zip(args, wanted)]
         out, h_n, c_n = reference_forward(mode, leaves[0], batch_sizes, *leaves[1:7], reverse,
                                           w_hr=leaves[7])
         pairs = [(o, g) for o, g in ((out, grad_output), (h_n, grad_hn), (c_n, grad_cn))
                  if o is not None and g is not None]
-        wrt = [t for t in leaves if t is not None]
+        wrt = [t for t, want in zip(leaves, wanted) if want]
         got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
                                        create_graph=create_graph, allow_unused=True))
-    grads = [next(got) if t is not None else None for t in leaves]
-    return [g if g is not None else torch.zeros_like(t) if t is not None else None
-            for g, t in zip(grads, leaves)]
+    grads = [next(got) if want else None for want in wanted]
+    return [g if g is not None or not want else torch.zeros_like(t)
+            for g, t, want in zip(grads, leaves, wanted)]
 
 
 rnn_layer_fwd.register_autograd(_backward, setup_context=_setup_context)
