@@ -83,7 +83,9 @@ export SEQKERN_TEST_DEVICE=cuda
 stage cuda_risky 150 "${PYTEST[@]}" tests/test_cuda_backend.py
 BENCH=($PY -m pytest -q -s -p no:cacheprovider)
 # Issue 5's GPU targets first: small batch, fastrnns training, packed (mid-batch skipped).
-stage bench_layers 170 "${BENCH[@]}" bench/test_rnn_layer_bench.py -k "${LAYER_K:-not mid-batch}"
+# (the training step on data at the fastrnns and small-batch B4 shapes only: the lease)
+stage bench_layers 170 "${BENCH[@]}" bench/test_rnn_layer_bench.py \
+  -k "${LAYER_K:-not mid-batch and not (train-data and (packed or B1 or B8))}"
 # Where the layer and cell time goes (kernels vs host), cuda / triton / torch side by side.
 TAIL=30 stage profile 60 $PY bench/gpu_profile.py
 stage tests 200 "${PYTEST[@]}" "${XDIST[@]}" tests/ -m "not cuda_emulation" \

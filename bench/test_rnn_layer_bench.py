@@ -1,7 +1,11 @@
 """Recurrent layers: seqkern.LSTM / GRU against torch.nn's (oneDNN on the CPU, cuDNN on CUDA),
-same weights and inputs, same process. Inference (no_grad) and a training step (forward +
-backward of the output sum). FLOPs: 2*T*B*G*H*(I+H) forward (G = 4 LSTM, 3 GRU), 3x for a
-training step; packed sequences count only their live rows. Peak memory: on CUDA
+same weights and inputs, same process. Inference (no_grad) and two training steps (forward +
+backward of the output sum): "train" with the input's gradient too (as a layer above another
+computes it), "train-data" with the input as data and the initial state zero, the gradients
+of the parameters only (pytorch's benchmarks/fastrnns step; torch's oneDNN and cuDNN layers
+compute the input's gradient anyway, seqkern skips that product). FLOPs: 2*T*B*G*H*(I+H)
+forward (G = 4 LSTM, 3 GRU), 3x for "train", 3x less the 2*T*B*G*H*I of dx for "train-data";
+packed sequences count only their live rows. Peak memory: on CUDA
 torch.cuda.max_memory_allocated over the timed calls; on the CPU (fastrnns shape only) the
 peak RSS growth of one call in a fresh process (bench/peak_memory.py).
 """
@@ -42,7 +46,7 @@ LANES_MIN_BATCH = 9  # csrc/cuda/rnn_layer.cu's kLaneMinBatch
 
 def _next_differs(B, dtype, pass_):
     """Whether seqkern-cuda-next runs anything seqkern-cuda does not for this case."""
-    return B >= LANES_MIN_BATCH or (dtype == torch.bfloat16 and pass_ == "train")
+    return B >= LANES_MIN_BATCH or (dtype == torch.bfloat16 and pass_ != "inference")
 
 
 def _backend(provider):
@@ -88,8 +92,8 @@ def _setup(provider, cls, shape, dtype, pass_, batch=None):
                 module(inp)
             _sync()
     else:
-        flops *= 3
-        xg = x.detach().requires_grad_(True)
+        flops = 3 * flops - (2 * rows * G * H * I if pass_ == "train-data" else 0)
+        xg = x.detach().requires_grad_(pass_ == "train")
 
         def run():
             out, _ = module(make_input(xg))
@@ -122,7 +126,7 @@ def _peak_memory_mb(provider, cls, shape, dtype, pass_):
 # provider outermost in the decorators: it varies fastest, so a case's peers run one after
 # another and a run cut short by its time limit (bench/gpu_check.sh) still has whole rows.
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("pass_", ["inference", "train"])
+@pytest.mark.parametrize("pass_", ["inference", "train", "train-data"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("shape", SHAPES,
                          ids=lambda s: f"{s[0]}-B{s[2]}" if "small" in s[0] else s[0])
