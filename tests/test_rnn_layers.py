@@ -300,6 +300,26 @@ def test_torch_compile_fullgraph_matches_eager():
     b[0].sum().backward()
 
 
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("forced", ["reference", "cpu"])
+def test_compiled_backward_runs_where_the_forward_ran(forced):
+    """A backend forced around a compiled forward, the backward outside it: the compiled
+    graph's backward has none of the forward's thread-local state, and the cpu kernel's
+    backward once read the reference's workspace (zeros) and gave wrong gradients, silently.
+    The workspace's producer now runs the backward, whatever is forced at that time."""
+    ours, theirs = _pair("LSTM", input_size=5, hidden_size=6)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    compiled = torch.compile(lambda x: ours(x)[0].sum(), fullgraph=True, backend="aot_eager")
+    with seqkern.backend(forced):
+        loss = compiled(x)
+    other = "cpu" if forced == "reference" else "reference"
+    with seqkern.backend(other):
+        loss.backward()
+    theirs(x)[0].sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert_close(f"forced {forced}, backward under {other}: d{name}", p.grad, q.grad)
+
+
 def test_packed_output_unpacks_like_torch():
     ours, theirs = _pair("LSTM", input_size=3, hidden_size=4, bidirectional=True)
     x = torch.randn(6, 3, 3, dtype=torch.float64)

@@ -10,6 +10,7 @@ then h = h_full W_hr^T, so h0 and h_n are [B, P], w_hh is [4H, P] and the output
 dim is P). Returns output [T, B, H] or [N, H], h_n [B, H], c_n [B, H] (LSTM; else empty),
 and a workspace (1-D, fp32 or fp64) that only the backward reads.
 """
+import collections
 from typing import Optional
 
 import torch
@@ -43,14 +44,47 @@ def _inputs(input, mode, w_hh, w_hr):
                 gate_rows=w_hh.shape[0], projection=w_hr is not None)
 
 
+# Which backend wrote each workspace, by the address of its data: the backward runs where
+# the forward ran. The reference's workspace holds zeros (its backward recomputes the
+# forward), and a backend forced around the forward reaches neither a compiled backward (the
+# graph calls rnn_layer_bwd with none of the forward's thread-local state) nor, without the
+# autograd context's copy, autograd's own thread: a kernel backward reading the reference's
+# zeros gave wrong gradients, silently. A live workspace's address is its own, so the newest
+# entry for an address describes it; the newest _PRODUCERS_KEPT addresses are kept, and a
+# workspace whose entry was dropped (that many forwards before its backward) goes to the
+# ordinary choice.
+_PRODUCERS = collections.OrderedDict()
+_PRODUCERS_KEPT = 4096
+
+
+def _remember_producer(workspace, name):
+    if workspace.numel() == 0:
+        return
+    key = (workspace.device, workspace.data_ptr())
+    _PRODUCERS[key] = name
+    _PRODUCERS.move_to_end(key)
+    while len(_PRODUCERS) > _PRODUCERS_KEPT:
+        _PRODUCERS.popitem(last=False)
+
+
+def workspace_producer(workspace):
+    """The backend module that wrote workspace, or None if not known."""
+    if workspace.numel() == 0:
+        return None
+    name = _PRODUCERS.get((workspace.device, workspace.data_ptr()))
+    return backends.BACKENDS[name] if name is not None else None
+
+
 @torch.library.custom_op("seqkern::rnn_layer_fwd", mutates_args=())
 def rnn_layer_fwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor,
                   c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                   b_hh: Optional[Tensor], reverse: bool, need_workspace: bool = True,
                   w_hr: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = backends.select("rnn_layer", _inputs(input, mode, w_hh, w_hr))
-    return impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
-                              need_workspace, w_hr)
+    result = impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                reverse, need_workspace, w_hr)
+    _remember_producer(result[3], impl.NAME)
+    return result
 
 
 @rnn_layer_fwd.register_fake
@@ -74,11 +108,13 @@ def rnn_layer_bwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
                   w_hr: Optional[Tensor] = None) -> list[Tensor]:
     """(d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_w_hr), [0] where absent or
     where needs[k] is false: an unwanted gradient's product is skipped (dx of a first layer
-    whose input is data costs as much as dW_ih)."""
+    whose input is data costs as much as dW_ih). Runs on the backend that wrote the
+    workspace where that is known (_PRODUCERS), else on the ordinary choice."""
     if len(needs) != len(GRAD_NAMES):
         raise ValueError(f"rnn_layer_bwd: needs must have {len(GRAD_NAMES)} entries "
                          f"({', '.join(GRAD_NAMES)}), got {len(needs)}")
-    impl = backends.select("rnn_layer", _inputs(input, mode, w_hh, w_hr))
+    impl = (workspace_producer(workspace) or
+            backends.select("rnn_layer", _inputs(input, mode, w_hh, w_hr)))
     return list(impl.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                    reverse, workspace, grad_output, grad_hn, grad_cn, needs,
                                    w_hr))
