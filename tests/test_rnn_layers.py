@@ -1,4 +1,5 @@
 """seqkern.LSTM / GRU / RNN against torch.nn's modules with the same weights."""
+import contextlib
 import random
 
 import pytest
@@ -134,15 +135,28 @@ def test_randomized_parity_with_torch(backend, seed, dtype):
         assert_close(f"{cls} {kw} {form} frozen {sorted(frozen)} d{name}", g, w)
 
 
-@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
-def test_long_sequence_stays_finite_and_matches(cls):
+@pytest.mark.parametrize("backend, cls", [(None, "LSTM"), (None, "GRU"), (None, "RNN"),
+                                          ("triton", "LSTM")])  # interpreted: ~25 s
+def test_long_sequence_stays_finite_and_matches(backend, cls):
+    """T = 1000, forward and backward through all of it, float32 against float64."""
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("triton backend not usable here")
     ours, theirs = _pair(cls, dtype=torch.float32, input_size=8, hidden_size=16)
     theirs.double()  # the float64 reference, same weights
     x = torch.randn(1000, 2, 8, device=DEVICE)
-    a, b = _flatten(ours(x)), _flatten(theirs(x.double()))
+    xa, xb = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+    with seqkern.backend(backend) if backend else contextlib.nullcontext():
+        a = _flatten(ours(xa))
+        g_ours = torch.autograd.grad(a[0].sum(), [xa, *ours.parameters()])
+    b = _flatten(theirs(xb))
+    g_theirs = torch.autograd.grad(b[0].sum(), [xb, *theirs.parameters()])
     for i, (g, w) in enumerate(zip(a, b)):
         assert torch.isfinite(g).all()
         assert_close(f"{cls} T=1000 output[{i}]", g, w)
+    names = ["input"] + [n for n, _ in ours.named_parameters()]
+    for name, g, w in zip(names, g_ours, g_theirs):
+        assert torch.isfinite(g).all()
+        assert_close(f"{cls} T=1000 d{name}", g, w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
