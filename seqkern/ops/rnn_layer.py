@@ -84,7 +84,8 @@ def rnn_layer_fwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
     result = impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                 reverse, need_workspace, w_hr)
     _remember_producer(result[3], impl.NAME)
-    return result
+    # Contiguous, as the fake says: inductor asserts the real outputs' strides.
+    return tuple(t.contiguous() for t in result)
 
 
 @rnn_layer_fwd.register_fake
@@ -115,16 +116,18 @@ def rnn_layer_bwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
                          f"({', '.join(GRAD_NAMES)}), got {len(needs)}")
     impl = (workspace_producer(workspace) or
             backends.select("rnn_layer", _inputs(input, mode, w_hh, w_hr)))
-    return list(impl.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                   reverse, workspace, grad_output, grad_hn, grad_cn, needs,
-                                   w_hr))
+    grads = impl.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                               reverse, workspace, grad_output, grad_hn, grad_cn, needs, w_hr)
+    # Contiguous, as the fake says (the reference's autograd gradients of a strided input
+    # come back strided; inductor asserts the real outputs' strides).
+    return [g.contiguous() for g in grads]
 
 
 @rnn_layer_bwd.register_fake
 def _rnn_layer_bwd_fake(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
                         workspace, grad_output, grad_hn, grad_cn, needs, w_hr=None):
     wrt = (input, h0, c0 if mode == "LSTM" else None, w_ih, w_hh, b_ih, b_hh, w_hr)
-    return [torch.empty_like(t) if t is not None and want else h0.new_empty((0,))
+    return [t.new_empty(t.shape) if t is not None and want else h0.new_empty((0,))
             for t, want in zip(wrt, needs)]
 
 
