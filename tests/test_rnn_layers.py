@@ -63,6 +63,31 @@ def _make_input(cls, kw, form, T, B, given_h0, gen):
     return x, hx
 
 
+def _check_against_torch(label, ours, theirs, call, leaves, backend, dtype):
+    """call(module, leaves) -> the module's outputs (flattened). ours (in dtype, on backend)
+    against theirs (float64) on the same leaves (input, initial states): the outputs, then
+    the gradients of every leaf and parameter that requires one, for random output
+    gradients."""
+    leaves_a = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in leaves]
+    with seqkern.backend(backend):
+        got = call(ours, leaves_a)
+    want = call(theirs, leaves)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(f"{label} output[{i}]", g, w)
+    grads = [torch.randn_like(w) for w in want]
+    names = ["input", "h0", "c0"][:len(leaves)] + [n for n, _ in ours.named_parameters()]
+    pairs = [(n, a, b) for n, a, b in zip(names, leaves_a + list(ours.parameters()),
+                                          leaves + list(theirs.parameters()))
+             if a.requires_grad]
+    if not pairs:
+        return
+    with seqkern.backend(backend):
+        g_ours = torch.autograd.grad(got, [a for _, a, _ in pairs], [g.to(dtype) for g in grads])
+    g_theirs = torch.autograd.grad(want, [b for _, _, b in pairs], grads)
+    for (name, _, _), g, w in zip(pairs, g_ours, g_theirs):
+        assert_close(f"{label} d{name}", g, w)
+
+
 HAS_TRITON = not BACKENDS["triton"].availability(DEVICE)
 HAS_CUDA = not BACKENDS["cuda"].availability(DEVICE)
 GRID = [pytest.param(backend, seed, torch.float64, id=f"{backend}-{seed}")
@@ -91,48 +116,26 @@ def test_randomized_parity_with_torch(backend, seed, dtype):
         if form == "packed_sorted":
             lengths = lengths.sort(descending=True).values
 
-    def run(module, x, hx):
-        inp = x
+    def call(module, leaves):
+        h = None if hx is None else (tuple(leaves[1:]) if cls == "LSTM" else leaves[1])
+        inp = leaves[0]
         if lengths is not None:
-            inp = pack_padded_sequence(x, lengths, batch_first=kw["batch_first"],
+            inp = pack_padded_sequence(inp, lengths, batch_first=kw["batch_first"],
                                        enforce_sorted=form == "packed_sorted")
-        return _flatten(module(inp, hx))
+        return _flatten(module(inp, h))
 
     # Which leaves want a gradient, drawn apart from the configuration: the input (data, as in
     # a training step, or not), the initial states, and a random subset of frozen parameters.
     # The backward skips the products of the unwanted ones.
     want_rng = random.Random(1000 + seed)
-    leaves_b = [x.clone()] + ([] if hx is None else [
-        t.clone() for t in (hx if isinstance(hx, tuple) else (hx,))])
-    wants = [want_rng.random() < 0.6 for _ in leaves_b]
-    leaves_b = [t.requires_grad_(want) for t, want in zip(leaves_b, wants)]
-    leaves_a = [t.detach().to(dtype).requires_grad_(want) for t, want in zip(leaves_b, wants)]
+    leaves = [x] + ([] if hx is None else list(hx if isinstance(hx, tuple) else (hx,)))
+    leaves = [t.clone().requires_grad_(want_rng.random() < 0.6) for t in leaves]
     frozen = {name for name, _ in ours.named_parameters() if want_rng.random() < 0.2}
     for module in (ours, theirs):
         for name, p in module.named_parameters():
             p.requires_grad_(name not in frozen)
-
-    def call(module, leaves):
-        h = None if hx is None else (tuple(leaves[1:]) if cls == "LSTM" else leaves[1])
-        return run(module, leaves[0], h)
-
-    with seqkern.backend(backend):
-        got = call(ours, leaves_a)
-    want = call(theirs, leaves_b)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert_close(f"{cls} {kw} {form} output[{i}]", g, w)
-    grads = [torch.randn_like(w) for w in want]
-    names = ["input", "h0", "c0"][:len(leaves_a)] + [n for n, _ in ours.named_parameters()]
-    wrt_a = [t for t in leaves_a + list(ours.parameters()) if t.requires_grad]
-    wrt_b = [t for t in leaves_b + list(theirs.parameters()) if t.requires_grad]
-    names = [n for n, t in zip(names, leaves_a + list(ours.parameters())) if t.requires_grad]
-    if not wrt_a:
-        return
-    with seqkern.backend(backend):
-        g_ours = torch.autograd.grad(got, wrt_a, [g.to(dtype) for g in grads])
-    g_theirs = torch.autograd.grad(want, wrt_b, grads)
-    for name, g, w in zip(names, g_ours, g_theirs):
-        assert_close(f"{cls} {kw} {form} frozen {sorted(frozen)} d{name}", g, w)
+    _check_against_torch(f"{cls} {kw} {form} frozen {sorted(frozen)}", ours, theirs, call,
+                         leaves, backend, dtype)
 
 
 @pytest.mark.parametrize("backend, cls", [(None, "LSTM"), (None, "GRU"), (None, "RNN"),
@@ -460,29 +463,13 @@ def test_triton_layers_over_several_program_tiles(cls, kw):
     h0 = torch.randn(2, 37, 40, dtype=torch.float64, generator=gen).to(DEVICE)
     hx = (h0, torch.randn_like(h0)) if cls == "LSTM" else h0
 
-    def run(module, x, hx):
-        return _flatten(module(pack_padded_sequence(x, lengths, enforce_sorted=False), hx))
+    def call(module, leaves):
+        h = tuple(leaves[1:]) if cls == "LSTM" else leaves[1]
+        return _flatten(module(pack_padded_sequence(leaves[0], lengths, enforce_sorted=False),
+                               h))
 
-    leaves = [x.requires_grad_(True)] + [t.requires_grad_(True) for t in
-                                         (hx if isinstance(hx, tuple) else (hx,))]
-    leaves_f = [t.detach().float().requires_grad_(True) for t in leaves]
-
-    def call(module, ls):
-        return run(module, ls[0], tuple(ls[1:]) if cls == "LSTM" else ls[1])
-
-    with seqkern.backend("triton"):
-        got = call(ours, leaves_f)
-    want = call(theirs, leaves)
-    grads = [torch.randn_like(w) for w in want]
-    with seqkern.backend("triton"):
-        g_ours = torch.autograd.grad(got, leaves_f + list(ours.parameters()),
-                                     [g.float() for g in grads])
-    g_theirs = torch.autograd.grad(want, leaves + list(theirs.parameters()), grads)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert_close(f"{cls} output[{i}]", g, w)
-    names = ["input", "h0", "c0"][:len(leaves)] + [n for n, _ in ours.named_parameters()]
-    for name, g, w in zip(names, g_ours, g_theirs):
-        assert_close(f"{cls} d{name}", g, w)
+    leaves = [t.requires_grad_(True) for t in (x, *(hx if isinstance(hx, tuple) else (hx,)))]
+    _check_against_torch(cls, ours.float(), theirs, call, leaves, "triton", torch.float32)
 
 
 @pytest.mark.skipif(not HAS_C, reason="no _C")
