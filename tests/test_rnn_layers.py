@@ -1,5 +1,6 @@
 """seqkern.LSTM / GRU / RNN against torch.nn's modules with the same weights."""
 import contextlib
+import os
 import random
 
 import pytest
@@ -10,7 +11,7 @@ import seqkern
 from seqkern.backends import BACKENDS
 from tests.attention_cases import DEVICE
 from tests.capability_runner import assert_passes_under_capability
-from tests.tolerances import FWD_FACTOR, assert_close, assert_close_relative
+from tests.tolerances import BWD_FACTOR, FWD_FACTOR, assert_close, assert_close_relative
 
 HAS_C = not BACKENDS["cpu"].availability(DEVICE)
 
@@ -178,6 +179,60 @@ def test_low_precision_relative_rule(cls, dtype):
             assert_close(f"out[{i}]", g, w)
         else:
             assert_close_relative(f"out[{i}]", g, w, p, FWD_FACTOR)
+
+
+def _native_cpu_bf16_products():
+    """What csrc/cpu/matmul.cpp's bf16_products_available() looks for: AVX512-BF16, no AMX
+    (and oneDNN not capped below AVX-512, which its probe then finds)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags and "amx_bf16" not in flags
+
+
+@pytest.mark.skipif(not HAS_C or DEVICE != "cpu", reason="the CPU kernels")
+@pytest.mark.parametrize("form", ["team", "row split", "packed"])
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+def test_cpu_bf16_products_relative_rule(cls, form, monkeypatch):
+    """bf16 layers on a CPU with native bf16 products run the input projection and the step
+    products on bf16 operands (the state rounded each step): outputs and gradients within
+    the relative rule of torch's own bf16 layers, both directions. Where the CPU has them the
+    result must differ from the fp32-product path (SEQKERN_CPU_BF16_PRODUCTS=0): the bf16 path
+    ran. B = 3 at H = 128 takes the team loop, B = 40 the row split."""
+    B, H = (40, 64) if form == "row split" else (3, 128)
+    ours, theirs = _pair(cls, input_size=32, hidden_size=H, bidirectional=True)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(9, B, 32, dtype=torch.float64, generator=gen)
+    lengths = torch.randint(1, 10, (B,), generator=gen)
+    lengths[1] = 9
+
+    def run(module, x, dtype):
+        module = module.to(dtype)
+        leaf = x.detach().to(dtype).requires_grad_(True)
+        inp = pack_padded_sequence(leaf, lengths, enforce_sorted=False) if form == "packed" \
+            else leaf
+        outs = _flatten(module(inp))
+        grads = torch.autograd.grad(sum(o.double().square().sum() for o in outs),
+                                    [leaf, *module.parameters()])
+        return [o.detach() for o in outs] + list(grads)
+
+    want = run(theirs, x, torch.float64)
+    peer = run(theirs, x, torch.bfloat16)
+    with seqkern.backend("cpu"):
+        got = run(ours, x, torch.bfloat16)
+        monkeypatch.setenv("SEQKERN_CPU_BF16_PRODUCTS", "0")
+        fp32_products = run(ours, x, torch.bfloat16)
+    outputs = len(want) - 1 - len(list(ours.parameters()))
+    for i, (g, w, p) in enumerate(zip(got, want, peer)):
+        factor = FWD_FACTOR if i < outputs else BWD_FACTOR
+        assert_close_relative(f"{cls} {form} result[{i}]", g, w, p, factor)
+    if _native_cpu_bf16_products():
+        assert not torch.equal(got[0], fp32_products[0]), "the bf16 products did not run"
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])

@@ -1,7 +1,12 @@
 #include "matmul.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 
 #include <ATen/Parallel.h>
 
@@ -93,28 +98,34 @@ void tiled_matmul_into(at::Tensor& out, const at::Tensor& a_in, const PackedRigh
 namespace {
 // Output tile (panel np, rows [m0, m0 + kTileM) of M) of C (+)= A @ b, its reduction in chunks
 // of kChunkK so that the tile's slices of A and of the panel stay in cache while the C tile
-// stays in L1; `backwards` takes the chunks in the opposite order.
-void tile_product(const float* A, int64_t lda, const PackedRight& b, float* C, int64_t ldc,
+// stays in L1; `backwards` takes the chunks in the opposite order. A is float (b fp32
+// panels) or bf16 (b from pack_right_bf16: a k pair per 32-bit unit, 64 units a panel row).
+template <typename TA>
+void tile_product(const TA* A, int64_t lda, const PackedRight& b, float* C, int64_t ldc,
                   bool accumulate, bool backwards, int64_t np, int64_t m0, int64_t M) {
+  constexpr bool kBf16 = std::is_same_v<TA, at::BFloat16>;
   const int64_t K = b.K, n0 = np * kPanel;
   const int64_t rows = std::min(kTileM, M - m0), cols = std::min(kPanel, b.N - n0);
   const int64_t k_chunks = (K + kChunkK - 1) / kChunkK;
   const float* P = b.panels.data_ptr<float>();
   for (int64_t j = 0; j < k_chunks; ++j) {
     const int64_t k0 = (backwards ? k_chunks - 1 - j : j) * kChunkK;
-    at::native::cpublas::brgemm(rows, cols, std::min(kChunkK, K - k0), lda, kPanel, ldc,
-                                /*add_C=*/accumulate || j > 0, A + m0 * lda + k0,
-                                P + (np * K + k0) * kPanel, C + m0 * ldc + n0,
-                                /*is_vnni=*/false);
+    const bool add = accumulate || j > 0;
+    if constexpr (kBf16) {  // panel np starts at unit np * (K / 2) * 64; k0 is even
+      const auto* panel = reinterpret_cast<const at::BFloat16*>(P + (np * K + k0) / 2 * kPanel);
+      at::native::cpublas::brgemm(rows, cols, std::min(kChunkK, K - k0), lda, kPanel, ldc, add,
+                                  A + m0 * lda + k0, panel, C + m0 * ldc + n0, /*is_vnni=*/true);
+    } else {
+      at::native::cpublas::brgemm(rows, cols, std::min(kChunkK, K - k0), lda, kPanel, ldc, add,
+                                  A + m0 * lda + k0, P + (np * K + k0) * kPanel,
+                                  C + m0 * ldc + n0, /*is_vnni=*/false);
+    }
   }
 }
-}  // namespace
 
-// Parallel over output tiles, one task each; `backwards` walks a thread's tiles (and each
-// tile's chunks) in the opposite order: what the previous call read last is still in this
-// core's L2 and is read first.
-void tiled_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight& b, float* C,
-                      int64_t ldc, bool accumulate, bool backwards) {
+template <typename TA>
+void tiled_product(int64_t M, const TA* A, int64_t lda, const PackedRight& b, float* C,
+                   int64_t ldc, bool accumulate, bool backwards) {
   const int64_t N = b.N, K = b.K;
   if (M == 0 || N == 0) return;
   if (K == 0) {
@@ -129,13 +140,13 @@ void tiled_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight&
       tile_product(A, lda, b, C, ldc, accumulate, backwards, tile / m_tiles,
                    (tile % m_tiles) * kTileM, M);
     }
-    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+    at::native::cpublas::brgemm_release(/*is_vnni=*/std::is_same_v<TA, at::BFloat16>);
   });
 }
 
-void panel_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight& b,
-                      int64_t panel0, int64_t panels, float* C, int64_t ldc, bool accumulate,
-                      bool backwards) {
+template <typename TA>
+void panel_product(int64_t M, const TA* A, int64_t lda, const PackedRight& b, int64_t panel0,
+                   int64_t panels, float* C, int64_t ldc, bool accumulate, bool backwards) {
   if (M == 0 || panels == 0) return;
   if (b.K == 0) {
     const int64_t n0 = panel0 * kPanel, n1 = std::min(b.N, (panel0 + panels) * kPanel);
@@ -149,7 +160,84 @@ void panel_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight&
     tile_product(A, lda, b, C, ldc, accumulate, backwards, panel0 + tile / m_tiles,
                  (tile % m_tiles) * kTileM, M);
   }
-  at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  at::native::cpublas::brgemm_release(/*is_vnni=*/std::is_same_v<TA, at::BFloat16>);
+}
+}  // namespace
+
+// Parallel over output tiles, one task each; `backwards` walks a thread's tiles (and each
+// tile's chunks) in the opposite order: what the previous call read last is still in this
+// core's L2 and is read first.
+void tiled_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight& b, float* C,
+                      int64_t ldc, bool accumulate, bool backwards) {
+  TORCH_CHECK(!b.bf16, "tiled_matmul_raw: bf16 panels need a bf16 left operand");
+  tiled_product(M, A, lda, b, C, ldc, accumulate, backwards);
+}
+
+void tiled_matmul_raw(int64_t M, const at::BFloat16* A, int64_t lda, const PackedRight& b,
+                      float* C, int64_t ldc, bool accumulate, bool backwards) {
+  TORCH_CHECK(b.bf16, "tiled_matmul_raw: a bf16 left operand needs pack_right_bf16's panels");
+  tiled_product(M, A, lda, b, C, ldc, accumulate, backwards);
+}
+
+void panel_matmul_raw(int64_t M, const float* A, int64_t lda, const PackedRight& b,
+                      int64_t panel0, int64_t panels, float* C, int64_t ldc, bool accumulate,
+                      bool backwards) {
+  TORCH_CHECK(!b.bf16, "panel_matmul_raw: bf16 panels need a bf16 left operand");
+  panel_product(M, A, lda, b, panel0, panels, C, ldc, accumulate, backwards);
+}
+
+void panel_matmul_raw(int64_t M, const at::BFloat16* A, int64_t lda, const PackedRight& b,
+                      int64_t panel0, int64_t panels, float* C, int64_t ldc, bool accumulate,
+                      bool backwards) {
+  TORCH_CHECK(b.bf16, "panel_matmul_raw: a bf16 left operand needs pack_right_bf16's panels");
+  panel_product(M, A, lda, b, panel0, panels, C, ldc, accumulate, backwards);
+}
+
+PackedRight pack_right_bf16(const at::Tensor& b) {
+  TORCH_CHECK(b.dim() == 2 && b.size(0) % 2 == 0,
+              "pack_right_bf16: b must be 2-D with an even number of rows");
+  const int64_t K = b.size(0), N = b.size(1);
+  // W = b^T rounded to bf16, row-major [N, K]: its k pairs are 32-bit units [N, K / 2], and a
+  // VNNI panel is a 64-row block of those units transposed, which is what pack_right does to
+  // 32-bit elements (moved as float bit patterns, never computed with).
+  const at::Tensor w = b.t().to(at::kBFloat16).contiguous();
+  const at::Tensor units = at::from_blob(w.data_ptr(), {N, K / 2}, w.options().dtype(at::kFloat));
+  PackedRight packed = pack_right(units.t());
+  return {packed.panels, K, N, /*bf16=*/true};
+}
+
+bool bf16_products_available() {
+  static const bool native = [] {
+#if defined(__x86_64__)
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx_bf16 = (edx >> 22) & 1, avx512f = (ebx >> 16) & 1;
+    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
+    const bool avx512_bf16 = (eax >> 5) & 1;
+    if (!avx512f || !avx512_bf16 || amx_bf16 || !at::globalContext().userEnabledMkldnn())
+      return false;
+    // oneDNN may still refuse (ONEDNN_MAX_CPU_ISA below AVX-512): one small product, checked.
+    try {
+      at::BFloat16 a[2] = {at::BFloat16(1.f), at::BFloat16(2.f)};
+      at::BFloat16 panel[kPanel * 2];
+      for (int64_t n = 0; n < kPanel; ++n)
+        panel[2 * n] = at::BFloat16(float(n + 1)), panel[2 * n + 1] = at::BFloat16(1.f);
+      float c[kPanel];
+      at::native::cpublas::brgemm(1, kPanel, 2, 2, kPanel, kPanel, false, a, panel, c,
+                                  /*is_vnni=*/true);
+      at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+      for (int64_t n = 0; n < kPanel; ++n)
+        if (c[n] != float(n + 3)) return false;
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+#else
+    return false;
+#endif
+  }();
+  const char* env = std::getenv("SEQKERN_CPU_BF16_PRODUCTS");
+  return native && !(env && env[0] == '0');
 }
 
 void matmul_once_into(at::Tensor& out, const at::Tensor& a_in, const at::Tensor& b_in,

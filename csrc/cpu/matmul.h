@@ -15,8 +15,28 @@ constexpr int64_t kPanelWidth = 64;
 struct PackedRight {
   at::Tensor panels;  // fp32 panels, or for other dtypes b itself (at::mm path)
   int64_t K, N;
+  // bf16 pairs instead (pack_right_bf16): panels [ceil(N / 64), K / 2, 64] of 32-bit units,
+  // each unit two bf16 of consecutive k (the VNNI layout brgemm's bf16 kernels read).
+  bool bf16 = false;
 };
 PackedRight pack_right(const at::Tensor& b);
+
+// b = W^T for a row-major W [N, K] of any floating dtype, K even: W rounded to bf16 and packed
+// in VNNI panels, the right operand of the bf16 products below. Use where
+// bf16_products_available().
+PackedRight pack_right_bf16(const at::Tensor& b);
+
+// Whether this CPU runs brgemm's bf16 kernels natively (AVX512-BF16) and they are tested here:
+// not on AMX machines (a different kernel, untested), nor where SEQKERN_CPU_BF16_PRODUCTS=0.
+bool bf16_products_available();
+
+// tiled_matmul_raw / panel_matmul_raw with a bf16 left operand and b from pack_right_bf16:
+// fp32 accumulation and output.
+void tiled_matmul_raw(int64_t M, const at::BFloat16* A, int64_t lda, const PackedRight& b,
+                      float* C, int64_t ldc, bool accumulate, bool backwards = false);
+void panel_matmul_raw(int64_t M, const at::BFloat16* A, int64_t lda, const PackedRight& b,
+                      int64_t panel0, int64_t panels, float* C, int64_t ldc, bool accumulate,
+                      bool backwards);
 
 // a [M, K] (any strides), b packed [K, N], out [M, N] (any strides): accumulate ?
 // out += a @ b : out = a @ b. Parallel over output tiles, panel-major so that consecutive

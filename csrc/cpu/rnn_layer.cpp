@@ -189,7 +189,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   const int64_t H = ops.H, P = ops.P, G = ops.G, N = ops.N;
   const at::Tensor &x = ops.x, &wih = ops.w_ih, &whh = ops.w_hh;
   const bool proj = ops.w_hr.defined();
-  const PackedRight whh_t = pack_right(whh.t());  // [P, G*H]: the step product's right operand
+  // bf16 input on a CPU with native bf16 products (AVX512-BF16): the input projection and the
+  // step products take bf16 operands (x as given, the state rounded to bf16 each step, the
+  // weights rounded once) with fp32 accumulation, as torch's bf16 layers do; the cell, its
+  // state c and the workspace stay fp32. Not with a projection, nor with an odd I or H.
+  const bool bf16 = input.scalar_type() == at::kBFloat16 && dt == at::kFloat && !proj &&
+                    x.size(1) % 2 == 0 && P % 2 == 0 && bf16_products_available();
+  // [P, G*H]: the step product's right operand
+  const PackedRight whh_t = bf16 ? pack_right_bf16(whh.t()) : pack_right(whh.t());
   // [H, P]: h = h_full W_hr^T after the cell (LSTM proj_size)
   const PackedRight whr_t = proj ? pack_right(ops.w_hr.t()) : PackedRight{};
   // LSTM and RNN add both biases with the input projection; GRU keeps b_hh with h W_hh^T
@@ -200,7 +207,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     if (mode == RnnMode::kGRU) bias_h = as_compute(*b_hh, dt);
     else bias_x = *bias_x + as_compute(*b_hh, dt);
   }
-  const PackedRight wih_t = pack_right(wih.t());  // [I, G*H]
+  const PackedRight wih_t = bf16 ? pack_right_bf16(wih.t()) : pack_right(wih.t());  // [I, G*H]
+  // bf16: the input as the projection's left operand, and the state as the step product's, in
+  // two buffers (the team's step i reads the one step i - 1 wrote).
+  const at::Tensor x_bf16 = bf16 ? input.reshape({-1, input.size(-1)}).contiguous()
+                                 : at::Tensor();
   at::Tensor h = h0.to(dt).clone(at::MemoryFormat::Contiguous);
   at::Tensor c = mode == RnnMode::kLSTM ? c0->to(dt).clone(at::MemoryFormat::Contiguous)
                                         : at::empty({0}, h.options());
@@ -225,6 +236,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   // two buffers, h and h_other, step i reading the one written by step i - 1.
   const bool team = use_team(dt == at::kFloat, proj, h.size(0), H);
   at::Tensor h_other = team ? h.clone() : at::Tensor();
+  at::Tensor h_bf16[2];
+  if (bf16) {
+    h_bf16[0] = h.to(at::kBFloat16);
+    h_bf16[1] = team ? h_bf16[0].clone() : h_bf16[0];
+  }
   TeamForward team_args{};  // float32 only; its chunk is set per chunk
   if (team) {
     team_args = {mode, H, &steps, {}, x_gates.data_ptr<float>(),
@@ -233,7 +249,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
                  {h.data_ptr<float>(), h_other.data_ptr<float>()},
                  ws.lstm ? c.data_ptr<float>() : nullptr, h_gates.data_ptr<float>(),
                  need_workspace ? workspace.data_ptr<float>() : nullptr, ws,
-                 out.data_ptr<float>()};
+                 out.data_ptr<float>(),
+                 {bf16 ? h_bf16[0].data_ptr<at::BFloat16>() : nullptr,
+                  bf16 ? h_bf16[1].data_ptr<at::BFloat16>() : nullptr}};
   }
 
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_fwd", [&] {
@@ -244,7 +262,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     const size_t state_bytes = P * sizeof(scalar_t), cell_bytes = H * sizeof(scalar_t);
     for (const StepChunk& ch : chunks) {
       at::Tensor xg_chunk = x_gates.narrow(0, 0, ch.rows);
-      tiled_matmul_into(xg_chunk, x.narrow(0, ch.row0, ch.rows), wih_t, false);
+      if (bf16) {
+        tiled_matmul_raw(ch.rows, x_bf16.data_ptr<at::BFloat16>() + ch.row0 * x.size(1),
+                         x.size(1), wih_t, xg_chunk.data_ptr<float>(), G * H, false);
+      } else {
+        tiled_matmul_into(xg_chunk, x.narrow(0, ch.row0, ch.rows), wih_t, false);
+      }
       if (team) {
         TeamForward args = team_args;
         args.chunk = ch;
@@ -268,7 +291,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
             for (int64_t r = 0; r < n; ++r)
               std::memcpy(hg + r * G * H, bias_h->data_ptr<scalar_t>(), G * H * sizeof(scalar_t));
           }
-          step_product<scalar_t>(i, n, h_rows, P, whh_t, hg, G * H, bias_h.has_value());
+          if (bf16) {  // float32 compute only (bf16 input): hg is float
+            tiled_matmul_raw(n, h_bf16[0].data_ptr<at::BFloat16>() + lo * P, P, whh_t,
+                             reinterpret_cast<float*>(hg), G * H, bias_h.has_value(),
+                             /*backwards=*/i % 2 == 1);
+          } else {
+            step_product<scalar_t>(i, n, h_rows, P, whh_t, hg, G * H, bias_h.has_value());
+          }
           // With a projection the cell writes h_full [n, H] (the LSTM cell reads no h_prev).
           scalar_t* cell_out = !proj ? h_rows
                                : need_workspace ? ws.h_full(base) + row * H
@@ -278,6 +307,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
                              cell_out, cell_out, c_rows,
                              need_workspace ? ws.saved(base) + row * ws.saved_width : nullptr);
           if (proj) step_product<scalar_t>(i, n, cell_out, H, whr_t, h_rows, P, false);
+          if (bf16) {  // the next step's left operand (no projection here: P == H)
+            at::BFloat16* h_next = h_bf16[0].data_ptr<at::BFloat16>() + lo * P;
+            for (int64_t e = 0; e < n * P; ++e) h_next[e] = at::BFloat16(float(h_rows[e]));
+          }
           if (ws.lstm && need_workspace)
             std::memcpy(ws.c_new(base) + row * H, c_rows, n * cell_bytes);
           std::memcpy(out.data_ptr<scalar_t>() + row * P, h_rows, n * state_bytes);

@@ -96,14 +96,23 @@ void team_forward_chunk(const TeamForward& a) {
     // The own columns of every gate: panels (g H + u0) / 64 on.
     for (int64_t k = 0; k < G; ++k) {
       const int64_t g = backwards ? G - 1 - k : k;
-      panel_matmul_raw(n, h_cur, H, *a.whh_t, (g * H + u0) / kPanelWidth,
-                       (u1 - u0) / kPanelWidth, a.h_gates, GH, a.bias_h != nullptr, backwards);
+      if (a.h_bf16[0])
+        panel_matmul_raw(n, a.h_bf16[i % 2], H, *a.whh_t, (g * H + u0) / kPanelWidth,
+                         (u1 - u0) / kPanelWidth, a.h_gates, GH, a.bias_h != nullptr, backwards);
+      else
+        panel_matmul_raw(n, h_cur, H, *a.whh_t, (g * H + u0) / kPanelWidth,
+                         (u1 - u0) / kPanelWidth, a.h_gates, GH, a.bias_h != nullptr, backwards);
     }
     float* saved = a.ws_base ? a.ws.saved(a.ws_base) + row * a.ws.saved_width : nullptr;
     run_rnn_step_fwd<float>(a.mode, n, H, a.x_gates + (row - a.chunk.row0) * GH, a.x_bias,
                             a.h_gates, h_cur, h_next, a.c, saved, u0, u1);
     if (lstm && a.ws_base) copy_units(a.c, H, a.ws.c_new(a.ws_base) + row * H, H, n, u0, u1);
     copy_units(h_next, H, a.out + row * H, H, n, u0, u1);
+    if (a.h_bf16[0]) {  // the own units of the next step's bf16 left operand
+      at::BFloat16* next = a.h_bf16[(i + 1) % 2];
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t u = u0; u < u1; ++u) next[r * H + u] = at::BFloat16(h_next[r * H + u]);
+    }
   });
 }
 

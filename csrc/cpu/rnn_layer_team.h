@@ -45,6 +45,9 @@ struct TeamForward {
   float* ws_base;        // the workspace (training) or nullptr
   Workspace ws;
   float* out;  // [N, H]
+  // bf16 products (pack_right_bf16's whh_t): the state rounded to bf16, step i reading
+  // h_bf16[i % 2]; nullptr for fp32 products.
+  at::BFloat16* h_bf16[2];
 };
 void team_forward_chunk(const TeamForward& a);
 
