@@ -165,13 +165,15 @@ LayerOperands prepare(const std::string& mode_name, const at::Tensor& input,
                       const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
                       const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                       const std::optional<at::Tensor>& b_hh,
-                      const std::optional<at::Tensor>& w_hr) {
+                      const std::optional<at::Tensor>& w_hr, bool bf16_input = false) {
   const RnnMode mode = parse_rnn_mode(mode_name, "rnn_layer");
   const int64_t G = gate_count(mode);
   const LayerDims dims = check_layer_args(G, mode == RnnMode::kLSTM, input, batch_sizes, h0, c0,
                                           w_ih, w_hh, b_ih, b_hh, w_hr);
   const at::ScalarType dt = compute_dtype(input.scalar_type());
-  at::Tensor x = as_compute(input, dt).reshape({-1, input.size(-1)});
+  // bf16_input: x stays bf16, the left operand of bf16 products (no fp32 copy).
+  at::Tensor x = bf16_input ? input.reshape({-1, input.size(-1)}).contiguous()
+                            : as_compute(input, dt).reshape({-1, input.size(-1)});
   return {mode, dt, dims.H, dims.P, G, x.size(0), x, as_compute(w_ih, dt), as_compute(w_hh, dt),
           w_hr ? as_compute(*w_hr, dt) : at::Tensor()};
 }
@@ -182,19 +184,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     const std::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse,
     bool need_workspace, const std::optional<at::Tensor>& w_hr) {
+  // bf16 input on a CPU with native bf16 products (AVX512-BF16): the input projection and the
+  // step products take bf16 operands (x as given, the state rounded to bf16 each step, the
+  // weights rounded once) with fp32 accumulation, as torch's bf16 layers do; the cell, its
+  // state c and the workspace stay fp32. Not with a projection, nor with an odd I or H.
+  const bool bf16 = input.scalar_type() == at::kBFloat16 && !w_hr && input.dim() > 0 &&
+                    input.size(-1) % 2 == 0 && w_hh.dim() == 2 && w_hh.size(1) % 2 == 0 &&
+                    bf16_products_available();
   const LayerOperands ops =
-      prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+      prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, bf16);
   const RnnMode mode = ops.mode;
   const at::ScalarType dt = ops.dtype;
   const int64_t H = ops.H, P = ops.P, G = ops.G, N = ops.N;
   const at::Tensor &x = ops.x, &wih = ops.w_ih, &whh = ops.w_hh;
   const bool proj = ops.w_hr.defined();
-  // bf16 input on a CPU with native bf16 products (AVX512-BF16): the input projection and the
-  // step products take bf16 operands (x as given, the state rounded to bf16 each step, the
-  // weights rounded once) with fp32 accumulation, as torch's bf16 layers do; the cell, its
-  // state c and the workspace stay fp32. Not with a projection, nor with an odd I or H.
-  const bool bf16 = input.scalar_type() == at::kBFloat16 && dt == at::kFloat && !proj &&
-                    x.size(1) % 2 == 0 && P % 2 == 0 && bf16_products_available();
   // [P, G*H]: the step product's right operand
   const PackedRight whh_t = bf16 ? pack_right_bf16(whh.t()) : pack_right(whh.t());
   // [H, P]: h = h_full W_hr^T after the cell (LSTM proj_size)
@@ -208,10 +211,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     else bias_x = *bias_x + as_compute(*b_hh, dt);
   }
   const PackedRight wih_t = bf16 ? pack_right_bf16(wih.t()) : pack_right(wih.t());  // [I, G*H]
-  // bf16: the input as the projection's left operand, and the state as the step product's, in
-  // two buffers (the team's step i reads the one step i - 1 wrote).
-  const at::Tensor x_bf16 = bf16 ? input.reshape({-1, input.size(-1)}).contiguous()
-                                 : at::Tensor();
+  // bf16: x is the projection's left operand as given (prepare), and the state, rounded, the
+  // step product's, in two buffers (the team's step i reads the one step i - 1 wrote).
   at::Tensor h = h0.to(dt).clone(at::MemoryFormat::Contiguous);
   at::Tensor c = mode == RnnMode::kLSTM ? c0->to(dt).clone(at::MemoryFormat::Contiguous)
                                         : at::empty({0}, h.options());
@@ -263,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     for (const StepChunk& ch : chunks) {
       at::Tensor xg_chunk = x_gates.narrow(0, 0, ch.rows);
       if (bf16) {
-        tiled_matmul_raw(ch.rows, x_bf16.data_ptr<at::BFloat16>() + ch.row0 * x.size(1),
+        tiled_matmul_raw(ch.rows, x.data_ptr<at::BFloat16>() + ch.row0 * x.size(1),
                          x.size(1), wih_t, xg_chunk.data_ptr<float>(), G * H, false);
       } else {
         tiled_matmul_into(xg_chunk, x.narrow(0, ch.row0, ch.rows), wih_t, false);
