@@ -1,0 +1,179 @@
+"""The layer ops themselves (seqkern::rnn_layer_fwd / rnn_layer_bwd): opcheck, gradcheck and
+double backward, torch.compile, which backend runs the backward, argument checks, and the
+backward computing only the gradients asked for."""
+
+import pytest
+import torch
+
+import seqkern
+from tests.attention_cases import DEVICE
+from tests.rnn_layer_cases import HAS_C, HAS_TRITON, module_pair
+from tests.tolerances import assert_close
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+def test_opcheck_layer_ops():
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    h0, c0 = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    w = [torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 5, dtype=torch.float64),
+         torch.randn(20, dtype=torch.float64), torch.randn(20, dtype=torch.float64)]
+    for need_workspace in (True, False):
+        args = ("LSTM", x, None, h0, c0, *w, True, need_workspace)
+        torch.library.opcheck(torch.ops.seqkern.rnn_layer_fwd.default, args)
+    leaves = [t.clone().requires_grad_(True) for t in (x, h0, c0, *w)]
+    torch.library.opcheck(torch.ops.seqkern.rnn_layer_fwd.default,
+                          ("LSTM", leaves[0], None, *leaves[1:3], *leaves[3:], True, True))
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_gradcheck_and_double_backward(mode):
+    G = {"LSTM": 4, "GRU": 3}.get(mode, 1)
+    sizes = torch.tensor([3, 2, 1])
+    x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True) if mode == "LSTM" else None
+    w = [torch.randn(G * 4, n, dtype=torch.float64, requires_grad=True) for n in (2, 4)]
+    b = [torch.randn(G * 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+
+    def f(x, h0, *wb):
+        out, h, c, _ = seqkern.ops.rnn_layer.rnn_layer_fwd(mode, x, sizes, h0, c0, *wb, True)
+        return out.sum() + h.square().sum() + (c.sum() if c0 is not None else 0)
+
+    with seqkern.backend("cpu"):
+        assert torch.autograd.gradcheck(f, (x, h0, *w, *b))
+        assert torch.autograd.gradgradcheck(f, (x, h0, *w, *b))
+
+
+class _CompiledModel(torch.nn.Module):
+    """A batch_first bidirectional LSTM (its layer ops see a transposed, strided input)
+    under a GRU, with torch ops around them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(3, 4)
+        self.lstm = seqkern.LSTM(4, 5, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = seqkern.GRU(10, 4)
+
+    def forward(self, x):
+        y, (h, c) = self.lstm(torch.tanh(self.embed(x)))
+        z, h_gru = self.gru(y.transpose(0, 1))
+        return z.square().sum() + h.sum() + c.square().sum() + h_gru.sum()
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(compiler):
+    """Forward and every gradient. Inductor checks the real outputs' strides against the
+    fakes' (the backward's fake once gave a strided input's gradient its strides while every
+    backend returns it contiguous: a failed assertion under inductor only)."""
+    model = _CompiledModel()
+    x = torch.randn(2, 5, 3)
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    got = compiled(x)
+    g_got = torch.autograd.grad(got, list(model.parameters()))
+    want = model(x)
+    g_want = torch.autograd.grad(want, list(model.parameters()))
+    torch.testing.assert_close(got, want)
+    for (name, _), a, b in zip(model.named_parameters(), g_got, g_want):
+        torch.testing.assert_close(a, b, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("forced", ["reference", "cpu"])
+def test_compiled_backward_runs_where_the_forward_ran(forced):
+    """A backend forced around a compiled forward, the backward outside it: the compiled
+    graph's backward has none of the forward's thread-local state, and the cpu kernel's
+    backward once read the reference's workspace (zeros) and gave wrong gradients, silently.
+    The workspace's producer now runs the backward, whatever is forced at that time."""
+    ours, theirs = module_pair("LSTM", input_size=5, hidden_size=6)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    compiled = torch.compile(lambda x: ours(x)[0].sum(), fullgraph=True, backend="aot_eager")
+    with seqkern.backend(forced):
+        loss = compiled(x)
+    other = "cpu" if forced == "reference" else "reference"
+    with seqkern.backend(other):
+        loss.backward()
+    theirs(x)[0].sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert_close(f"forced {forced}, backward under {other}: d{name}", p.grad, q.grad)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("sizes, match", [([2, 3], "non-increasing"), ([3, 3], "sum to 6"),
+                                          ([3, -1], "non-increasing")])
+def test_layer_op_refuses_malformed_batch_sizes(sizes, match):
+    """The kernels index rows by batch_sizes: a malformed one must raise, not read past N."""
+    x = torch.randn(5, 4)
+    h0 = torch.zeros(3, 6)
+    w_ih, w_hh = torch.randn(18, 4), torch.randn(18, 6)
+    with seqkern.backend("cpu"), pytest.raises(RuntimeError, match=match):
+        seqkern.ops.rnn_layer.rnn_layer_fwd("GRU", x, torch.tensor(sizes), h0, None, w_ih, w_hh,
+                                            None, None, False, False)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+def test_layer_op_refuses_biases_of_the_wrong_size():
+    x, h0 = torch.randn(4, 2, 3), torch.zeros(2, 5)
+    w_ih, w_hh = torch.randn(15, 3), torch.randn(15, 5)
+    with seqkern.backend("cpu"), pytest.raises(RuntimeError, match=r"each \[G\*H\]"):
+        seqkern.ops.rnn_layer.rnn_layer_fwd("GRU", x, None, h0, None, w_ih, w_hh,
+                                            torch.randn(14), torch.randn(15), False, False)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("which, match", [(0, "grad_output must have the output's 40"),
+                                          (1, r"grad_hn must be h_n's \[2, 5\]"),
+                                          (2, r"grad_cn must be c_n's \[2, 5\]")])
+def test_layer_backward_op_refuses_gradients_of_the_wrong_size(which, match):
+    """The backward reads the incoming gradients without bounds checks."""
+    x, h0, c0 = torch.randn(4, 2, 3), torch.zeros(2, 5), torch.zeros(2, 5)
+    w_ih, w_hh = torch.randn(20, 3), torch.randn(20, 5)
+    args = ("LSTM", x, None, h0, c0, w_ih, w_hh, None, None, False)
+    with seqkern.backend("cpu"):
+        workspace = seqkern.ops.rnn_layer.rnn_layer_fwd(*args, True)[3]
+        grads = [torch.randn(4, 2, 5), torch.randn(2, 5), torch.randn(2, 5)]
+        grads[which] = grads[which][..., :4] if which else torch.randn(4, 2, 4)
+        with pytest.raises(RuntimeError, match=match):
+            seqkern.ops.rnn_layer.rnn_layer_bwd(*args, workspace, *grads, [True] * 8, None)
+
+
+NEEDS_PATTERNS = {  # rnn_layer_bwd's needs: d_input, d_h0, d_c0, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+    "parameters only (a first layer on data)": [0, 0, 0, 1, 1, 1, 1, 0],
+    "input only (frozen layer)": [1, 0, 0, 0, 0, 0, 0, 0],
+    "states and w_hh": [0, 1, 1, 0, 1, 0, 0, 0],
+    "biases and w_ih": [0, 0, 0, 1, 0, 1, 1, 0],
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("pattern", NEEDS_PATTERNS)
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_layer_backward_computes_only_the_gradients_asked_for(backend, pattern, mode):
+    """What needs leaves out comes back as [0] (its product skipped), and what it asks for
+    equals the gradient of a backward that computes everything."""
+    usable = {"cpu": HAS_C, "triton": HAS_TRITON, "reference": True}
+    if not usable[backend]:
+        pytest.skip(f"{backend} backend not usable here")
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    G = {"LSTM": 4, "GRU": 3}.get(mode, 1)
+    gen = torch.Generator().manual_seed(7)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, dtype=dtype).to(DEVICE)
+
+    T, B, I, H = 5, 3, 4, 6
+    c0 = randn(B, H) if mode == "LSTM" else None
+    args = (mode, randn(T, B, I), None, randn(B, H), c0, randn(G * H, I), randn(G * H, H),
+            randn(G * H), randn(G * H), False)
+    grads = (randn(T, B, H), randn(B, H), randn(B, H) if mode == "LSTM" else None)
+    needs = [bool(n) for n in NEEDS_PATTERNS[pattern]]
+    with seqkern.backend(backend):
+        workspace = seqkern.ops.rnn_layer.rnn_layer_fwd(*args, True)[3]
+        everything = seqkern.ops.rnn_layer.rnn_layer_bwd(*args, workspace, *grads, [True] * 8)
+        asked = seqkern.ops.rnn_layer.rnn_layer_bwd(*args, workspace, *grads, needs)
+    for name, want, full, got in zip(seqkern.ops.rnn_layer.GRAD_NAMES, needs, everything, asked):
+        if not want or full.numel() == 0:  # not asked for, or not applicable (d_c0 of GRU)
+            assert got.numel() == 0, f"{name} was not asked for but came back {got.shape}"
+        else:
+            assert_close(f"{mode} {pattern} {name}", got, full)
