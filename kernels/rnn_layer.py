@@ -9,8 +9,9 @@ from the launches. A grid barrier inside one launch would need every program co-
 (recent Triton releases can ask for a cooperative launch, launch_cooperative_grid) and
 cannot run in the CPU interpreter at all, which runs programs one after another: it would
 wait forever there, so it could not be tested on the machines that test this code. The CUDA
-kernel (csrc/cuda) keeps its weights on chip in one cooperative launch instead. The input projection of all steps
-(before) and the weight gradients and dx (after) are single large products made with torch.
+kernel (csrc/cuda) keeps its weights on chip in one cooperative launch instead. The input
+projection of all steps (before) and the weight gradients and dx (after) are single large
+products made with torch, the latter only where autograd asks for them (needs).
 Packed sequences: the step table (row offset, live rows) is built on the host from
 batch_sizes; rows beyond a step's live count carry their state over unchanged.
 

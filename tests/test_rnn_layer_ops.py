@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import seqkern
+from seqkern.backends import BACKENDS
 from tests.attention_cases import DEVICE
 from tests.rnn_layer_cases import HAS_C, HAS_TRITON, module_pair
 from tests.tolerances import assert_close
@@ -81,11 +82,18 @@ def test_torch_compile_fullgraph_matches_eager(compiler):
 
 @pytest.mark.skipif(not HAS_C, reason="no _C")
 @pytest.mark.parametrize("forced", ["reference", "cpu"])
-def test_compiled_backward_runs_where_the_forward_ran(forced):
+def test_compiled_backward_runs_where_the_forward_ran(forced, monkeypatch):
     """A backend forced around a compiled forward, the backward outside it: the compiled
     graph's backward has none of the forward's thread-local state, and the cpu kernel's
     backward once read the reference's workspace (zeros) and gave wrong gradients, silently.
-    The workspace's producer now runs the backward, whatever is forced at that time."""
+    The workspace's producer now runs the backward, whatever is forced at that time: the
+    gradients match torch's, and the backward that ran is the forward's backend's."""
+    ran = []
+    for name in ("cpu", "reference"):
+        original = BACKENDS[name].rnn_layer_bwd
+        monkeypatch.setattr(BACKENDS[name], "rnn_layer_bwd",
+                            lambda *a, name=name, original=original:
+                            ran.append(name) or original(*a))
     ours, theirs = module_pair("LSTM", input_size=5, hidden_size=6)
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     compiled = torch.compile(lambda x: ours(x)[0].sum(), fullgraph=True, backend="aot_eager")
@@ -94,6 +102,7 @@ def test_compiled_backward_runs_where_the_forward_ran(forced):
     other = "cpu" if forced == "reference" else "reference"
     with seqkern.backend(other):
         loss.backward()
+    assert ran == [forced]
     theirs(x)[0].sum().backward()
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
         assert_close(f"forced {forced}, backward under {other}: d{name}", p.grad, q.grad)

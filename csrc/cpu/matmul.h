@@ -69,7 +69,7 @@ void matmul_once_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                       bool accumulate);
 
 // m^T as a new contiguous matrix: for fp32 a blocked transpose into cached memory (the
-// weight gradients' left operands, [rows, I] chunks transposed once per chunk; a strided
+// weight gradients' left operand, each chunk's gate gradients [rows, G*H]; a strided
 // at::Tensor::contiguous ran at about 2 GB/s here), other dtypes through ATen.
 at::Tensor transposed(const at::Tensor& m);
 

@@ -121,10 +121,10 @@ void step_product(size_t i, int64_t n, const T* a, int64_t lda, const PackedRigh
 // memory: it cost more than the recurrence itself.
 constexpr int64_t kProjectionChunkBytes = int64_t(4) << 20;
 // The backward's chunks are larger: each chunk's weight-gradient products read and write the
-// whole dW accumulators (8 MB for the LSTM at H = 512) and pack the gate gradients once, so
-// fewer chunks cost less (4 -> 16 MB: backward 1-4% faster at B = 4 to 64, side by side),
-// for about 30 MB more peak memory (the chunk's gate gradients, their panels and the
-// transposed x and h_prev).
+// whole dW accumulators (8 MB for the LSTM at H = 512) and transpose the gate gradients once,
+// so fewer chunks cost less (4 -> 16 MB: backward 1-4% faster at B = 4 to 64, side by side),
+// for about 30 MB more peak memory (the chunk's gate gradients, their transpose and the
+// packed x and h_prev).
 constexpr int64_t kBackwardChunkBytes = int64_t(16) << 20;
 
 // Consecutive steps whose rows fill about chunk_bytes of gates (at least one step).
