@@ -6,14 +6,13 @@ device time means launch or Python overhead; device time above the peer's means 
 
     python bench/gpu_profile.py            (bench/gpu_check.sh's `profile` stage)
 """
-import os
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import seqkern
-from test_rnn_layer_bench import NEXT_ENV  # bench/ is this script's directory: on sys.path
+from test_rnn_layer_bench import variant_env  # bench/ is this script's directory: on sys.path
 
 ITERS = 10
 
@@ -58,7 +57,7 @@ def _cell_step(cls, B, H, dtype):
 CASES = [_layer_train("LSTM", 100, 64, 512, torch.bfloat16, input_grad=False),
          _layer_train("LSTM", 200, 16, 512, torch.bfloat16),
          _cell_step("LSTMCell", 64, 512, torch.bfloat16)]
-# cuda-next: the cuda backend with its opt-in candidates, as the layer benchmarks run them
+# cuda-next: the cuda backend with its opt-in candidate, as the layer benchmarks run it
 PROVIDERS = ["cuda", "cuda-next", "triton", "torch"]
 
 
@@ -92,11 +91,11 @@ def main():
             if provider == "cuda-next" and not name.startswith("LSTM train"):
                 continue  # layers only
             step = make(provider)
-            os.environ.update({k: "1" if provider == "cuda-next" else "0" for k in NEXT_ENV})
             if provider == "torch":
                 host_ms, kernels = measure(step)
             else:
-                with seqkern.backend(provider.split("-")[0]):
+                backend, _, variant = provider.partition("-")
+                with variant_env(variant), seqkern.backend(backend):
                     host_ms, kernels = measure(step)
             device_ms = sum(kernels.values())
             top = sorted(kernels.items(), key=lambda kv: -kv[1])[:4]

@@ -9,6 +9,7 @@ packed sequences count only their live rows. Peak memory: on CUDA
 torch.cuda.max_memory_allocated over the timed calls; on the CPU (fastrnns shape only) the
 peak RSS growth of one call in a fresh process (bench/peak_memory.py).
 """
+import contextlib
 import json
 import os
 import sys
@@ -36,17 +37,33 @@ SHAPES = [("fastrnns", 100, 64, 512, 512, False),
 
 
 # On a GPU both compiled backends run side by side, and as its own row the cuda backend's
-# opt-in candidates (until measured): "next" = the layer kernel's batch-lane blocks (B > 8)
-# and the bf16 backward's products on bf16 tensor cores. On the CPU the default dispatch.
+# opt-in candidate: "next" = batch-lane blocks wherever they fit (B > 8, forward and backward;
+# by default only the forward at B >= 64 takes them, csrc/cuda/rnn_layer.cu's use_lanes).
+# "seqkern-cuda" runs the defaults. On the CPU the default dispatch.
 PROVIDERS = (["seqkern-cuda", "seqkern-cuda-next", "seqkern-triton", "torch"] if CUDA
              else ["seqkern", "torch"])
-NEXT_ENV = ("SEQKERN_CUDA_RNN_LANES", "SEQKERN_CUDA_RNN_BF16_GEMMS")  # "1" for next, else "0"
-LANES_MIN_BATCH = 9  # csrc/cuda/rnn_layer.cu's kLaneMinBatch
+NEXT_ENV = ("SEQKERN_CUDA_RNN_LANES",)  # "1" for next, unset (the defaults) otherwise
+LANES_MIN_BATCH, LANES_DEFAULT_MIN_BATCH = 9, 64  # rnn_layer.cu's kLane(Default)MinBatch
 
 
 def _next_differs(B, dtype, pass_):
     """Whether seqkern-cuda-next runs anything seqkern-cuda does not for this case."""
-    return B >= LANES_MIN_BATCH or (dtype == torch.bfloat16 and pass_ != "inference")
+    return B >= LANES_MIN_BATCH and not (pass_ == "inference" and B >= LANES_DEFAULT_MIN_BATCH)
+
+
+@contextlib.contextmanager
+def variant_env(variant):
+    """The environment of a cuda variant: "next" sets NEXT_ENV to "1", else they are unset."""
+    before = {k: os.environ.pop(k, None) for k in NEXT_ENV}
+    if variant == "next":
+        os.environ.update({k: "1" for k in NEXT_ENV})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
 
 
 def _backend(provider):
@@ -103,17 +120,8 @@ def _setup(provider, cls, shape, dtype, pass_, batch=None):
         return run, flops
 
     def forced():
-        before = {k: os.environ.get(k) for k in NEXT_ENV}
-        os.environ.update({k: "1" if variant == "next" else "0" for k in NEXT_ENV})
-        try:
-            with seqkern.backend(backend):
-                run()
-        finally:
-            for k, v in before.items():
-                if v is None:
-                    del os.environ[k]
-                else:
-                    os.environ[k] = v
+        with variant_env(variant), seqkern.backend(backend):
+            run()
     return forced, flops
 
 

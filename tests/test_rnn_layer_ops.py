@@ -166,10 +166,10 @@ def test_layer_backward_computes_only_the_gradients_asked_for(backend, pattern, 
         pytest.skip(f"{backend} backend not usable here")
     dtype = torch.float32 if backend == "triton" else torch.float64
     G = {"LSTM": 4, "GRU": 3}.get(mode, 1)
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(7)  # a CPU generator: draws on the CPU, then moved
 
     def randn(*size):
-        return torch.randn(*size, generator=gen, dtype=dtype).to(DEVICE)
+        return torch.randn(*size, generator=gen, dtype=dtype, device="cpu").to(DEVICE)
 
     T, B, I, H = 5, 3, 4, 6
     c0 = randn(B, H) if mode == "LSTM" else None

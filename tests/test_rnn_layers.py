@@ -275,11 +275,11 @@ def test_triton_layers_over_several_program_tiles(cls, kw):
     stays within one tile). Packed unsorted, both directions, float32 against float64."""
     ours, theirs = module_pair(cls, input_size=6, hidden_size=40, bidirectional=True, **kw)
     ours.float()
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(7, 37, 6, dtype=torch.float64, generator=gen).to(DEVICE)
-    lengths = torch.randint(1, 8, (37,), generator=gen)
+    gen = torch.Generator().manual_seed(3)  # a CPU generator: draws on the CPU, then moved
+    x = torch.randn(7, 37, 6, dtype=torch.float64, generator=gen, device="cpu").to(DEVICE)
+    lengths = torch.randint(1, 8, (37,), generator=gen, device="cpu")
     lengths[5] = 7
-    h0 = torch.randn(2, 37, 40, dtype=torch.float64, generator=gen).to(DEVICE)
+    h0 = torch.randn(2, 37, 40, dtype=torch.float64, generator=gen, device="cpu").to(DEVICE)
     hx = (h0, torch.randn_like(h0)) if cls == "LSTM" else h0
 
     def call(module, leaves):

@@ -7,6 +7,13 @@ same-dtype computation of the same function. Where torch's error is below one un
 last place of the dtype at the reference's largest magnitude (torch exact, e.g. a gradient
 that is exactly zero), that unit is the base instead: no result is closer than its dtype
 resolves (the first GPU run failed a kernel for a 6e-8 dq where the answer is 0).
+
+fp32 long reductions (a layer's weight gradient sums T*B products, 19200 at T300 B64): a
+small entry that is the difference of large partial sums carries fp32 rounding of the
+partial sums' size, beyond the table's atol in any order of summation (torch's own fp32
+LSTM on the CPU: 7e-5 at T300 B64 H512). There an entry outside the table passes only if the
+kernel's error is within the relative rule's factor of torch's own fp32 result
+(assert_close_or_like_torch).
 """
 import torch
 
@@ -58,3 +65,18 @@ def assert_close_relative(name, actual, expected64, torch_same_dtype, factor):
     assert err <= factor * max(peer, ulp), (
         f"{name} ({actual.dtype}): max abs err {err:.3e} > {factor} x max(torch's own "
         f"{actual.dtype} error {peer:.3e}, one ulp {ulp:.3e})")
+
+
+def assert_close_or_like_torch(name, actual, expected64, torch_same_dtype, factor):
+    """fp16/bf16: the relative rule. fp32/fp64: the table, or where an entry falls outside it,
+    the relative rule against torch's own result in that dtype (long fp32 reductions)."""
+    if actual.dtype in (torch.float16, torch.bfloat16):
+        assert_close_relative(name, actual, expected64, torch_same_dtype, factor)
+        return
+    try:
+        assert_close(name, actual, expected64)
+    except AssertionError as table_failure:
+        try:
+            assert_close_relative(name, actual, expected64, torch_same_dtype, factor)
+        except AssertionError as relative_failure:
+            raise AssertionError(f"{table_failure}\n{relative_failure}") from None

@@ -48,11 +48,13 @@ Strided2 strided(const at::Tensor& t) {
 }
 Strided2 strided(const std::optional<at::Tensor>& t) { return t ? strided(*t) : Strided2{}; }
 
-// bf16 layers' backward products on bf16 tensor cores (SEQKERN_CUDA_RNN_BF16_GEMMS=1): opt-in
-// until timed on a GPU (bench/gpu_check.sh's seqkern-cuda-next); else fp32 cuBLAS.
+// bf16 layers' backward products on bf16 tensor cores, by default: on an H100 (bench/
+// RESULTS.md, 2026-11-26) the fastrnns step's products went from fp32 cuBLAS (one sgemm
+// alone 0.51 ms) to bf16 kernels of at most 0.045 ms each. SEQKERN_CUDA_RNN_BF16_GEMMS=0 runs
+// them as fp32 cuBLAS on fp32 copies.
 bool bf16_gemms_enabled() {
   const char* v = std::getenv("SEQKERN_CUDA_RNN_BF16_GEMMS");
-  return v && v[0] == '1';
+  return !(v && v[0] == '0');
 }
 
 // a @ b in fp32 on cuBLAS; fp16/bf16 operands accumulate and are stored in fp32.

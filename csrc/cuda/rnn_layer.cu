@@ -38,6 +38,7 @@ constexpr int kBatchTiles[3] = {1, 4, 8};
 // the blocks reading them (estimates, to be measured: bench/RESULTS.md).
 constexpr int kLaneUnitsFwd = 4, kLaneUnitsBwd = 8;
 constexpr int kLaneMinBatch = 9;   // batch-lane blocks: the smallest batch they take
+constexpr int kLaneDefaultMinBatch = 64;  // ... and by default (forward only), use_lanes
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -274,9 +275,16 @@ const void* kernel_ptr(bool backward, int bt) {
   return pick(&layer_fwd_kernel<Cell, T, 8>, &layer_bwd_kernel<Cell, T, 8>);
 }
 
-bool lanes_enabled() {
+// Batch-lane blocks or the 8-row ones. Timed on an H100 (bench/RESULTS.md, 2026-11-26):
+// the forward at B64 took 0.69-0.74x the time of 8-row blocks, at B16 (packed) 0.98-1.10x;
+// the backward at B64 1.42x (3.22 -> 4.59 ms), at B16 1.40x. So by default the forward at
+// B >= 64 only; SEQKERN_CUDA_RNN_LANES=1 takes them wherever they fit (B >= 9, both
+// directions), =0 never. The planner reads it at every call.
+bool use_lanes(const LayerProblem& p, bool backward) {
   const char* v = std::getenv("SEQKERN_CUDA_RNN_LANES");
-  return v && v[0] == '1';
+  if (v && v[0] == '1') return p.batch >= kLaneMinBatch;
+  if (v && v[0] == '0') return false;
+  return !backward && p.batch >= kLaneDefaultMinBatch;
 }
 
 // A persistent batch-lane plan (kLaneUnitsFwd / kLaneUnitsBwd units a block, 16, 32 or 64
@@ -325,7 +333,7 @@ cudaError_t make_plan(const LayerProblem& p, bool backward, bool allow_persisten
                              std::pair{cudaDevAttrCooperativeLaunch, &coop}})
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(value, attr, dev);
   if (err != cudaSuccess) return err;
-  if (allow_persistent && coop && lanes_enabled() && p.batch >= kLaneMinBatch &&
+  if (allow_persistent && coop && use_lanes(p, backward) &&
       (lane_plan<Cell, T>(p, backward, sms, max_smem, plan, &err) || err != cudaSuccess))
     return err;
   const int bt_max = p.batch <= 1 ? 0 : p.batch <= 4 ? 1 : 2;

@@ -8,7 +8,7 @@
 // rows per pass). A warp reduce-scatter and a sum over the group's warps in shared memory
 // finish the products, and one thread per (unit, batch row) runs the cell.
 //
-// Batches over 8 rows (opt-in until measured on a GPU: SEQKERN_CUDA_RNN_LANES=1) use
+// Batches over 8 rows may use (rnn_layer.cu's use_lanes: by default the forward at B >= 64)
 // batch-lane blocks instead (LaneBlock): 16, 32 or 64 batch rows a pass, the lanes of every
 // warp over the rows (and, 16-row tiles, two K slices), the 8 warps splitting K, each thread
 // accumulating all of the block's weight rows for its batch rows. Weights are read as
