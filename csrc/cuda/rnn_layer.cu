@@ -276,7 +276,7 @@ const void* kernel_ptr(bool backward, int bt) {
 }
 
 // Batch-lane blocks or the 8-row ones. Timed on an H100 (bench/RESULTS.md, 2026-11-26):
-// the forward at B64 took 0.69-0.74x the time of 8-row blocks, at B16 (packed) 0.98-1.10x;
+// the forward at B64 took 0.69-0.78x the time of 8-row blocks, at B16 (packed) 0.98-1.10x;
 // the backward at B64 1.42x (3.22 -> 4.59 ms), at B16 1.40x. So by default the forward at
 // B >= 64 only; SEQKERN_CUDA_RNN_LANES=1 takes them wherever they fit (B >= 9, both
 // directions), =0 never. The planner reads it at every call.
