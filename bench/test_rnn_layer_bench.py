@@ -37,18 +37,17 @@ SHAPES = [("fastrnns", 100, 64, 512, 512, False),
 
 
 # On a GPU both compiled backends run side by side, and as its own row the cuda backend's
-# opt-in candidate: "next" = batch-lane blocks wherever they fit (B > 8, forward and backward;
-# by default only the forward at B >= 64 takes them, csrc/cuda/rnn_layer.cu's use_lanes).
-# "seqkern-cuda" runs the defaults. On the CPU the default dispatch.
+# opt-in candidate: "next" = tensor-core blocks (fp16 / bf16 layers, SEQKERN_CUDA_RNN_MMA=1,
+# csrc/cuda/rnn_layer.cu's use_mma). "seqkern-cuda" runs the defaults. On the CPU the
+# default dispatch.
 PROVIDERS = (["seqkern-cuda", "seqkern-cuda-next", "seqkern-triton", "torch"] if CUDA
              else ["seqkern", "torch"])
-NEXT_ENV = ("SEQKERN_CUDA_RNN_LANES",)  # "1" for next, unset (the defaults) otherwise
-LANES_MIN_BATCH, LANES_DEFAULT_MIN_BATCH = 9, 64  # rnn_layer.cu's kLane(Default)MinBatch
+NEXT_ENV = ("SEQKERN_CUDA_RNN_MMA",)  # "1" for next, unset (the defaults) otherwise
 
 
 def _next_differs(B, dtype, pass_):
     """Whether seqkern-cuda-next runs anything seqkern-cuda does not for this case."""
-    return B >= LANES_MIN_BATCH and not (pass_ == "inference" and B >= LANES_DEFAULT_MIN_BATCH)
+    return dtype in (torch.float16, torch.bfloat16)
 
 
 @contextlib.contextmanager

@@ -67,16 +67,20 @@ def test_hidden_size_past_the_persistent_kernel():
     _layer_against_cpu64("LSTM", T=20, B=3, I=64, H=2048, dtype=torch.float32)
 
 
-def _layer_kernel_tiles(cls, T, B, H, dtype):
+def _layer_kernel_tiles(cls, T, B, H, dtype, mma=False):
     """Checks the layer as _layer_against_cpu64 does and returns the batch tiles (the
-    kernels' last template argument) its forward and backward kernels ran with."""
+    kernels' template argument after the dtype) its forward and backward kernels ran with;
+    asserts that they were (or were not, mma=False) the tensor-core kernels (the last
+    template argument, `true`)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         _layer_against_cpu64(cls, T=T, B=B, I=64, H=H, dtype=dtype)
     names = {e.key for e in prof.key_averages()}
-    tiles = {d: {int(m) for n in names for m in re.findall(rf"layer_{d}_kernel<[^>]*, (\d+)>", n)}
+    found = {d: {m for n in names for m in re.findall(rf"layer_{d}_kernel<[^>]*, (\d+), ([^,>]+)>", n)}
              for d in ("fwd", "bwd")}
-    assert tiles["fwd"] and tiles["bwd"], f"no layer kernels among {sorted(names)[:8]}"
-    return tiles, names
+    assert found["fwd"] and found["bwd"], f"no layer kernels among {sorted(names)[:8]}"
+    for d, kinds in found.items():
+        assert {k in ("true", "1", "(bool)1") for _, k in kinds} == {mma}, (d, kinds)
+    return {d: {int(t) for t, _ in kinds} for d, kinds in found.items()}, names
 
 
 @pytest.mark.parametrize("cls,T,B,H,dtype", [
@@ -98,6 +102,20 @@ def test_batch_lane_blocks(monkeypatch, cls, T, B, H, dtype):
     want = 64 if B > 32 else 32 if B > 16 else 16
     if torch.cuda.get_device_capability()[0] >= 9:
         assert tiles == {"fwd": {want}, "bwd": {min(want, 32)}}, tiles
+
+
+@pytest.mark.parametrize("cls,T,B,H,dtype", [
+    ("LSTM", 300, 64, 512, torch.bfloat16),  # the fastrnns width, two passes of 32 rows
+    ("GRU", 200, 16, 512, torch.float16),  # 16-row tiles
+    ("LSTM", 50, 33, 1024, torch.bfloat16),  # backward K = 4096 in chunks
+    ("RNN", 100, 5, 136, torch.bfloat16),  # one m16 tile, K padded 136 -> 144
+])
+def test_tensor_core_blocks(monkeypatch, cls, T, B, H, dtype):
+    # Opt-in until timed (csrc/cuda/rnn_layer.cu's use_mma); the planner reads it every call.
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1")
+    tiles, _ = _layer_kernel_tiles(cls, T, B, H, dtype, mma=True)
+    want = 32 if B > 16 else 16
+    assert tiles == {"fwd": {want}, "bwd": {want}}, tiles
 
 
 @pytest.mark.parametrize("B, fwd_tile", [(64, 64), (40, 8)])

@@ -238,6 +238,16 @@ LAYER_CASES = [
     LayerCase("LSTM", torch.float32, 3, 16, 28, _lengths_to_batch_sizes(
         [3, 1, 2, 3, 3, 1, 2, 2, 3, 1, 1, 3, 2, 3, 1, 2]), lanes=True, sms=4),
     LayerCase("RNN_TANH", BF16, 2, 9, 11, reverse=True, strided=True, lanes=True),
+    # tensor-core blocks (SEQKERN_CUDA_RNN_MMA=1): K padded to 16 (13 -> 16, backward 52 ->
+    # 64), no float4 staging; two m16 tiles (LSTM, GRU: 32 and 24 weight rows) or one
+    LayerCase("LSTM", BF16, 4, 5, 13, reverse=True, strided=True, mma=True),
+    LayerCase("GRU", F16, 5, 20, 10, _lengths_to_batch_sizes(
+        [5, 1, 3, 5, 2, 4, 4, 5, 1, 1, 2, 3, 5, 5, 4, 2, 1, 3, 2, 5]), mma=True),  # 32-row tile
+    LayerCase("RNN_TANH", BF16, 3, 33, 16, mma=True),  # two passes of 32 rows a step
+    LayerCase("RNN_RELU", F16, 4, 1, 9, reverse=True, bias=False, mma=True),
+    # the backward stages K = 160 in two chunks of 80 (small shared memory), five blocks
+    LayerCase("LSTM", F16, 3, 8, 40, _lengths_to_batch_sizes([3, 1, 2, 3, 3, 1, 2, 2]),
+              mma=True, sms=3, smem=18000),
 ]
 
 
@@ -246,7 +256,7 @@ def _layer_id(c):
     return (f"{c.mode}-{str(c.dtype)[6:]}-T{c.steps}B{c.batch}H{c.hidden}-{packed}"
             f"{'-reverse' * c.reverse}{'-strided' * c.strided}{'-nobias' * (not c.bias)}"
             f"-{'persistent' if c.persistent else 'per_step'}-sms{c.sms}-minwork{c.min_work}"
-            f"{'-lanes' * c.lanes}-smem{c.smem}")
+            f"{'-lanes' * c.lanes}{'-mma' * c.mma}-smem{c.smem}")
 
 
 @pytest.mark.parametrize("case", LAYER_CASES, ids=_layer_id)
@@ -273,14 +283,17 @@ def test_rnn_layer_fwd_bwd(harness, tmp_path, case):
     path = int(c.persistent)  # the plan took the intended path, and launched by it
     assert f"fwd persistent={path} " in plan and f"bwd persistent={path} " in plan, plan
     assert f"coop_launches={path};" in plan and plan.endswith(f"coop_launches={path}"), plan
-    # batch-lane plans (B > 8; the backward's 8 units a block take at most 32 rows), else 1
-    # to 8 rows
+    # tensor-core plans (16 or 32 rows), batch-lane plans (B > 8; the backward's 8 units a
+    # block take at most 32 rows), else 1 to 8 rows
     tile = (64 if B > 32 else 32 if B > 16 else 16) if c.lanes and B > 8 else None
+    if c.mma:
+        tile = 32 if B > 16 else 16
     for direction, most in (("fwd", 64), ("bwd", 32)):
         got_tile = int(plan.split(f"{direction} tile=")[1].split()[0])
         assert got_tile == min(tile, most) if tile else got_tile <= 8, plan
+        assert f"mma={int(c.mma)};" in plan.split(f"{direction} tile=")[1], plan
     if c.smem < 232448:  # the small shared memory made the backward stage K in chunks
-        assert int(plan.split("bwd tile=")[1].split("k_chunk=")[1].split(";")[0]) < G * H, plan
+        assert int(plan.split("bwd tile=")[1].split("k_chunk=")[1].split()[0]) < G * H, plan
 
     kind = "RNN" if c.mode.startswith("RNN") else c.mode
     nonlinearity = "relu" if c.mode == "RNN_RELU" else "tanh"

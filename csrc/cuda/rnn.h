@@ -95,7 +95,8 @@ struct LayerPlan {
   int batch_tile = 0;  // batch rows per pass over the block's weights
   int blocks = 0;
   size_t smem_bytes = 0;
-  int k_chunk = 0;     // batch-lane plans: reduction columns staged a chunk (else 0)
+  int k_chunk = 0;     // batch-lane and tensor-core plans: reduction columns staged a chunk
+  bool mma = false;    // tensor-core blocks (fp16 / bf16, SEQKERN_CUDA_RNN_MMA=1)
 };
 cudaError_t rnn_layer_plan(const LayerProblem& p, bool backward, LayerPlan* plan);
 

@@ -11,7 +11,7 @@
 // slices do not fit in the co-resident blocks' shared memory (or cooperative launch is not
 // available) the same kernel runs one launch per step, reading W_hh from L2.
 //
-// The blocks that multiply (Block, LaneBlock) are in rnn_layer_blocks.cuh.
+// The blocks that multiply (Block, LaneBlock, MmaBlock) are in rnn_layer_blocks.cuh.
 //
 // Backward order: phase p first completes dh for the rows of step S-p (the product of the
 // gate gradients written in phase p-1 with W_hh), then runs the pointwise backward of step
@@ -39,6 +39,7 @@ constexpr int kBatchTiles[3] = {1, 4, 8};
 constexpr int kLaneUnitsFwd = 4, kLaneUnitsBwd = 8;
 constexpr int kLaneMinBatch = 9;   // batch-lane blocks: the smallest batch they take
 constexpr int kLaneDefaultMinBatch = 64;  // ... and by default (forward only), use_lanes
+constexpr int kMmaUnits = 8;  // tensor-core blocks: hidden units per block (8 x BT <= kThreads)
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -60,12 +61,13 @@ __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned& target
 }
 
 
-template <class Cell, typename T, int BT>
+template <class Cell, typename T, int BT, bool Mma>
 __global__ void __launch_bounds__(kThreads, 1)
     layer_fwd_kernel(const Cell cell, const KernelArgs a, int p_begin, int p_end) {
   constexpr int G = Cell::kGates, W = Cell::kSaved;
   extern __shared__ __align__(16) unsigned char smem[];
-  BlockFor<T, G, kLaneUnitsFwd * G, BT> blk(a, smem);  // group u = unit u: its G gate rows
+  // group u = unit u: its G gate rows
+  BlockFor<T, G, (Mma ? kMmaUnits : kLaneUnitsFwd) * G, BT, Mma> blk(a, smem);
   const int H = a.H, j = blk.j, bb = blk.bb;
   const bool owner = blk.owner;
   const int64_t GH = int64_t(G) * H;
@@ -125,13 +127,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <class Cell, typename T, int BT>
+template <class Cell, typename T, int BT, bool Mma>
 __global__ void __launch_bounds__(kThreads, 1)
     layer_bwd_kernel(const Cell cell, const KernelArgs a, int p_begin, int p_end) {
   constexpr int G = Cell::kGates, W = Cell::kSaved;
   extern __shared__ __align__(16) unsigned char smem[];
-  // Block: group q holds the W_hh^T rows of units 4q .. 4q+3 (LaneBlock: all the block's)
-  BlockFor<T, kBwdRows, kLaneUnitsBwd, BT> blk(a, smem);
+  // Block: group q holds the W_hh^T rows of units 4q .. 4q+3 (LaneBlock, MmaBlock: all the
+  // block's, unit u at row u)
+  BlockFor<T, kBwdRows, Mma ? kMmaUnits : kLaneUnitsBwd, BT, Mma> blk(a, smem);
   const int H = a.H, S = a.S, j = blk.j, bb = blk.bb;
   const bool owner = blk.owner;
   const int64_t GH = int64_t(G) * H, N = a.N;
@@ -261,25 +264,34 @@ std::vector<int> step_table(const LayerProblem& p) {
 }
 
 template <class Cell, typename T>
-const void* kernel_ptr(bool backward, int bt) {
+const void* kernel_ptr(bool backward, int bt, bool mma = false) {
   const auto pick = [&](auto fwd, auto bwd) {
     return backward ? reinterpret_cast<const void*>(bwd) : reinterpret_cast<const void*>(fwd);
   };
-  if (bt == 1) return pick(&layer_fwd_kernel<Cell, T, 1>, &layer_bwd_kernel<Cell, T, 1>);
-  if (bt == 4) return pick(&layer_fwd_kernel<Cell, T, 4>, &layer_bwd_kernel<Cell, T, 4>);
-  if (bt == 16) return pick(&layer_fwd_kernel<Cell, T, 16>, &layer_bwd_kernel<Cell, T, 16>);
-  if (bt == 32) return pick(&layer_fwd_kernel<Cell, T, 32>, &layer_bwd_kernel<Cell, T, 32>);
+  if (mma) {  // fp16 / bf16 only, 16- or 32-row tiles
+    if constexpr (!std::is_same_v<T, float>) {
+      if (bt == 16)
+        return pick(&layer_fwd_kernel<Cell, T, 16, true>, &layer_bwd_kernel<Cell, T, 16, true>);
+      if (bt == 32)
+        return pick(&layer_fwd_kernel<Cell, T, 32, true>, &layer_bwd_kernel<Cell, T, 32, true>);
+    }
+    return nullptr;
+  }
+  if (bt == 1)
+    return pick(&layer_fwd_kernel<Cell, T, 1, false>, &layer_bwd_kernel<Cell, T, 1, false>);
+  if (bt == 4)
+    return pick(&layer_fwd_kernel<Cell, T, 4, false>, &layer_bwd_kernel<Cell, T, 4, false>);
+  if (bt == 16)
+    return pick(&layer_fwd_kernel<Cell, T, 16, false>, &layer_bwd_kernel<Cell, T, 16, false>);
+  if (bt == 32)
+    return pick(&layer_fwd_kernel<Cell, T, 32, false>, &layer_bwd_kernel<Cell, T, 32, false>);
   // 64-row tiles are forward only (the backward's 8 units a block take at most 32 rows).
   if (bt == 64)
-    return backward ? nullptr : reinterpret_cast<const void*>(&layer_fwd_kernel<Cell, T, 64>);
-  return pick(&layer_fwd_kernel<Cell, T, 8>, &layer_bwd_kernel<Cell, T, 8>);
+    return backward ? nullptr
+                    : reinterpret_cast<const void*>(&layer_fwd_kernel<Cell, T, 64, false>);
+  return pick(&layer_fwd_kernel<Cell, T, 8, false>, &layer_bwd_kernel<Cell, T, 8, false>);
 }
 
-// Batch-lane blocks or the 8-row ones. Timed on an H100 (bench/RESULTS.md, 2026-11-26):
-// the forward at B64 took 0.69-0.78x the time of 8-row blocks, at B16 (packed) 0.98-1.10x;
-// the backward at B64 1.42x (3.22 -> 4.59 ms), at B16 1.40x. So by default the forward at
-// B >= 64 only; SEQKERN_CUDA_RNN_LANES=1 takes them wherever they fit (B >= 9, both
-// directions), =0 never. The planner reads it at every call.
 bool use_lanes(const LayerProblem& p, bool backward) {
   const char* v = std::getenv("SEQKERN_CUDA_RNN_LANES");
   if (v && v[0] == '1') return p.batch >= kLaneMinBatch;
@@ -318,6 +330,45 @@ bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Laye
   return true;
 }
 
+// Tensor-core blocks (MmaBlock), opt-in until timed on a GPU: SEQKERN_CUDA_RNN_MMA=1.
+bool use_mma() {
+  const char* v = std::getenv("SEQKERN_CUDA_RNN_MMA");
+  return v && v[0] == '1';
+}
+
+// A persistent tensor-core plan (fp16 / bf16): kMmaUnits units a block, 16 or 32 batch rows a
+// pass, the weight slice whole in shared memory and the staged rows in as few chunks of
+// kc columns (a multiple of 16, at least min(128, Kp16)) as fit beside it, if every block is
+// co-resident. false when none fits.
+template <class Cell, typename T>
+bool mma_plan(const LayerProblem& p, bool backward, int sms, int max_smem, LayerPlan* plan,
+              cudaError_t* err) {
+  if constexpr (std::is_same_v<T, float>) {
+    return false;
+  } else {
+    const int G = Cell::kGates, R = backward ? kMmaUnits : kMmaUnits * G;
+    const int M = (R + 15) / 16 * 16, KG = kWarps / (M / 16);
+    const int64_t H = p.hidden, Kp16 = round_up(round_up(backward ? G * H : H, kPad), 16);
+    const int bt = p.batch > 16 ? 32 : 16;
+    const int64_t elem = sizeof(T);
+    const int64_t fixed = M * (Kp16 + 8) * elem + int64_t(KG) * M * bt * 4;
+    const int64_t fit = ((max_smem - fixed) / (bt * elem) - 8) / 16 * 16;
+    if (fit < std::min<int64_t>(128, Kp16)) return false;
+    const int64_t chunks = (Kp16 + fit - 1) / fit;
+    const int64_t kc = round_up((Kp16 + chunks - 1) / chunks, 16);
+    const size_t smem = size_t(fixed + bt * (kc + 8) * elem);
+    const int blocks = static_cast<int>((H + kMmaUnits - 1) / kMmaUnits);
+    const void* kernel = kernel_ptr<Cell, T>(backward, bt, true);
+    *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
+    int occupancy = 0;
+    if (*err == cudaSuccess)
+      *err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, kThreads, smem);
+    if (*err != cudaSuccess || blocks > occupancy * sms) return false;
+    *plan = {true, kMmaUnits, bt, blocks, smem, int(kc), true};
+    return true;
+  }
+}
+
 // Persistent if some (batch tile, units) has every block co-resident: the largest batch
 // tile the batch can use first, then the fewest units that leave each thread >= 8 reduction
 // elements, preferring one block per SM. Else one launch per step with 4 units per block.
@@ -333,6 +384,9 @@ cudaError_t make_plan(const LayerProblem& p, bool backward, bool allow_persisten
                              std::pair{cudaDevAttrCooperativeLaunch, &coop}})
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(value, attr, dev);
   if (err != cudaSuccess) return err;
+  if (allow_persistent && coop && use_mma() &&
+      (mma_plan<Cell, T>(p, backward, sms, max_smem, plan, &err) || err != cudaSuccess))
+    return err;
   if (allow_persistent && coop && use_lanes(p, backward) &&
       (lane_plan<Cell, T>(p, backward, sms, max_smem, plan, &err) || err != cudaSuccess))
     return err;
@@ -414,11 +468,13 @@ cudaError_t run_layer(const LayerProblem& p, bool backward, Cell cell, Strided2 
     a.kc = plan.k_chunk;
     // Batch-lane blocks loop over K in chunks of kc, and the forward reads the previous
     // state from its staged rows: lane_plan guarantees both; a plan that broke them would
-    // hang or read stale shared memory.
-    if (plan.batch_tile >= 16 && (a.kc < 32 || a.kc % 32 != 0 || (!backward && a.kc < Kp)))
+    // hang or read stale shared memory. Tensor-core blocks: chunks of whole k16 steps.
+    if (plan.mma ? a.kc < 16 || a.kc % 16 != 0
+                 : plan.batch_tile >= 16 && (a.kc < 32 || a.kc % 32 != 0 ||
+                                             (!backward && a.kc < Kp)))
       return cudaErrorInvalidValue;
     a.w_in_smem = plan.persistent;
-    const void* kernel = kernel_ptr<Cell, T>(backward, plan.batch_tile);
+    const void* kernel = kernel_ptr<Cell, T>(backward, plan.batch_tile, plan.mma);
     int begin = 0, end = phases;
     void* args[] = {&cell, &a, &begin, &end};
     if (!plan.persistent) {

@@ -15,11 +15,16 @@
 // broadcasts, so the product needs no shuffles, and a step takes one pass up to B = 64
 // (eight of 8 rows before); K is staged in chunks when the rows do not fit (the backward's
 // K = G*H).
+//
+// fp16 / bf16 layers may use tensor-core blocks instead (MmaBlock, opt-in until timed on a
+// GPU: SEQKERN_CUDA_RNN_MMA=1): 8 units a block, 16 or 32 batch rows a pass, the product on
+// mma.sync with the operand rows rounded to the layer's dtype.
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
 
+#include "mma.cuh"
 #include "rnn.h"
 
 namespace seqkern::cuda::rnn {
@@ -171,17 +176,28 @@ __device__ __forceinline__ const T* place_slice(const KernelArgs& a, int64_t sli
   return reinterpret_cast<const T*>(smem);
 }
 
+// The (hidden unit, batch row) pair whose cell a thread runs: thread u * BT + bb takes unit
+// j = first unit of the block + u for batch row bb of each tile; owner where that exists.
+struct CellPair {
+  int u, bb, j;
+  bool owner;
+  __device__ void assign(const KernelArgs& a, int bt) {
+    const int tid = threadIdx.x;
+    u = tid / bt, bb = tid - u * bt, j = blockIdx.x * a.units + u;
+    owner = tid < a.units * bt && j < a.H;
+  }
+};
+
 // A block's shared memory and where each thread sits in it. Shared memory: [weight slice
 // (persistent only)] [BT x Kp staged rows] [8 x VP partial sums]. Warps form a.groups
 // groups; group q owns weight rows [q RT, q RT + RT) of the block's slice. Thread (u, bb) for
 // u < units runs the cell of hidden unit j for batch row bb of each tile.
 template <typename T, int RT, int BT>
-struct Block {
+struct Block : CellPair {
   static constexpr int VP = pow2_ceil(RT * BT);
   const T* w_rows;  // this thread group's RT rows (shared when persistent, else global)
   float *staged, *red;
-  int lane, warp, wpg, klane, u, bb, j;
-  bool owner;
+  int lane, warp, wpg, klane;
 
   // Copies the weight slice in (persistent) and zeroes the staged rows' padding columns,
   // which staging never writes and the zero weight padding multiplies.
@@ -199,8 +215,7 @@ struct Block {
     const int group = warp / wpg;
     klane = (warp - group * wpg) * 32 + lane;
     w_rows = w + group * RT * a.Kp;
-    u = tid / BT, bb = tid - u * BT, j = blockIdx.x * a.units + u;
-    owner = tid < a.units * BT && j < a.H;
+    assign(a, BT);
     __syncthreads();
   }
 
@@ -231,6 +246,39 @@ struct Block {
   }
 };
 
+// Columns [k0, k0 + len) (len a multiple of 4) of `rows` rows of src (row stride ld), zero
+// from column K on, handed to store(row, column - k0, float4). Through L2 (ld.cg), as
+// stage_rows; each thread has kInFlight loads in flight before it stores (a B = 64 step
+// stages 32 float4s a thread: one L2 round trip each, back to back, would cost more than the
+// product).
+template <class Store>
+__device__ __forceinline__ void stage_chunk_rows(const KernelArgs& a, const float* src,
+                                                 int64_t ld, int rows, int k0, int len,
+                                                 Store store) {
+  constexpr int kInFlight = 8;
+  const int n4 = len / 4, total = rows * n4;
+  for (int i0 = threadIdx.x; i0 < total; i0 += kInFlight * kThreads) {
+    float4 v[kInFlight];
+#pragma unroll
+    for (int q = 0; q < kInFlight; ++q) {
+      const int i = i0 + q * kThreads, r = i / n4, k = k0 + 4 * (i - r * n4);
+      const float* p = src + r * ld + k;
+      if (i >= total) {
+      } else if (a.vec4 && k + 4 <= a.K) {
+        v[q] = __ldcg(reinterpret_cast<const float4*>(p));
+      } else {
+        v[q].x = k < a.K ? __ldcg(p) : 0.f, v[q].y = k + 1 < a.K ? __ldcg(p + 1) : 0.f;
+        v[q].z = k + 2 < a.K ? __ldcg(p + 2) : 0.f, v[q].w = k + 3 < a.K ? __ldcg(p + 3) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kInFlight; ++q) {
+      const int i = i0 + q * kThreads, r = i / n4;
+      if (i < total) store(r, 4 * (i - r * n4), v[q]);
+    }
+  }
+}
+
 // Batch-lane block (BT = 16, 32 or 64): lane l of a warp takes batch rows l % RW + RW i
 // (RW = min(BT, 32)) and K slice l / RW, so part p = KG warp + l / RW of the P = 8 KG parts
 // accumulates all R weight rows of the block's slice for its rows over K columns
@@ -244,12 +292,11 @@ struct LaneShape {
 };
 
 template <typename T, int RT, int R, int BT>
-struct LaneBlock {
+struct LaneBlock : CellPair {
   static constexpr int RW = LaneShape<BT>::RW, BL = LaneShape<BT>::BL, P = LaneShape<BT>::P;
   const T* w;  // the block's R rows of Kp (shared when persistent, else global)
   float *staged, *red;
-  int stride, row, part, u, bb, j;
-  bool owner;
+  int stride, row, part;
 
   __device__ LaneBlock(const KernelArgs& a, unsigned char* smem) {
     const int64_t slice = int64_t(R) * a.Kp;
@@ -260,39 +307,18 @@ struct LaneBlock {
     red = staged + BT * stride;
     const int tid = threadIdx.x, lane = tid & 31;
     row = lane % RW, part = (tid >> 5) * LaneShape<BT>::KG + lane / RW;
-    u = tid / BT, bb = tid - u * BT, j = blockIdx.x * a.units + u;
-    owner = tid < a.units * BT && j < a.H;
+    assign(a, BT);
     __syncthreads();
   }
 
-  // Columns [k0, k0 + len) of `rows` rows of src into staged, zero from column K on. Through
-  // L2 (ld.cg), as stage_rows; each thread has kInFlight loads in flight before it stores
-  // (a B = 64 step stages 32 float4s a thread: one L2 round trip each, back to back, would
-  // cost more than the product).
+  // Columns [k0, k0 + len) of `rows` rows of src into staged, zero from column K on.
   __device__ void stage_chunk(const KernelArgs& a, const float* src, int64_t ld, int rows,
                               int k0, int len) const {
-    constexpr int kInFlight = 8;
-    const int n4 = len / 4, total = rows * n4;
-    for (int i0 = threadIdx.x; i0 < total; i0 += kInFlight * kThreads) {
-      float4 v[kInFlight];
-#pragma unroll
-      for (int q = 0; q < kInFlight; ++q) {
-        const int i = i0 + q * kThreads, r = i / n4, k = k0 + 4 * (i - r * n4);
-        const float* p = src + r * ld + k;
-        if (i >= total) {
-        } else if (a.vec4 && k + 4 <= a.K) {
-          v[q] = __ldcg(reinterpret_cast<const float4*>(p));
-        } else {
-          v[q].x = k < a.K ? __ldcg(p) : 0.f, v[q].y = k + 1 < a.K ? __ldcg(p + 1) : 0.f;
-          v[q].z = k + 2 < a.K ? __ldcg(p + 2) : 0.f, v[q].w = k + 3 < a.K ? __ldcg(p + 3) : 0.f;
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < kInFlight; ++q) {
-        const int i = i0 + q * kThreads, r = i / n4, c = 4 * (i - r * n4);
-        if (i < total) *reinterpret_cast<float4*>(staged + r * stride + c) = v[q];
-      }
-    }
+    float* to = staged;
+    const int st = stride;
+    stage_chunk_rows(a, src, ld, rows, k0, len, [&](int r, int c, const float4& v) {
+      *reinterpret_cast<float4*>(to + r * st + c) = v;
+    });
   }
 
   // As Block::multiply: stages and multiplies `rows` rows of src chunk by chunk.
@@ -346,9 +372,110 @@ struct LaneBlock {
   }
 };
 
-// The block type of a kernel: batch-lane blocks for BT >= 16.
-template <typename T, int RT, int LaneRows, int BT>
-using BlockFor = std::conditional_t<(BT >= 16), LaneBlock<T, RT, LaneRows, BT>, Block<T, RT, BT>>;
+// Tensor-core block (fp16 / bf16 layers, BT = 16 or 32): the block's R weight rows sit in
+// shared memory as T, padded with zero rows to MT whole m16 tiles and with zero columns to a
+// multiple of 16 (Kp16); the step's operand rows (the fp32 state forward, the fp32 gate
+// gradients backward) are staged rounded to T, as cuDNN's half-precision layers keep them,
+// kc columns a chunk. Warp w takes m tile w % MT and every KG-th k16 step (KG = 8 / MT) of
+// each chunk, accumulating its 16 x BT tile with mma.sync m16n8k16 in fp32
+// (detail::warp_mma_smem, the attention kernels' product); the KG partial tiles of a row meet
+// in red. The forward reads the previous state's exact fp32 value from global memory, not
+// from the rounded staged copy. Shared memory: [16 MT x (Kp16 + 8) weights] [BT x (kc + 8)
+// staged] [KG x 16 MT x BT partial sums]; the 8-element pads shift consecutive rows by 16
+// bytes for ldmatrix.
+template <typename T, int RT, int R, int BT>
+struct MmaBlock : CellPair {
+  static constexpr int MT = (R + 15) / 16, M = 16 * MT, KG = kWarps / MT, NP = BT / 16;
+  static_assert(kWarps % MT == 0 && BT % 16 == 0 && !std::is_same_v<T, float>);
+  T *w, *staged;
+  float* red;
+  const float* src = nullptr;  // the last multiply's operand rows, for staged_at
+  int64_t src_ld = 0;
+  int ldw, lds, lane, mt, kg;
+
+  __device__ MmaBlock(const KernelArgs& a, unsigned char* smem) {
+    const int kp16 = (a.Kp + 15) / 16 * 16;
+    ldw = kp16 + 8, lds = a.kc + 8;
+    w = reinterpret_cast<T*>(smem);
+    staged = w + M * ldw;
+    red = reinterpret_cast<float*>(staged + BT * lds);
+    // Rows of a.Kp elements (a multiple of 8: 16-byte pieces) of the packed slice, zeros past
+    // them; always copied (a per-step launch re-reads it, still correct).
+    const T* g = static_cast<const T*>(a.w) + int64_t(blockIdx.x) * R * a.Kp;
+    const int pieces = kp16 / 8;
+    for (int i = threadIdx.x; i < M * pieces; i += kThreads) {
+      const int r = i / pieces, c = 8 * (i - r * pieces);
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (r < R && c < a.Kp) v = *reinterpret_cast<const uint4*>(g + int64_t(r) * a.Kp + c);
+      *reinterpret_cast<uint4*>(w + r * ldw + c) = v;
+    }
+    const int warp = threadIdx.x >> 5;
+    lane = threadIdx.x & 31, mt = warp % MT, kg = warp / MT;
+    assign(a, BT);
+    __syncthreads();
+  }
+
+  // Columns [k0, k0 + len) of `rows` rows of src, rounded to T, zero from column K on.
+  __device__ void stage_chunk(const KernelArgs& a, const float* from, int64_t ld, int rows,
+                              int k0, int len) const {
+    T* to = staged;
+    const int st = lds;
+    stage_chunk_rows(a, from, ld, rows, k0, len, [&](int r, int c, const float4& v) {
+      *reinterpret_cast<uint2*>(to + r * st + c) =
+          make_uint2(detail::pack2<T>(v.x, v.y), detail::pack2<T>(v.z, v.w));
+    });
+  }
+
+  // As Block::multiply: stages and multiplies `rows` rows of src, chunk by chunk; rows past
+  // `rows` in the staged tile hold stale values that only reach their own (unread) columns.
+  __device__ void multiply(const KernelArgs& a, const float* from, int64_t ld, int rows) {
+    src = from, src_ld = ld;
+    const int kp16 = ldw - 8;
+    float acc[2 * NP][4];
+#pragma unroll
+    for (int n = 0; n < 2 * NP; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+    for (int k0 = 0; k0 < kp16; k0 += a.kc) {
+      const int len = min(a.kc, kp16 - k0);
+      if (k0 > 0) __syncthreads();  // the previous chunk is read
+      if (rows > 0) stage_chunk(a, from, ld, rows, k0, len);
+      __syncthreads();
+      if (rows == 0) continue;  // block-uniform
+      for (int ks = kg; ks < len / 16; ks += KG)
+        detail::warp_mma_smem<T, 1, NP, true>(acc, w, ldw, 16 * mt, k0 + 16 * ks, staged, lds,
+                                              0, 16 * ks, lane);
+    }
+    if (rows > 0) {
+      const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+      for (int n = 0; n < 2 * NP; ++n) {  // c[0..1]: row g, columns 2t, 2t+1; c[2..3]: row g+8
+        float* at = red + (kg * M + 16 * mt + g) * BT + 8 * n + 2 * t;
+        at[0] = acc[n][0], at[1] = acc[n][1];
+        at[8 * BT] = acc[n][2], at[8 * BT + 1] = acc[n][3];
+      }
+    }
+    __syncthreads();
+  }
+
+  __device__ float total(int q, int r) const {
+    const int row = q * RT + r;
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < KG; ++k) s += red[(k * M + row) * BT + bb];
+    return s;
+  }
+  __device__ float staged_at(const KernelArgs&, int b, int col) const {
+    return __ldcg(src + b * src_ld + col);
+  }
+};
+
+// The block type of a kernel: tensor-core blocks when Mma, else batch-lane blocks for
+// BT >= 16, else Block.
+template <typename T, int RT, int Rows, int BT, bool Mma>
+using BlockFor = std::conditional_t<
+    Mma, MmaBlock<T, RT, Rows, BT>,
+    std::conditional_t<(BT >= 16), LaneBlock<T, RT, Rows, BT>, Block<T, RT, BT>>>;
 
 }  // namespace
 }  // namespace seqkern::cuda::rnn

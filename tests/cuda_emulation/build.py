@@ -19,9 +19,10 @@ REQUIRED_HEADERS = ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h")
 
 # harness source -> the kernel sources it includes (rewritten into the build dir)
 HARNESSES = {
-    "attention_harness": ("attention_common.cuh", "attention_fwd.cu", "attention_bwd.cu"),
+    "attention_harness": ("mma.cuh", "attention_common.cuh", "attention_fwd.cu",
+                          "attention_bwd.cu"),
     "rnn_cell_harness": ("rnn.h", "rnn_cell.cu"),
-    "rnn_layer_harness": ("rnn.h", "rnn_layer_blocks.cuh", "rnn_layer.cu"),
+    "rnn_layer_harness": ("rnn.h", "mma.cuh", "rnn_layer_blocks.cuh", "rnn_layer.cu"),
 }
 
 _LAUNCH = re.compile(r"([\w:]+(?:<\w+>)?)\s*<<<(.*?)>>>\((.*?)\);", re.S)
@@ -65,7 +66,8 @@ def rewrite_cuda_source(name, src):
     - rnn_layer.cu's minimum work per block (`8 * kThreads`) becomes g_emu_min_work, so a test
       can force many small blocks (and cross-block barriers) at small hidden sizes;
     - rnn.h's device section (`#if defined(__CUDACC__)`) is compiled;
-    - attention_common.cuh's inline-PTX wrappers are dropped (emu_runtime.h has them).
+    - mma.cuh's and attention_common.cuh's inline-PTX wrappers are dropped (emu_runtime.h
+      has them).
     Each substitution must apply where expected, so that a change in the kernels that
     defeats one fails the build instead of silently testing something else.
     """
@@ -87,7 +89,7 @@ def rewrite_cuda_source(name, src):
         src = sub(r"< 8 \* kThreads\) \+\+first;", "< g_emu_min_work) ++first;", src, 1)
     if name == "rnn.h":
         src = sub(r"#if defined\(__CUDACC__\)", "#if 1", src, 1)
-    if name == "attention_common.cuh":
+    if name in ("attention_common.cuh", "mma.cuh"):
         before = src
         src = _drop_ptx_functions(src)
         assert "asm" not in src.replace("asm_", ""), f"{name}: inline PTX left after rewrite"

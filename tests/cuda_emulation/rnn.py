@@ -73,6 +73,7 @@ class LayerCase:
     min_work: int = 8 * 256  # the plan's minimum work per block (smaller: more blocks)
     persistent: bool = None  # the path the plan should take (default: coop)
     lanes: bool = False  # batch-lane blocks allowed (SEQKERN_CUDA_RNN_LANES=1)
+    mma: bool = False  # tensor-core blocks (SEQKERN_CUDA_RNN_MMA=1; fp16 / bf16)
     smem: int = 232448  # opt-in shared memory per block (H100's by default)
 
     def __post_init__(self):
@@ -104,7 +105,8 @@ def run_layer(exe, workdir, case, x_gates, bias_x, bias_hn, w_hh, h0, c0, grad_o
     arrays = [x_gates] + ([bias_x] + [bias_hn] * gru if c.bias else []) + [w_hh, h0] + \
         [c0] * lstm + [grad_out, grad_hn] + [grad_cn] * lstm
     _write(fin, hdr + list(c.batch_sizes or []), arrays)
-    env = dict(os.environ, SEQKERN_CUDA_RNN_LANES=str(int(c.lanes)))
+    env = dict(os.environ, SEQKERN_CUDA_RNN_LANES=str(int(c.lanes)),
+               SEQKERN_CUDA_RNN_MMA=str(int(c.mma)))
     plan = build.run(exe, fin, fout, env=env).strip()
     W = SAVED_WIDTH[c.mode]
     ws = N * (W * H + H + (2 * H if lstm else 0))  # rnn_layer_workspace_numel

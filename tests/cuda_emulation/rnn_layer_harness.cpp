@@ -13,7 +13,7 @@
 using namespace seqkern::cuda::rnn;
 
 namespace {
-template <class Cell, class T, int BT>
+template <class Cell, class T, int BT, bool Mma = false>
 void register_kernels() {
   auto launcher = [](bool backward) {
     return [backward](dim3 g, dim3 b, size_t smem, bool coop, void** args) {
@@ -22,14 +22,14 @@ void register_kernels() {
       const int begin = *static_cast<int*>(args[2]), end = *static_cast<int*>(args[3]);
       emu_run(g, b, smem, coop, [&] {
         if constexpr (BT <= 32) {  // 64-row tiles: forward only (rnn_layer.cu's kernel_ptr)
-          if (backward) return layer_bwd_kernel<Cell, T, BT>(c, a, begin, end);
+          if (backward) return layer_bwd_kernel<Cell, T, BT, Mma>(c, a, begin, end);
         }
-        layer_fwd_kernel<Cell, T, BT>(c, a, begin, end);
+        layer_fwd_kernel<Cell, T, BT, Mma>(c, a, begin, end);
       });
     };
   };
-  emu_registry()[kernel_ptr<Cell, T>(false, BT)] = launcher(false);
-  if constexpr (BT <= 32) emu_registry()[kernel_ptr<Cell, T>(true, BT)] = launcher(true);
+  emu_registry()[kernel_ptr<Cell, T>(false, BT, Mma)] = launcher(false);
+  if constexpr (BT <= 32) emu_registry()[kernel_ptr<Cell, T>(true, BT, Mma)] = launcher(true);
 }
 template <class Cell>
 void register_cell() {
@@ -39,6 +39,10 @@ void register_cell() {
       register_kernels<Cell, T, 32>(),
       register_kernels<Cell, T, 64>()), ...);
   }(float{}, __half{}, __nv_bfloat16{});
+  // tensor-core blocks: fp16 / bf16, 16- and 32-row tiles
+  [&]<class... T>(T...) {
+    ((register_kernels<Cell, T, 16, true>(), register_kernels<Cell, T, 32, true>()), ...);
+  }(__half{}, __nv_bfloat16{});
 }
 void* scratch(size_t bytes) {  // 0xff garbage: the kernels must initialise what they use
   void* p = std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
@@ -107,9 +111,11 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  fprintf(stderr, "fwd tile=%d k_chunk=%d; bwd tile=%d k_chunk=%d; fwd persistent=%d blocks=%d "
-          "coop_launches=%d; bwd persistent=%d blocks=%d coop_launches=%d\n",
-          plan_f.batch_tile, plan_f.k_chunk, plan_b.batch_tile, plan_b.k_chunk,
+  fprintf(stderr, "fwd tile=%d k_chunk=%d mma=%d; bwd tile=%d k_chunk=%d mma=%d; "
+          "fwd persistent=%d blocks=%d coop_launches=%d; bwd persistent=%d blocks=%d "
+          "coop_launches=%d\n",
+          plan_f.batch_tile, plan_f.k_chunk, int(plan_f.mma), plan_b.batch_tile, plan_b.k_chunk,
+          int(plan_b.mma),
           int(plan_f.persistent), plan_f.blocks, fwd_coop, int(plan_b.persistent), plan_b.blocks,
           g_emu_coop_launches - fwd_coop);
   FILE* f = fopen(argv[2], "wb");
