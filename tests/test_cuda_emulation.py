@@ -245,6 +245,9 @@ LAYER_CASES = [
         [5, 1, 3, 5, 2, 4, 4, 5, 1, 1, 2, 3, 5, 5, 4, 2, 1, 3, 2, 5]), mma=True),  # 32-row tile
     LayerCase("RNN_TANH", BF16, 3, 33, 16, mma=True),  # two passes of 32 rows a step
     LayerCase("RNN_RELU", F16, 4, 1, 9, reverse=True, bias=False, mma=True),
+    # reverse packed: rows that start late read h0 from either parity of the state's copy
+    LayerCase("GRU", BF16, 5, 6, 12, _lengths_to_batch_sizes([5, 4, 2, 5, 1, 3]),
+              reverse=True, strided=True, mma=True),
     # the backward stages K = 160 in two chunks of 80 (small shared memory), five blocks
     LayerCase("LSTM", F16, 3, 8, 40, _lengths_to_batch_sizes([3, 1, 2, 3, 3, 1, 2, 2]),
               mma=True, sms=3, smem=18000),

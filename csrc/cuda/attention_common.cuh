@@ -150,17 +150,6 @@ __device__ __forceinline__ const T* row_ptr(const void* data, const int64_t (&st
 
 // ---- staging --------------------------------------------------------------------------------
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-}
-
 // Stages rows [0, ROWS) x columns [0, HD) of a row-major global tile (row stride
 // row_stride elements, last stride 1) into shared memory [ROWS][HD + kSmemPad], with zeros
 // past `rows` and `cols` so that padded rows and head-dim tails add nothing to any product.

@@ -1,6 +1,6 @@
-// Tensor-core pieces shared by the attention kernels and the recurrent layer's MMA blocks:
-// bf16 / fp16 mma.sync m16n8k16 with fp32 accumulation, ldmatrix loads from shared memory
-// and the row addresses of their three patterns. Inline PTX (sm_80+); the CUDA emulation
+// sm_80 pieces shared by the attention kernels and the recurrent layer's MMA blocks: bf16 /
+// fp16 mma.sync m16n8k16 with fp32 accumulation, ldmatrix loads from shared memory, the row
+// addresses of their three patterns, and cp.async copies. Inline PTX (sm_80+); the CUDA emulation
 // (tests/cuda_emulation) replaces the PTX wrappers with host versions of the same layouts.
 #pragma once
 
@@ -118,6 +118,20 @@ __device__ __forceinline__ void warp_mma_smem(float (&acc)[2 * NP][4], const T* 
       mma_16816_x2<T>(acc[2 * np], acc[2 * np + 1], af, bf);
     }
   }
+}
+
+// ---- asynchronous copies ------------------------------------------------------------------
+
+// 16 bytes global -> shared through L2 (.cg), completed by cp_async_wait_all.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 }  // namespace seqkern::cuda::detail

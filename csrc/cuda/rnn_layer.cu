@@ -83,6 +83,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int n_next = has_next ? a.steps[2 * p + 3] : 0;
     const float* h_src = a.h_state + int64_t(p & 1) * a.B * H;
     float* h_dst = a.h_state + int64_t((p + 1) & 1) * a.B * H;
+    // tensor-core blocks: the state's T copy, read (this step) and written (the next)
+    const T* op_src = Mma ? static_cast<const T*>(a.op) + int64_t(p & 1) * a.B * a.Kp : nullptr;
+    T* op_dst = Mma ? static_cast<T*>(a.op) + int64_t((p + 1) & 1) * a.B * a.Kp : nullptr;
     for (int b0 = 0; b0 < n; b0 += BT) {
       const int rows = min(BT, n - b0), b = b0 + bb;
       const bool live = owner && bb < rows;
@@ -90,7 +93,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       float x[G];  // issued now, used after the product
 #pragma unroll
       for (int g = 0; g < G; ++g) x[g] = live ? a.x_gates[row * GH + g * H + j] + bias[g] : 0.f;
-      blk.multiply(a, h_src + int64_t(b0) * H, H, rows);
+      blk.multiply(a, h_src + int64_t(b0) * H, H, rows,
+                   Mma ? op_src + int64_t(b0) * a.Kp : nullptr);
       if (live) {
         float hid[G];
 #pragma unroll
@@ -103,6 +107,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         float s[W];
         const float h = cell.fwd(x, hid, h_prev, c, s);
         h_dst[bj] = h;
+        if constexpr (Mma) op_dst[int64_t(b) * a.Kp + j] = dev::from_float<T>(h);
         static_cast<T*>(a.out)[row * H + j] = dev::from_float<T>(h);
         if constexpr (Cell::kHasCell) a.c_state[bj] = c;
         if (b >= n_next) {  // the row's last step: its final state
@@ -152,6 +157,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int s_next = S - 2 - p;
     const int off_next = s_next >= 0 ? a.steps[2 * s_next] : 0;
     const int n_next = s_next >= 0 ? a.steps[2 * s_next + 1] : 0;
+    // tensor-core blocks: the T copy of what W_hh^T multiplies, of step S-p (written by the
+    // phase before) and of step S-1-p (written now)
+    const T* op_a = Mma ? static_cast<const T*>(a.op) + int64_t((p + 1) & 1) * a.B * a.Kp : nullptr;
+    T* op_b = Mma ? static_cast<T*>(a.op) + int64_t(p & 1) * a.B * a.Kp : nullptr;
     for (int b0 = 0; b0 < max(n_a, n_b); b0 += BT) {
       const int b = b0 + bb, rows_a = min(BT, n_a - b0);
       const bool in_a = owner && b < n_a, in_b = owner && b < n_b;
@@ -164,7 +173,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (Cell::kSplitHidden) h_prev = h_prev_ws[row * H + j];
         if (a.grad_out) g_out = dev::to_float(static_cast<const T*>(a.grad_out)[row * H + j]);
       }
-      blk.multiply(a, d_hidden + (int64_t(off_a) + b0) * GH, GH, max(rows_a, 0));
+      blk.multiply(a, d_hidden + (int64_t(off_a) + b0) * GH, GH, max(rows_a, 0),
+                   Mma ? op_a + int64_t(b0) * a.Kp : nullptr);
       if (in_a || in_b) {
         const int64_t bj = int64_t(b) * H + j;
         float dh = a.d_h[bj];  // in_a: the bypass part left by phase p-1
@@ -177,6 +187,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (Cell::kSplitHidden) {
 #pragma unroll
             for (int g = 0; g < G; ++g) a.d_gh[row * GH + g * H + j] = dhid[g];
+          }
+          if constexpr (Mma) {
+#pragma unroll
+            for (int g = 0; g < G; ++g)
+              op_b[int64_t(b) * a.Kp + g * H + j] =
+                  dev::from_float<T>(Cell::kSplitHidden ? dhid[g] : dx[g]);
           }
           if constexpr (Cell::kHasCell) a.d_c[bj] = dc;
         }
@@ -207,15 +223,20 @@ __global__ void pack_w_kernel(const T* __restrict__ w, int64_t s0, int64_t s1, i
   }
 }
 
+// The fp32 state (both parities) from h0, c0; h_n, c_n = h0, c0 (rows with no step keep
+// them); fp16 / bf16: the state's T copy too (both parities, row stride op_ld), else
+// op = nullptr.
 template <typename T>
 __global__ void init_state_kernel(int64_t B, int64_t H, Strided2 h0, Strided2 c0,
-                                  float* h_state, float* c_state, T* h_n, T* c_n) {
+                                  float* h_state, float* c_state, T* h_n, T* c_n, T* op,
+                                  int64_t op_ld) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * H;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / H, jj = i - b * H;
     const T h = static_cast<const T*>(h0.data)[b * h0.s0 + jj * h0.s1];
     h_state[i] = h_state[B * H + i] = dev::to_float(h);
     h_n[i] = h;
+    if (op) op[b * op_ld + jj] = op[(B + b) * op_ld + jj] = h;
     if (c_state) {
       const T c = static_cast<const T*>(c0.data)[b * c0.s0 + jj * c0.s1];
       c_state[i] = dev::to_float(c);
@@ -231,9 +252,10 @@ int grid_for(int64_t total) {
 size_t elem_size(DType d) { return d == DType::kFloat ? 4 : 2; }
 
 // Byte offsets in a call's scratch: barrier counter, step table, (forward) the fp32 states,
-// packed weights.
+// packed weights, (fp16 / bf16) the operand's T copy (KernelArgs::op, op_bytes).
 struct Scratch {
-  size_t steps = 256, h_state = 0, c_state = 0, w = 0, total = 0;
+  size_t steps = 256, h_state = 0, c_state = 0, w = 0, op = 0, op_bytes = 0, total = 0;
+  int64_t op_ld = 0;  // the operand copy's row stride: K rounded up to kPad
 };
 
 Scratch scratch_layout(const LayerProblem& p, bool backward) {
@@ -247,7 +269,12 @@ Scratch scratch_layout(const LayerProblem& p, bool backward) {
   }
   const int64_t Hr = round_up(H, kUnitPad);
   const int64_t w_elems = backward ? Hr * round_up(G * H, kPad) : Hr * G * round_up(H, kPad);
-  s.w = at, s.total = at + al(w_elems * int64_t(elem_size(p.dtype)));
+  s.w = at, at += al(w_elems * int64_t(elem_size(p.dtype)));
+  if (p.dtype != DType::kFloat) {
+    s.op_ld = round_up(backward ? G * H : H, kPad);
+    s.op = at, s.op_bytes = size_t(2 * p.batch * s.op_ld * 2), at += al(s.op_bytes);
+  }
+  s.total = at;
   return s;
 }
 
@@ -518,10 +545,16 @@ cudaError_t rnn_layer_fwd(const LayerProblem& p, const float* x_gates, const flo
     KernelArgs a;
     a.h_state = reinterpret_cast<float*>(base + sc.h_state);
     a.c_state = p.cell == CellKind::kLSTM ? reinterpret_cast<float*>(base + sc.c_state) : nullptr;
+    cudaError_t err = cudaSuccess;
+    if (sc.op_bytes) {  // columns H .. op_ld stay zero
+      a.op = base + sc.op;
+      err = cudaMemsetAsync(a.op, 0, sc.op_bytes, stream);
+      if (err != cudaSuccess) return err;
+    }
     init_state_kernel<T><<<grid_for(p.batch * p.hidden), 256, 0, stream>>>(
         p.batch, p.hidden, h0, c0, a.h_state, a.c_state, static_cast<T*>(h_n),
-        static_cast<T*>(c_n));
-    cudaError_t err = cudaGetLastError();
+        static_cast<T*>(c_n), static_cast<T*>(a.op), sc.op_ld);
+    err = cudaGetLastError();
     if (err != cudaSuccess || p.steps == 0) return err;
     a.x_gates = x_gates, a.bias_x = bias_x, a.bias_hn = bias_hn;
     a.out = out, a.h_n = h_n, a.c_n = c_n, a.ws = workspace;
@@ -538,6 +571,12 @@ cudaError_t rnn_layer_bwd(const LayerProblem& p, Strided2 w_hh, const float* wor
     KernelArgs a;
     a.ws = const_cast<float*>(workspace);  // read only in the backward
     a.grad_out = grad_out, a.d_h = d_h, a.d_c = d_c, a.d_gx = d_gates_x, a.d_gh = d_gates_h;
+    const Scratch sc = scratch_layout(p, true);
+    if (sc.op_bytes) {  // columns G*H .. op_ld stay zero
+      a.op = static_cast<unsigned char*>(scratch) + sc.op;
+      const cudaError_t err = cudaMemsetAsync(a.op, 0, sc.op_bytes, stream);
+      if (err != cudaSuccess) return err;
+    }
     return run_layer<decltype(cell), decltype(t)>(p, true, cell, w_hh, a,
                                                   static_cast<unsigned char*>(scratch), stream);
   });

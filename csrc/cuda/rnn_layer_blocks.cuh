@@ -18,7 +18,7 @@
 //
 // fp16 / bf16 layers may use tensor-core blocks instead (MmaBlock, opt-in until timed on a
 // GPU: SEQKERN_CUDA_RNN_MMA=1): 8 units a block, 16 or 32 batch rows a pass, the product on
-// mma.sync with the operand rows rounded to the layer's dtype.
+// mma.sync from a copy of the operand rows in the layer's dtype.
 #pragma once
 
 #include <cstdint>
@@ -54,6 +54,10 @@ struct KernelArgs {
   void *out = nullptr, *h_n = nullptr, *c_n = nullptr;
   const void* grad_out = nullptr;
   float *d_h = nullptr, *d_c = nullptr, *d_gx = nullptr, *d_gh = nullptr;
+  // fp16 / bf16 layers: the operand of the step product rounded to the layer's dtype,
+  // [2][B][Kp] by step parity (columns K..Kp zero), written by the step before; what
+  // tensor-core blocks stage (forward: the state, backward: the gate gradients W_hh^T takes).
+  void* op = nullptr;
 };
 
 __device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
@@ -230,8 +234,9 @@ struct Block : CellPair {
   }
 
   // Stages `rows` rows of src (row stride ld) and multiplies them (nothing when rows = 0);
-  // the block's threads all call it.
-  __device__ void multiply(const KernelArgs& a, const float* src, int64_t ld, int rows) {
+  // the block's threads all call it. (op: MmaBlock's operand rows, unused here.)
+  __device__ void multiply(const KernelArgs& a, const float* src, int64_t ld, int rows,
+                           const void* /*op*/) {
     if (rows > 0) stage_rows(staged, a.Kp, src, ld, rows, a.K, a.vec4);
     __syncthreads();
     if (rows > 0) product(a.Kp);  // block-uniform condition
@@ -245,39 +250,6 @@ struct Block : CellPair {
     return staged[b * a.Kp + col];
   }
 };
-
-// Columns [k0, k0 + len) (len a multiple of 4) of `rows` rows of src (row stride ld), zero
-// from column K on, handed to store(row, column - k0, float4). Through L2 (ld.cg), as
-// stage_rows; each thread has kInFlight loads in flight before it stores (a B = 64 step
-// stages 32 float4s a thread: one L2 round trip each, back to back, would cost more than the
-// product).
-template <class Store>
-__device__ __forceinline__ void stage_chunk_rows(const KernelArgs& a, const float* src,
-                                                 int64_t ld, int rows, int k0, int len,
-                                                 Store store) {
-  constexpr int kInFlight = 8;
-  const int n4 = len / 4, total = rows * n4;
-  for (int i0 = threadIdx.x; i0 < total; i0 += kInFlight * kThreads) {
-    float4 v[kInFlight];
-#pragma unroll
-    for (int q = 0; q < kInFlight; ++q) {
-      const int i = i0 + q * kThreads, r = i / n4, k = k0 + 4 * (i - r * n4);
-      const float* p = src + r * ld + k;
-      if (i >= total) {
-      } else if (a.vec4 && k + 4 <= a.K) {
-        v[q] = __ldcg(reinterpret_cast<const float4*>(p));
-      } else {
-        v[q].x = k < a.K ? __ldcg(p) : 0.f, v[q].y = k + 1 < a.K ? __ldcg(p + 1) : 0.f;
-        v[q].z = k + 2 < a.K ? __ldcg(p + 2) : 0.f, v[q].w = k + 3 < a.K ? __ldcg(p + 3) : 0.f;
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < kInFlight; ++q) {
-      const int i = i0 + q * kThreads, r = i / n4;
-      if (i < total) store(r, 4 * (i - r * n4), v[q]);
-    }
-  }
-}
 
 // Batch-lane block (BT = 16, 32 or 64): lane l of a warp takes batch rows l % RW + RW i
 // (RW = min(BT, 32)) and K slice l / RW, so part p = KG warp + l / RW of the P = 8 KG parts
@@ -311,18 +283,39 @@ struct LaneBlock : CellPair {
     __syncthreads();
   }
 
-  // Columns [k0, k0 + len) of `rows` rows of src into staged, zero from column K on.
+  // Columns [k0, k0 + len) of `rows` rows of src into staged, zero from column K on. Through
+  // L2 (ld.cg), as stage_rows; each thread has kInFlight loads in flight before it stores
+  // (a B = 64 step stages 32 float4s a thread: one L2 round trip each, back to back, would
+  // cost more than the product).
   __device__ void stage_chunk(const KernelArgs& a, const float* src, int64_t ld, int rows,
                               int k0, int len) const {
-    float* to = staged;
-    const int st = stride;
-    stage_chunk_rows(a, src, ld, rows, k0, len, [&](int r, int c, const float4& v) {
-      *reinterpret_cast<float4*>(to + r * st + c) = v;
-    });
+    constexpr int kInFlight = 8;
+    const int n4 = len / 4, total = rows * n4;
+    for (int i0 = threadIdx.x; i0 < total; i0 += kInFlight * kThreads) {
+      float4 v[kInFlight];
+#pragma unroll
+      for (int q = 0; q < kInFlight; ++q) {
+        const int i = i0 + q * kThreads, r = i / n4, k = k0 + 4 * (i - r * n4);
+        const float* p = src + r * ld + k;
+        if (i >= total) {
+        } else if (a.vec4 && k + 4 <= a.K) {
+          v[q] = __ldcg(reinterpret_cast<const float4*>(p));
+        } else {
+          v[q].x = k < a.K ? __ldcg(p) : 0.f, v[q].y = k + 1 < a.K ? __ldcg(p + 1) : 0.f;
+          v[q].z = k + 2 < a.K ? __ldcg(p + 2) : 0.f, v[q].w = k + 3 < a.K ? __ldcg(p + 3) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kInFlight; ++q) {
+        const int i = i0 + q * kThreads, r = i / n4, c = 4 * (i - r * n4);
+        if (i < total) *reinterpret_cast<float4*>(staged + r * stride + c) = v[q];
+      }
+    }
   }
 
   // As Block::multiply: stages and multiplies `rows` rows of src chunk by chunk.
-  __device__ void multiply(const KernelArgs& a, const float* src, int64_t ld, int rows) {
+  __device__ void multiply(const KernelArgs& a, const float* src, int64_t ld, int rows,
+                           const void* /*op*/) {
     float acc[R * BL];
 #pragma unroll
     for (int i = 0; i < R * BL; ++i) acc[i] = 0.f;
@@ -374,12 +367,12 @@ struct LaneBlock : CellPair {
 
 // Tensor-core block (fp16 / bf16 layers, BT = 16 or 32): the block's R weight rows sit in
 // shared memory as T, padded with zero rows to MT whole m16 tiles and with zero columns to a
-// multiple of 16 (Kp16); the step's operand rows (the fp32 state forward, the fp32 gate
-// gradients backward) are staged rounded to T, as cuDNN's half-precision layers keep them,
-// kc columns a chunk. Warp w takes m tile w % MT and every KG-th k16 step (KG = 8 / MT) of
-// each chunk, accumulating its 16 x BT tile with mma.sync m16n8k16 in fp32
-// (detail::warp_mma_smem, the attention kernels' product); the KG partial tiles of a row meet
-// in red. The forward reads the previous state's exact fp32 value from global memory, not
+// multiple of 16 (Kp16); the step's operand rows (the state forward, the gate gradients
+// backward) are staged by cp.async from their copy in T (KernelArgs::op, rounded as cuDNN's
+// half-precision layers keep them), kc columns a chunk. Warp w takes m tile w % MT and every
+// KG-th k16 step (KG = 8 / MT) of each chunk, accumulating its 16 x BT tile with mma.sync
+// m16n8k16 in fp32 (detail::warp_mma_smem, the attention kernels' product); the KG partial
+// tiles of a row meet in red. The forward reads the previous state's exact fp32 value from global memory, not
 // from the rounded staged copy. Shared memory: [16 MT x (Kp16 + 8) weights] [BT x (kc + 8)
 // staged] [KG x 16 MT x BT partial sums]; the 8-element pads shift consecutive rows by 16
 // bytes for ldmatrix.
@@ -415,20 +408,27 @@ struct MmaBlock : CellPair {
     __syncthreads();
   }
 
-  // Columns [k0, k0 + len) of `rows` rows of src, rounded to T, zero from column K on.
-  __device__ void stage_chunk(const KernelArgs& a, const float* from, int64_t ld, int rows,
-                              int k0, int len) const {
-    T* to = staged;
-    const int st = lds;
-    stage_chunk_rows(a, from, ld, rows, k0, len, [&](int r, int c, const float4& v) {
-      *reinterpret_cast<uint2*>(to + r * st + c) =
-          make_uint2(detail::pack2<T>(v.x, v.y), detail::pack2<T>(v.z, v.w));
-    });
+  // Columns [k0, k0 + len) of `rows` operand rows (a.Kp elements each, 16-byte aligned) by
+  // cp.async, zeros for the columns from a.Kp to Kp16.
+  __device__ void stage_chunk(const KernelArgs& a, const T* op, int rows, int k0, int len) const {
+    const int pieces = len / 8, total = rows * pieces;
+    for (int i = threadIdx.x; i < total; i += kThreads) {
+      const int r = i / pieces, c = 8 * (i - r * pieces);
+      T* dst = staged + r * lds + c;
+      if (k0 + c < a.Kp)
+        detail::cp_async16(dst, op + int64_t(r) * a.Kp + k0 + c);
+      else
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+    detail::cp_async_commit();
+    detail::cp_async_wait_all();
   }
 
-  // As Block::multiply: stages and multiplies `rows` rows of src, chunk by chunk; rows past
-  // `rows` in the staged tile hold stale values that only reach their own (unread) columns.
-  __device__ void multiply(const KernelArgs& a, const float* from, int64_t ld, int rows) {
+  // As Block::multiply, from the T copy of the operand rows (op, [rows][a.Kp]); src (fp32)
+  // is kept for staged_at. Rows past `rows` in the staged tile hold stale values that only
+  // reach their own (unread) columns.
+  __device__ void multiply(const KernelArgs& a, const float* from, int64_t ld, int rows,
+                           const void* op) {
     src = from, src_ld = ld;
     const int kp16 = ldw - 8;
     float acc[2 * NP][4];
@@ -439,7 +439,7 @@ struct MmaBlock : CellPair {
     for (int k0 = 0; k0 < kp16; k0 += a.kc) {
       const int len = min(a.kc, kp16 - k0);
       if (k0 > 0) __syncthreads();  // the previous chunk is read
-      if (rows > 0) stage_chunk(a, from, ld, rows, k0, len);
+      if (rows > 0) stage_chunk(a, static_cast<const T*>(op), rows, k0, len);
       __syncthreads();
       if (rows == 0) continue;  // block-uniform
       for (int ks = kg; ks < len / 16; ks += KG)

@@ -66,8 +66,7 @@ def rewrite_cuda_source(name, src):
     - rnn_layer.cu's minimum work per block (`8 * kThreads`) becomes g_emu_min_work, so a test
       can force many small blocks (and cross-block barriers) at small hidden sizes;
     - rnn.h's device section (`#if defined(__CUDACC__)`) is compiled;
-    - mma.cuh's and attention_common.cuh's inline-PTX wrappers are dropped (emu_runtime.h
-      has them).
+    - mma.cuh's inline-PTX wrappers are dropped (emu_runtime.h has them).
     Each substitution must apply where expected, so that a change in the kernels that
     defeats one fails the build instead of silently testing something else.
     """
@@ -89,7 +88,7 @@ def rewrite_cuda_source(name, src):
         src = sub(r"< 8 \* kThreads\) \+\+first;", "< g_emu_min_work) ++first;", src, 1)
     if name == "rnn.h":
         src = sub(r"#if defined\(__CUDACC__\)", "#if 1", src, 1)
-    if name in ("attention_common.cuh", "mma.cuh"):
+    if name == "mma.cuh":
         before = src
         src = _drop_ptx_functions(src)
         assert "asm" not in src.replace("asm_", ""), f"{name}: inline PTX left after rewrite"
