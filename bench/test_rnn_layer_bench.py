@@ -37,17 +37,12 @@ SHAPES = [("fastrnns", 100, 64, 512, 512, False),
 
 
 # On a GPU both compiled backends run side by side, and as its own row the cuda backend's
-# opt-in candidate: "next" = tensor-core blocks (fp16 / bf16 layers, SEQKERN_CUDA_RNN_MMA=1,
-# csrc/cuda/rnn_layer.cu's use_mma). "seqkern-cuda" runs the defaults. On the CPU the
-# default dispatch.
+# opt-in candidate: "next" = tensor-core blocks (SEQKERN_CUDA_RNN_MMA=1; fp32 layers on TF32,
+# SEQKERN_CUDA_RNN_TF32=1; csrc/cuda/rnn_layer.cu's use_mma). "seqkern-cuda" runs the
+# defaults. On the CPU the default dispatch.
 PROVIDERS = (["seqkern-cuda", "seqkern-cuda-next", "seqkern-triton", "torch"] if CUDA
              else ["seqkern", "torch"])
-NEXT_ENV = ("SEQKERN_CUDA_RNN_MMA",)  # "1" for next, unset (the defaults) otherwise
-
-
-def _next_differs(B, dtype, pass_):
-    """Whether seqkern-cuda-next runs anything seqkern-cuda does not for this case."""
-    return dtype in (torch.float16, torch.bfloat16)
+NEXT_ENV = ("SEQKERN_CUDA_RNN_MMA", "SEQKERN_CUDA_RNN_TF32")  # "1" for next, else unset
 
 
 @contextlib.contextmanager
@@ -140,9 +135,7 @@ def _peak_memory_mb(provider, cls, shape, dtype, pass_):
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
     name, T, B, I, H, packed = shape
-    backend, variant = _backend(provider)
-    if variant == "next" and not _next_differs(B, dtype, pass_):
-        pytest.skip("seqkern-cuda-next runs what seqkern-cuda does here")
+    backend, _ = _backend(provider)
     # The op's own inputs dict, as the op builds it (w_hh [G*H, H], no projection).
     x = torch.empty(T, B, I, device=DEVICE, dtype=dtype)
     w_hh = torch.empty((4 if cls == "LSTM" else 3) * H, H, device=DEVICE, dtype=dtype)

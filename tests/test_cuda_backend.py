@@ -19,10 +19,10 @@ CUDA_USABLE = torch.cuda.is_available() and not BACKENDS["cuda"].availability("c
 pytestmark = pytest.mark.skipif(not CUDA_USABLE, reason="needs the cuda backend on a GPU")
 
 
-def _layer_against_cpu64(cls, T, B, I, H, dtype, bidirectional=False):
+def _layer_against_cpu64(cls, T, B, I, H, dtype, bidirectional=False, peer_dtype=None):
     """The cuda layer against the cpu backend's in float64, every dtype beside torch.nn's own
-    module (cuDNN, TF32 off) in that dtype: fp16/bf16 by the relative rule, fp32 by the table
-    or, for entries of long reductions outside it, by the relative rule too
+    module (cuDNN, TF32 off) in that dtype (or peer_dtype): fp16/bf16 by the relative rule,
+    fp32 by the table or, for entries of long reductions outside it, by the relative rule too
     (tests/tolerances.py)."""
     torch.manual_seed(0)
     # Explicit devices: the GPU run sets torch's default device to cuda (tests/conftest.py).
@@ -32,7 +32,7 @@ def _layer_against_cpu64(cls, T, B, I, H, dtype, bidirectional=False):
     ref.load_state_dict(ours.state_dict())
     peer = getattr(torch.nn, cls)(I, H, bidirectional=bidirectional, device="cpu")
     peer.load_state_dict(ours.state_dict())
-    peer = peer.to("cuda", dtype)
+    peer = peer.to("cuda", peer_dtype or dtype)
     ours = ours.to("cuda", dtype)
     # The reference sees exactly the input the kernel does (x rounded to dtype).
     x = torch.randn(T, B, I, dtype=torch.float64, device="cpu").to(dtype).double()
@@ -48,10 +48,10 @@ def _layer_against_cpu64(cls, T, B, I, H, dtype, bidirectional=False):
     got = [("output", out, want), ("dx", x_gpu.grad, x_ref.grad)] + [
         (f"d{name}", p.grad, q.grad)
         for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters())]
-    x_peer = x.to("cuda", dtype).requires_grad_(True)
+    x_peer = x.to("cuda", peer_dtype or dtype).requires_grad_(True)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         out_peer, _ = peer(x_peer)
-        out_peer.backward(grad)
+        out_peer.backward(grad.to(out_peer.dtype))
     peers = [out_peer, x_peer.grad] + [p.grad for p in peer.parameters()]
     for (name, a, w), b in zip(got, peers, strict=True):
         assert_close_or_like_torch(f"{cls} T{T} H{H} {name}", a.cpu(), w, b.cpu(),
@@ -67,13 +67,13 @@ def test_hidden_size_past_the_persistent_kernel():
     _layer_against_cpu64("LSTM", T=20, B=3, I=64, H=2048, dtype=torch.float32)
 
 
-def _layer_kernel_tiles(cls, T, B, H, dtype, mma=False):
+def _layer_kernel_tiles(cls, T, B, H, dtype, mma=False, peer_dtype=None):
     """Checks the layer as _layer_against_cpu64 does and returns the batch tiles (the
     kernels' template argument after the dtype) its forward and backward kernels ran with;
     asserts that they were (or were not, mma=False) the tensor-core kernels (the last
     template argument, `true`)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        _layer_against_cpu64(cls, T=T, B=B, I=64, H=H, dtype=dtype)
+        _layer_against_cpu64(cls, T=T, B=B, I=64, H=H, dtype=dtype, peer_dtype=peer_dtype)
     names = {e.key for e in prof.key_averages()}
     found = {d: {m for n in names for m in re.findall(rf"layer_{d}_kernel<[^>]*, (\d+), ([^,>]+)>", n)}
              for d in ("fwd", "bwd")}
@@ -114,6 +114,18 @@ def test_tensor_core_blocks(monkeypatch, cls, T, B, H, dtype):
     # Opt-in until timed (csrc/cuda/rnn_layer.cu's use_mma); the planner reads it every call.
     monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1")
     tiles, _ = _layer_kernel_tiles(cls, T, B, H, dtype, mma=True)
+    want = 32 if B > 16 else 16
+    assert tiles == {"fwd": {want}, "bwd": {want}}, tiles
+
+
+@pytest.mark.parametrize("cls,T,B,H", [("LSTM", 300, 64, 512), ("GRU", 100, 16, 136)])
+def test_tensor_core_blocks_tf32(monkeypatch, cls, T, B, H):
+    # fp32 on TF32: opt-in twice (csrc/cuda/rnn_layer.cu's use_mma). No fp32 peer computes
+    # with TF32 for sure, so cuDNN's bf16 layer bounds the error (bf16 keeps 3 bits fewer).
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1")
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_TF32", "1")
+    tiles, _ = _layer_kernel_tiles(cls, T, B, H, torch.float32, mma=True,
+                                   peer_dtype=torch.bfloat16)
     want = 32 if B > 16 else 16
     assert tiles == {"fwd": {want}, "bwd": {want}}, tiles
 

@@ -251,6 +251,13 @@ LAYER_CASES = [
     # the backward stages K = 160 in two chunks of 80 (small shared memory), five blocks
     LayerCase("LSTM", F16, 3, 8, 40, _lengths_to_batch_sizes([3, 1, 2, 3, 3, 1, 2, 2]),
               mma=True, sms=3, smem=18000),
+    # fp32 on TF32 (SEQKERN_CUDA_RNN_TF32=1): k steps of 8, K = 13 padded to 16; packed
+    # reverse; two passes of 32 rows with the backward's K = 160 in chunks
+    LayerCase("LSTM", torch.float32, 4, 5, 13, reverse=True, strided=True, mma=True,
+              tf32=True),
+    LayerCase("GRU", torch.float32, 5, 6, 12, _lengths_to_batch_sizes([5, 4, 2, 5, 1, 3]),
+              reverse=True, mma=True, tf32=True),
+    LayerCase("LSTM", torch.float32, 3, 40, 40, mma=True, tf32=True, sms=3, smem=45000),
 ]
 
 
@@ -259,7 +266,7 @@ def _layer_id(c):
     return (f"{c.mode}-{str(c.dtype)[6:]}-T{c.steps}B{c.batch}H{c.hidden}-{packed}"
             f"{'-reverse' * c.reverse}{'-strided' * c.strided}{'-nobias' * (not c.bias)}"
             f"-{'persistent' if c.persistent else 'per_step'}-sms{c.sms}-minwork{c.min_work}"
-            f"{'-lanes' * c.lanes}{'-mma' * c.mma}-smem{c.smem}")
+            f"{'-lanes' * c.lanes}{'-mma' * c.mma}{'-tf32' * c.tf32}-smem{c.smem}")
 
 
 @pytest.mark.parametrize("case", LAYER_CASES, ids=_layer_id)
@@ -316,8 +323,9 @@ def test_rnn_layer_fwd_bwd(harness, tmp_path, case):
     want_outs = layer(*wrt[:4], **dict(zip(kw_names, wrt[4:])))
     grads_out = [grad_out, grad_hn] + [grad_cn] * lstm
     want = torch.autograd.grad(want_outs, wrt, grads_out)
+    # TF32 has no same-dtype PyTorch result on the CPU: bf16's (3 mantissa bits fewer) bounds it
     peer_outs, peer = _peer_grads(lambda *t: layer(*t[:4], **dict(zip(kw_names, t[4:]))),
-                                  inputs, c.dtype, grads_out)
+                                  inputs, BF16 if c.tf32 else c.dtype, grads_out)
 
     d_gx = got["d_gx"]
     d_gh = got["d_gh"] if gru else d_gx

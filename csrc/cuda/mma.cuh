@@ -1,5 +1,5 @@
 // sm_80 pieces shared by the attention kernels and the recurrent layer's MMA blocks: bf16 /
-// fp16 mma.sync m16n8k16 with fp32 accumulation, ldmatrix loads from shared memory, the row
+// fp16 mma.sync m16n8k16 (and TF32 m16n8k8) with fp32 accumulation, ldmatrix loads from shared memory, the row
 // addresses of their three patterns, and cp.async copies. Inline PTX (sm_80+); the CUDA emulation
 // (tests/cuda_emulation) replaces the PTX wrappers with host versions of the same layouts.
 #pragma once
@@ -67,6 +67,25 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+}
+
+// fp32 rounded to TF32 (10 mantissa bits, to nearest, ties away), as a float whose low 13
+// bits are zero: what mma_1688_tf32 reads exactly.
+__device__ __forceinline__ float to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+}
+
+// c (16x8 fp32) += a (16x8 TF32, row-major fragment) * b (8x8 TF32, column fragment b0, b1).
+// Fragment layout (PTX ISA, mma.m16n8k8 .tf32): g = lane / 4, t = lane % 4; a = {A[g][t],
+// A[g+8][t], A[g][t+4], A[g+8][t+4]}, b = {B[t][g], B[t+4][g]}; c as mma_16816's.
+__device__ __forceinline__ void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4],
+                                              uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // c0 += a * {b[0], b[1]} and c1 += a * {b[2], b[3]}: the two n8 tiles of one x4 B load.

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         float s[W];
         const float h = cell.fwd(x, hid, h_prev, c, s);
         h_dst[bj] = h;
-        if constexpr (Mma) op_dst[int64_t(b) * a.Kp + j] = dev::from_float<T>(h);
+        if constexpr (Mma) op_dst[int64_t(b) * a.Kp + j] = op_value<T>(h);
         static_cast<T*>(a.out)[row * H + j] = dev::from_float<T>(h);
         if constexpr (Cell::kHasCell) a.c_state[bj] = c;
         if (b >= n_next) {  // the row's last step: its final state
@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
             for (int g = 0; g < G; ++g)
               op_b[int64_t(b) * a.Kp + g * H + j] =
-                  dev::from_float<T>(Cell::kSplitHidden ? dhid[g] : dx[g]);
+                  op_value<T>(Cell::kSplitHidden ? dhid[g] : dx[g]);
           }
           if constexpr (Cell::kHasCell) a.d_c[bj] = dc;
         }
@@ -224,8 +224,8 @@ __global__ void pack_w_kernel(const T* __restrict__ w, int64_t s0, int64_t s1, i
 }
 
 // The fp32 state (both parities) from h0, c0; h_n, c_n = h0, c0 (rows with no step keep
-// them); fp16 / bf16: the state's T copy too (both parities, row stride op_ld), else
-// op = nullptr.
+// them); the state's copy for tensor-core blocks too (op_value, both parities, row stride
+// op_ld).
 template <typename T>
 __global__ void init_state_kernel(int64_t B, int64_t H, Strided2 h0, Strided2 c0,
                                   float* h_state, float* c_state, T* h_n, T* c_n, T* op,
@@ -236,7 +236,7 @@ __global__ void init_state_kernel(int64_t B, int64_t H, Strided2 h0, Strided2 c0
     const T h = static_cast<const T*>(h0.data)[b * h0.s0 + jj * h0.s1];
     h_state[i] = h_state[B * H + i] = dev::to_float(h);
     h_n[i] = h;
-    if (op) op[b * op_ld + jj] = op[(B + b) * op_ld + jj] = h;
+    op[b * op_ld + jj] = op[(B + b) * op_ld + jj] = op_value<T>(dev::to_float(h));
     if (c_state) {
       const T c = static_cast<const T*>(c0.data)[b * c0.s0 + jj * c0.s1];
       c_state[i] = dev::to_float(c);
@@ -252,7 +252,7 @@ int grid_for(int64_t total) {
 size_t elem_size(DType d) { return d == DType::kFloat ? 4 : 2; }
 
 // Byte offsets in a call's scratch: barrier counter, step table, (forward) the fp32 states,
-// packed weights, (fp16 / bf16) the operand's T copy (KernelArgs::op, op_bytes).
+// packed weights, the operand's copy for tensor-core blocks (KernelArgs::op, op_bytes).
 struct Scratch {
   size_t steps = 256, h_state = 0, c_state = 0, w = 0, op = 0, op_bytes = 0, total = 0;
   int64_t op_ld = 0;  // the operand copy's row stride: K rounded up to kPad
@@ -270,11 +270,9 @@ Scratch scratch_layout(const LayerProblem& p, bool backward) {
   const int64_t Hr = round_up(H, kUnitPad);
   const int64_t w_elems = backward ? Hr * round_up(G * H, kPad) : Hr * G * round_up(H, kPad);
   s.w = at, at += al(w_elems * int64_t(elem_size(p.dtype)));
-  if (p.dtype != DType::kFloat) {
-    s.op_ld = round_up(backward ? G * H : H, kPad);
-    s.op = at, s.op_bytes = size_t(2 * p.batch * s.op_ld * 2), at += al(s.op_bytes);
-  }
-  s.total = at;
+  s.op_ld = round_up(backward ? G * H : H, kPad);
+  s.op = at, s.op_bytes = size_t(2 * p.batch * s.op_ld * int64_t(elem_size(p.dtype)));
+  s.total = at + al(s.op_bytes);
   return s;
 }
 
@@ -295,13 +293,11 @@ const void* kernel_ptr(bool backward, int bt, bool mma = false) {
   const auto pick = [&](auto fwd, auto bwd) {
     return backward ? reinterpret_cast<const void*>(bwd) : reinterpret_cast<const void*>(fwd);
   };
-  if (mma) {  // fp16 / bf16 only, 16- or 32-row tiles
-    if constexpr (!std::is_same_v<T, float>) {
-      if (bt == 16)
-        return pick(&layer_fwd_kernel<Cell, T, 16, true>, &layer_bwd_kernel<Cell, T, 16, true>);
-      if (bt == 32)
-        return pick(&layer_fwd_kernel<Cell, T, 32, true>, &layer_bwd_kernel<Cell, T, 32, true>);
-    }
+  if (mma) {  // 16- or 32-row tiles
+    if (bt == 16)
+      return pick(&layer_fwd_kernel<Cell, T, 16, true>, &layer_bwd_kernel<Cell, T, 16, true>);
+    if (bt == 32)
+      return pick(&layer_fwd_kernel<Cell, T, 32, true>, &layer_bwd_kernel<Cell, T, 32, true>);
     return nullptr;
   }
   if (bt == 1)
@@ -357,43 +353,47 @@ bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Laye
   return true;
 }
 
-// Tensor-core blocks (MmaBlock), opt-in until timed on a GPU: SEQKERN_CUDA_RNN_MMA=1.
+// Tensor-core blocks (MmaBlock), opt-in until timed on a GPU: SEQKERN_CUDA_RNN_MMA=1 for
+// fp16 / bf16 layers; fp32 layers on TF32 only with SEQKERN_CUDA_RNN_TF32=1 as well (TF32
+// keeps 10 mantissa bits of the state and gate gradients; whether torch's cuDNN layers do
+// under torch.backends.cudnn.allow_tf32 is to be checked before it can be a default).
+template <typename T>
 bool use_mma() {
   const char* v = std::getenv("SEQKERN_CUDA_RNN_MMA");
-  return v && v[0] == '1';
+  if (!(v && v[0] == '1')) return false;
+  if constexpr (!std::is_same_v<T, float>) return true;
+  const char* tf32 = std::getenv("SEQKERN_CUDA_RNN_TF32");
+  return tf32 && tf32[0] == '1';
 }
 
-// A persistent tensor-core plan (fp16 / bf16): kMmaUnits units a block, 16 or 32 batch rows a
-// pass, the weight slice whole in shared memory and the staged rows in as few chunks of
-// kc columns (a multiple of 16, at least min(128, Kp16)) as fit beside it, if every block is
+// A persistent tensor-core plan: kMmaUnits units a block, 16 or 32 batch rows a pass, the
+// weight slice whole in shared memory and the staged rows in as few chunks of kc columns (a
+// multiple of the k step, at least min(128, Kpk)) as fit beside it, if every block is
 // co-resident. false when none fits.
 template <class Cell, typename T>
 bool mma_plan(const LayerProblem& p, bool backward, int sms, int max_smem, LayerPlan* plan,
               cudaError_t* err) {
-  if constexpr (std::is_same_v<T, float>) {
-    return false;
-  } else {
-    const int G = Cell::kGates, R = backward ? kMmaUnits : kMmaUnits * G;
-    const int M = (R + 15) / 16 * 16, KG = kWarps / (M / 16);
-    const int64_t H = p.hidden, Kp16 = round_up(round_up(backward ? G * H : H, kPad), 16);
-    const int bt = p.batch > 16 ? 32 : 16;
-    const int64_t elem = sizeof(T);
-    const int64_t fixed = M * (Kp16 + 8) * elem + int64_t(KG) * M * bt * 4;
-    const int64_t fit = ((max_smem - fixed) / (bt * elem) - 8) / 16 * 16;
-    if (fit < std::min<int64_t>(128, Kp16)) return false;
-    const int64_t chunks = (Kp16 + fit - 1) / fit;
-    const int64_t kc = round_up((Kp16 + chunks - 1) / chunks, 16);
-    const size_t smem = size_t(fixed + bt * (kc + 8) * elem);
-    const int blocks = static_cast<int>((H + kMmaUnits - 1) / kMmaUnits);
-    const void* kernel = kernel_ptr<Cell, T>(backward, bt, true);
-    *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
-    int occupancy = 0;
-    if (*err == cudaSuccess)
-      *err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, kThreads, smem);
-    if (*err != cudaSuccess || blocks > occupancy * sms) return false;
-    *plan = {true, kMmaUnits, bt, blocks, smem, int(kc), true};
-    return true;
-  }
+  const int G = Cell::kGates, R = backward ? kMmaUnits : kMmaUnits * G;
+  const int M = (R + 15) / 16 * 16, KG = kWarps / (M / 16);
+  const int step = MmaShape<T>::kStep, pad = MmaShape<T>::kPad;
+  const int64_t H = p.hidden, Kpk = round_up(round_up(backward ? G * H : H, kPad), step);
+  const int bt = p.batch > 16 ? 32 : 16;
+  const int64_t elem = sizeof(T);
+  const int64_t fixed = M * (Kpk + pad) * elem + int64_t(KG) * M * bt * 4;
+  const int64_t fit = ((max_smem - fixed) / (bt * elem) - pad) / step * step;
+  if (fit < std::min<int64_t>(128, Kpk)) return false;
+  const int64_t chunks = (Kpk + fit - 1) / fit;
+  const int64_t kc = round_up((Kpk + chunks - 1) / chunks, step);
+  const size_t smem = size_t(fixed + bt * (kc + pad) * elem);
+  const int blocks = static_cast<int>((H + kMmaUnits - 1) / kMmaUnits);
+  const void* kernel = kernel_ptr<Cell, T>(backward, bt, true);
+  *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
+  int occupancy = 0;
+  if (*err == cudaSuccess)
+    *err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, kThreads, smem);
+  if (*err != cudaSuccess || blocks > occupancy * sms) return false;
+  *plan = {true, kMmaUnits, bt, blocks, smem, int(kc), true};
+  return true;
 }
 
 // Persistent if some (batch tile, units) has every block co-resident: the largest batch
@@ -411,7 +411,7 @@ cudaError_t make_plan(const LayerProblem& p, bool backward, bool allow_persisten
                              std::pair{cudaDevAttrCooperativeLaunch, &coop}})
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(value, attr, dev);
   if (err != cudaSuccess) return err;
-  if (allow_persistent && coop && use_mma() &&
+  if (allow_persistent && coop && use_mma<T>() &&
       (mma_plan<Cell, T>(p, backward, sms, max_smem, plan, &err) || err != cudaSuccess))
     return err;
   if (allow_persistent && coop && use_lanes(p, backward) &&
@@ -495,8 +495,8 @@ cudaError_t run_layer(const LayerProblem& p, bool backward, Cell cell, Strided2 
     a.kc = plan.k_chunk;
     // Batch-lane blocks loop over K in chunks of kc, and the forward reads the previous
     // state from its staged rows: lane_plan guarantees both; a plan that broke them would
-    // hang or read stale shared memory. Tensor-core blocks: chunks of whole k16 steps.
-    if (plan.mma ? a.kc < 16 || a.kc % 16 != 0
+    // hang or read stale shared memory. Tensor-core blocks: chunks of whole k steps.
+    if (plan.mma ? a.kc < MmaShape<T>::kStep || a.kc % MmaShape<T>::kStep != 0
                  : plan.batch_tile >= 16 && (a.kc < 32 || a.kc % 32 != 0 ||
                                              (!backward && a.kc < Kp)))
       return cudaErrorInvalidValue;
@@ -545,12 +545,9 @@ cudaError_t rnn_layer_fwd(const LayerProblem& p, const float* x_gates, const flo
     KernelArgs a;
     a.h_state = reinterpret_cast<float*>(base + sc.h_state);
     a.c_state = p.cell == CellKind::kLSTM ? reinterpret_cast<float*>(base + sc.c_state) : nullptr;
-    cudaError_t err = cudaSuccess;
-    if (sc.op_bytes) {  // columns H .. op_ld stay zero
-      a.op = base + sc.op;
-      err = cudaMemsetAsync(a.op, 0, sc.op_bytes, stream);
-      if (err != cudaSuccess) return err;
-    }
+    a.op = base + sc.op;  // columns H .. op_ld stay zero
+    cudaError_t err = cudaMemsetAsync(a.op, 0, sc.op_bytes, stream);
+    if (err != cudaSuccess) return err;
     init_state_kernel<T><<<grid_for(p.batch * p.hidden), 256, 0, stream>>>(
         p.batch, p.hidden, h0, c0, a.h_state, a.c_state, static_cast<T*>(h_n),
         static_cast<T*>(c_n), static_cast<T*>(a.op), sc.op_ld);
@@ -571,12 +568,10 @@ cudaError_t rnn_layer_bwd(const LayerProblem& p, Strided2 w_hh, const float* wor
     KernelArgs a;
     a.ws = const_cast<float*>(workspace);  // read only in the backward
     a.grad_out = grad_out, a.d_h = d_h, a.d_c = d_c, a.d_gx = d_gates_x, a.d_gh = d_gates_h;
-    const Scratch sc = scratch_layout(p, true);
-    if (sc.op_bytes) {  // columns G*H .. op_ld stay zero
-      a.op = static_cast<unsigned char*>(scratch) + sc.op;
-      const cudaError_t err = cudaMemsetAsync(a.op, 0, sc.op_bytes, stream);
-      if (err != cudaSuccess) return err;
-    }
+    a.op = static_cast<unsigned char*>(scratch) + scratch_layout(p, true).op;
+    // columns G*H .. op_ld stay zero
+    const cudaError_t err = cudaMemsetAsync(a.op, 0, scratch_layout(p, true).op_bytes, stream);
+    if (err != cudaSuccess) return err;
     return run_layer<decltype(cell), decltype(t)>(p, true, cell, w_hh, a,
                                                   static_cast<unsigned char*>(scratch), stream);
   });

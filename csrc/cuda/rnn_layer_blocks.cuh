@@ -16,9 +16,9 @@
 // (eight of 8 rows before); K is staged in chunks when the rows do not fit (the backward's
 // K = G*H).
 //
-// fp16 / bf16 layers may use tensor-core blocks instead (MmaBlock, opt-in until timed on a
-// GPU: SEQKERN_CUDA_RNN_MMA=1): 8 units a block, 16 or 32 batch rows a pass, the product on
-// mma.sync from a copy of the operand rows in the layer's dtype.
+// Tensor-core blocks (MmaBlock, opt-in until timed on a GPU: SEQKERN_CUDA_RNN_MMA=1, fp32
+// layers on TF32 only with SEQKERN_CUDA_RNN_TF32=1 too): 8 units a block, 16 or 32 batch
+// rows a pass, the product on mma.sync from a rounded copy of the operand rows.
 #pragma once
 
 #include <cstdint>
@@ -54,9 +54,9 @@ struct KernelArgs {
   void *out = nullptr, *h_n = nullptr, *c_n = nullptr;
   const void* grad_out = nullptr;
   float *d_h = nullptr, *d_c = nullptr, *d_gx = nullptr, *d_gh = nullptr;
-  // fp16 / bf16 layers: the operand of the step product rounded to the layer's dtype,
-  // [2][B][Kp] by step parity (columns K..Kp zero), written by the step before; what
-  // tensor-core blocks stage (forward: the state, backward: the gate gradients W_hh^T takes).
+  // The operand of the step product as tensor-core blocks read it (op_value: rounded to the
+  // layer's dtype, or to TF32), [2][B][Kp] by step parity (columns K..Kp zero), written by
+  // the step before (forward: the state, backward: the gate gradients W_hh^T takes).
   void* op = nullptr;
 };
 
@@ -365,21 +365,38 @@ struct LaneBlock : CellPair {
   }
 };
 
-// Tensor-core block (fp16 / bf16 layers, BT = 16 or 32): the block's R weight rows sit in
-// shared memory as T, padded with zero rows to MT whole m16 tiles and with zero columns to a
-// multiple of 16 (Kp16); the step's operand rows (the state forward, the gate gradients
-// backward) are staged by cp.async from their copy in T (KernelArgs::op, rounded as cuDNN's
-// half-precision layers keep them), kc columns a chunk. Warp w takes m tile w % MT and every
-// KG-th k16 step (KG = 8 / MT) of each chunk, accumulating its 16 x BT tile with mma.sync
-// m16n8k16 in fp32 (detail::warp_mma_smem, the attention kernels' product); the KG partial
-// tiles of a row meet in red. The forward reads the previous state's exact fp32 value from global memory, not
-// from the rounded staged copy. Shared memory: [16 MT x (Kp16 + 8) weights] [BT x (kc + 8)
-// staged] [KG x 16 MT x BT partial sums]; the 8-element pads shift consecutive rows by 16
-// bytes for ldmatrix.
+// Tensor-core block (BT = 16 or 32): fp16 / bf16 layers on mma.sync m16n8k16, fp32 layers
+// (opt-in) on TF32 m16n8k8. The block's R weight rows sit in shared memory as T (fp32:
+// rounded to TF32), padded with zero rows to MT whole m16 tiles and with zero columns to a
+// multiple of the k step (Kpk); the step's operand rows (the state forward, the gate
+// gradients backward) are staged by cp.async from their copy in T (KernelArgs::op, rounded
+// as the product reads them: to T as cuDNN's half-precision layers keep them, or to TF32),
+// kc columns a chunk. Warp w takes m tile w % MT and every KG-th k step (KG = 8 / MT) of
+// each chunk, accumulating its 16 x BT tile in fp32 (fp16 / bf16: detail::warp_mma_smem, the
+// attention kernels' product); the KG partial tiles of a row meet in red. The forward reads
+// the previous state's exact fp32 value from global memory, not from the rounded copy.
+// Shared memory: [16 MT x (Kpk + pad) weights] [BT x (kc + pad) staged] [KG x 16 MT x BT
+// partial sums]; the pads (16 bytes) shift consecutive rows' banks for conflict-free
+// fragment loads.
+template <typename T>
+struct MmaShape {
+  static constexpr bool kTf32 = std::is_same_v<T, float>;
+  static constexpr int kStep = kTf32 ? 8 : 16;       // k per mma
+  static constexpr int kPad = 16 / int(sizeof(T));   // elements in 16 bytes
+};
+
+// The value a layer's operand copy (KernelArgs::op) holds for v.
+template <typename T>
+__device__ __forceinline__ T op_value(float v) {
+  if constexpr (MmaShape<T>::kTf32) return detail::to_tf32(v);
+  else return dev::from_float<T>(v);
+}
+
 template <typename T, int RT, int R, int BT>
 struct MmaBlock : CellPair {
   static constexpr int MT = (R + 15) / 16, M = 16 * MT, KG = kWarps / MT, NP = BT / 16;
-  static_assert(kWarps % MT == 0 && BT % 16 == 0 && !std::is_same_v<T, float>);
+  static constexpr int kStep = MmaShape<T>::kStep, kPad16 = MmaShape<T>::kPad;
+  static_assert(kWarps % MT == 0 && BT % 16 == 0);
   T *w, *staged;
   float* red;
   const float* src = nullptr;  // the last multiply's operand rows, for staged_at
@@ -387,19 +404,25 @@ struct MmaBlock : CellPair {
   int ldw, lds, lane, mt, kg;
 
   __device__ MmaBlock(const KernelArgs& a, unsigned char* smem) {
-    const int kp16 = (a.Kp + 15) / 16 * 16;
-    ldw = kp16 + 8, lds = a.kc + 8;
+    const int kpk = (a.Kp + kStep - 1) / kStep * kStep;
+    ldw = kpk + kPad16, lds = a.kc + kPad16;
     w = reinterpret_cast<T*>(smem);
     staged = w + M * ldw;
     red = reinterpret_cast<float*>(staged + BT * lds);
     // Rows of a.Kp elements (a multiple of 8: 16-byte pieces) of the packed slice, zeros past
     // them; always copied (a per-step launch re-reads it, still correct).
     const T* g = static_cast<const T*>(a.w) + int64_t(blockIdx.x) * R * a.Kp;
-    const int pieces = kp16 / 8;
+    const int pieces = kpk / kPad16;
     for (int i = threadIdx.x; i < M * pieces; i += kThreads) {
-      const int r = i / pieces, c = 8 * (i - r * pieces);
+      const int r = i / pieces, c = kPad16 * (i - r * pieces);
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
       if (r < R && c < a.Kp) v = *reinterpret_cast<const uint4*>(g + int64_t(r) * a.Kp + c);
+      if constexpr (MmaShape<T>::kTf32) {
+        v.x = __float_as_uint(detail::to_tf32(__uint_as_float(v.x)));
+        v.y = __float_as_uint(detail::to_tf32(__uint_as_float(v.y)));
+        v.z = __float_as_uint(detail::to_tf32(__uint_as_float(v.z)));
+        v.w = __float_as_uint(detail::to_tf32(__uint_as_float(v.w)));
+      }
       *reinterpret_cast<uint4*>(w + r * ldw + c) = v;
     }
     const int warp = threadIdx.x >> 5;
@@ -409,11 +432,11 @@ struct MmaBlock : CellPair {
   }
 
   // Columns [k0, k0 + len) of `rows` operand rows (a.Kp elements each, 16-byte aligned) by
-  // cp.async, zeros for the columns from a.Kp to Kp16.
+  // cp.async, zeros for the columns from a.Kp to Kpk.
   __device__ void stage_chunk(const KernelArgs& a, const T* op, int rows, int k0, int len) const {
-    const int pieces = len / 8, total = rows * pieces;
+    const int pieces = len / kPad16, total = rows * pieces;
     for (int i = threadIdx.x; i < total; i += kThreads) {
-      const int r = i / pieces, c = 8 * (i - r * pieces);
+      const int r = i / pieces, c = kPad16 * (i - r * pieces);
       T* dst = staged + r * lds + c;
       if (k0 + c < a.Kp)
         detail::cp_async16(dst, op + int64_t(r) * a.Kp + k0 + c);
@@ -424,27 +447,48 @@ struct MmaBlock : CellPair {
     detail::cp_async_wait_all();
   }
 
+  // acc += the warp's m tile of W times the staged rows over k steps ks = kg, kg + KG, ...
+  // below steps, chunk columns from k0.
+  __device__ void product(float (&acc)[2 * NP][4], int k0, int steps) const {
+    if constexpr (MmaShape<T>::kTf32) {
+      const int g = lane >> 2, t = lane & 3;
+      const T* wa = w + (16 * mt + g) * ldw + k0 + t;
+      const T* sb = staged + g * lds + t;
+      for (int ks = kg; ks < steps; ks += KG) {
+        const int k = 8 * ks;
+        const uint32_t a[4] = {__float_as_uint(wa[k]), __float_as_uint(wa[8 * ldw + k]),
+                               __float_as_uint(wa[k + 4]), __float_as_uint(wa[8 * ldw + k + 4])};
+#pragma unroll
+        for (int n = 0; n < 2 * NP; ++n) {
+          const T* b = sb + 8 * n * lds + k;
+          detail::mma_1688_tf32(acc[n], a, __float_as_uint(b[0]), __float_as_uint(b[4]));
+        }
+      }
+    } else {
+      for (int ks = kg; ks < steps; ks += KG)
+        detail::warp_mma_smem<T, 1, NP, true>(acc, w, ldw, 16 * mt, k0 + 16 * ks, staged, lds,
+                                              0, 16 * ks, lane);
+    }
+  }
+
   // As Block::multiply, from the T copy of the operand rows (op, [rows][a.Kp]); src (fp32)
   // is kept for staged_at. Rows past `rows` in the staged tile hold stale values that only
   // reach their own (unread) columns.
   __device__ void multiply(const KernelArgs& a, const float* from, int64_t ld, int rows,
                            const void* op) {
     src = from, src_ld = ld;
-    const int kp16 = ldw - 8;
+    const int kpk = ldw - kPad16;
     float acc[2 * NP][4];
 #pragma unroll
     for (int n = 0; n < 2 * NP; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-    for (int k0 = 0; k0 < kp16; k0 += a.kc) {
-      const int len = min(a.kc, kp16 - k0);
+    for (int k0 = 0; k0 < kpk; k0 += a.kc) {
+      const int len = min(a.kc, kpk - k0);
       if (k0 > 0) __syncthreads();  // the previous chunk is read
       if (rows > 0) stage_chunk(a, static_cast<const T*>(op), rows, k0, len);
       __syncthreads();
-      if (rows == 0) continue;  // block-uniform
-      for (int ks = kg; ks < len / 16; ks += KG)
-        detail::warp_mma_smem<T, 1, NP, true>(acc, w, ldw, 16 * mt, k0 + 16 * ks, staged, lds,
-                                              0, 16 * ks, lane);
+      if (rows > 0) product(acc, k0, len / kStep);  // block-uniform condition
     }
     if (rows > 0) {
       const int g = lane >> 2, t = lane & 3;

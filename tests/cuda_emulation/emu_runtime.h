@@ -89,6 +89,16 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
 inline float __ldcg(const float* p) { return *p; }
 inline float4 __ldcg(const float4* p) { return *p; }
 inline float __expf(float x) { return expf(x); }
+inline uint32_t __float_as_uint(float x) {
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  return u;
+}
+inline float __uint_as_float(uint32_t u) {
+  float x;
+  memcpy(&x, &u, 4);
+  return x;
+}
 using std::max;
 using std::min;
 
@@ -125,36 +135,64 @@ inline float emu_b16_to_float(uint16_t b) {
     return f;
   }
 }
-// mma.sync m16n8k16 (fp32 accumulate), fragment layout of the PTX ISA.
-template <typename T>
-inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// A warp's mma.sync m16n8kK (fp32 accumulate), K = 16 (fp16 / bf16) or 8 (TF32): every lane
+// publishes its fragments, unpack(slots of lane l, g, t, A, B) fills the whole A (16 x K) and
+// B (K x 8) from each lane's registers by the PTX ISA's fragment layout, and each lane adds
+// its four C elements (rows g, g + 8; columns 2t, 2t + 1).
+template <int K, class Unpack>
+inline void emu_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                    Unpack unpack) {
   EmuWarp* w = emu_t->warp;
   const int lane = emu_lane();
   for (int i = 0; i < 4; ++i) w->slot[lane][i] = a[i];
   w->slot[lane][4] = b0, w->slot[lane][5] = b1;
   w->bar.arrive_and_wait();
-  float A[16][16], B[16][8];
-  for (int l = 0; l < 32; ++l) {
-    const int g = l / 4, t = l % 4;
-    auto lo = [&](int i) { return emu_b16_to_float<T>(static_cast<uint16_t>(w->slot[l][i])); };
-    auto hi = [&](int i) {
-      return emu_b16_to_float<T>(static_cast<uint16_t>(w->slot[l][i] >> 16));
-    };
+  float A[16][K], B[K][8];
+  for (int l = 0; l < 32; ++l) unpack(w->slot[l], l / 4, l % 4, A, B);
+  w->bar.arrive_and_wait();
+  const int g = lane / 4, t = lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e / 2) * 8, col = 2 * t + e % 2;
+    float s = 0.f;
+    for (int k = 0; k < K; ++k) s += A[row][k] * B[k][col];
+    c[e] += s;
+  }
+}
+// mma.sync m16n8k16, fp16 / bf16 operands: two elements a register, the lower column low.
+template <typename T>
+inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emu_mma<16>(c, a, b0, b1, [](const uint64_t* r, int g, int t, auto& A, auto& B) {
+    auto lo = [&](int i) { return emu_b16_to_float<T>(static_cast<uint16_t>(r[i])); };
+    auto hi = [&](int i) { return emu_b16_to_float<T>(static_cast<uint16_t>(r[i] >> 16)); };
     A[g][2 * t] = lo(0), A[g][2 * t + 1] = hi(0);
     A[g + 8][2 * t] = lo(1), A[g + 8][2 * t + 1] = hi(1);
     A[g][2 * t + 8] = lo(2), A[g][2 * t + 9] = hi(2);
     A[g + 8][2 * t + 8] = lo(3), A[g + 8][2 * t + 9] = hi(3);
     B[2 * t][g] = lo(4), B[2 * t + 1][g] = hi(4);
     B[2 * t + 8][g] = lo(5), B[2 * t + 9][g] = hi(5);
-  }
-  w->bar.arrive_and_wait();
-  const int g = lane / 4, t = lane % 4;
-  for (int e = 0; e < 4; ++e) {
-    const int row = g + (e / 2) * 8, col = 2 * t + e % 2;
-    float s = 0.f;
-    for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
-    c[e] += s;
-  }
+  });
+}
+// cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero (finite inputs).
+inline float to_tf32(float x) {
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  u = (u + 0x1000u) & 0xffffe000u;
+  memcpy(&x, &u, 4);
+  return x;
+}
+// mma.sync m16n8k8 .tf32: one element a register, its low 13 bits ignored as the hardware
+// does.
+inline void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emu_mma<8>(c, a, b0, b1, [](const uint64_t* r, int g, int t, auto& A, auto& B) {
+    auto val = [&](int i) {
+      const uint32_t u = static_cast<uint32_t>(r[i]) & 0xffffe000u;
+      float f;
+      memcpy(&f, &u, 4);
+      return f;
+    };
+    A[g][t] = val(0), A[g + 8][t] = val(1), A[g][t + 4] = val(2), A[g + 8][t + 4] = val(3);
+    B[t][g] = val(4), B[t + 4][g] = val(5);
+  });
 }
 // cp.async completes at once: commit and wait have nothing left to do.
 inline void cp_async16(void* smem, const void* gmem) { memcpy(smem, gmem, 16); }

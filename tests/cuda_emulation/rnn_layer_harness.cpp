@@ -39,10 +39,10 @@ void register_cell() {
       register_kernels<Cell, T, 32>(),
       register_kernels<Cell, T, 64>()), ...);
   }(float{}, __half{}, __nv_bfloat16{});
-  // tensor-core blocks: fp16 / bf16, 16- and 32-row tiles
+  // tensor-core blocks (fp32: TF32), 16- and 32-row tiles
   [&]<class... T>(T...) {
     ((register_kernels<Cell, T, 16, true>(), register_kernels<Cell, T, 32, true>()), ...);
-  }(__half{}, __nv_bfloat16{});
+  }(float{}, __half{}, __nv_bfloat16{});
 }
 void* scratch(size_t bytes) {  // 0xff garbage: the kernels must initialise what they use
   void* p = std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
