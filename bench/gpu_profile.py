@@ -83,6 +83,28 @@ def measure(step):
     return host_ms, kernels
 
 
+def cudnn_fp32_precision():
+    """Whether cuDNN's fp32 LSTM computes in TF32 under torch.backends.cudnn.allow_tf32 (the
+    condition for seqkern's TF32 recurrence to be a default): its output's error against
+    float64 with the flag on and off, and seqkern's TF32 blocks' beside them."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(512, 512).cuda()
+    x = torch.randn(100, 16, 512, device="cuda")
+    want = torch.nn.LSTM(512, 512).cuda().double()
+    want.load_state_dict(lstm.state_dict())
+    ref = want(x.double())[0]
+    errors = {}
+    for allow in (True, False):
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=allow):
+            errors[f"cuDNN allow_tf32={allow}"] = (lstm(x)[0].double() - ref).abs().max().item()
+    ours = seqkern.LSTM(512, 512).cuda()
+    ours.load_state_dict(lstm.state_dict())
+    with torch.no_grad(), variant_env("next"), seqkern.backend("cuda"):
+        errors["seqkern TF32 blocks"] = (ours(x)[0].double() - ref).abs().max().item()
+    print("fp32 LSTM T100 B16 H512, max error vs float64: " +
+          ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+
+
 def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; per call, "
           f"mean of {ITERS}")
@@ -102,6 +124,7 @@ def main():
             print(f"{name} | {provider}: host {host_ms:.3f} ms, device {device_ms:.3f} ms")
             for key, ms in top:
                 print(f"    {ms:8.3f} ms  {key[:90]}")
+    cudnn_fp32_precision()
 
 
 if __name__ == "__main__":
