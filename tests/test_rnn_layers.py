@@ -270,7 +270,7 @@ def test_forwards_pending_backward_keep_their_own_buffers(cls):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton backend not usable here")
 @pytest.mark.parametrize("cls, kw", [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "relu"})])
 def test_triton_layers_over_several_program_tiles(cls, kw):
-    """Triton's steps run as a grid of (16-row, 32-unit) programs: B = 37 and H = 40 make 3 x 2
+    """Triton's steps run as a grid of (16-row, 16-unit) programs: B = 37 and H = 40 make 3 x 3
     of them, each reading the state the others wrote at the step before (the randomized grid
     stays within one tile). Packed unsorted, both directions, float32 against float64."""
     ours, theirs = module_pair(cls, input_size=6, hidden_size=40, bidirectional=True, **kw)
