@@ -164,3 +164,29 @@ def test_attention_hopper_shapes_finish_and_match(D, L):
     peer = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
     err, peer_err = (out.double() - want).abs().max(), (peer.double() - want).abs().max()
     assert err <= 2 * peer_err + 1e-6, f"D{D} L{L}: error {err:.3g}, torch's {peer_err:.3g}"
+
+
+@pytest.mark.parametrize("mma", [False, True])
+def test_layer_forward_replays_in_a_cuda_graph(monkeypatch, mma):
+    """A captured CUDA graph replays the layer (torch.compile's reduce-overhead mode captures
+    graphs): a padded sequence's step table is made on the device, with no copy from host
+    memory that a replay would read after it was freed. Replays match eager calls exactly."""
+    if mma:
+        monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1")
+    torch.manual_seed(0)
+    lstm = seqkern.LSTM(64, 128).cuda().to(torch.bfloat16)
+    static_x = torch.randn(20, 8, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), seqkern.backend("cuda"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture
+            lstm(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out, _ = lstm(static_x)
+        for _ in range(2):
+            static_x.copy_(torch.randn_like(static_x))
+            graph.replay()
+            want, _ = lstm(static_x)
+            torch.testing.assert_close(static_out, want, rtol=0, atol=0)

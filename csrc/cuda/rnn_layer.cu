@@ -276,7 +276,8 @@ Scratch scratch_layout(const LayerProblem& p, bool backward) {
   return s;
 }
 
-// [S][2] (row offset, live rows) in processing order.
+// [S][2] (row offset, live rows) in processing order: a packed sequence's, from its
+// batch_sizes on the host.
 std::vector<int> step_table(const LayerProblem& p) {
   std::vector<int> offsets(p.steps + 1, 0), t(2 * p.steps);
   for (int64_t s = 0; s < p.steps; ++s)
@@ -286,6 +287,15 @@ std::vector<int> step_table(const LayerProblem& p) {
     t[2 * s] = offsets[time], t[2 * s + 1] = offsets[time + 1] - offsets[time];
   }
   return t;
+}
+
+// The same table for a padded sequence (every step B rows), made on the device: no copy from
+// host memory, which a captured CUDA graph would replay from a buffer long freed.
+__global__ void padded_steps_kernel(int S, int B, bool reverse, int* steps) {
+  for (int s = blockIdx.x * blockDim.x + threadIdx.x; s < S; s += gridDim.x * blockDim.x) {
+    const int t = reverse ? S - 1 - s : s;
+    steps[2 * s] = t * B, steps[2 * s + 1] = B;
+  }
 }
 
 template <class Cell, typename T>
@@ -469,11 +479,18 @@ cudaError_t run_layer(const LayerProblem& p, bool backward, Cell cell, Strided2 
   const int G = Cell::kGates;
   const int64_t H = p.hidden, K = backward ? G * H : H, Kp = round_up(K, kPad);
   const int64_t Hr = round_up(H, kUnitPad);
-  const std::vector<int> table = step_table(p);
   cudaError_t err = cudaMemsetAsync(scratch, 0, sizeof(unsigned), stream);
-  if (err == cudaSuccess)  // pageable source: staged before the call returns
-    err = cudaMemcpyAsync(scratch + sc.steps, table.data(), table.size() * sizeof(int),
+  if (err != cudaSuccess) return err;
+  int* steps = reinterpret_cast<int*>(scratch + sc.steps);
+  if (p.batch_sizes) {  // pageable source: staged before the call returns
+    const std::vector<int> table = step_table(p);
+    err = cudaMemcpyAsync(steps, table.data(), table.size() * sizeof(int),
                           cudaMemcpyHostToDevice, stream);
+  } else {
+    padded_steps_kernel<<<grid_for(p.steps), 256, 0, stream>>>(int(p.steps), int(p.batch),
+                                                                p.reverse, steps);
+    err = cudaGetLastError();
+  }
   if (err != cudaSuccess) return err;
   T* w_packed = reinterpret_cast<T*>(scratch + sc.w);
   const int64_t w_elems = backward ? Hr * Kp : Hr * G * Kp;
