@@ -9,7 +9,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import seqkern
 from tests.attention_cases import DEVICE
 from tests.capability_runner import assert_passes_under_capability
-from tests.rnn_layer_cases import HAS_C, flatten_outputs, module_pair
+from tests.rnn_layer_cases import HAS_C, check_against_torch, flatten_outputs, module_pair
 from tests.tolerances import BWD_FACTOR, FWD_FACTOR, assert_close, assert_close_relative
 
 
@@ -65,6 +65,34 @@ def test_cpu_bf16_products_relative_rule(cls, form, monkeypatch):
         assert_close_relative(f"{cls} {form} result[{i}]", g, w, p, factor)
     if _native_cpu_bf16_products():
         assert not torch.equal(got[0], fp32_products[0]), "the bf16 products did not run"
+
+
+@pytest.mark.skipif(not HAS_C or DEVICE != "cpu", reason="the CPU kernels")
+@pytest.mark.parametrize("form", ["padded", "packed_unsorted"])
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_cpu_row_split_into_claimed_blocks(cls, form):
+    """B = 70 on two threads: the row split makes four blocks (at least 16 rows each, split
+    by live (step, row) pairs when packed) that the threads claim as they finish; every row
+    against torch in float64, forward and gradients, both directions."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("the row split needs two threads")
+    B = 70
+    ours, theirs = module_pair(cls, input_size=5, hidden_size=12, bidirectional=True)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, B, 5, dtype=torch.float64, generator=gen)
+    lengths = torch.randint(1, 7, (B,), generator=gen)
+    lengths[3] = 6
+    h0 = torch.randn(2, B, 12, dtype=torch.float64, generator=gen)
+    hx = (h0, torch.randn_like(h0)) if cls == "LSTM" else h0
+
+    def call(module, leaves):
+        h = tuple(leaves[1:]) if cls == "LSTM" else leaves[1]
+        inp = pack_padded_sequence(leaves[0], lengths, enforce_sorted=False) \
+            if form == "packed_unsorted" else leaves[0]
+        return flatten_outputs(module(inp, h))
+
+    leaves = [t.requires_grad_(True) for t in (x, *(hx if isinstance(hx, tuple) else (hx,)))]
+    check_against_torch(f"{cls} {form}", ours, theirs, call, leaves, "cpu", torch.float64)
 
 
 @pytest.mark.skipif(not HAS_C, reason="no _C")
