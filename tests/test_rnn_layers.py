@@ -48,20 +48,29 @@ def _make_input(cls, kw, form, T, B, given_h0, gen):
 
 
 GRID = [pytest.param(backend, seed, torch.float64, id=f"{backend}-{seed}")
-        for backend in ("cpu", "reference") for seed in range(24)] + [
+         for backend in ("cpu", "reference") for seed in range(24)] + [
     pytest.param(backend, seed, torch.float32, id=f"{backend}-{seed}")
-    for backend in ("triton", "cuda") for seed in range(10)]
+    for backend in ("triton", "cuda") for seed in range(10)] + [
+    # bf16 by the relative rule against torch's own bf16 module: the CPU's bf16 products, the
+    # cuda defaults and its tensor-core blocks (cuda-mma: SEQKERN_CUDA_RNN_MMA=1)
+    pytest.param(backend, seed, torch.bfloat16, id=f"{backend}-bf16-{seed}")
+    for backend, seeds in (("cpu", 6), ("cuda", 10), ("cuda-mma", 10)) for seed in range(seeds)]
 
 
 @pytest.mark.parametrize("backend, seed, dtype", GRID)
-def test_randomized_parity_with_torch(backend, seed, dtype):
+def test_randomized_parity_with_torch(monkeypatch, backend, seed, dtype):
     """seqkern's module (in dtype, on backend) against torch's in float64."""
+    if backend == "cuda-mma":
+        monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1")
+        backend = "cuda"
     usable = {"cpu": HAS_C, "triton": HAS_TRITON, "cuda": HAS_CUDA, "reference": True}
     if not usable[backend]:
         pytest.skip(f"{backend} backend not usable here")
     rng = random.Random(seed)
-    # LSTM projections have a kernel on cpu only (triton and cuda refuse them).
-    cls, kw, form, T, B, given_h0 = _random_config(rng, backend in ("cpu", "reference"))
+    # LSTM projections have a kernel on cpu only (triton and cuda refuse them), in float64
+    # (torch's bf16 layers are the peer of the others, and seqkern's bf16 products skip them).
+    cls, kw, form, T, B, given_h0 = _random_config(
+        rng, backend in ("cpu", "reference") and dtype == torch.float64)
     gen = torch.Generator().manual_seed(seed)
     ours, theirs = module_pair(cls, **kw)
     ours.to(dtype)
