@@ -35,7 +35,8 @@ constexpr int kBatchTiles[3] = {1, 4, 8};
 // Batch-lane blocks: hidden units per block. Every block stages the whole operand each step
 // (h_prev: B x H forward, the gate gradients: B x G*H backward), so the backward's reads
 // outweigh its products at 4 units a block (B64 H512: 512 KB a block a step); 8 units halve
-// the blocks reading them (estimates, to be measured: bench/RESULTS.md).
+// the blocks reading them. Measured on an H100 (bench/RESULTS.md): the backward still 1.42x
+// slower than 8-row blocks at B64, so by default only the forward takes them (use_lanes).
 constexpr int kLaneUnitsFwd = 4, kLaneUnitsBwd = 8;
 constexpr int kLaneMinBatch = 9;   // batch-lane blocks: the smallest batch they take
 constexpr int kLaneDefaultMinBatch = 64;  // ... and by default (forward only), use_lanes
