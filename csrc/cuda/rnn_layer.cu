@@ -333,6 +333,32 @@ bool use_lanes(const LayerProblem& p, bool backward) {
   return !backward && p.batch >= kLaneDefaultMinBatch;
 }
 
+// Whether all `blocks` blocks of kernel, with smem bytes of dynamic shared memory, are
+// co-resident (what a cooperative launch needs). The kernel's limit is set to the device
+// maximum, not smem: calls planning other sizes may run concurrently.
+bool all_resident(const void* kernel, int blocks, size_t smem, int sms, int max_smem,
+                  cudaError_t* err) {
+  *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
+  int occupancy = 0;
+  if (*err == cudaSuccess)
+    *err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, kThreads, smem);
+  return *err == cudaSuccess && blocks <= occupancy * sms;
+}
+
+// K staged in chunks beside `fixed` bytes of shared memory (the weight slice, the partial
+// sums): bt rows of `elem`-byte elements, each row padded by `pad` elements; K (a multiple
+// of `step`) in as few chunks of kc columns (a multiple of step, at least min_kc) as fit, the
+// last one shorter where K is not a multiple of kc. false when min_kc columns do not fit.
+bool stage_in_chunks(int64_t K, int64_t fixed, int bt, int64_t elem, int pad, int step,
+                     int64_t min_kc, int max_smem, int64_t* kc, size_t* smem) {
+  const int64_t fit = ((max_smem - fixed) / (bt * elem) - pad) / step * step;
+  if (fit < min_kc) return false;
+  const int64_t chunks = (K + fit - 1) / fit;
+  *kc = round_up((K + chunks - 1) / chunks, step);
+  *smem = size_t(fixed + bt * (*kc + pad) * elem);
+  return true;
+}
+
 // A persistent batch-lane plan (kLaneUnitsFwd / kLaneUnitsBwd units a block, 16, 32 or 64
 // batch rows a pass, at most one (unit, row) a thread) if every block is co-resident: the
 // forward stages whole rows; the backward K in as few chunks as fit beside the weight slice
@@ -348,18 +374,15 @@ bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Laye
   const int bt = std::min(p.batch > 32 ? 64 : p.batch > 16 ? 32 : 16, kThreads / units);
   const int parts = kWarps * 32 / std::min(bt, 32);  // LaneShape<bt>::P
   const int64_t fixed = R * Kp * int64_t(sizeof(T)) + int64_t(parts) * R * bt * 4;
-  const int64_t fit = ((max_smem - fixed) / (bt * 4) - 4) / 32 * 32;
-  if (fit < (backward ? std::min<int64_t>(128, round_up(Kp, 32)) : Kp)) return false;
-  const int64_t chunks = (round_up(Kp, 32) + fit - 1) / fit;
-  const int64_t kc = round_up((Kp + chunks - 1) / chunks, 32);
-  const size_t smem = size_t(fixed + bt * (kc + 4) * 4);
+  const int64_t K = round_up(Kp, 32);  // fp32 staged rows, 4-float pads
+  int64_t kc = 0;
+  size_t smem = 0;
+  if (!stage_in_chunks(K, fixed, bt, 4, 4, 32, backward ? std::min<int64_t>(128, K) : K,
+                       max_smem, &kc, &smem))
+    return false;
   const int blocks = static_cast<int>((H + units - 1) / units);
-  const void* kernel = kernel_ptr<Cell, T>(backward, bt);
-  *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
-  int occupancy = 0;
-  if (*err == cudaSuccess)
-    *err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, kThreads, smem);
-  if (*err != cudaSuccess || blocks > occupancy * sms) return false;
+  if (!all_resident(kernel_ptr<Cell, T>(backward, bt), blocks, smem, sms, max_smem, err))
+    return false;
   *plan = {true, units, bt, blocks, smem, int(kc)};
   return true;
 }
@@ -391,18 +414,14 @@ bool mma_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Layer
   const int bt = p.batch > 16 ? 32 : 16;
   const int64_t elem = sizeof(T);
   const int64_t fixed = M * (Kpk + pad) * elem + int64_t(KG) * M * bt * 4;
-  const int64_t fit = ((max_smem - fixed) / (bt * elem) - pad) / step * step;
-  if (fit < std::min<int64_t>(128, Kpk)) return false;
-  const int64_t chunks = (Kpk + fit - 1) / fit;
-  const int64_t kc = round_up((Kpk + chunks - 1) / chunks, step);
-  const size_t smem = size_t(fixed + bt * (kc + pad) * elem);
+  int64_t kc = 0;
+  size_t smem = 0;
+  if (!stage_in_chunks(Kpk, fixed, bt, elem, pad, step, std::min<int64_t>(128, Kpk), max_smem,
+                       &kc, &smem))
+    return false;
   const int blocks = static_cast<int>((H + kMmaUnits - 1) / kMmaUnits);
-  const void* kernel = kernel_ptr<Cell, T>(backward, bt, true);
-  *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
-  int occupancy = 0;
-  if (*err == cudaSuccess)
-    *err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, kThreads, smem);
-  if (*err != cudaSuccess || blocks > occupancy * sms) return false;
+  if (!all_resident(kernel_ptr<Cell, T>(backward, bt, true), blocks, smem, sms, max_smem, err))
+    return false;
   *plan = {true, kMmaUnits, bt, blocks, smem, int(kc), true};
   return true;
 }
@@ -447,13 +466,10 @@ cudaError_t make_plan(const LayerProblem& p, bool backward, bool allow_persisten
         const int blocks = static_cast<int>((H + units[ui] - 1) / units[ui]);
         const size_t smem = smem_for(groups, kBatchTiles[bi], true);
         if (smem > size_t(max_smem) || (pass == 0 && blocks > sms)) continue;
-        // The device maximum, not smem: calls planning other sizes may run concurrently.
-        err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
-        int occupancy = 0;
-        if (err == cudaSuccess)
-          err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, kThreads, smem);
-        if (err != cudaSuccess) return err;
-        if (blocks > occupancy * sms) continue;
+        if (!all_resident(kernel, blocks, smem, sms, max_smem, &err)) {
+          if (err != cudaSuccess) return err;
+          continue;
+        }
         *plan = {true, units[ui], kBatchTiles[bi], blocks, smem};
         return cudaSuccess;
       }
