@@ -225,24 +225,33 @@ __global__ void pack_w_kernel(const T* __restrict__ w, int64_t s0, int64_t s1, i
 }
 
 // The fp32 state (both parities) from h0, c0; h_n, c_n = h0, c0 (rows with no step keep
-// them); the state's copy for tensor-core blocks too (op_value, both parities, row stride
-// op_ld).
+// them).
 template <typename T>
 __global__ void init_state_kernel(int64_t B, int64_t H, Strided2 h0, Strided2 c0,
-                                  float* h_state, float* c_state, T* h_n, T* c_n, T* op,
-                                  int64_t op_ld) {
+                                  float* h_state, float* c_state, T* h_n, T* c_n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * H;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / H, jj = i - b * H;
     const T h = static_cast<const T*>(h0.data)[b * h0.s0 + jj * h0.s1];
     h_state[i] = h_state[B * H + i] = dev::to_float(h);
     h_n[i] = h;
-    op[b * op_ld + jj] = op[(B + b) * op_ld + jj] = op_value<T>(dev::to_float(h));
     if (c_state) {
       const T c = static_cast<const T*>(c0.data)[b * c0.s0 + jj * c0.s1];
       c_state[i] = dev::to_float(c);
       c_n[i] = c;
     }
+  }
+}
+
+// Tensor-core blocks' copy of the initial state (KernelArgs::op, both parities, row stride
+// op_ld), from the fp32 state init_state_kernel wrote.
+template <typename T>
+__global__ void init_op_kernel(int64_t B, int64_t H, const float* h_state, T* op,
+                               int64_t op_ld) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * H;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / H, jj = i - b * H;
+    op[b * op_ld + jj] = op[(B + b) * op_ld + jj] = op_value<T>(h_state[i]);
   }
 }
 
@@ -535,6 +544,15 @@ cudaError_t run_layer(const LayerProblem& p, bool backward, Cell cell, Strided2 
                                              (!backward && a.kc < Kp)))
       return cudaErrorInvalidValue;
     a.w_in_smem = plan.persistent;
+    if (plan.mma) {  // the operand's copy: zero columns K .. Kp, forward: the initial state
+      a.op = scratch + sc.op;
+      if ((err = cudaMemsetAsync(a.op, 0, sc.op_bytes, stream)) != cudaSuccess) return err;
+      if (!backward) {
+        init_op_kernel<T><<<grid_for(p.batch * H), 256, 0, stream>>>(
+            p.batch, H, a.h_state, static_cast<T*>(a.op), sc.op_ld);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      }
+    }
     const void* kernel = kernel_ptr<Cell, T>(backward, plan.batch_tile, plan.mma);
     int begin = 0, end = phases;
     void* args[] = {&cell, &a, &begin, &end};
@@ -579,13 +597,10 @@ cudaError_t rnn_layer_fwd(const LayerProblem& p, const float* x_gates, const flo
     KernelArgs a;
     a.h_state = reinterpret_cast<float*>(base + sc.h_state);
     a.c_state = p.cell == CellKind::kLSTM ? reinterpret_cast<float*>(base + sc.c_state) : nullptr;
-    a.op = base + sc.op;  // columns H .. op_ld stay zero
-    cudaError_t err = cudaMemsetAsync(a.op, 0, sc.op_bytes, stream);
-    if (err != cudaSuccess) return err;
     init_state_kernel<T><<<grid_for(p.batch * p.hidden), 256, 0, stream>>>(
         p.batch, p.hidden, h0, c0, a.h_state, a.c_state, static_cast<T*>(h_n),
-        static_cast<T*>(c_n), static_cast<T*>(a.op), sc.op_ld);
-    err = cudaGetLastError();
+        static_cast<T*>(c_n));
+    cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || p.steps == 0) return err;
     a.x_gates = x_gates, a.bias_x = bias_x, a.bias_hn = bias_hn;
     a.out = out, a.h_n = h_n, a.c_n = c_n, a.ws = workspace;
@@ -602,10 +617,6 @@ cudaError_t rnn_layer_bwd(const LayerProblem& p, Strided2 w_hh, const float* wor
     KernelArgs a;
     a.ws = const_cast<float*>(workspace);  // read only in the backward
     a.grad_out = grad_out, a.d_h = d_h, a.d_c = d_c, a.d_gx = d_gates_x, a.d_gh = d_gates_h;
-    a.op = static_cast<unsigned char*>(scratch) + scratch_layout(p, true).op;
-    // columns G*H .. op_ld stay zero
-    const cudaError_t err = cudaMemsetAsync(a.op, 0, scratch_layout(p, true).op_bytes, stream);
-    if (err != cudaSuccess) return err;
     return run_layer<decltype(cell), decltype(t)>(p, true, cell, w_hh, a,
                                                   static_cast<unsigned char*>(scratch), stream);
   });

@@ -77,7 +77,7 @@ def rewrite_cuda_source(name, src):
 
     smem = r"extern __shared__ __align__\(16\) unsigned char smem\[\];"
     launches = {"attention_fwd.cu": 1, "attention_bwd.cu": 3, "rnn_cell.cu": 2,
-                "rnn_layer.cu": 3}
+                "rnn_layer.cu": 4}
     if name in launches:
         src = sub(smem, "unsigned char* smem = emu_smem();", src, 0 if name == "rnn_cell.cu"
                   else 1)
