@@ -39,7 +39,8 @@ def check_against_torch(label, ours, theirs, call, leaves, backend, dtype):
     low = dtype in (torch.float16, torch.bfloat16)
     peer = copy.deepcopy(theirs).to(dtype) if low else None
     leaves_a = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in leaves]
-    leaves_p = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in leaves]
+    leaves_p = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in leaves] \
+        if low else []
     with seqkern.backend(backend):
         got = call(ours, leaves_a)
     want = call(theirs, leaves)
