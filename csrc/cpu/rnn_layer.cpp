@@ -61,8 +61,8 @@ std::vector<Step> make_steps(const at::Tensor& input, const std::optional<at::Te
 // core). Blocks are balanced by work: rows are sorted by length (packed sequences), so the
 // split follows the cumulative count of live (step, row) pairs. With a spinning process on
 // one of the two cores, B = 64 LSTM inference took 100-147 ms in four blocks claimed as the
-// threads finish, 119-168 ms in two fixed ones (quiet: 57-62 ms either way). With fewer than four rows
-// per thread one block takes all rows and each step's product and cell run in parallel:
+// threads finish, 119-168 ms in two fixed ones (quiet: 57-62 ms either way). With fewer than
+// four rows per thread one block takes all rows and each step's product and cell run in parallel:
 // a block of one or two rows streams all of W_hh for almost no work (B=4, T=256, H=512
 // LSTM inference: 18.9 ms in two blocks, 13.8-15.0 ms in one; oneDNN 18-20 ms).
 std::vector<std::pair<int64_t, int64_t>> row_blocks(const std::vector<Step>& steps,
@@ -320,10 +320,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
                              cell_out, cell_out, c_rows,
                              need_workspace ? ws.saved(base) + row * ws.saved_width : nullptr);
           if (proj) step_product<scalar_t>(i, n, cell_out, H, whr_t, h_rows, P, false);
-          if (bf16) {  // the next step's left operand (no projection here: P == H)
-            at::BFloat16* h_next = h_bf16[0].data_ptr<at::BFloat16>() + lo * P;
-            for (int64_t e = 0; e < n * P; ++e) h_next[e] = at::BFloat16(float(h_rows[e]));
-          }
+          if (bf16)  // the next step's left operand (no projection here: P == H)
+            round_units_bf16(h_rows, h_bf16[0].data_ptr<at::BFloat16>() + lo * P, P, n, 0, P);
           if (ws.lstm && need_workspace)
             std::memcpy(ws.c_new(base) + row * H, c_rows, n * cell_bytes);
           std::memcpy(out.data_ptr<scalar_t>() + row * P, h_rows, n * state_bytes);

@@ -108,11 +108,8 @@ void team_forward_chunk(const TeamForward& a) {
                             a.h_gates, h_cur, h_next, a.c, saved, u0, u1);
     if (lstm && a.ws_base) copy_units(a.c, H, a.ws.c_new(a.ws_base) + row * H, H, n, u0, u1);
     copy_units(h_next, H, a.out + row * H, H, n, u0, u1);
-    if (a.h_bf16[0]) {  // the own units of the next step's bf16 left operand
-      at::BFloat16* next = a.h_bf16[(i + 1) % 2];
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t u = u0; u < u1; ++u) next[r * H + u] = at::BFloat16(h_next[r * H + u]);
-    }
+    if (a.h_bf16[0])  // the own units of the next step's bf16 left operand
+      round_units_bf16(h_next, a.h_bf16[(i + 1) % 2], H, n, u0, u1);
   });
 }
 

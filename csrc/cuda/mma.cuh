@@ -1,7 +1,8 @@
 // sm_80 pieces shared by the attention kernels and the recurrent layer's MMA blocks: bf16 /
-// fp16 mma.sync m16n8k16 (and TF32 m16n8k8) with fp32 accumulation, ldmatrix loads from shared memory, the row
-// addresses of their three patterns, and cp.async copies. Inline PTX (sm_80+); the CUDA emulation
-// (tests/cuda_emulation) replaces the PTX wrappers with host versions of the same layouts.
+// fp16 mma.sync m16n8k16 (and TF32 m16n8k8) with fp32 accumulation, ldmatrix loads from
+// shared memory, the row addresses of their three patterns, and cp.async copies. Inline PTX
+// (sm_80+); the CUDA emulation (tests/cuda_emulation) replaces the PTX wrappers with host
+// versions of the same layouts.
 #pragma once
 
 #include <cuda_bf16.h>
