@@ -10,7 +10,8 @@
 
 namespace seqkern::cpu {
 
-// Like at::empty (contiguous, uninitialised) for large CPU buffers.
+// Like at::empty (contiguous, uninitialised; NaN under SEQKERN_POISON_OUTPUTS=1) for large CPU
+// buffers.
 at::Tensor cached_empty(at::IntArrayRef shape, const at::TensorOptions& options);
 
 }  // namespace seqkern::cpu

@@ -17,10 +17,11 @@ namespace {
 constexpr int64_t kTeamMaxRowsPerThread = 16;
 
 // dst[r, u0:u1] = src[r, u0:u1] for r < n.
-void copy_units(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t n,
-                int64_t u0, int64_t u1) {
+template <typename T>
+void copy_units(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t n, int64_t u0,
+                int64_t u1) {
   for (int64_t r = 0; r < n; ++r)
-    std::memcpy(dst + r * ld_dst + u0, src + r * ld_src + u0, (u1 - u0) * sizeof(float));
+    std::memcpy(dst + r * ld_dst + u0, src + r * ld_src + u0, (u1 - u0) * sizeof(T));
 }
 
 // Runs body(u0, u1, i, phase) for every step i of the chunk (in order, or reversed) and phase
@@ -107,9 +108,12 @@ void team_forward_chunk(const TeamForward& a) {
     run_rnn_step_fwd<float>(a.mode, n, H, a.x_gates + (row - a.chunk.row0) * GH, a.x_bias,
                             a.h_gates, h_cur, h_next, a.c, saved, u0, u1);
     if (lstm && a.ws_base) copy_units(a.c, H, a.ws.c_new(a.ws_base) + row * H, H, n, u0, u1);
-    copy_units(h_next, H, a.out + row * H, H, n, u0, u1);
-    if (a.h_bf16[0])  // the own units of the next step's bf16 left operand
+    if (a.h_bf16[0]) {  // the own units of the next step's bf16 left operand, and of out
       round_units_bf16(h_next, a.h_bf16[(i + 1) % 2], H, n, u0, u1);
+      copy_units(a.h_bf16[(i + 1) % 2], H, a.out_bf16 + row * H, H, n, u0, u1);
+    } else {
+      copy_units(h_next, H, a.out + row * H, H, n, u0, u1);
+    }
   });
 }
 

@@ -44,10 +44,11 @@ struct TeamForward {
   float* h_gates;  // scratch [B, G*H]
   float* ws_base;        // the workspace (training) or nullptr
   Workspace ws;
-  float* out;  // [N, H]
+  float* out;  // [N, H] (fp32 products; nullptr with bf16 products)
   // bf16 products (pack_right_bf16's whh_t): the state rounded to bf16, step i reading
   // h_bf16[i % 2]; nullptr for fp32 products.
   at::BFloat16* h_bf16[2];
+  at::BFloat16* out_bf16;  // [N, H] with bf16 products: the rounded state, copied
 };
 void team_forward_chunk(const TeamForward& a);
 
