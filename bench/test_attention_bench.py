@@ -13,11 +13,6 @@ import seqkern
 CUDA = torch.cuda.is_available()
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 def _cases():
     if CUDA:
         cases = []
@@ -93,7 +88,6 @@ def test_attention(benchmark, record, provider, case, pass_):
         def target():
             with torch.no_grad():
                 fn(q, k, v)
-            _sync()
     else:
         flops *= 3.5
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
@@ -101,7 +95,6 @@ def test_attention(benchmark, record, provider, case, pass_):
 
         def target():
             fn(qg, kg, vg).backward(grad)
-            _sync()
     rounds = 20 if CUDA else 8
-    benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=3)
+    benchmark.pedantic(record.timed(target), rounds=rounds, iterations=1, warmup_rounds=3)
     record(benchmark, f"attention {pass_} {_case_id(case)}", provider, flops)

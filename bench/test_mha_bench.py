@@ -68,15 +68,11 @@ def _target(module, x, kwargs, mode, need_weights):
         def target():
             with torch.no_grad():
                 module(x, x, x, need_weights=need_weights, **kwargs)
-            if CUDA:
-                torch.cuda.synchronize()
     else:
         xg = x.detach().requires_grad_(True)
 
         def target():
             module(xg, xg, xg, need_weights=need_weights, **kwargs)[0].sum().backward()
-            if CUDA:
-                torch.cuda.synchronize()
     return target
 
 
@@ -110,7 +106,7 @@ def test_multihead_attention(benchmark, record, provider, case, need_weights, mo
     module, x, kwargs = _setup(provider, case, mode)
     target = _target(module, x, kwargs, mode, need_weights)
     rounds = 20 if CUDA else 6
-    benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(record.timed(target), rounds=rounds, iterations=1, warmup_rounds=2)
     peak = _peak_memory_mb(provider, case, mode, need_weights)
     name = f"mha {mode} {'weights' if need_weights else 'noweights'} {_case_id(case)}"
     record(benchmark, name, provider, _flops(case, mode), extra=dict(peak_mb=peak))

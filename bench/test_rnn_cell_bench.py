@@ -21,11 +21,6 @@ GATES = {"LSTMCell": 4, "GRUCell": 3, "RNNCell": 1}
 MODES = {"LSTMCell": "LSTM", "GRUCell": "GRU", "RNNCell": "RNN_TANH"}  # the op's mode names
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 def _cases():
     cells = list(GATES)
     if CUDA:
@@ -80,13 +75,11 @@ def test_rnn_cell(benchmark, record, provider, case, pass_):
         def target():
             with torch.no_grad():
                 cell(xs[1], state)
-            _sync()
         flops, rounds, iterations = step_flops, 30, 10
     elif pass_ == "loop-fwd":
         def target():
             with torch.no_grad():
                 loop()
-            _sync()
         flops, rounds, iterations = T * step_flops, 5, 1
     else:
         def target():
@@ -95,7 +88,6 @@ def test_rnn_cell(benchmark, record, provider, case, pass_):
             state = loop()
             loss = state[0].sum() + state[1].sum() if name == "LSTMCell" else state.sum()
             loss.backward()
-            _sync()
         flops, rounds, iterations = 3 * T * step_flops, 5, 1
 
     def run():
@@ -103,5 +95,6 @@ def test_rnn_cell(benchmark, record, provider, case, pass_):
             return target()
         with seqkern.backend(backend):
             return target()
-    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=2)
+    benchmark.pedantic(record.timed(run), rounds=rounds, iterations=iterations,
+                       warmup_rounds=2)
     record(benchmark, f"{name} {pass_} {_case_id(case)}", provider, flops)

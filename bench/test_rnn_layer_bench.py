@@ -68,11 +68,6 @@ def _backend(provider):
     return backend, variant
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 def _setup(provider, cls, shape, dtype, pass_, batch=None):
     """(target, flops) for one provider; batch overrides B (the memory probe's warm-up)."""
     name, T, B, I, H, packed = shape
@@ -101,7 +96,6 @@ def _setup(provider, cls, shape, dtype, pass_, batch=None):
         def run():
             with torch.no_grad():
                 module(inp)
-            _sync()
     else:
         flops = 3 * flops - (2 * rows * G * H * I if pass_ == "train-data" else 0)
         xg = x.detach().requires_grad_(pass_ == "train")
@@ -109,7 +103,6 @@ def _setup(provider, cls, shape, dtype, pass_, batch=None):
         def run():
             out, _ = module(make_input(xg))
             (out.data if packed else out).float().sum().backward()
-            _sync()
     if not backend:
         return run, flops
 
@@ -148,7 +141,7 @@ def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
     # Triton's layers ran 24-170x slower than the CUDA kernel on a GPU (bench/RESULTS.md,
     # before their grid of programs a step): fewer rounds keep the GPU run's lease.
     rounds = (3 if backend == "triton" else 10) if CUDA else 4
-    benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(record.timed(target), rounds=rounds, iterations=1, warmup_rounds=1)
     if CUDA:
         extra = {"peak_mb": torch.cuda.max_memory_allocated() / 2**20}
     elif name == "fastrnns":  # a fresh process per measurement: a few seconds each

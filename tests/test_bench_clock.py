@@ -1,0 +1,73 @@
+"""bench/conftest.py's device clock, on the CPU with torch.cuda's events faked: a GPU session's
+benchmark numbers come from this bookkeeping, and a GPU is rarely at hand to catch it wrong."""
+import importlib.util
+import os
+import types
+
+import pytest
+import torch
+
+_CONFTEST = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "conftest.py")
+
+
+def _bench_conftest():
+    spec = importlib.util.spec_from_file_location("bench_conftest", _CONFTEST)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FakeEvent:
+    """Records the fake device clock's time; elapsed_time in ms, as torch.cuda.Event's."""
+    clock = [0.0]
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.t = None
+
+    def record(self):
+        self.t = self.clock[0]
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def _fake_benchmark(host_s, rounds, iterations):
+    stats = types.SimpleNamespace(median=host_s, data=[host_s] * rounds)
+    return types.SimpleNamespace(stats=types.SimpleNamespace(stats=stats, iterations=iterations),
+                                 extra_info={})
+
+
+def test_device_clock_skips_warm_up_and_takes_the_median(monkeypatch):
+    conftest = _bench_conftest()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    record = conftest.Recorder()
+    # 2 warm-up rounds of 2 calls, then 5 rounds of 2: the median of all 14 would be 4 ms.
+    durations = iter([9.0] * 4 + [0.004, 0.001, 0.002, 0.003, 0.005] * 2)
+
+    def target():  # the device clock advances by one duration a call
+        _FakeEvent.clock[0] += next(durations)
+    timed = record.timed(target)
+    assert timed is not target
+    for _ in range(14):
+        timed()
+    record(_fake_benchmark(0.5, rounds=5, iterations=2), "case", "seqkern-x", flops=3e9)
+    row = conftest._ROWS[-1]
+    assert abs(row["median_ms"] - 3.0) < 1e-9  # not the warm-up's 9 s, not the host's 0.5 s
+    assert abs(row["host_ms"] - 500.0) < 1e-9
+    assert abs(row["tflops"] - 3e9 / 0.003 / 1e12) < 1e-9
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's host clock")
+def test_host_clock_on_the_cpu():
+    conftest = _bench_conftest()
+    record = conftest.Recorder()
+
+    def target():
+        pass
+    assert record.timed(target) is target
+    record(_fake_benchmark(0.25, rounds=3, iterations=1), "case", "seqkern-cpu", flops=0)
+    row = conftest._ROWS[-1]
+    assert row["median_ms"] == 250.0 and "host_ms" not in row and row["tflops"] is None
