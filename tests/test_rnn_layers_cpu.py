@@ -43,20 +43,24 @@ def test_cpu_bf16_products_relative_rule(cls, form, monkeypatch):
     lengths = torch.randint(1, 10, (B,), generator=gen)
     lengths[1] = 9
 
-    def run(module, x, dtype):
+    def run(module, x, dtype, backward_fp32_products=False):
         module = module.to(dtype)
         leaf = x.detach().to(dtype).requires_grad_(True)
         inp = pack_padded_sequence(leaf, lengths, enforce_sorted=False) if form == "packed" \
             else leaf
         outs = flatten_outputs(module(inp))
+        if backward_fp32_products:
+            monkeypatch.setenv("SEQKERN_CPU_BF16_PRODUCTS", "0")
         grads = torch.autograd.grad(sum(o.double().square().sum() for o in outs),
                                     [leaf, *module.parameters()])
+        monkeypatch.delenv("SEQKERN_CPU_BF16_PRODUCTS", raising=False)
         return [o.detach() for o in outs] + list(grads)
 
     want = run(theirs, x, torch.float64)
     peer = run(theirs, x, torch.bfloat16)
     with seqkern.backend("cpu"):
         got = run(ours, x, torch.bfloat16)
+        fp32_backward = run(ours, x, torch.bfloat16, backward_fp32_products=True)
         monkeypatch.setenv("SEQKERN_CPU_BF16_PRODUCTS", "0")
         fp32_products = run(ours, x, torch.bfloat16)
     outputs = len(want) - 1 - len(list(ours.parameters()))
@@ -65,6 +69,12 @@ def test_cpu_bf16_products_relative_rule(cls, form, monkeypatch):
         assert_close_relative(f"{cls} {form} result[{i}]", g, w, p, factor)
     if _native_cpu_bf16_products():
         assert not torch.equal(got[0], fp32_products[0]), "the bf16 products did not run"
+        # The same forward, the backward's products in bf16 or fp32: dx and every weight
+        # gradient differ (the bias sums stay fp32).
+        for i, name in [(outputs, "input"), (outputs + 1, "weight_ih"),
+                        (outputs + 2, "weight_hh")]:
+            assert not torch.equal(got[i], fp32_backward[i]), \
+                f"{name}: the backward's bf16 products did not run"
 
 
 @pytest.mark.skipif(not HAS_C or DEVICE != "cpu", reason="the CPU kernels")

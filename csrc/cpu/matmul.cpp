@@ -1,6 +1,7 @@
 #include "matmul.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -204,6 +205,46 @@ PackedRight pack_right_bf16(const at::Tensor& b) {
   const at::Tensor units = at::from_blob(w.data_ptr(), {N, K / 2}, w.options().dtype(at::kFloat));
   PackedRight packed = pack_right(units.t());
   return {packed.panels, K, N, /*bf16=*/true};
+}
+
+PackedRight pack_rows_bf16(const at::Tensor& b_in) {
+  TORCH_CHECK(b_in.dim() == 2 && b_in.scalar_type() == at::kBFloat16,
+              "pack_rows_bf16: b must be a 2-D bf16 matrix");
+  const at::Tensor b = b_in.stride(1) == 1 || b_in.size(1) <= 1 ? b_in : b_in.contiguous();
+  const int64_t K = b.size(0), N = b.size(1), pairs = (K + 1) / 2;
+  const int64_t n_panels = (N + kPanel - 1) / kPanel, ld = b.stride(0);
+  at::Tensor panels = cached_empty({n_panels, pairs, kPanel}, b.options().dtype(at::kFloat));
+  if (K == 0 || N == 0) return {panels, 2 * pairs, N, /*bf16=*/true};
+  // bf16 moved as its bits: unit (q, j) of panel p = b[2q, 64p + j] | b[2q + 1, 64p + j] << 16.
+  const auto* src = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
+  auto* out = reinterpret_cast<uint32_t*>(panels.data_ptr<float>());
+  at::parallel_for(0, pairs, 16, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const uint16_t* lo = src + 2 * q * ld;
+      const uint16_t* hi = 2 * q + 1 < K ? lo + ld : nullptr;
+      for (int64_t p = 0; p < n_panels; ++p) {
+        uint32_t* dst = out + (p * pairs + q) * kPanel;
+        const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
+        if (hi) {
+          for (int64_t j = 0; j < cols; ++j)
+            dst[j] = uint32_t(lo[n0 + j]) | uint32_t(hi[n0 + j]) << 16;
+        } else {
+          for (int64_t j = 0; j < cols; ++j) dst[j] = uint32_t(lo[n0 + j]);
+        }
+        std::fill(dst + cols, dst + kPanel, 0u);
+      }
+    }
+  });
+  return {panels, 2 * pairs, N, /*bf16=*/true};
+}
+
+at::Tensor bf16_even_cols(const at::Tensor& m) {
+  TORCH_CHECK(m.dim() == 2, "bf16_even_cols: m must be 2-D");
+  const int64_t R = m.size(0), C = m.size(1);
+  at::Tensor out = cached_empty({R, C + C % 2}, m.options().dtype(at::kBFloat16));
+  out.narrow(1, 0, C).copy_(m);
+  if (C % 2) out.narrow(1, C, 1).zero_();
+  return out;
 }
 
 bool bf16_products_available() {

@@ -157,6 +157,15 @@ std::vector<StepChunk> step_chunks(const std::vector<Step>& steps, int64_t row_b
   return chunks;
 }
 
+// dw [G*H, K] (+)= dg_t [G*H, rows (+ 1)] @ rows [rows, K] on bf16 operands: dg_t from
+// bf16_even_cols, rows bf16 (packed here, with the zero row dg_t's zero column meets).
+void weight_grad_bf16(at::Tensor& dw, const at::Tensor& dg_t, const at::Tensor& rows,
+                      bool accumulate) {
+  const PackedRight packed = pack_rows_bf16(rows);
+  tiled_matmul_raw(dw.size(0), dg_t.data_ptr<at::BFloat16>(), dg_t.stride(0), packed,
+                   dw.data_ptr<float>(), dw.stride(0), accumulate);
+}
+
 at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor as_compute(const at::Tensor& t, at::ScalarType dtype) {
@@ -193,19 +202,26 @@ LayerOperands prepare(const std::string& mode_name, const at::Tensor& input,
           w_hr ? as_compute(*w_hr, dt) : at::Tensor()};
 }
 
+// Whether a layer's products take bf16 operands: bf16 input on a CPU with native bf16 products
+// (AVX512-BF16), with fp32 accumulation, as torch's bf16 layers do. Not with a projection, nor
+// with an odd I or H (the products pair consecutive k).
+bool bf16_products_for(const at::Tensor& input, const at::Tensor& w_hh,
+                       const std::optional<at::Tensor>& w_hr) {
+  return input.scalar_type() == at::kBFloat16 && !w_hr && input.dim() > 0 &&
+         input.size(-1) % 2 == 0 && w_hh.dim() == 2 && w_hh.size(1) % 2 == 0 &&
+         bf16_products_available();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     const std::string& mode_name, const at::Tensor& input,
     const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
     const std::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool reverse,
     bool need_workspace, const std::optional<at::Tensor>& w_hr) {
-  // bf16 input on a CPU with native bf16 products (AVX512-BF16): the input projection and the
-  // step products take bf16 operands (x as given, the state rounded to bf16 each step, the
-  // weights rounded once) with fp32 accumulation, as torch's bf16 layers do; the cell, its
-  // state c and the workspace stay fp32. Not with a projection, nor with an odd I or H.
-  const bool bf16 = input.scalar_type() == at::kBFloat16 && !w_hr && input.dim() > 0 &&
-                    input.size(-1) % 2 == 0 && w_hh.dim() == 2 && w_hh.size(1) % 2 == 0 &&
-                    bf16_products_available();
+  // bf16 products: the input projection and the step products (x as given, the state rounded
+  // to bf16 each step, the weights rounded once); the cell, its state c and the workspace stay
+  // fp32.
+  const bool bf16 = bf16_products_for(input, w_hh, w_hr);
   const LayerOperands ops =
       prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, bf16);
   const RnnMode mode = ops.mode;
@@ -368,8 +384,12 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
                   const std::optional<at::Tensor>& grad_cn, c10::List<bool> needs_list,
                   const std::optional<at::Tensor>& w_hr) {
   const LayerGradNeeds needs = layer_grad_needs(needs_list);
+  // bf16 products: dx = dG W_ih and the weight gradients dW += dG^T [x | h_prev] take bf16
+  // operands (dG, x, h_prev and W_ih rounded), fp32 accumulation; the chain (dh_prev = dG W_hh,
+  // step by step) and the bias sums stay fp32.
+  const bool bf16 = bf16_products_for(input, w_hh, w_hr);
   const LayerOperands ops =
-      prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+      prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, bf16);
   const RnnMode mode = ops.mode;
   const at::ScalarType dt = ops.dtype;
   const int64_t H = ops.H, P = ops.P, G = ops.G, N = ops.N;
@@ -380,7 +400,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   TORCH_CHECK(workspace.dim() == 1 && workspace.numel() == ws.numel() &&
                   workspace.scalar_type() == dt && workspace.is_contiguous(),
               "rnn_layer_bwd: workspace does not come from rnn_layer_fwd with these arguments");
-  const auto opts = x.options();
+  const auto opts = x.options().dtype(dt);
   at::Tensor dh = grad_hn ? grad_hn->to(dt).clone(at::MemoryFormat::Contiguous)
                           : at::zeros({h0.size(0), P}, opts);
   at::Tensor dc = mode == RnnMode::kLSTM
@@ -428,9 +448,12 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   at::Tensor db_ih = at::zeros({want_db ? G * H : 0}, opts);
   at::Tensor db_hh = at::zeros({want_db ? G * H : 0}, opts);
 
-  const PackedRight whh_packed = pack_right(whh);  // [G*H, P], reused by every step
+  // [G*H, P], reused by every step (fp32: a bf16 weight is converted)
+  const PackedRight whh_packed = pack_right(as_compute(whh, dt));
   // [G*H, I], by every chunk
-  const PackedRight wih_packed = needs.input ? pack_right(wih) : PackedRight{};
+  const PackedRight wih_packed = !needs.input ? PackedRight{}
+                                 : bf16       ? pack_rows_bf16(wih)
+                                              : pack_right(wih);
   const bool team = use_team(dt == at::kFloat, proj, dh.size(0), H);
   TeamBackward team_args{};  // float32 only; its chunk is set per chunk
   if (team) {
@@ -485,17 +508,33 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
       const at::Tensor dhg_chunk = dh_gates.narrow(0, 0, ch->rows);
       if (needs.input) {
         at::Tensor dx_rows = dx.narrow(0, ch->row0, ch->rows);
-        tiled_matmul_into(dx_rows, dxg_chunk, wih_packed, false);
+        if (bf16) {
+          const at::Tensor dxg_bf16 = dxg_chunk.to(at::kBFloat16);
+          tiled_matmul_raw(ch->rows, dxg_bf16.data_ptr<at::BFloat16>(), G * H, wih_packed,
+                           dx_rows.data_ptr<float>(), dx_rows.stride(0), false);
+        } else {
+          tiled_matmul_into(dx_rows, dxg_chunk, wih_packed, false);
+        }
       }
       // dG^T, the left operand of both weight gradients (GRU's dW_hh has its own).
       const at::Tensor dxg_t =
           needs.w_ih || (needs.w_hh && !gru) ? transposed(dxg_chunk) : at::Tensor();
-      if (needs.w_ih)
-        tiled_matmul_into(dw_ih, dxg_t, pack_right(x.narrow(0, ch->row0, ch->rows)),
-                          !first_chunk);
-      if (needs.w_hh)
-        tiled_matmul_into(dw_hh, gru ? transposed(dhg_chunk) : dxg_t,
-                          pack_right(h_prev.narrow(0, ch->row0, ch->rows)), !first_chunk);
+      if (bf16) {  // dG^T rounded, a zero column where the chunk has an odd number of rows
+        const at::Tensor dxg_t_bf16 = dxg_t.defined() ? bf16_even_cols(dxg_t) : at::Tensor();
+        if (needs.w_ih)
+          weight_grad_bf16(dw_ih, dxg_t_bf16, x.narrow(0, ch->row0, ch->rows), !first_chunk);
+        if (needs.w_hh)
+          weight_grad_bf16(dw_hh, gru ? bf16_even_cols(transposed(dhg_chunk)) : dxg_t_bf16,
+                           h_prev.narrow(0, ch->row0, ch->rows).to(at::kBFloat16),
+                           !first_chunk);
+      } else {
+        if (needs.w_ih)
+          tiled_matmul_into(dw_ih, dxg_t, pack_right(x.narrow(0, ch->row0, ch->rows)),
+                            !first_chunk);
+        if (needs.w_hh)
+          tiled_matmul_into(dw_hh, gru ? transposed(dhg_chunk) : dxg_t,
+                            pack_right(h_prev.narrow(0, ch->row0, ch->rows)), !first_chunk);
+      }
       if (want_dw_hr) {
         const at::Tensor h_full = workspace.narrow(0, ws.h_full_offset(), N * H).view({N, H});
         matmul_once_into(dw_hr, transposed(dh_chunk.narrow(0, 0, ch->rows)),
