@@ -30,6 +30,7 @@
 #include "rnn_layer_team.h"
 #include "matmul.h"
 #include "rnn_kernels.h"
+#include "round_bf16_kernel.h"
 
 namespace seqkern::cpu {
 namespace {
@@ -123,6 +124,20 @@ void step_product(size_t i, int64_t n, const T* a, int64_t lda, const PackedRigh
     at::Tensor o = at::from_blob(out, {n, b.N}, {ldc, 1}, opts);
     tiled_matmul_into(o, at::from_blob(const_cast<T*>(a), {n, b.K}, {lda, 1}, opts), b,
                       accumulate);
+  }
+}
+
+// dh [n, P] += dg [n, whh.K] W_hh on bf16 operands (whh from pack_rows_bf16): dg rounded into
+// dg_bf16 first. The chain's step product with bf16 products, which compute in float32 only.
+template <typename T>
+void chain_product_bf16(size_t i, int64_t n, const T* dg, at::BFloat16* dg_bf16,
+                        const PackedRight& whh, T* dh, int64_t P) {
+  if constexpr (std::is_same_v<T, float>) {
+    run_round_rows_bf16(dg, n, whh.K, whh.K, dg_bf16, whh.K);
+    tiled_matmul_raw(n, dg_bf16, whh.K, whh, dh, P, /*accumulate=*/true,
+                     /*backwards=*/i % 2 == 1);
+  } else {
+    TORCH_CHECK(false, "rnn_layer_bwd: bf16 products compute in float32");
   }
 }
 
@@ -384,9 +399,9 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
                   const std::optional<at::Tensor>& grad_cn, c10::List<bool> needs_list,
                   const std::optional<at::Tensor>& w_hr) {
   const LayerGradNeeds needs = layer_grad_needs(needs_list);
-  // bf16 products: dx = dG W_ih and the weight gradients dW += dG^T [x | h_prev] take bf16
-  // operands (dG, x, h_prev and W_ih rounded), fp32 accumulation; the chain (dh_prev = dG W_hh,
-  // step by step) and the bias sums stay fp32.
+  // bf16 products: the chain's dh_prev += dG W_hh each step, then dx = dG W_ih and the weight
+  // gradients dW += dG^T [x | h_prev] take bf16 operands (dG, x, h_prev and the weights
+  // rounded), fp32 accumulation; the pointwise gradients, dh, dc and the bias sums stay fp32.
   const bool bf16 = bf16_products_for(input, w_hh, w_hr);
   const LayerOperands ops =
       prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, bf16);
@@ -448,8 +463,12 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   at::Tensor db_ih = at::zeros({want_db ? G * H : 0}, opts);
   at::Tensor db_hh = at::zeros({want_db ? G * H : 0}, opts);
 
-  // [G*H, P], reused by every step (fp32: a bf16 weight is converted)
-  const PackedRight whh_packed = pack_right(as_compute(whh, dt));
+  // [G*H, P], reused by every step
+  const PackedRight whh_packed = bf16 ? pack_rows_bf16(whh) : pack_right(whh);
+  // bf16: each step's gradients of h W_hh^T (+ b_hh) rounded, at their rows of the chunk: the
+  // left operand of the step's chain product and, but for GRU, of dx = dG W_ih.
+  at::Tensor dh_gates_bf16 =
+      cached_empty({bf16 ? chunk_rows : 0, G * H}, opts.dtype(at::kBFloat16));
   // [G*H, I], by every chunk
   const PackedRight wih_packed = !needs.input ? PackedRight{}
                                  : bf16       ? pack_rows_bf16(wih)
@@ -461,7 +480,8 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
                  d_out.defined() ? d_out.data_ptr<float>() : nullptr,
                  d_out.defined() ? d_out.stride(0) : 0, d_out.defined() ? d_out.stride(1) : 0,
                  dh.data_ptr<float>(), ws.lstm ? dc.data_ptr<float>() : nullptr,
-                 dx_gates.data_ptr<float>(), dh_gates.data_ptr<float>(), &whh_packed};
+                 dx_gates.data_ptr<float>(), dh_gates.data_ptr<float>(), &whh_packed,
+                 bf16 ? dh_gates_bf16.data_ptr<at::BFloat16>() : nullptr};
   }
   AT_DISPATCH_FLOATING_TYPES(dt, "rnn_layer_bwd", [&] {
     const scalar_t* base = workspace.data_ptr<scalar_t>();
@@ -500,16 +520,23 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
               gru ? dh_gates.data_ptr<scalar_t>() + chunk_row * G * H : nullptr);
           // dh_prev = (the part around W_hh, left in dh by the step: 0 for LSTM, which is
           // the only mode with a projection) + dG W_hh.
-          step_product<scalar_t>(i, n, dh_gates.data_ptr<scalar_t>() + chunk_row * G * H, G * H,
-                                 whh_packed, dh_rows, P, !proj);
+          scalar_t* dg = dh_gates.data_ptr<scalar_t>() + chunk_row * G * H;
+          if (bf16) {  // no projection here
+            chain_product_bf16(i, n, dg,
+                               dh_gates_bf16.data_ptr<at::BFloat16>() + chunk_row * G * H,
+                               whh_packed, dh_rows, P);
+          } else {
+            step_product<scalar_t>(i, n, dg, G * H, whh_packed, dh_rows, P, !proj);
+          }
         }
       });
       const at::Tensor dxg_chunk = dx_gates.narrow(0, 0, ch->rows);
       const at::Tensor dhg_chunk = dh_gates.narrow(0, 0, ch->rows);
       if (needs.input) {
         at::Tensor dx_rows = dx.narrow(0, ch->row0, ch->rows);
-        if (bf16) {
-          const at::Tensor dxg_bf16 = dxg_chunk.to(at::kBFloat16);
+        if (bf16) {  // the chain's rounded dG, but for GRU (whose dx takes dx_gates)
+          const at::Tensor dxg_bf16 =
+              gru ? dxg_chunk.to(at::kBFloat16) : dh_gates_bf16.narrow(0, 0, ch->rows);
           tiled_matmul_raw(ch->rows, dxg_bf16.data_ptr<at::BFloat16>(), G * H, wih_packed,
                            dx_rows.data_ptr<float>(), dx_rows.stride(0), false);
         } else {

@@ -5,10 +5,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include <c10/util/BFloat16.h>
 
 #include "rnn_kernels.h"
+#include "round_bf16_kernel.h"
 
 namespace seqkern::cpu {
 
@@ -55,13 +57,17 @@ void add_strided_rows(T* dst, int64_t ld_dst, const T* src, int64_t row_stride,
   }
 }
 
-// dst[r, u0:u1] = src[r, u0:u1] rounded to bf16, for r < n (both row strides ld): the next
-// step's left operand of the bf16 products.
+// dst[r, u0:u1] = src[r, u0:u1] rounded to bf16, for r < n (both row strides ld): a left
+// operand of the bf16 products (the state, a step's gate gradients).
 template <typename S>
 void round_units_bf16(const S* src, at::BFloat16* dst, int64_t ld, int64_t n, int64_t u0,
                       int64_t u1) {
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t u = u0; u < u1; ++u) dst[r * ld + u] = at::BFloat16(float(src[r * ld + u]));
+  if constexpr (std::is_same_v<S, float>) {
+    run_round_rows_bf16(src + u0, n, u1 - u0, ld, dst + u0, ld);
+  } else {  // instantiated for double, never called with it (bf16 products compute in fp32)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t u = u0; u < u1; ++u) dst[r * ld + u] = at::BFloat16(float(src[r * ld + u]));
+  }
 }
 
 inline Workspace workspace_layout(RnnMode mode, int64_t N, int64_t H, int64_t P) {

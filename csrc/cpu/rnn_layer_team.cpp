@@ -139,6 +139,14 @@ void team_backward_chunk(const TeamBackward& a) {
                               a.ws.h_prev(base) + row * H, a.dh, lstm ? a.dc : nullptr,
                               a.dx_gates + chunk_row * GH,
                               gru ? a.dh_gates + chunk_row * GH : nullptr, u0, u1);
+      if (a.dh_gates_bf16)  // the own units of every gate, rounded for the product
+        for (int64_t g = 0; g < G; ++g)
+          round_units_bf16(a.dh_gates + chunk_row * GH + g * H,
+                           a.dh_gates_bf16 + chunk_row * GH + g * H, GH, n, u0, u1);
+    } else if (a.dh_gates_bf16) {
+      panel_matmul_raw(n, a.dh_gates_bf16 + chunk_row * GH, GH, *a.whh, u0 / kPanelWidth,
+                       (u1 - u0) / kPanelWidth, a.dh, H, /*accumulate=*/true,
+                       /*backwards=*/i % 2 == 1);
     } else {
       panel_matmul_raw(n, a.dh_gates + chunk_row * GH, GH, *a.whh, u0 / kPanelWidth,
                        (u1 - u0) / kPanelWidth, a.dh, H, /*accumulate=*/true,

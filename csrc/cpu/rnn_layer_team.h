@@ -65,7 +65,10 @@ struct TeamBackward {
   float* dc;  // [B, H] (LSTM), likewise
   float* dx_gates;  // the chunk's gate gradients [chunk.rows, G*H]
   float* dh_gates;  // GRU: the chunk's gradients of h W_hh^T + b_hh; otherwise dx_gates
-  const PackedRight* whh;  // W_hh [G*H, H]
+  const PackedRight* whh;  // W_hh [G*H, H] (pack_rows_bf16's with bf16 products)
+  // bf16 products: dh_gates rounded, the chain product's left operand, [chunk.rows, G*H];
+  // nullptr for fp32 products.
+  at::BFloat16* dh_gates_bf16;
 };
 void team_backward_chunk(const TeamBackward& a);
 

@@ -4,6 +4,7 @@
 #include "../attention_fwd_impl.h"
 #include "../attention_weights_impl.h"
 #include "../rnn_cell_impl.h"
+#include "../round_bf16_impl.h"
 #include "../transpose_impl.h"
 
 namespace seqkern::cpu::CPU_CAPABILITY {
