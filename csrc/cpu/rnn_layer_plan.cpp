@@ -1,0 +1,70 @@
+// The CPU layer's plan (rnn_layer_plan.h): its steps, row blocks and chunks of steps.
+#include "rnn_layer_plan.h"
+
+namespace seqkern::cpu {
+
+std::vector<Step> make_steps(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+                             bool reverse) {
+  std::vector<Step> steps;
+  if (batch_sizes) {
+    const at::Tensor sizes = batch_sizes->to(at::kLong).contiguous();
+    const int64_t* s = sizes.data_ptr<int64_t>();
+    int64_t offset = 0;
+    for (int64_t t = 0; t < sizes.numel(); ++t) {
+      steps.push_back({offset, s[t]});
+      offset += s[t];
+    }
+  } else {
+    const int64_t T = input.size(0), B = input.size(1);
+    for (int64_t t = 0; t < T; ++t) steps.push_back({t * B, B});
+  }
+  if (reverse) std::reverse(steps.begin(), steps.end());
+  return steps;
+}
+
+std::vector<std::pair<int64_t, int64_t>> row_blocks(const std::vector<Step>& steps,
+                                                    int64_t batch) {
+  const int64_t threads = at::get_num_threads();
+  if (threads < 2 || batch < 4 * threads || at::in_parallel_region()) return {{0, batch}};
+  // Two blocks a thread where each keeps at least kBlockRows rows, else one, claimed by the
+  // threads as they finish (for_row_blocks): a thread that loses part of its core to another
+  // process takes fewer blocks instead of holding the others up. A whole number of blocks a
+  // thread, so that a quiet machine's threads finish together.
+  constexpr int64_t kBlockRows = 16;
+  const int64_t n_blocks = batch >= 2 * threads * kBlockRows ? 2 * threads : threads;
+  std::vector<int64_t> work(batch, 0);  // live steps of each row
+  for (const Step& s : steps)
+    for (int64_t r = 0; r < s.rows; ++r) ++work[r];
+  int64_t total = 0;
+  for (int64_t w : work) total += w;
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  int64_t start = 0, done = 0;
+  for (int64_t r = 0; r < batch; ++r) {
+    done += work[r];
+    const int64_t target = total * (int64_t(blocks.size()) + 1) / n_blocks;
+    if ((done >= target && int64_t(blocks.size()) < n_blocks - 1) || r == batch - 1) {
+      blocks.push_back({start, r + 1});
+      start = r + 1;
+    }
+  }
+  return blocks;
+}
+
+std::vector<StepChunk> step_chunks(const std::vector<Step>& steps, int64_t row_bytes,
+                                   int64_t chunk_bytes) {
+  std::vector<StepChunk> chunks;
+  const int64_t budget = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, row_bytes));
+  for (size_t i = 0; i < steps.size();) {
+    StepChunk c{i, i, steps[i].offset, 0};
+    while (c.last < steps.size() && (c.last == i || c.rows + steps[c.last].rows <= budget)) {
+      c.row0 = std::min(c.row0, steps[c.last].offset);  // reverse: offsets go down
+      c.rows += steps[c.last].rows;
+      ++c.last;
+    }
+    chunks.push_back(c);
+    i = c.last;
+  }
+  return chunks;
+}
+
+}  // namespace seqkern::cpu
