@@ -258,6 +258,10 @@ LAYER_CASES = [
     LayerCase("GRU", torch.float32, 5, 6, 12, _lengths_to_batch_sizes([5, 4, 2, 5, 1, 3]),
               reverse=True, mma=True, tf32=True),
     LayerCase("LSTM", torch.float32, 3, 40, 40, mma=True, tf32=True, sms=3, smem=45000),
+    # many blocks at once: 8 (H = 64, B = 64: two passes of 32 rows) and 12 (packed, reverse)
+    LayerCase("LSTM", BF16, 3, 64, 64, mma=True, sms=8),
+    LayerCase("GRU", F16, 3, 48, 96, _lengths_to_batch_sizes([3, 1, 2] * 16), reverse=True,
+              mma=True, sms=12),
 ]
 
 
