@@ -1,6 +1,6 @@
-// How the CPU layer (rnn_layer.cpp, rnn_layer_team.cpp) lays a sequence out: its steps, the
-// chunks of steps whose products run together, and the workspace the forward leaves for the
-// backward.
+// How the CPU layer (rnn_layer.cpp, rnn_layer_bwd.cpp, rnn_layer_team.cpp) lays a sequence
+// out: its steps, the blocks of batch rows its threads take, the chunks of steps whose
+// products run together, and the workspace the forward leaves for the backward.
 #pragma once
 
 #include <ATen/ATen.h>
