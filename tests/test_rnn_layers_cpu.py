@@ -299,6 +299,24 @@ print(torch.ops.seqkern_C.cpu_capability())
 
 
 @pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_bf16_layers_for_every_capability(capability):
+    """The bf16 products' state and gate-gradient roundings and dG's rounded transpose
+    (round_bf16_kernel.h) under the kernels compiled for each instruction set."""
+    code = """
+import torch, seqkern
+from _pytest.monkeypatch import MonkeyPatch
+from tests.test_rnn_layers_cpu import test_cpu_bf16_products_relative_rule as check
+for form in ("team", "row split", "packed"):
+    for cls in ("LSTM", "GRU"):
+        with MonkeyPatch.context() as mp:
+            check(cls, form, mp)
+print(torch.ops.seqkern_C.cpu_capability())
+"""
+    assert_passes_under_capability(code, capability)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
 @pytest.mark.parametrize("which", ["output", "input gradient"])
 def test_cpu_layer_outputs_resize_like_torchs(which):
     """The C++ layer's output and input gradient live in seqkern's cached blocks

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include "buffer_cache.h"
+#include "round_bf16_kernel.h"
 #include "transpose_kernel.h"
 #include <ATen/native/CPUBlas.h>
 
@@ -20,6 +21,17 @@ namespace {
 constexpr int64_t kTileM = 64;
 constexpr int64_t kPanel = kPanelWidth;  // output columns per tile
 constexpr int64_t kChunkK = 512;
+
+// Runs body(c0, cols) over the source columns [0, C) of a transpose in stripes of 16 (16
+// output rows a task), in parallel.
+template <typename Body>
+void for_column_stripes(int64_t C, const Body& body) {
+  constexpr int64_t kStripe = 16;
+  at::parallel_for(0, (C + kStripe - 1) / kStripe, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s)
+      body(s * kStripe, std::min(C, (s + 1) * kStripe) - s * kStripe);
+  });
+}
 
 // Whether a 2-D tensor is a row-major matrix brgemm can read: unit column stride and a row
 // stride of at least one row (degenerate strides of size-1 dims excluded).
@@ -238,12 +250,19 @@ PackedRight pack_rows_bf16(const at::Tensor& b_in) {
   return {panels, 2 * pairs, N, /*bf16=*/true};
 }
 
-at::Tensor bf16_even_cols(const at::Tensor& m) {
-  TORCH_CHECK(m.dim() == 2, "bf16_even_cols: m must be 2-D");
-  const int64_t R = m.size(0), C = m.size(1);
-  at::Tensor out = cached_empty({R, C + C % 2}, m.options().dtype(at::kBFloat16));
-  out.narrow(1, 0, C).copy_(m);
-  if (C % 2) out.narrow(1, C, 1).zero_();
+at::Tensor transposed_bf16(const at::Tensor& m) {
+  TORCH_CHECK(m.dim() == 2 && m.scalar_type() == at::kFloat && m.stride(1) == 1,
+              "transposed_bf16: m must be a row-major fp32 matrix");
+  const int64_t R = m.size(0), C = m.size(1), Rp = R + R % 2;
+  at::Tensor out = cached_empty({C, Rp}, m.options().dtype(at::kBFloat16));
+  const float* src = m.data_ptr<float>();
+  at::BFloat16* dst = out.data_ptr<at::BFloat16>();
+  const int64_t ld = m.stride(0);
+  for_column_stripes(C, [&](int64_t c0, int64_t cols) {
+    run_transpose_round_bf16(src + c0, R, cols, ld, dst + c0 * Rp, Rp);
+    if (Rp > R)
+      for (int64_t c = c0; c < c0 + cols; ++c) dst[c * Rp + R] = at::BFloat16(0.f);
+  });
   return out;
 }
 
@@ -324,12 +343,8 @@ at::Tensor transposed(const at::Tensor& m) {
   const float* src = m.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const int64_t ld = m.stride(0);
-  constexpr int64_t kStripe = 16;  // output rows (source columns) per task
-  at::parallel_for(0, (C + kStripe - 1) / kStripe, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t c0 = s * kStripe, cols = std::min(C, c0 + kStripe) - c0;
-      run_transpose_block(src + c0, R, cols, ld, dst + c0 * R, R);
-    }
+  for_column_stripes(C, [&](int64_t c0, int64_t cols) {
+    run_transpose_block(src + c0, R, cols, ld, dst + c0 * R, R);
   });
   return out;
 }

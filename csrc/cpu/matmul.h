@@ -29,12 +29,13 @@ PackedRight pack_right_bf16(const at::Tensor& b);
 // b [K, N] (bf16, rows of unit stride) packed as pack_right_bf16 packs W^T, for a b that is
 // row-major already (the weight gradients' right operands x and h_prev, W_ih in dx = dG W_ih):
 // each 32-bit unit pairs rows 2q and 2q + 1, no transpose. An odd K gets a zero row (the
-// result's K is even: the left operand needs that many columns, see bf16_even_cols).
+// result's K is even: the left operand needs that many columns, see transposed_bf16).
 PackedRight pack_rows_bf16(const at::Tensor& b);
 
-// m [R, C] rounded to bf16 with an even number of columns, [R, C + C % 2], the added column
-// zero: the left operand of a product whose right operand pack_rows_bf16 padded.
-at::Tensor bf16_even_cols(const at::Tensor& m);
+// m^T for a row-major fp32 m [R, C], rounded to bf16 with an even number of columns:
+// [C, R + R % 2], the added column zero. The left operand of a product whose right operand
+// pack_rows_bf16 packed from R rows (and padded).
+at::Tensor transposed_bf16(const at::Tensor& m);
 
 // Whether this CPU runs brgemm's bf16 kernels natively (AVX512-BF16) and they are tested here:
 // not on AMX machines (a different kernel, untested), nor where SEQKERN_CPU_BF16_PRODUCTS=0.

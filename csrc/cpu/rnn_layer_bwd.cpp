@@ -44,7 +44,7 @@ void chain_product_bf16(size_t i, int64_t n, const T* dg, at::BFloat16* dg_bf16,
 }
 
 // dw [G*H, K] (+)= dg_t [G*H, rows (+ 1)] @ rows [rows, K] on bf16 operands: dg_t from
-// bf16_even_cols, rows bf16 (packed here, with the zero row dg_t's zero column meets).
+// transposed_bf16, rows bf16 (packed here, with the zero row dg_t's zero column meets).
 void weight_grad_bf16(at::Tensor& dw, const at::Tensor& dg_t, const at::Tensor& rows,
                       bool accumulate) {
   const PackedRight packed = pack_rows_bf16(rows);
@@ -209,17 +209,17 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
         }
       }
       // dG^T, the left operand of both weight gradients (GRU's dW_hh has its own).
-      const at::Tensor dxg_t =
-          needs.w_ih || (needs.w_hh && !gru) ? transposed(dxg_chunk) : at::Tensor();
+      const bool dxg_t_used = needs.w_ih || (needs.w_hh && !gru);
       if (bf16) {  // dG^T rounded, a zero column where the chunk has an odd number of rows
-        const at::Tensor dxg_t_bf16 = dxg_t.defined() ? bf16_even_cols(dxg_t) : at::Tensor();
+        const at::Tensor dxg_t = dxg_t_used ? transposed_bf16(dxg_chunk) : at::Tensor();
         if (needs.w_ih)
-          weight_grad_bf16(dw_ih, dxg_t_bf16, x.narrow(0, ch->row0, ch->rows), !first_chunk);
+          weight_grad_bf16(dw_ih, dxg_t, x.narrow(0, ch->row0, ch->rows), !first_chunk);
         if (needs.w_hh)
-          weight_grad_bf16(dw_hh, gru ? bf16_even_cols(transposed(dhg_chunk)) : dxg_t_bf16,
+          weight_grad_bf16(dw_hh, gru ? transposed_bf16(dhg_chunk) : dxg_t,
                            h_prev.narrow(0, ch->row0, ch->rows).to(at::kBFloat16),
                            !first_chunk);
       } else {
+        const at::Tensor dxg_t = dxg_t_used ? transposed(dxg_chunk) : at::Tensor();
         if (needs.w_ih)
           tiled_matmul_into(dw_ih, dxg_t, pack_right(x.narrow(0, ch->row0, ch->rows)),
                             !first_chunk);
