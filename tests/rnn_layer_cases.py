@@ -38,9 +38,12 @@ def check_against_torch(label, ours, theirs, call, leaves, backend, dtype):
     torch's own module in that dtype (its CPU or cuDNN kernels)."""
     low = dtype in (torch.float16, torch.bfloat16)
     peer = copy.deepcopy(theirs).to(dtype) if low else None
-    leaves_a = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in leaves]
-    leaves_p = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in leaves] \
-        if low else []
+
+    def leaves_in_dtype():
+        return [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in leaves]
+
+    leaves_a = leaves_in_dtype()
+    leaves_p = leaves_in_dtype() if low else []
     with seqkern.backend(backend):
         got = call(ours, leaves_a)
     want = call(theirs, leaves)
@@ -63,7 +66,8 @@ def check_against_torch(label, ours, theirs, call, leaves, backend, dtype):
     if not pairs:
         return
     with seqkern.backend(backend):
-        g_ours = torch.autograd.grad(got, [a for _, a, _, _ in pairs], [g.to(dtype) for g in grads])
+        g_ours = torch.autograd.grad(got, [a for _, a, _, _ in pairs],
+                                     [g.to(dtype) for g in grads])
     g_theirs = torch.autograd.grad(want, [b for _, _, b, _ in pairs], grads)
     g_peer = torch.autograd.grad(peer_out, [c for _, _, _, c in pairs],
                                  [g.to(dtype) for g in grads]) if low else [None] * len(pairs)

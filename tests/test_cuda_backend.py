@@ -75,7 +75,8 @@ def _layer_kernel_tiles(cls, T, B, H, dtype, mma=False, peer_dtype=None):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         _layer_against_cpu64(cls, T=T, B=B, I=64, H=H, dtype=dtype, peer_dtype=peer_dtype)
     names = {e.key for e in prof.key_averages()}
-    found = {d: {m for n in names for m in re.findall(rf"layer_{d}_kernel<[^>]*, (\d+), ([^,>]+)>", n)}
+    pattern = r"layer_{}_kernel<[^>]*, (\d+), ([^,>]+)>"  # (batch tile, Mma)
+    found = {d: {m for n in names for m in re.findall(pattern.format(d), n)}
              for d in ("fwd", "bwd")}
     assert found["fwd"] and found["bwd"], f"no layer kernels among {sorted(names)[:8]}"
     for d, kinds in found.items():

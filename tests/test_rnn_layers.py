@@ -48,7 +48,7 @@ def _make_input(cls, kw, form, T, B, given_h0, gen):
 
 
 GRID = [pytest.param(backend, seed, torch.float64, id=f"{backend}-{seed}")
-         for backend in ("cpu", "reference") for seed in range(24)] + [
+        for backend in ("cpu", "reference") for seed in range(24)] + [
     pytest.param(backend, seed, torch.float32, id=f"{backend}-{seed}")
     for backend in ("triton", "cuda") for seed in range(10)] + [
     # bf16 by the relative rule against torch's own bf16 module: the CPU's bf16 products, the
