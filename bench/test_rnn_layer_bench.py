@@ -4,8 +4,10 @@ backward of the output sum): "train" with the input's gradient too (as a layer a
 computes it), "train-data" with the input as data and the initial state zero, the gradients
 of the parameters only (pytorch's benchmarks/fastrnns step; torch's oneDNN and cuDNN layers
 compute the input's gradient anyway, seqkern skips that product). FLOPs: 2*T*B*G*H*(I+H)
-forward (G = 4 LSTM, 3 GRU), 3x for "train", 3x less the 2*T*B*G*H*I of dx for "train-data";
-packed sequences count only their live rows. Peak memory: on CUDA
+forward (G = 4 LSTM, 3 GRU; with a projection 2*T*B*(G*H*(I+P) + H*P)), 3x for "train", 3x
+less the 2*T*B*G*H*I of dx for "train-data"; packed sequences count only their live rows.
+The "projection" shape (LSTM proj_size, as in speech models) runs LSTM only; on a GPU the cuda
+backend refuses projections, so its seqkern row is the triton backend's (the default there). Peak memory: on CUDA
 torch.cuda.max_memory_allocated over the timed calls; on the CPU (fastrnns shape only) the
 peak RSS growth of one call in a fresh process (bench/peak_memory.py).
 """
@@ -30,13 +32,14 @@ DTYPES = [torch.bfloat16, torch.float32]
 # inference and the training step on data: the issue's CPU targets are fp32.
 CPU_BF16_CASES = {("fastrnns", 64), ("mid-batch", 16), ("small-batch", 4)}
 
-# (name, T, B, I, H, packed)
-SHAPES = [("fastrnns", 100, 64, 512, 512, False),
-          ("mid-batch", 100, 16, 512, 512, False),
-          ("small-batch", 256, 1, 512, 512, False),
-          ("small-batch", 256, 4, 512, 512, False),
-          ("small-batch", 256, 8, 512, 512, False),
-          ("packed", 200, 16, 512, 512, True)]
+# (name, T, B, I, H, packed, proj_size)
+SHAPES = [("fastrnns", 100, 64, 512, 512, False, 0),
+          ("mid-batch", 100, 16, 512, 512, False, 0),
+          ("small-batch", 256, 1, 512, 512, False, 0),
+          ("small-batch", 256, 4, 512, 512, False, 0),
+          ("small-batch", 256, 8, 512, 512, False, 0),
+          ("packed", 200, 16, 512, 512, True, 0),
+          ("projection", 100, 16, 512, 1024, False, 256)]
 
 
 # On a GPU both compiled backends run side by side, and as its own row the cuda backend's
@@ -73,14 +76,15 @@ def _backend(provider):
 
 def _setup(provider, cls, shape, dtype, pass_, batch=None):
     """(target, flops) for one provider; batch overrides B (the memory probe's warm-up)."""
-    name, T, B, I, H, packed = shape
+    name, T, B, I, H, packed, P = shape
     B = batch or B
     gen = torch.Generator().manual_seed(0)
-    theirs = getattr(torch.nn, cls)(I, H).to(DEVICE, dtype)
+    kw = dict(proj_size=P) if P else {}
+    theirs = getattr(torch.nn, cls)(I, H, **kw).to(DEVICE, dtype)
     module = theirs
     backend, variant = _backend(provider)
     if provider.startswith("seqkern"):
-        module = getattr(seqkern, cls)(I, H).to(DEVICE, dtype)
+        module = getattr(seqkern, cls)(I, H, **kw).to(DEVICE, dtype)
         module.load_state_dict(theirs.state_dict())
     x = torch.randn(T, B, I, generator=gen).to(DEVICE, dtype)
     rows = T * B
@@ -92,7 +96,7 @@ def _setup(provider, cls, shape, dtype, pass_, batch=None):
         return pack_padded_sequence(t, lengths, enforce_sorted=False) if packed else t
 
     G = 4 if cls == "LSTM" else 3
-    flops = 2 * rows * G * H * (I + H)
+    flops = 2 * rows * (G * H * (I + P) + H * P) if P else 2 * rows * G * H * (I + H)
     if pass_ == "inference":
         inp = make_input(x)
 
@@ -130,16 +134,19 @@ def _peak_memory_mb(provider, cls, shape, dtype, pass_):
                          ids=lambda s: f"{s[0]}-B{s[2]}" if "small" in s[0] else s[0])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
-    name, T, B, I, H, packed = shape
+    name, T, B, I, H, packed, P = shape
     if not CUDA and dtype == torch.bfloat16 and (
             (name, B) not in CPU_BF16_CASES or pass_ == "train"):
         pytest.skip("bf16 on the CPU: three shapes, inference and train-data")
+    if P and cls != "LSTM":
+        pytest.skip("proj_size is LSTM's")
     backend, _ = _backend(provider)
-    # The op's own inputs dict, as the op builds it (w_hh [G*H, H], no projection).
+    # The op's own inputs dict, as the op builds it (w_hh [G*H, P or H], w_hr [P, H]).
     x = torch.empty(T, B, I, device=DEVICE, dtype=dtype)
-    w_hh = torch.empty((4 if cls == "LSTM" else 3) * H, H, device=DEVICE, dtype=dtype)
+    w_hh = torch.empty((4 if cls == "LSTM" else 3) * H, P or H, device=DEVICE, dtype=dtype)
+    w_hr = torch.empty(P, H, device=DEVICE, dtype=dtype) if P else None
     if backend and seqkern.backends.BACKENDS[backend].not_supported_reasons(
-            "rnn_layer", seqkern.ops.rnn_layer._inputs(x, cls, w_hh, None)):
+            "rnn_layer", seqkern.ops.rnn_layer._inputs(x, cls, w_hh, w_hr)):
         pytest.skip(f"{provider} not usable here")
     target, flops = _setup(provider, cls, shape, dtype, pass_)
     if CUDA:
@@ -154,7 +161,8 @@ def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
         extra = {"peak_mb": _peak_memory_mb(provider, cls, shape, dtype, pass_)}
     else:
         extra = None
-    case = f"{cls} {pass_} {name} T{T} B{B} H{H} {str(dtype).replace('torch.', '')}"
+    case = (f"{cls} {pass_} {name} T{T} B{B} H{H}{f' P{P}' if P else ''} "
+            f"{str(dtype).replace('torch.', '')}")
     label = {"seqkern": f"seqkern-{DEVICE}", "torch": f"torch-{cls}"}.get(provider, provider)
     record(benchmark, case, label, flops, extra)
 

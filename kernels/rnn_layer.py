@@ -15,8 +15,13 @@ products made with torch, the latter only where autograd asks for them (needs).
 Packed sequences: the step table (row offset, live rows) is built on the host from
 batch_sizes; rows beyond a step's live count carry their state over unchanged.
 
+LSTM with a projection (proj_size P < H: the state is h = h_full W_hr^T): each step is two
+launches, the cell over hidden units (writing h_full) and the projection over the P state
+columns; the backward phase likewise, dh of the state first (P columns), then dh_full = dh
+W_hr and the cell's backward over hidden units; dW_hr is one product after the loop.
+
 Workspace layout: identical to the CPU kernel's (seqkern/ops/rnn_layer.py: saved gates,
-h_prev, then c_prev and c_new for LSTM), in fp32.
+h_prev (P wide), then c_prev and c_new for LSTM, then h_full with a projection), in fp32.
 """
 import torch
 import triton
@@ -43,58 +48,73 @@ def _tanh(x):
 
 
 @triton.jit
-def _state_times_weight(State, row_stride, rows, row_mask, W, sw_r, sw_k, w_row0, offs_j, H,
+def _state_times_weight(State, row_stride, rows, row_mask, W, sw_r, sw_k, w_row0, offs_j, J, K,
                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """State[rows, :H] . W[w_row0 + offs_j, :H]^T as a [BLOCK_B, BLOCK_H] fp32 tile."""
+    """State[rows, :K] . W[w_row0 + offs_j, :K]^T as a [BLOCK_B, BLOCK_H] fp32 tile, for the
+    columns offs_j < J (W's element (j, k) at W + j * sw_r + k * sw_k: pass the strides
+    swapped to multiply by W itself)."""
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         s = tl.load(State + rows[:, None] * row_stride + offs_k[None, :],
-                    mask=row_mask[:, None] & (offs_k[None, :] < H), other=0.0)
+                    mask=row_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         w = tl.load(W + (w_row0 + offs_j)[None, :] * sw_r + offs_k[:, None] * sw_k,
-                    mask=(offs_j[None, :] < H) & (offs_k[:, None] < H), other=0.0)
-        acc += tl.dot(s, w.to(tl.float32), input_precision="ieee")
+                    mask=(offs_j[None, :] < J) & (offs_k[:, None] < K), other=0.0)
+        acc += tl.dot(s.to(tl.float32), w.to(tl.float32), input_precision="ieee")
     return acc
+
+
+@triton.jit
+def _step_tile(STEP_OFF, STEP_ROWS, s, B, J, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """A program's tile of step s: batch rows program_id(0), columns (hidden units or state
+    columns, J of them) program_id(1). (rows, cols, in_batch, the step's row offset, live
+    rows, the tile's mask, its live rows' mask)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    in_batch = rows < B
+    off = tl.load(STEP_OFF + s)
+    live = in_batch & (rows < tl.load(STEP_ROWS + s))
+    return (rows, cols, in_batch, off, live, in_batch[:, None] & (cols[None, :] < J),
+            live[:, None] & (cols[None, :] < J))
 
 
 @triton.jit(do_not_specialize=["s"])
 def _rnn_layer_fwd_step_kernel(
         XG, HG_BIAS, W, sw_r, sw_k, STEP_OFF, STEP_ROWS, s, STATE_H, STATE_C, OUT,
-        SAVED, H_PREV, C_PREV, C_NEW, B, H,
+        SAVED, H_PREV, C_PREV, C_NEW, H_FULL, B, H, P,
         MODE: tl.constexpr, G: tl.constexpr, SW: tl.constexpr, HAS_HG_BIAS: tl.constexpr,
-        SAVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+        SAVE: tl.constexpr, PROJ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_K: tl.constexpr):
     # Step s (processing order) for batch rows tile program_id(0) and hidden units tile
     # program_id(1). XG [N, G*H] fp32: input projection (+ biases, GRU: b_ih only). STATE_H
-    # [2, B, H] fp32 ping-pong (step s reads half s % 2, writes the other), both halves
+    # [2, B, P] fp32 ping-pong (step s reads half s % 2, writes the other), both halves
     # holding h0 on entry; STATE_C [B, H] fp32 (LSTM), in place (a program touches only its
-    # own tile). OUT [N, H] fp32. SW = saved width in units of H.
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    in_batch = rows < B
-    off = tl.load(STEP_OFF + s)
-    live = in_batch & (rows < tl.load(STEP_ROWS + s))
-    old_h = STATE_H + (s % 2) * B * H
-    new_h = STATE_H + ((s + 1) % 2) * B * H
-    tile = in_batch[:, None] & (offs_j[None, :] < H)
-    live_tile = live[:, None] & (offs_j[None, :] < H)
-    h_old = tl.load(old_h + rows[:, None] * H + offs_j[None, :], mask=tile, other=0.0)
+    # own tile). OUT [N, H] fp32. SW = saved width in units of H. P: the state's width (H,
+    # or an LSTM projection's proj_size: then the cell writes h_full to H_FULL, [N, H] by
+    # flat row when SAVE else [B, H] by batch row, and _rnn_layer_proj_step_kernel makes the
+    # state, the output and H_PREV from it).
+    rows, offs_j, in_batch, off, live, tile, live_tile = _step_tile(
+        STEP_OFF, STEP_ROWS, s, B, H, BLOCK_B, BLOCK_H)
+    old_h = STATE_H + (s % 2) * B * P
+    new_h = STATE_H + ((s + 1) % 2) * B * P
     # Flat row indices in int64: N * G * H passes 2^31 at sizes in use (T1000 B256 H2048).
     n_idx = (off + rows).to(tl.int64)[:, None]
     xrow = XG + n_idx * (G * H) + offs_j[None, :]
-    if SAVE:
-        tl.store(H_PREV + n_idx * H + offs_j[None, :], h_old, mask=live_tile)
+    if not PROJ:
+        h_old = tl.load(old_h + rows[:, None] * H + offs_j[None, :], mask=tile, other=0.0)
+        if SAVE:
+            tl.store(H_PREV + n_idx * H + offs_j[None, :], h_old, mask=live_tile)
     a0 = tl.load(xrow, mask=live_tile, other=0.0) + _state_times_weight(
-        old_h, H, rows, live, W, sw_r, sw_k, 0, offs_j, H, BLOCK_B, BLOCK_H, BLOCK_K)
+        old_h, P, rows, live, W, sw_r, sw_k, 0, offs_j, H, P, BLOCK_B, BLOCK_H, BLOCK_K)
     srow = SAVED + n_idx * (SW * H) + offs_j[None, :]
     if MODE == 0:  # LSTM: i, f, g, o
         a1 = tl.load(xrow + H, mask=live_tile, other=0.0) + _state_times_weight(
-            old_h, H, rows, live, W, sw_r, sw_k, H, offs_j, H, BLOCK_B, BLOCK_H, BLOCK_K)
+            old_h, P, rows, live, W, sw_r, sw_k, H, offs_j, H, P, BLOCK_B, BLOCK_H, BLOCK_K)
         a2 = tl.load(xrow + 2 * H, mask=live_tile, other=0.0) + _state_times_weight(
-            old_h, H, rows, live, W, sw_r, sw_k, 2 * H, offs_j, H, BLOCK_B, BLOCK_H,
+            old_h, P, rows, live, W, sw_r, sw_k, 2 * H, offs_j, H, P, BLOCK_B, BLOCK_H,
             BLOCK_K)
         a3 = tl.load(xrow + 3 * H, mask=live_tile, other=0.0) + _state_times_weight(
-            old_h, H, rows, live, W, sw_r, sw_k, 3 * H, offs_j, H, BLOCK_B, BLOCK_H,
+            old_h, P, rows, live, W, sw_r, sw_k, 3 * H, offs_j, H, P, BLOCK_B, BLOCK_H,
             BLOCK_K)
         i, f, g, o = _sigmoid(a0), _sigmoid(a1), _tanh(a2), _sigmoid(a3)
         cptr = STATE_C + rows[:, None] * H + offs_j[None, :]
@@ -111,10 +131,15 @@ def _rnn_layer_fwd_step_kernel(
                      mask=live_tile)
             tl.store(C_NEW + n_idx * H + offs_j[None, :], c_new,
                      mask=live_tile)
+        if PROJ:
+            if SAVE:
+                tl.store(H_FULL + n_idx * H + offs_j[None, :], h_new, mask=live_tile)
+            else:
+                tl.store(H_FULL + rows[:, None] * H + offs_j[None, :], h_new, mask=live_tile)
     elif MODE == 1:  # GRU: r, z, n with b_hn inside r * (...)
-        h1 = _state_times_weight(old_h, H, rows, live, W, sw_r, sw_k, H, offs_j, H,
+        h1 = _state_times_weight(old_h, P, rows, live, W, sw_r, sw_k, H, offs_j, H, P,
                                  BLOCK_B, BLOCK_H, BLOCK_K)
-        hn = _state_times_weight(old_h, H, rows, live, W, sw_r, sw_k, 2 * H, offs_j, H,
+        hn = _state_times_weight(old_h, P, rows, live, W, sw_r, sw_k, 2 * H, offs_j, H, P,
                                  BLOCK_B, BLOCK_H, BLOCK_K)
         if HAS_HG_BIAS:
             bmask = offs_j < H
@@ -137,110 +162,164 @@ def _rnn_layer_fwd_step_kernel(
             h_new = tl.maximum(a0, 0.0)
         if SAVE:
             tl.store(srow, h_new, mask=live_tile)
-    h_keep = tl.where(live_tile, h_new, h_old)
-    tl.store(new_h + rows[:, None] * H + offs_j[None, :], h_keep, mask=tile)
-    tl.store(OUT + n_idx * H + offs_j[None, :], h_new, mask=live_tile)
+    if not PROJ:
+        h_keep = tl.where(live_tile, h_new, h_old)
+        tl.store(new_h + rows[:, None] * H + offs_j[None, :], h_keep, mask=tile)
+        tl.store(OUT + n_idx * H + offs_j[None, :], h_new, mask=live_tile)
+
+
+@triton.jit(do_not_specialize=["s"])
+def _rnn_layer_proj_step_kernel(
+        H_FULL, WR, swr_r, swr_k, STEP_OFF, STEP_ROWS, s, STATE_H, OUT, H_PREV, B, H, P,
+        SAVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    # LSTM with a projection, after the step kernel of step s: the new state h = h_full
+    # W_hr^T (W_hr [P, H]) for batch rows tile program_id(0) and state columns tile
+    # program_id(1); rows not live at step s keep theirs. Also the output and, when SAVE,
+    # the state entering the step (H_PREV [N, P]).
+    rows, offs_p, in_batch, off, live, tile, live_tile = _step_tile(
+        STEP_OFF, STEP_ROWS, s, B, P, BLOCK_B, BLOCK_H)
+    n_rows = (off + rows).to(tl.int64)
+    n_idx = n_rows[:, None]
+    state = rows[:, None] * P + offs_p[None, :]
+    h_old = tl.load(STATE_H + (s % 2) * B * P + state, mask=tile, other=0.0)
+    if SAVE:
+        tl.store(H_PREV + n_idx * P + offs_p[None, :], h_old, mask=live_tile)
+    if SAVE:  # H_FULL by flat row, else by batch row
+        h_new = _state_times_weight(H_FULL, H, n_rows, live, WR, swr_r, swr_k, 0, offs_p, P, H,
+                                    BLOCK_B, BLOCK_H, BLOCK_K)
+    else:
+        h_new = _state_times_weight(H_FULL, H, rows, live, WR, swr_r, swr_k, 0, offs_p, P, H,
+                                    BLOCK_B, BLOCK_H, BLOCK_K)
+    tl.store(STATE_H + ((s + 1) % 2) * B * P + state, tl.where(live_tile, h_new, h_old),
+             mask=tile)
+    tl.store(OUT + n_idx * P + offs_p[None, :], h_new, mask=live_tile)
+
+
+@triton.jit
+def _cell_bwd(dh, rows, n_idx, offs_j, live_tile, tile, STATE_DC, SAVED, H_PREV, C_PREV, C_NEW,
+              DXG, DHG, H, MODE: tl.constexpr, G: tl.constexpr, SW: tl.constexpr):
+    """The pointwise backward of one step's cell for a (rows, units) tile, given dh (the
+    gradient reaching the cell's output): writes the gate gradients (DXG; GRU's also DHG),
+    carries LSTM's dc in STATE_DC, returns the part of dL/dh_prev that bypasses W_hh (GRU:
+    dh * z; the others 0)."""
+    srow = SAVED + n_idx * (SW * H) + offs_j[None, :]
+    xg = DXG + n_idx * (G * H) + offs_j[None, :]
+    direct = dh * 0.0
+    if MODE == 0:
+        i = tl.load(srow, mask=live_tile, other=0.0)
+        f = tl.load(srow + H, mask=live_tile, other=0.0)
+        g = tl.load(srow + 2 * H, mask=live_tile, other=0.0)
+        o = tl.load(srow + 3 * H, mask=live_tile, other=0.0)
+        tc = _tanh(tl.load(C_NEW + n_idx * H + offs_j[None, :], mask=live_tile, other=0.0))
+        c_prev = tl.load(C_PREV + n_idx * H + offs_j[None, :], mask=live_tile, other=0.0)
+        dc_ptr = STATE_DC + rows[:, None] * H + offs_j[None, :]
+        dc_old = tl.load(dc_ptr, mask=tile, other=0.0)
+        dc = dc_old + dh * o * (1.0 - tc * tc)
+        tl.store(xg, dc * g * i * (1.0 - i), mask=live_tile)
+        tl.store(xg + H, dc * c_prev * f * (1.0 - f), mask=live_tile)
+        tl.store(xg + 2 * H, dc * i * (1.0 - g * g), mask=live_tile)
+        tl.store(xg + 3 * H, dh * tc * o * (1.0 - o), mask=live_tile)
+        tl.store(dc_ptr, tl.where(live_tile, dc * f, dc_old), mask=tile)
+    elif MODE == 1:
+        r = tl.load(srow, mask=live_tile, other=0.0)
+        z = tl.load(srow + H, mask=live_tile, other=0.0)
+        n = tl.load(srow + 2 * H, mask=live_tile, other=0.0)
+        hn = tl.load(srow + 3 * H, mask=live_tile, other=0.0)
+        h_prev = tl.load(H_PREV + n_idx * H + offs_j[None, :], mask=live_tile, other=0.0)
+        d_npre = dh * (1.0 - z) * (1.0 - n * n)
+        d_rpre = d_npre * hn * r * (1.0 - r)
+        d_zpre = dh * (h_prev - n) * z * (1.0 - z)
+        tl.store(xg, d_rpre, mask=live_tile)
+        tl.store(xg + H, d_zpre, mask=live_tile)
+        tl.store(xg + 2 * H, d_npre, mask=live_tile)
+        hg = DHG + n_idx * (G * H) + offs_j[None, :]
+        tl.store(hg, d_rpre, mask=live_tile)
+        tl.store(hg + H, d_zpre, mask=live_tile)
+        tl.store(hg + 2 * H, d_npre * r, mask=live_tile)
+        direct = dh * z
+    else:
+        out = tl.load(srow, mask=live_tile, other=0.0)
+        if MODE == 2:
+            d_pre = dh * (1.0 - out * out)
+        else:
+            d_pre = tl.where(out > 0, dh, 0.0)
+        tl.store(xg, d_pre, mask=live_tile)
+    return direct
 
 
 @triton.jit(do_not_specialize=["p"])
 def _rnn_layer_bwd_step_kernel(
         W, sw_r, sw_k, STEP_OFF, STEP_ROWS, p, num_steps, GRAD_OUT, HAS_GRAD_OUT: tl.constexpr,
-        STATE_DH, STATE_DC, SAVED, H_PREV, C_PREV, C_NEW, DXG, DHG, B, H,
-        MODE: tl.constexpr, G: tl.constexpr, SW: tl.constexpr, BLOCK_B: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Phase p of num_steps + 1 for batch rows tile program_id(0) and hidden units tile
+        STATE_DH, STATE_DC, SAVED, H_PREV, C_PREV, C_NEW, DXG, DHG, DH_STEP, B, H, P,
+        MODE: tl.constexpr, G: tl.constexpr, SW: tl.constexpr, PROJ: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Phase p of num_steps + 1 for batch rows tile program_id(0) and state columns tile
     # program_id(1): first dh += (the gate gradients of processing step S - p, written by
     # phase p - 1) . W_hh for that step's live rows, then the pointwise backward of step
-    # S - 1 - p. STATE_DH [B, H] fp32 (grad_hn on entry), STATE_DC [B, H] fp32 (LSTM):
+    # S - 1 - p. STATE_DH [B, P] fp32 (grad_hn on entry), STATE_DC [B, H] fp32 (LSTM):
     # carried between phases in place, a program touching only its own tile. DXG [N, G*H]:
     # gradient of the gate pre-activations for the input projection; DHG [N, G*H]: for
-    # h W_hh^T + b_hh (GRU; for the others DHG is DXG).
+    # h W_hh^T + b_hh (GRU; for the others DHG is DXG). With a projection (PROJ, P < H) the
+    # pointwise is not here: this kernel writes step S - 1 - p's dh to DH_STEP [N, P] and
+    # _rnn_layer_bwd_proj_kernel takes it through W_hr to the cell.
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_batch = rows < B
-    tile = in_batch[:, None] & (offs_j[None, :] < H)
-    state = rows[:, None] * H + offs_j[None, :]
+    tile = in_batch[:, None] & (offs_j[None, :] < P)
+    state = rows[:, None] * P + offs_j[None, :]
     dh = tl.load(STATE_DH + state, mask=tile, other=0.0)
     if p > 0:
         s_a = num_steps - p
         off_a = tl.load(STEP_OFF + s_a)
         live_a = in_batch & (rows < tl.load(STEP_ROWS + s_a))
         row_a = (off_a + rows).to(tl.int64)  # int64: as in the forward
-        acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-        for k0 in range(0, G * H, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            dg = tl.load(DHG + row_a[:, None] * (G * H) + offs_k[None, :],
-                         mask=live_a[:, None] & (offs_k[None, :] < G * H), other=0.0)
-            w = tl.load(W + offs_k[:, None] * sw_r + offs_j[None, :] * sw_k,
-                        mask=(offs_k[:, None] < G * H) & (offs_j[None, :] < H), other=0.0)
-            acc += tl.dot(dg, w.to(tl.float32), input_precision="ieee")
-        dh += acc  # zero on rows not live at step S - p
+        # zero on rows not live at step S - p; W_hh [G*H, P] itself (strides swapped)
+        dh += _state_times_weight(DHG, G * H, row_a, live_a, W, sw_k, sw_r, 0, offs_j, P,
+                                  G * H, BLOCK_B, BLOCK_H, BLOCK_K)
     if p < num_steps:
         s = num_steps - 1 - p
         off = tl.load(STEP_OFF + s)
         live = in_batch & (rows < tl.load(STEP_ROWS + s))
-        live_tile = live[:, None] & (offs_j[None, :] < H)
+        live_tile = live[:, None] & (offs_j[None, :] < P)
         n_idx = (off + rows).to(tl.int64)[:, None]  # int64: as in the forward
         dh_carry = dh
         if HAS_GRAD_OUT:
-            dh += tl.load(GRAD_OUT + n_idx * H + offs_j[None, :], mask=live_tile, other=0.0)
-        srow = SAVED + n_idx * (SW * H) + offs_j[None, :]
-        xg = DXG + n_idx * (G * H) + offs_j[None, :]
-        direct = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-        if MODE == 0:
-            i = tl.load(srow, mask=live_tile, other=0.0)
-            f = tl.load(srow + H, mask=live_tile, other=0.0)
-            g = tl.load(srow + 2 * H, mask=live_tile, other=0.0)
-            o = tl.load(srow + 3 * H, mask=live_tile, other=0.0)
-            tc = _tanh(tl.load(C_NEW + n_idx * H + offs_j[None, :], mask=live_tile,
-                               other=0.0))
-            c_prev = tl.load(C_PREV + n_idx * H + offs_j[None, :], mask=live_tile,
-                             other=0.0)
-            dc_ptr = STATE_DC + state
-            dc_old = tl.load(dc_ptr, mask=tile, other=0.0)
-            dc = dc_old + dh * o * (1.0 - tc * tc)
-            tl.store(xg, dc * g * i * (1.0 - i), mask=live_tile)
-            tl.store(xg + H, dc * c_prev * f * (1.0 - f), mask=live_tile)
-            tl.store(xg + 2 * H, dc * i * (1.0 - g * g), mask=live_tile)
-            tl.store(xg + 3 * H, dh * tc * o * (1.0 - o), mask=live_tile)
-            tl.store(dc_ptr, tl.where(live_tile, dc * f, dc_old), mask=tile)
-        elif MODE == 1:
-            r = tl.load(srow, mask=live_tile, other=0.0)
-            z = tl.load(srow + H, mask=live_tile, other=0.0)
-            n = tl.load(srow + 2 * H, mask=live_tile, other=0.0)
-            hn = tl.load(srow + 3 * H, mask=live_tile, other=0.0)
-            h_prev = tl.load(H_PREV + n_idx * H + offs_j[None, :], mask=live_tile, other=0.0)
-            d_npre = dh * (1.0 - z) * (1.0 - n * n)
-            d_rpre = d_npre * hn * r * (1.0 - r)
-            d_zpre = dh * (h_prev - n) * z * (1.0 - z)
-            tl.store(xg, d_rpre, mask=live_tile)
-            tl.store(xg + H, d_zpre, mask=live_tile)
-            tl.store(xg + 2 * H, d_npre, mask=live_tile)
-            hg = DHG + n_idx * (G * H) + offs_j[None, :]
-            tl.store(hg, d_rpre, mask=live_tile)
-            tl.store(hg + H, d_zpre, mask=live_tile)
-            tl.store(hg + 2 * H, d_npre * r, mask=live_tile)
-            direct = dh * z
+            dh += tl.load(GRAD_OUT + n_idx * P + offs_j[None, :], mask=live_tile, other=0.0)
+        if PROJ:
+            tl.store(DH_STEP + n_idx * P + offs_j[None, :], dh, mask=live_tile)
+            direct = dh * 0.0
         else:
-            out = tl.load(srow, mask=live_tile, other=0.0)
-            if MODE == 2:
-                d_pre = dh * (1.0 - out * out)
-            else:
-                d_pre = tl.where(out > 0, dh, 0.0)
-            tl.store(xg, d_pre, mask=live_tile)
-        # The part of dL/dh_prev that bypasses W_hh (GRU: dh * z; others 0); rows not live
-        # at this step carry theirs over.
+            direct = _cell_bwd(dh, rows, n_idx, offs_j, live_tile, tile, STATE_DC, SAVED,
+                               H_PREV, C_PREV, C_NEW, DXG, DHG, H, MODE, G, SW)
+        # Rows not live at this step carry their dh over.
         tl.store(STATE_DH + state, tl.where(live_tile, direct, dh_carry), mask=tile)
     else:
         tl.store(STATE_DH + state, dh, mask=tile)
+
+
+@triton.jit(do_not_specialize=["p"])
+def _rnn_layer_bwd_proj_kernel(
+        WR, swr_r, swr_k, STEP_OFF, STEP_ROWS, p, num_steps, DH_STEP, STATE_DC, SAVED, C_PREV,
+        C_NEW, DXG, B, H, P, SW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    # LSTM with a projection, phase p < num_steps, after _rnn_layer_bwd_step_kernel: the
+    # gradient reaching the cell of step S - 1 - p, dh_full = dh . W_hr (W_hr [P, H]), for
+    # batch rows tile program_id(0) and hidden units tile program_id(1), then the cell's
+    # pointwise backward.
+    rows, offs_j, in_batch, off, live, tile, live_tile = _step_tile(
+        STEP_OFF, STEP_ROWS, num_steps - 1 - p, B, H, BLOCK_B, BLOCK_H)
+    n_rows = (off + rows).to(tl.int64)
+    dh_full = _state_times_weight(DH_STEP, P, n_rows, live, WR, swr_k, swr_r, 0, offs_j, H, P,
+                                  BLOCK_B, BLOCK_H, BLOCK_K)
+    _cell_bwd(dh_full, rows, n_rows[:, None], offs_j, live_tile, tile, STATE_DC, SAVED, C_PREV,
+              C_PREV, C_NEW, DXG, DXG, H, 0, 4, SW)
 
 
 def rnn_layer_not_supported_reasons(inputs):
     reasons = []
     if inputs["dtype"] not in _DTYPES:
         reasons.append(f"dtype {inputs['dtype']} is not one of fp16, bf16, fp32")
-    if inputs.get("projection"):
-        reasons.append("LSTM projections (proj_size) have no Triton kernel")
     return reasons
 
 
@@ -269,25 +348,36 @@ def _blocks(H):
     return 16, 16, min(128, max(16, triton.next_power_of_2(H) // 2))
 
 
-def _workspace(mode, N, H, device, need):
+def _workspace(mode, N, H, P, device, need):
     from seqkern.ops.rnn_layer import workspace_numel
-    return torch.zeros(workspace_numel(mode, N, H) if need else 0, dtype=torch.float32,
+    return torch.zeros(workspace_numel(mode, N, H, P) if need else 0, dtype=torch.float32,
                        device=device)
 
 
-def _views(mode, workspace, N, H):
+def _views(mode, workspace, N, H, P):
+    """(saved width, saved gates, h_prev, c_prev, c_new, h_full) in the workspace, laid out
+    as the CPU kernel's (csrc/cpu/rnn_layer_plan.h, Workspace)."""
     sw = 4 if mode in ("LSTM", "GRU") else 1
-    saved = workspace[: N * sw * H]
-    h_prev = workspace[N * sw * H: N * (sw + 1) * H]
-    rest = workspace[N * (sw + 1) * H:]
-    c_prev, c_new = (rest[: N * H], rest[N * H:]) if mode == "LSTM" else (rest, rest)
-    return sw, saved, h_prev, c_prev, c_new
+    blocks = [N * sw * H, N * P] + ([N * H, N * H] if mode == "LSTM" else []) + (
+        [N * H] if P != H else [])
+    parts = list(torch.split(workspace[: sum(blocks)], blocks)) if workspace.numel() else []
+    saved, h_prev = (parts[0], parts[1]) if parts else (workspace, workspace)
+    c_prev, c_new = (parts[2], parts[3]) if parts and mode == "LSTM" else (workspace, workspace)
+    h_full = parts[-1] if parts and P != H else workspace
+    return sw, saved, h_prev, c_prev, c_new, h_full
+
+
+def _sizes(mode, input, w_hh):
+    """(G, H, P, I): gates, hidden size, state width (proj_size with a projection), input
+    size."""
+    G = _GATES[mode]
+    return G, w_hh.shape[0] // G, w_hh.shape[1], input.shape[-1]
 
 
 def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
                   need_workspace, w_hr=None):
-    assert w_hr is None, "rnn_layer_not_supported_reasons refuses projections"
-    G, H, I = _GATES[mode], w_hh.shape[1], input.shape[-1]
+    G, H, P, I = _sizes(mode, input, w_hh)
+    proj = w_hr is not None
     x = input.reshape(-1, I).float()
     N = x.shape[0]
     bias_x, bias_h = None, None
@@ -303,12 +393,15 @@ def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
     state_c = (c0.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
                if mode == "LSTM"
                else torch.empty(0, device=input.device))
-    out = new_output((N, H), torch.float32, input.device)
-    workspace = _workspace(mode, N, H, input.device, need_workspace)
-    sw, saved, h_prev, c_prev, c_new = _views(mode, workspace, N, H)
+    out = new_output((N, P), torch.float32, input.device)
+    workspace = _workspace(mode, N, H, P, input.device, need_workspace)
+    sw, saved, h_prev, c_prev, c_new, h_full = _views(mode, workspace, N, H, P)
     scratch = torch.empty(1, device=input.device)
+    if proj and not need_workspace:  # the cell's output before the projection, by batch row
+        h_full = torch.empty(B, H, dtype=torch.float32, device=input.device)
     BLOCK_B, BLOCK_H, BLOCK_K = _blocks(H)
     grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(H, BLOCK_H))
+    grid_proj = (triton.cdiv(B, BLOCK_B), triton.cdiv(P, BLOCK_H))
     for s in range(offsets.numel() if B and H else 0):
         _rnn_layer_fwd_step_kernel[grid](
             x_gates, bias_h if bias_h is not None else scratch, w_hh, w_hh.stride(0),
@@ -316,51 +409,64 @@ def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
             saved if need_workspace else scratch, h_prev if need_workspace else scratch,
             c_prev if need_workspace and mode == "LSTM" else scratch,
             c_new if need_workspace and mode == "LSTM" else scratch,
-            B, H, MODE=_MODES[mode], G=G, SW=sw, HAS_HG_BIAS=bias_h is not None,
-            SAVE=need_workspace, BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K)
+            h_full if proj else scratch, B, H, P, MODE=_MODES[mode], G=G, SW=sw,
+            HAS_HG_BIAS=bias_h is not None, SAVE=need_workspace, PROJ=proj, BLOCK_B=BLOCK_B,
+            BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K)
+        if proj:
+            _rnn_layer_proj_step_kernel[grid_proj](
+                h_full, w_hr, w_hr.stride(0), w_hr.stride(1), offsets, sizes, s, state_h, out,
+                h_prev if need_workspace else scratch, B, H, P, SAVE=need_workspace,
+                BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K)
     h_n = state_h[offsets.numel() % 2]
-    out = out.reshape(*input.shape[:-1], H).to(input.dtype)
+    out = out.reshape(*input.shape[:-1], P).to(input.dtype)
     c_n = state_c.to(input.dtype) if mode == "LSTM" else h0.new_empty((0,))
     return out, h_n.to(input.dtype), c_n, workspace
 
 
 def rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
                   workspace, grad_output, grad_hn, grad_cn, needs, w_hr=None):
-    assert w_hr is None, "rnn_layer_not_supported_reasons refuses projections"
-    G, H, I = _GATES[mode], w_hh.shape[1], input.shape[-1]
+    G, H, P, I = _sizes(mode, input, w_hh)
+    proj = w_hr is not None
     x = input.reshape(-1, I).float()
     N, B = x.shape[0], h0.shape[0]
     offsets, sizes = _steps(input, batch_sizes, reverse)
-    sw, saved, h_prev, c_prev, c_new = _views(mode, workspace, N, H)
+    sw, saved, h_prev, c_prev, c_new, h_full = _views(mode, workspace, N, H, P)
     state_dh = (grad_hn.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-                if grad_hn is not None else torch.zeros(B, H, device=x.device))
+                if grad_hn is not None else torch.zeros(B, P, device=x.device))
     state_dc = ((grad_cn.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
                  if grad_cn is not None
                  else torch.zeros(B, H, device=x.device)) if mode == "LSTM"
                 else torch.empty(0, device=x.device))
-    # Every flat row is live at exactly one step, so the kernel writes all of them.
+    # Every flat row is live at exactly one step, so the kernels write all of them.
     dxg = new_output((N, G * H), torch.float32, x.device)
     dhg = new_output((N, G * H), torch.float32, x.device) if mode == "GRU" else dxg
-    grad_out = (grad_output.reshape(N, H).float().contiguous() if grad_output is not None
+    dh_step = new_output((N, P), torch.float32, x.device) if proj else dxg
+    grad_out = (grad_output.reshape(N, P).float().contiguous() if grad_output is not None
                 else torch.empty(0, device=x.device))
     BLOCK_B, BLOCK_H, BLOCK_K = _blocks(H)
-    grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(H, BLOCK_H))
+    grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(P, BLOCK_H))
+    grid_proj = (triton.cdiv(B, BLOCK_B), triton.cdiv(H, BLOCK_H))
     S = offsets.numel()
     for p in range(S + 1 if B and H and S else 0):
         _rnn_layer_bwd_step_kernel[grid](
             w_hh, w_hh.stride(0), w_hh.stride(1), offsets, sizes, p, S, grad_out,
             grad_output is not None, state_dh, state_dc, saved, h_prev, c_prev, c_new, dxg, dhg,
-            B, H, MODE=_MODES[mode], G=G, SW=sw, BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H,
-            BLOCK_K=BLOCK_K)
+            dh_step, B, H, P, MODE=_MODES[mode], G=G, SW=sw, PROJ=proj, BLOCK_B=BLOCK_B,
+            BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K)
+        if proj and p < S:
+            _rnn_layer_bwd_proj_kernel[grid_proj](
+                w_hr, w_hr.stride(0), w_hr.stride(1), offsets, sizes, p, S, dh_step, state_dc,
+                saved, c_prev, c_new, dxg, B, H, P, SW=sw, BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H,
+                BLOCK_K=BLOCK_K)
     dt = input.dtype
-    h_prev_rows = h_prev.view(N, H)
+    h_prev_rows = h_prev.view(N, P)
     # Only the products asked for (needs); an unwanted gradient is [0].
     has_bias = b_ih is not None
     make = (lambda: (dxg @ w_ih.float()).reshape(input.shape), lambda: state_dh,
             lambda: state_dc if mode == "LSTM" else None, lambda: dxg.t() @ x,
             lambda: dhg.t() @ h_prev_rows, lambda: dxg.sum(0) if has_bias else None,
             lambda: (dhg if mode == "GRU" else dxg).sum(0) if has_bias else None,
-            lambda: None)  # d_w_hr: no projection here
+            lambda: dh_step.t() @ h_full.view(N, H) if proj else None)
     grads = [(make_grad() if want else None) for make_grad, want in zip(make, needs)]
     grads = [h0.new_empty((0,)) if g is None else g for g in grads]
     return [g.to(dt) if g.numel() else g for g in grads]

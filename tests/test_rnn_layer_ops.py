@@ -152,19 +152,23 @@ NEEDS_PATTERNS = {  # rnn_layer_bwd's needs: d_input, d_h0, d_c0, d_w_ih, d_w_hh
     "input only (frozen layer)": [1, 0, 0, 0, 0, 0, 0, 0],
     "states and w_hh": [0, 1, 1, 0, 1, 0, 0, 0],
     "biases and w_ih": [0, 0, 0, 1, 0, 1, 1, 0],
+    "w_hr and the input": [1, 0, 0, 0, 0, 0, 0, 1],
 }
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
 @pytest.mark.parametrize("pattern", NEEDS_PATTERNS)
-@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+@pytest.mark.parametrize("mode", ["LSTM", "LSTM-proj", "GRU", "RNN_TANH"])
 def test_layer_backward_computes_only_the_gradients_asked_for(backend, pattern, mode):
     """What needs leaves out comes back as [0] (its product skipped), and what it asks for
-    equals the gradient of a backward that computes everything."""
+    equals the gradient of a backward that computes everything. LSTM-proj: with a projection
+    (state width P = 4 < H = 6)."""
     usable = {"cpu": HAS_C, "triton": HAS_TRITON, "reference": True}
     if not usable[backend]:
         pytest.skip(f"{backend} backend not usable here")
     dtype = torch.float32 if backend == "triton" else torch.float64
+    P = 4 if mode == "LSTM-proj" else 6
+    mode = mode.removesuffix("-proj")
     G = {"LSTM": 4, "GRU": 3}.get(mode, 1)
     gen = torch.Generator().manual_seed(7)  # a CPU generator: draws on the CPU, then moved
 
@@ -172,15 +176,17 @@ def test_layer_backward_computes_only_the_gradients_asked_for(backend, pattern, 
         return torch.randn(*size, generator=gen, dtype=dtype, device="cpu").to(DEVICE)
 
     T, B, I, H = 5, 3, 4, 6
+    w_hr = randn(P, H) if P != H else None
     c0 = randn(B, H) if mode == "LSTM" else None
-    args = (mode, randn(T, B, I), None, randn(B, H), c0, randn(G * H, I), randn(G * H, H),
+    args = (mode, randn(T, B, I), None, randn(B, P), c0, randn(G * H, I), randn(G * H, P),
             randn(G * H), randn(G * H), False)
-    grads = (randn(T, B, H), randn(B, H), randn(B, H) if mode == "LSTM" else None)
+    grads = (randn(T, B, P), randn(B, P), randn(B, H) if mode == "LSTM" else None)
     needs = [bool(n) for n in NEEDS_PATTERNS[pattern]]
     with seqkern.backend(backend):
-        workspace = seqkern.ops.rnn_layer.rnn_layer_fwd(*args, True)[3]
-        everything = seqkern.ops.rnn_layer.rnn_layer_bwd(*args, workspace, *grads, [True] * 8)
-        asked = seqkern.ops.rnn_layer.rnn_layer_bwd(*args, workspace, *grads, needs)
+        workspace = seqkern.ops.rnn_layer.rnn_layer_fwd(*args, True, w_hr)[3]
+        everything = seqkern.ops.rnn_layer.rnn_layer_bwd(*args, workspace, *grads, [True] * 8,
+                                                         w_hr)
+        asked = seqkern.ops.rnn_layer.rnn_layer_bwd(*args, workspace, *grads, needs, w_hr)
     for name, want, full, got in zip(seqkern.ops.rnn_layer.GRAD_NAMES, needs, everything, asked):
         if not want or full.numel() == 0:  # not asked for, or not applicable (d_c0 of GRU)
             assert got.numel() == 0, f"{name} was not asked for but came back {got.shape}"

@@ -67,10 +67,11 @@ def test_randomized_parity_with_torch(monkeypatch, backend, seed, dtype):
     if not usable[backend]:
         pytest.skip(f"{backend} backend not usable here")
     rng = random.Random(seed)
-    # LSTM projections have a kernel on cpu only (triton and cuda refuse them), in float64
-    # (torch's bf16 layers are the peer of the others, and seqkern's bf16 products skip them).
+    # LSTM projections run on cpu and triton (cuda refuses them: on a GPU they go to triton),
+    # in float64 and float32 (torch's bf16 layers are the peer of the others, and seqkern's
+    # bf16 products skip them).
     cls, kw, form, T, B, given_h0 = _random_config(
-        rng, backend in ("cpu", "reference") and dtype == torch.float64)
+        rng, backend in ("cpu", "reference", "triton") and dtype != torch.bfloat16)
     gen = torch.Generator().manual_seed(seed)
     ours, theirs = module_pair(cls, **kw)
     ours.to(dtype)
@@ -102,6 +103,33 @@ def test_randomized_parity_with_torch(monkeypatch, backend, seed, dtype):
             p.requires_grad_(name not in frozen)
     check_against_torch(f"{cls} {kw} {form} frozen {sorted(frozen)}", ours, theirs, call,
                          leaves, backend, dtype)
+
+
+@pytest.mark.parametrize("form", ["padded", "packed_unsorted"])
+def test_triton_projection_parity_over_several_tiles(form):
+    """LSTM proj_size on triton (on a GPU the layers with a projection run there): batch,
+    hidden units and state columns each over two tiles of 16, two bidirectional layers, every
+    gradient, against torch's float64 module."""
+    if not HAS_TRITON:
+        pytest.skip("triton backend not usable here")
+    kw = dict(input_size=5, hidden_size=20, num_layers=2, bidirectional=True, proj_size=17)
+    ours, theirs = module_pair("LSTM", **kw)
+    ours.float()
+    gen = torch.Generator().manual_seed(11)
+    T, B = 5, 18
+    x, hx = _make_input("LSTM", dict(kw, batch_first=False), "padded", T, B, True, gen)
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    lengths[3] = T
+
+    def call(module, leaves):
+        inp = leaves[0]
+        if form == "packed_unsorted":
+            inp = pack_padded_sequence(inp, lengths, enforce_sorted=False)
+        return flatten_outputs(module(inp, tuple(leaves[1:])))
+
+    leaves = [t.clone().requires_grad_(True) for t in (x, *hx)]
+    check_against_torch(f"LSTM {kw} {form}", ours, theirs, call, leaves, "triton",
+                        torch.float32)
 
 
 @pytest.mark.parametrize("backend, cls", [(None, "LSTM"), (None, "GRU"), (None, "RNN"),
