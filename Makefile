@@ -16,7 +16,7 @@ PY := $(PYTHON)
 DEPS :=
 endif
 
-.PHONY: test bench install cuda-check info clean
+.PHONY: test bench install cuda-check triton-check info clean
 
 .venv/.deps-installed:
 	test -x .venv/bin/python || python3 -m venv .venv
@@ -48,6 +48,11 @@ cuda-check: $(DEPS)
 	  || (tail -n 200 build-cmake/build.log; exit 1)
 	$(PY) .ci/cuda_resources.py build-cmake/build.log
 	cd build-cmake && ctest --output-on-failure
+
+# Every Triton kernel compiled for sm_80 and sm_90 as a GPU launch would (no GPU needed;
+# Triton's bundled ptxas): compile errors, spills and shared memory (.ci/triton_compile.py).
+triton-check: install
+	$(PY) .ci/triton_compile.py --jobs $${MAX_JOBS:-2}
 
 clean:
 	rm -rf build build-cmake *.egg-info seqkern/_C*.so

@@ -356,11 +356,13 @@ def _config(head_dim, dtype):
     Modest tiles so that D = 256 fits an H100's (and an A100's) registers and shared
     memory. fp32 dots run "ieee" on CUDA cores, whose tiles cost far more registers and
     shared memory than tensor-core tiles: hence the smaller fp32 tiles and pipelines.
-    Chosen from ptxas's register, spill and shared-memory report for sm_90a (no spills
-    beyond a few hundred bytes at D = 256), not from timings.
+    Chosen from ptxas's register, spill and shared-memory report (.ci/triton_compile.py,
+    sm_80 and sm_90), not from timings: the fp32 dK/dV pass keeps 16 keys above D = 64
+    (32 spilled 300-360 bytes at D = 128 and ~5 KB at D = 256; 16 spill none at 128 and
+    210-260 bytes at 256, its floor: 16 is tl.dot's smallest tile).
     """
     if dtype == torch.float32:
-        return (32, 32), (16, 32), 8, (2 if head_dim > 128 else 3)
+        return (32, 32), (16, 16 if head_dim > 64 else 32), 8, (2 if head_dim > 128 else 3)
     if head_dim <= 64:
         return (64, 64), (64, 64), 8, 3
     return (64, 32), (32, 64), 8, 3

@@ -201,13 +201,17 @@ def _device_guard(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _blocks(B, H, device):
+def _blocks(B, H, device, dtype):
     # tl.dot needs every tile dim >= 16. Interpreted (CPU tensors) the smallest tiles keep
     # the numpy work per program down; compiled, larger batch tiles reuse each weight tile.
+    # fp32 products are "ieee" FMA dots, each thread holding whole K slices of both
+    # operands: 64 x 64 tiles spilled up to 712 bytes of stack, 32 x 32 none; the
+    # forward runs 8 warps (4 spilled 300-700 bytes in every dtype; .ci/triton_compile.py,
+    # sm_80 and sm_90). Chosen by that report, not timed.
     if device.type == "cpu":
         return 16, 32, 32
     block_b = min(64, max(16, triton.next_power_of_2(B)))
-    return block_b, 64, 64
+    return (block_b, 32, 32) if dtype == torch.float32 else (block_b, 64, 64)
 
 
 def rnn_cell_not_supported_reasons(inputs):
@@ -230,7 +234,7 @@ def rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     saved = new_output((B * _SAVED[mode] * H,), torch.float32, device)
     if B == 0 or H == 0:
         return h, c, saved
-    block_b, block_h, block_k = _blocks(B, H, device)
+    block_b, block_h, block_k = _blocks(B, H, device, dtype)
     cx_arg = cx if lstm else hx
     has_bias = b_ih is not None
     b_ih_arg, b_hh_arg = (b_ih, b_hh) if has_bias else (w_ih, w_hh)
@@ -243,7 +247,8 @@ def rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
             b_ih_arg, b_ih_arg.stride(0), b_hh_arg, b_hh_arg.stride(0),
             h, c if lstm else h, saved, B, I, H,
             MODE=_MODES[mode], HAS_BIAS=has_bias, BLOCK_B=block_b, BLOCK_H=block_h,
-            BLOCK_K=block_k, UPCAST=device.type == "cpu" and dtype == torch.bfloat16)
+            BLOCK_K=block_k, UPCAST=device.type == "cpu" and dtype == torch.bfloat16,
+            num_warps=8)
     return h, c, saved
 
 

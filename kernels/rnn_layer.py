@@ -339,13 +339,15 @@ def _steps(input, batch_sizes, reverse):
 
 def _blocks(H):
     """(BLOCK_B, BLOCK_H, BLOCK_K): tl.dot's smallest tiles (16) for the batch rows and the
-    hidden units (H = 512: 32 programs a batch tile), K in slices of up to 128. A program
+    hidden units (H = 512: 32 programs a batch tile), K in slices of up to 64. A program
     waits on its loads slice by slice, so fewer, wider slices cut a step's latency: on an
     H100 a forward step took 82 us at B16 and at B64 alike with 32 units and 32-wide slices
-    (latency, not throughput; bench/RESULTS.md). The new sizes are not timed yet. Slices of
-    half of H rounded up to a power of two at most, so that the K loop runs more than once
-    at the small sizes the interpreted tests use."""
-    return 16, 16, min(128, max(16, triton.next_power_of_2(H) // 2))
+    (latency, not throughput; bench/RESULTS.md). The products are fp32 FMA dots, each thread
+    holding whole K slices of both operands: 128-wide slices spilled 128-344 bytes of stack
+    in every step kernel, 64-wide ones none (.ci/triton_compile.py, sm_80 and sm_90). Not
+    timed yet. Slices of half of H rounded up to a power of two at most, so that the K loop
+    runs more than once at the small sizes the interpreted tests use."""
+    return 16, 16, min(64, max(16, triton.next_power_of_2(H) // 2))
 
 
 def _workspace(mode, N, H, P, device, need):
