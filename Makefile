@@ -50,9 +50,15 @@ cuda-check: $(DEPS)
 	cd build-cmake && ctest --output-on-failure
 
 # Every Triton kernel compiled for sm_80 and sm_90 as a GPU launch would (no GPU needed;
-# Triton's bundled ptxas): compile errors, spills and shared memory (.ci/triton_compile.py).
+# Triton's bundled ptxas): compile errors, spills and shared memory (.ci/triton_compile.py),
+# with the triton installed here and with the GPU machine's ($(TRITON_GPU), from PyPI into
+# build-triton-gpu/, put first on PYTHONPATH).
+TRITON_GPU ?= triton==3.6.0
 triton-check: install
 	$(PY) .ci/triton_compile.py --jobs $${MAX_JOBS:-2}
+	test -d build-triton-gpu/triton || \
+	  $(PY) -m pip install -q --no-deps --target build-triton-gpu "$(TRITON_GPU)"
+	PYTHONPATH=build-triton-gpu $(PY) .ci/triton_compile.py --jobs $${MAX_JOBS:-2}
 
 clean:
-	rm -rf build build-cmake *.egg-info seqkern/_C*.so
+	rm -rf build build-cmake build-triton-gpu *.egg-info seqkern/_C*.so

@@ -13,8 +13,9 @@ registers, stack (spills) and shared memory per kernel and target, and lists eve
 that spills; exits 1 if a launch fails to compile or spills more than --max-stack bytes
 (default 300: what is left is fp32 attention's dK/dV at D = 256, ~260 bytes, at tl.dot's
 smallest tiles, and 8-16 bytes in fp16 dK/dV and attention weights on sm_80;
-kernels/attention.py) or asks for more shared memory than a block may have. This is the
-triton installed here (3.9 in CI; the GPU machine has 3.6).
+kernels/attention.py) or asks for more shared memory than a block may have. It compiles
+with the triton it imports: `make triton-check` runs it with the one installed here (3.9)
+and with the GPU machine's (3.6, put first on PYTHONPATH).
 
 Usage: python .ci/triton_compile.py [--jobs N] [--only NAME_PART] [--max-stack BYTES]
 """
