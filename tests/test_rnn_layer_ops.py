@@ -108,41 +108,83 @@ def test_compiled_backward_runs_where_the_forward_ran(forced, monkeypatch):
         assert_close(f"forced {forced}, backward under {other}: d{name}", p.grad, q.grad)
 
 
-@pytest.mark.skipif(not HAS_C, reason="no _C")
+CHECKING_BACKENDS = ["cpu", "reference", "triton"]  # cpu: C++ checks; others: the op's
+
+
+def _usable(backend):
+    usable = {"cpu": HAS_C, "triton": HAS_TRITON, "reference": True}[backend]
+    if not usable:
+        pytest.skip(f"{backend} backend not usable here")
+
+
+@pytest.mark.parametrize("backend", CHECKING_BACKENDS)
 @pytest.mark.parametrize("sizes, match", [([2, 3], "non-increasing"), ([3, 3], "sum to 6"),
                                           ([3, -1], "non-increasing")])
-def test_layer_op_refuses_malformed_batch_sizes(sizes, match):
+def test_layer_op_refuses_malformed_batch_sizes(backend, sizes, match):
     """The kernels index rows by batch_sizes: a malformed one must raise, not read past N."""
+    _usable(backend)
     x = torch.randn(5, 4)
     h0 = torch.zeros(3, 6)
     w_ih, w_hh = torch.randn(18, 4), torch.randn(18, 6)
-    with seqkern.backend("cpu"), pytest.raises(RuntimeError, match=match):
+    with seqkern.backend(backend), pytest.raises(RuntimeError, match=match):
         seqkern.ops.rnn_layer.rnn_layer_fwd("GRU", x, torch.tensor(sizes), h0, None, w_ih, w_hh,
                                             None, None, False, False)
 
 
-@pytest.mark.skipif(not HAS_C, reason="no _C")
-def test_layer_op_refuses_biases_of_the_wrong_size():
+@pytest.mark.parametrize("backend", CHECKING_BACKENDS)
+def test_layer_op_refuses_biases_of_the_wrong_size(backend):
+    _usable(backend)
     x, h0 = torch.randn(4, 2, 3), torch.zeros(2, 5)
     w_ih, w_hh = torch.randn(15, 3), torch.randn(15, 5)
-    with seqkern.backend("cpu"), pytest.raises(RuntimeError, match=r"each \[G\*H\]"):
+    with seqkern.backend(backend), pytest.raises(RuntimeError, match=r"each \[G\*H\]"):
         seqkern.ops.rnn_layer.rnn_layer_fwd("GRU", x, None, h0, None, w_ih, w_hh,
                                             torch.randn(14), torch.randn(15), False, False)
 
 
-@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("backend", CHECKING_BACKENDS)
+@pytest.mark.parametrize("case, match", [
+    ("w_hr rows", "w_hh must be"), ("w_hh columns", "w_hh must be"),
+    ("h0 with a projection", r"h0 must be \[2, 5\], got \[2, 4\]"),
+    ("h0", r"h0 must be \[2, 7\], got \[2, 6\]"), ("input features", r"w_ih must be"),
+    ("c0", r"LSTM needs c0 \[2, 7\]"), ("integer input", "torch.int64")])
+def test_layer_op_refuses_shapes_the_kernels_would_overrun(backend, case, match):
+    """Each of these once ran the Triton kernels out of bounds (memory corruption in the
+    interpreter, no error): every backend refuses them before a kernel runs."""
+    _usable(backend)
+    x, h0, c0 = torch.randn(4, 2, 3), torch.zeros(2, 5), torch.zeros(2, 7)
+    w_ih, w_hh, w_hr = torch.randn(28, 3), torch.randn(28, 5), torch.randn(5, 7)
+    args = dict(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr)
+    args.update({"w_hr rows": dict(w_hr=torch.randn(6, 7)),
+                 "w_hh columns": dict(w_hh=torch.randn(28, 4)),
+                 "h0 with a projection": dict(h0=torch.zeros(2, 4)),
+                 "h0": dict(h0=torch.zeros(2, 6), w_hh=torch.randn(28, 7), w_hr=None),
+                 "input features": dict(x=torch.randn(4, 2, 2)),
+                 "c0": dict(c0=torch.zeros(2, 5)),
+                 "integer input": dict(x=torch.ones(4, 2, 3, dtype=torch.int64))}[case])
+    with seqkern.backend(backend), pytest.raises(RuntimeError, match=match):
+        seqkern.ops.rnn_layer.rnn_layer_fwd("LSTM", args["x"], None, args["h0"], args["c0"],
+                                            args["w_ih"], args["w_hh"], None, None, False, True,
+                                            args["w_hr"])
+
+
+@pytest.mark.parametrize("backend", CHECKING_BACKENDS)
 @pytest.mark.parametrize("which, match", [(0, "grad_output must have the output's 40"),
                                           (1, r"grad_hn must be h_n's \[2, 5\]"),
-                                          (2, r"grad_cn must be c_n's \[2, 5\]")])
-def test_layer_backward_op_refuses_gradients_of_the_wrong_size(which, match):
-    """The backward reads the incoming gradients without bounds checks."""
+                                          (2, r"grad_cn must be c_n's \[2, 5\]"),
+                                          (3, "workspace does not come from rnn_layer_fwd")])
+def test_layer_backward_op_refuses_gradients_of_the_wrong_size(backend, which, match):
+    """The backward reads the incoming gradients and the workspace without bounds checks."""
+    _usable(backend)
     x, h0, c0 = torch.randn(4, 2, 3), torch.zeros(2, 5), torch.zeros(2, 5)
     w_ih, w_hh = torch.randn(20, 3), torch.randn(20, 5)
     args = ("LSTM", x, None, h0, c0, w_ih, w_hh, None, None, False)
-    with seqkern.backend("cpu"):
+    with seqkern.backend(backend):
         workspace = seqkern.ops.rnn_layer.rnn_layer_fwd(*args, True)[3]
         grads = [torch.randn(4, 2, 5), torch.randn(2, 5), torch.randn(2, 5)]
-        grads[which] = grads[which][..., :4] if which else torch.randn(4, 2, 4)
+        if which == 3:
+            workspace = workspace[:-1]
+        else:
+            grads[which] = grads[which][..., :4] if which else torch.randn(4, 2, 4)
         with pytest.raises(RuntimeError, match=match):
             seqkern.ops.rnn_layer.rnn_layer_bwd(*args, workspace, *grads, [True] * 8, None)
 

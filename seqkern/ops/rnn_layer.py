@@ -39,6 +39,79 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    """The layer op's arguments, checked before a kernel reads them, with the messages of
+    csrc/rnn_args.h (check_layer_args), whose C++ checks the cpu and cuda entry points run
+    themselves (CHECKS_LAYER_ARGS). The Triton kernels index by these shapes without bounds
+    checks: a w_hr, h0 or w_hh of the wrong size made them read and write out of bounds
+    (memory corruption in the interpreter). Returns (B, H, P)."""
+    def fail(message):
+        raise RuntimeError(f"rnn_layer: {message}")
+
+    if mode not in MODES:
+        raise ValueError(f"rnn_layer: mode must be one of {MODES}, got {mode!r}")
+    if not input.is_floating_point():
+        fail(f"input must be a floating-point tensor, got {input.dtype}")
+    G, lstm = gate_count(mode), mode == "LSTM"
+    if input.dim() != (2 if batch_sizes is not None else 3):
+        fail("input must be [T, B, I], or packed data [N, I] with batch_sizes")
+    if w_hh.dim() != 2 or w_hh.shape[0] % G:
+        fail("w_hh must be [G*H, P]")
+    H, P = w_hh.shape[0] // G, w_hh.shape[1]
+    if w_ih.dim() != 2 or tuple(w_ih.shape) != (G * H, input.shape[-1]):
+        fail("w_ih must be [G*H, I]")
+    if not (lstm and w_hr.dim() == 2 and tuple(w_hr.shape) == (P, H) and P < H
+            if w_hr is not None else P == H):
+        fail("w_hh must be [G*H, H], or [4H, P] with an LSTM projection w_hr [P, H], P < H")
+    B = input.shape[1] if batch_sizes is None else 0
+    if batch_sizes is not None:
+        if batch_sizes.dim() != 1 or batch_sizes.device.type != "cpu":
+            fail("batch_sizes must be a 1-D CPU tensor")
+        sizes = batch_sizes.to(torch.int64)
+        if sizes.numel() and (bool((sizes < 0).any()) or bool((sizes[1:] > sizes[:-1]).any())):
+            fail("batch_sizes must be non-increasing, as torch packs them")
+        total = int(sizes.sum())
+        if total != input.shape[0]:
+            fail(f"batch_sizes sum to {total} rows, the packed input has {input.shape[0]}")
+        B = int(sizes[0]) if sizes.numel() else 0
+    if h0.dim() != 2 or tuple(h0.shape) != (B, P):
+        fail(f"h0 must be [{B}, {P}], got {list(h0.shape)}")
+    if lstm and (c0 is None or c0.dim() != 2 or tuple(c0.shape) != (B, H)):
+        fail(f"LSTM needs c0 [{B}, {H}]")
+    if (b_ih is None) != (b_hh is None) or (
+            b_ih is not None and (b_ih.numel() != G * H or b_hh.numel() != G * H)):
+        fail("b_ih and b_hh go together, each [G*H]")
+    if any(t is not None and t.device != input.device
+           for t in (h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)):
+        fail(f"every tensor must be on the input's device ({input.device})")
+    return B, H, P
+
+
+def check_layer_grads(mode, B, H, P, input, workspace, grad_output, grad_hn, grad_cn):
+    """rnn_layer_bwd's workspace (a forward's of these arguments, as the CPU binding checks)
+    and incoming gradients (csrc/rnn_args.h, check_layer_grads): grad_output with the
+    output's N * P elements, grad_hn [B, P], grad_cn [B, H]."""
+    N = input.numel() // input.shape[-1] if input.shape[-1] else 0
+    if (workspace.dim() != 1 or workspace.numel() != workspace_numel(mode, N, H, P) or
+            workspace.dtype != compute_dtype(input.dtype)):
+        raise RuntimeError("rnn_layer_bwd: workspace does not come from rnn_layer_fwd with "
+                           "these arguments")
+    if grad_output is not None and grad_output.numel() != N * P:
+        raise RuntimeError(f"rnn_layer_bwd: grad_output must have the output's {N * P} "
+                           f"elements, got {list(grad_output.shape)}")
+    if grad_hn is not None and tuple(grad_hn.shape) != (B, P):
+        raise RuntimeError(f"rnn_layer_bwd: grad_hn must be h_n's [{B}, {P}]")
+    if grad_cn is not None and tuple(grad_cn.shape) != (B, H):
+        raise RuntimeError(f"rnn_layer_bwd: grad_cn must be c_n's [{B}, {H}]")
+
+
+def _checked(impl, mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    """check_layer_args unless impl's entry points check in C++ (CHECKS_LAYER_ARGS)."""
+    if not getattr(impl, "CHECKS_LAYER_ARGS", False):
+        return check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    return None
+
+
 def _inputs(input, mode, w_hh, w_hr):
     return dict(device=input.device, dtype=input.dtype, input=input, mode=mode,
                 gate_rows=w_hh.shape[0], projection=w_hr is not None)
@@ -81,6 +154,7 @@ def rnn_layer_fwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
                   b_hh: Optional[Tensor], reverse: bool, need_workspace: bool = True,
                   w_hr: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = backends.select("rnn_layer", _inputs(input, mode, w_hh, w_hr))
+    _checked(impl, mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     result = impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                 reverse, need_workspace, w_hr)
     _remember_producer(result[3], impl.NAME)
@@ -116,6 +190,9 @@ def rnn_layer_bwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
                          f"({', '.join(GRAD_NAMES)}), got {len(needs)}")
     impl = (workspace_producer(workspace) or
             backends.select("rnn_layer", _inputs(input, mode, w_hh, w_hr)))
+    dims = _checked(impl, mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    if dims is not None:
+        check_layer_grads(mode, *dims, input, workspace, grad_output, grad_hn, grad_cn)
     grads = impl.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                reverse, workspace, grad_output, grad_hn, grad_cn, needs, w_hr)
     # Contiguous, as the fake says (the reference's autograd gradients of a strided input
