@@ -189,3 +189,47 @@ for mode in MODES:
 print(torch.ops.seqkern_C.cpu_capability())
 """
     assert_passes_under_capability(code, capability)
+
+
+HAS_TRITON = not BACKENDS["triton"].availability(DEVICE)
+OP_CASES = {  # rnn_cell_fwd's arguments, changed from x [3, 4], hx, cx [3, 5], LSTM weights
+    "hx wider than w_hh": (dict(hx=(3, 6)), r"w_ih must be \[24, 4\], got \[20, 4\]"),
+    "w_hh narrow": (dict(w_hh=(20, 4)), r"w_hh must be \[20, 5\], got \[20, 4\]"),
+    "input batch": (dict(x=(2, 4)), r"hx must be \[2, 5\], got \[3, 5\]"),
+    "cx short": (dict(cx=(3, 4)), r"cx must be \[3, 5\], got \[3, 4\]"),
+    "w_ih features": (dict(w_ih=(20, 3)), r"w_ih must be \[20, 4\], got \[20, 3\]"),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("case", OP_CASES)
+def test_cell_op_refuses_shapes_the_kernels_would_overrun(backend, case):
+    """The op itself (torch.ops.seqkern.rnn_cell_fwd), not only seqkern.functional: the
+    Triton kernel indexes by these shapes without bounds checks and gave wrong answers for
+    each, silently; every backend now refuses them before a kernel runs (cpu in C++)."""
+    if not {"cpu": HAS_C, "reference": True, "triton": HAS_TRITON}[backend]:
+        pytest.skip(f"{backend} backend not usable here")
+    change, match = OP_CASES[case]
+    shapes = {**dict(x=(3, 4), hx=(3, 5), cx=(3, 5), w_ih=(20, 4), w_hh=(20, 5)), **change}
+    t = {name: torch.randn(*shape, device=DEVICE) for name, shape in shapes.items()}
+    with seqkern.backend(backend), pytest.raises(RuntimeError, match=match):
+        seqkern.ops.rnn_cells.rnn_cell_fwd("LSTM", t["x"], t["hx"], t["cx"], t["w_ih"],
+                                           t["w_hh"], None, None)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("which, match", [("grad_h", r"grad_h must be \[3, 5\]"),
+                                          ("saved", "saved must be the forward's flat")])
+def test_cell_backward_op_refuses_gradients_of_the_wrong_size(backend, which, match):
+    if not {"cpu": HAS_C, "reference": True, "triton": HAS_TRITON}[backend]:
+        pytest.skip(f"{backend} backend not usable here")
+    x, hx, cx = (torch.randn(3, n, device=DEVICE) for n in (4, 5, 5))
+    w_ih, w_hh = torch.randn(20, 4, device=DEVICE), torch.randn(20, 5, device=DEVICE)
+    with seqkern.backend(backend):
+        h, c, saved = seqkern.ops.rnn_cells.rnn_cell_fwd("LSTM", x, hx, cx, w_ih, w_hh, None,
+                                                         None)
+        grad_h = torch.randn(3, 4 if which == "grad_h" else 5, device=DEVICE)
+        saved = saved[:-1] if which == "saved" else saved
+        with pytest.raises(RuntimeError, match=match):
+            seqkern.ops.rnn_cells.rnn_cell_bwd("LSTM", grad_h, None, x, hx, cx, w_ih, w_hh,
+                                               False, h, saved, [True] * 7)

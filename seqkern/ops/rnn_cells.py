@@ -39,6 +39,63 @@ def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_2d(t, name, rows, cols, dtype, device):
+    if t.dim() != 2 or tuple(t.shape) != (rows, cols):
+        raise RuntimeError(f"seqkern rnn: {name} must be [{rows}, {cols}], got {list(t.shape)}")
+    if t.dtype != dtype or t.device != device:
+        raise RuntimeError(f"seqkern rnn: {name} must be a {dtype} tensor on {device}, got "
+                           f"{t.dtype} on {t.device}")
+
+
+def check_cell_args(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    """rnn_cell_fwd's arguments, checked before a kernel reads them, as csrc/rnn_args.h's
+    check_cell_args does for the cpu and cuda entry points (CHECKS_RNN_ARGS): the Triton
+    kernels index by these shapes without bounds checks (an hx wider than w_hh's columns, a
+    short cx or w_ih gave wrong answers, no error)."""
+    if mode not in MODES:
+        raise ValueError(f"seqkern rnn cell: mode must be one of {MODES}, got {mode!r}")
+    if input.dim() != 2:
+        raise RuntimeError(f"seqkern rnn cell: input must be [B, I], got {list(input.shape)}")
+    if hx.dim() != 2:
+        raise RuntimeError(f"seqkern rnn cell: hx must be [B, H], got {list(hx.shape)}")
+    (B, I), H, G = input.shape, hx.shape[1], GATES[mode]
+    dtype, device = input.dtype, input.device
+    _check_2d(hx, "hx", B, H, dtype, device)
+    _check_2d(w_ih, "w_ih", G * H, I, dtype, device)
+    _check_2d(w_hh, "w_hh", G * H, H, dtype, device)
+    if (mode == "LSTM") != (cx is not None):
+        raise RuntimeError("seqkern rnn cell: cx is given iff mode is LSTM")
+    if cx is not None:
+        _check_2d(cx, "cx", B, H, dtype, device)
+    if (b_ih is None) != (b_hh is None):
+        raise RuntimeError("seqkern rnn cell: b_ih and b_hh go together")
+    for b in (b_ih, b_hh):
+        if b is not None and (tuple(b.shape) != (G * H,) or b.dtype != dtype or
+                              b.device != device):
+            raise RuntimeError(f"seqkern rnn cell: biases must be [{G * H}] of the input's "
+                               "dtype and device")
+
+
+def check_gate_grad_args(mode, grad_h, grad_c, hx, cx, h, saved):
+    """The gate gradients' arguments (csrc/rnn_args.h, check_gate_grad_args): grad_h, h and
+    grad_c like hx, cx for LSTM, saved the forward's flat buffer."""
+    if hx.dim() != 2:
+        raise RuntimeError(f"seqkern rnn cell: hx must be [B, H], got {list(hx.shape)}")
+    (B, H), dtype, device = hx.shape, hx.dtype, hx.device
+    _check_2d(grad_h, "grad_h", B, H, dtype, device)
+    _check_2d(h, "h", B, H, dtype, device)
+    if grad_c is not None:
+        _check_2d(grad_c, "grad_c", B, H, dtype, device)
+    if mode == "LSTM":
+        if cx is None:
+            raise RuntimeError("seqkern rnn cell: the LSTM backward needs cx")
+        _check_2d(cx, "cx", B, H, dtype, device)
+    if (saved.dim() != 1 or saved.numel() != SAVED[mode] * B * H or
+            saved.dtype != acc_dtype(dtype) or saved.device != device):
+        raise RuntimeError(f"seqkern rnn cell: saved must be the forward's flat "
+                           f"{acc_dtype(dtype)} buffer")
+
+
 def _inputs(mode, input):
     return dict(device=input.device, dtype=input.dtype, mode=mode, input=input)
 
@@ -48,6 +105,8 @@ def rnn_cell_fwd(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], w_i
                  w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
                  ) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.select("rnn_cell", _inputs(mode, input))
+    if not getattr(impl, "CHECKS_RNN_ARGS", False):
+        check_cell_args(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     return impl.rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
 
@@ -76,6 +135,8 @@ def rnn_cell_bwd(mode: str, grad_h: Tensor, grad_c: Optional[Tensor], input: Ten
     if fused is not None:  # the backend does the products too (cpu: one C++ call)
         return fused(mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, has_bias, h, saved,
                      needs)
+    if not getattr(impl, "CHECKS_RNN_ARGS", False):
+        check_gate_grad_args(mode, grad_h, grad_c, hx, cx, h, saved)
     d_ih, d_hh, d_hx_direct, dcx = impl.rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h,
                                                             saved)
     if mode != "GRU":  # only GRU's n gate sees the hidden product through r
