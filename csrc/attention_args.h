@@ -46,6 +46,27 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
   }
 }
 
+// attention_bwd's grad_out and out [B, Hq, L, Dv] (the query's B, Hq, L, the value's Dv,
+// the query's dtype and device) and lse [B, Hq, L] of lse_dtype: the kernels read all three
+// without bounds checks (grad_out and out were checked against each other only, and on the
+// CPU lse by dtype and rank only).
+inline void check_attention_grads(const at::Tensor& q, const at::Tensor& v,
+                                  const at::Tensor& grad_out, const at::Tensor& out,
+                                  const at::Tensor& lse, at::ScalarType lse_dtype) {
+  TORCH_CHECK(out.dim() == 4 && grad_out.sizes() == out.sizes() && out.size(0) == q.size(0) &&
+                  out.size(1) == q.size(1) && out.size(2) == q.size(2) &&
+                  out.size(3) == v.size(3),
+              "grad_out and out must be [B, Hq, L, Dv]");
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "grad_out and out must have the query's dtype");
+  TORCH_CHECK(lse.scalar_type() == lse_dtype && lse.dim() == 3 && lse.size(0) == q.size(0) &&
+                  lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+              "lse must be the forward's [B, Hq, L] log-sum-exp");
+  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() &&
+                  lse.device() == q.device(),
+              "grad_out, out and lse must be on the query's device");
+}
+
 // Dropout's (seed, offset) from the op's seed_offset argument: a CPU int64 tensor [2].
 inline std::pair<uint64_t, uint64_t> dropout_seed_offset(
     const std::optional<at::Tensor>& seed_offset) {

@@ -67,6 +67,51 @@ def test_tensors_on_different_devices_raise():
         sdpa(q, meta, v)
 
 
+HAS_TRITON = not BACKENDS["triton"].availability(DEVICE)
+OP_CASES = {  # attention_fwd's arguments, changed from q, k, v [1, 2, 8, 16]
+    "key head dim": (dict(k=(1, 2, 8, 8)), "query and key head dims differ"),
+    "value length": (dict(v=(1, 2, 6, 16)), "value must match key's heads and length"),
+    "batch": (dict(k=(2, 2, 8, 16), v=(2, 2, 8, 16)), "batch sizes differ"),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("case", OP_CASES)
+def test_attention_op_refuses_shapes_the_kernels_would_overrun(backend, case):
+    """The op itself, not only seqkern.functional: the Triton kernels index by these shapes
+    without bounds checks and gave wrong answers for each, silently; every backend refuses
+    them before a kernel runs (cpu in C++)."""
+    if not {"cpu": HAS_C, "reference": True, "triton": HAS_TRITON}[backend]:
+        pytest.skip(f"{backend} backend not usable here")
+    change, match = OP_CASES[case]
+    shapes = {**dict(q=(1, 2, 8, 16), k=(1, 2, 8, 16), v=(1, 2, 8, 16)), **change}
+    t = {name: torch.randn(*shape, device=DEVICE) for name, shape in shapes.items()}
+    with seqkern.backend(backend), pytest.raises(RuntimeError, match=match):
+        seqkern.ops.attention.attention_fwd(t["q"], t["k"], t["v"], None, None, 0.0, False,
+                                            0.25, None)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("which, match", [("out", r"grad_out and out must be \[B, Hq, L, Dv\]"),
+                                          ("lse", "lse must be the forward's")])
+def test_attention_backward_op_refuses_out_and_lse_of_the_wrong_size(backend, which, match):
+    """out and lse of another query length: the kernels read them without bounds checks
+    (the CPU binding checked lse's dtype and rank only)."""
+    if not {"cpu": HAS_C, "reference": True, "triton": HAS_TRITON}[backend]:
+        pytest.skip(f"{backend} backend not usable here")
+    q, k, v = (torch.randn(1, 2, 8, 16, device=DEVICE) for _ in range(3))
+    ops = seqkern.ops.attention
+    with seqkern.backend(backend):
+        out, lse = ops.attention_fwd(q, k, v, None, None, 0.0, False, 0.25, None)
+        if which == "out":
+            out = out[:, :, :7]
+        else:
+            lse = lse[:, :, :7]
+        grad_out = torch.randn_like(out)
+        with pytest.raises(RuntimeError, match=match):
+            ops.attention_bwd(grad_out, q, k, v, out, lse, None, None, 0.0, False, 0.25, None)
+
+
 def test_forced_backend_that_cannot_run_lists_every_backend():
     q, k, v = _qkv(torch.float64)
     with seqkern.backend("triton"), pytest.raises(BackendError) as info:

@@ -116,12 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal,
     double scale, const std::optional<at::Tensor>& seed_offset) {
   check_inputs(q, k, v, attn_mask, key_padding_mask);
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(3) == v.size(3),
-              "grad_out and out must be [B, Hq, L, Dv]");
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "grad_out and out must have the query's dtype");
-  TORCH_CHECK(lse.scalar_type() == lse_dtype(q.scalar_type()) && lse.dim() == 3,
-              "lse must be the forward's [B, Hq, L] log-sum-exp");
+  check_attention_grads(q, v, grad_out, out, lse, lse_dtype(q.scalar_type()));
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor dq = new_heads_inner(q.size(0), q.size(1), q.size(2), q.size(3), q.options());
   at::Tensor dk = new_heads_inner(k.size(0), k.size(1), k.size(2), k.size(3), k.options());

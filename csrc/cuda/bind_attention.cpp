@@ -106,19 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
     double dropout_p, bool is_causal, double scale, const std::optional<at::Tensor>& seed_offset) {
   check_inputs(query, key, value, attn_mask, key_padding_mask);
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 4 && out.size(3) == value.size(3),
-              "grad_out and out must be [B, Hq, L, Dv]");
-  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type() &&
-                  out.scalar_type() == query.scalar_type(),
-              "grad_out and out must have the query's dtype");
-  // The sizes too (the CPU binding checks dtype and rank only): the kernels read lse without
-  // bounds checks.
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == query.size(0) &&
-                  lse.size(1) == query.size(1) && lse.size(2) == query.size(2),
-              "lse must be the forward's [B, Hq, L] log-sum-exp");
-  TORCH_CHECK(grad_out.device() == query.device() && out.device() == query.device() &&
-                  lse.device() == query.device(),
-              "grad_out, out and lse must be on the query's device");
+  check_attention_grads(query, value, grad_out, out, lse, at::kFloat);
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor dq = new_heads_inner(query.size(0), query.size(1), query.size(2), query.size(3),
                                   query.options());

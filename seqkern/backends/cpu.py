@@ -8,9 +8,9 @@ from seqkern.backends._compiled import (  # noqa: F401  (the op entry points)
 )
 
 NAME = "cpu"
-# The recurrent ops' arguments are checked by the C++ entry points (csrc/rnn_args.h):
-# seqkern/ops/rnn_cells.py and rnn_layer.py do not check them again.
-CHECKS_RNN_ARGS = True
+# Every op's arguments are checked by the C++ entry points (csrc/rnn_args.h,
+# attention_args.h): seqkern/ops/ does not check them again.
+CHECKS_ARGS = True
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -32,12 +32,82 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_attention_args(query, key, value, attn_mask, key_padding_mask, dropout_p,
+                         seed_offset):
+    """The op's arguments, checked before a kernel reads them, as csrc/attention_args.h does
+    for the cpu and cuda entry points (CHECKS_ARGS): the Triton kernels index by these shapes
+    without bounds checks (a key of another head dim or batch, a value of another length
+    gave wrong answers, silently, when the op was called directly)."""
+    def fail(message):
+        raise RuntimeError(f"seqkern attention: {message}")
+
+    q, k, v = query, key, value
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        fail("query, key, value must be 4-D [B, H, L, D]")
+    if k.device != q.device or v.device != q.device:
+        fail("query, key, value must be on one device")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        fail("query, key, value must share a dtype")
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        fail("batch sizes differ")
+    if k.shape[3] != q.shape[3]:
+        fail("query and key head dims differ")
+    if v.shape[1:3] != k.shape[1:3]:
+        fail("value must match key's heads and length")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        fail("query heads must be a multiple of key/value heads")
+    if attn_mask is not None:
+        if tuple(attn_mask.shape) != (*q.shape[:3], k.shape[2]):
+            fail("attn_mask must be broadcast to [B, Hq, L, S]")
+        if attn_mask.dtype not in (torch.bool, q.dtype):
+            fail("attn_mask must be bool or the query's dtype")
+        if attn_mask.device != q.device:
+            fail("attn_mask must be on the query's device")
+    if key_padding_mask is not None:
+        if (tuple(key_padding_mask.shape) != (q.shape[0], k.shape[2]) or
+                key_padding_mask.dtype != torch.bool):
+            fail("key_padding_mask must be a [B, S] bool tensor")
+        if key_padding_mask.device != q.device:
+            fail("key_padding_mask must be on the query's device")
+    if dropout_p > 0 and (seed_offset is None or seed_offset.numel() != 2 or
+                          seed_offset.dtype != torch.int64 or
+                          seed_offset.device.type != "cpu"):
+        fail("dropout needs seed_offset: a CPU int64 tensor [seed, offset]")
+
+
+def check_lse(query, lse):
+    if (lse.dtype != _lse_dtype(query.dtype) or tuple(lse.shape) != tuple(query.shape[:3])
+            or lse.device != query.device):
+        raise RuntimeError("seqkern attention: lse must be the forward's [B, Hq, L] "
+                           "log-sum-exp")
+
+
+def check_attention_grads(query, value, grad_out, out, lse):
+    """attention_bwd's grad_out and out [B, Hq, L, Dv] and lse (csrc/attention_args.h)."""
+    if (out.dim() != 4 or grad_out.shape != out.shape or
+            tuple(out.shape) != (*query.shape[:3], value.shape[3])):
+        raise RuntimeError("seqkern attention: grad_out and out must be [B, Hq, L, Dv]")
+    if grad_out.dtype != query.dtype or out.dtype != query.dtype:
+        raise RuntimeError("seqkern attention: grad_out and out must have the query's dtype")
+    if grad_out.device != query.device or out.device != query.device:
+        raise RuntimeError("seqkern attention: grad_out, out and lse must be on the query's "
+                           "device")
+    check_lse(query, lse)
+
+
+def _checks_in_cpp(impl):
+    return getattr(impl, "CHECKS_ARGS", False)
+
+
 @torch.library.custom_op("seqkern::attention_fwd", mutates_args=())
 def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                   key_padding_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                   scale: float, seed_offset: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     impl = backends.select("attention", _inputs(query, key, value, attn_mask,
                                                 key_padding_mask, dropout_p, is_causal))
+    if not _checks_in_cpp(impl):
+        check_attention_args(query, key, value, attn_mask, key_padding_mask, dropout_p,
+                             seed_offset)
     return impl.attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p,
                               is_causal, scale, seed_offset)
 
@@ -59,6 +129,10 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
                   ) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.select("attention", _inputs(query, key, value, attn_mask,
                                                 key_padding_mask, dropout_p, is_causal))
+    if not _checks_in_cpp(impl):
+        check_attention_args(query, key, value, attn_mask, key_padding_mask, dropout_p,
+                             seed_offset)
+        check_attention_grads(query, value, grad_out, out, lse)
     return impl.attention_bwd(grad_out, query, key, value, out, lse, attn_mask,
                               key_padding_mask, dropout_p, is_causal, scale, seed_offset)
 
@@ -104,6 +178,10 @@ def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Option
     impl = backends.select("attention_weights", _inputs(query, key, key, attn_mask,
                                                         key_padding_mask, dropout_p,
                                                         is_causal))
+    if not _checks_in_cpp(impl):
+        check_attention_args(query, key, key, attn_mask, key_padding_mask, dropout_p,
+                             seed_offset)
+        check_lse(query, lse)
     return impl.attention_weights(query, key, lse, attn_mask, key_padding_mask, is_causal,
                                   scale, dropout_p, seed_offset, average_heads)
 

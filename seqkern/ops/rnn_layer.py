@@ -42,7 +42,7 @@ def compute_dtype(dtype):
 def check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     """The layer op's arguments, checked before a kernel reads them, with the messages of
     csrc/rnn_args.h (check_layer_args), whose C++ checks the cpu and cuda entry points run
-    themselves (CHECKS_RNN_ARGS). The Triton kernels index by these shapes without bounds
+    themselves (CHECKS_ARGS). The Triton kernels index by these shapes without bounds
     checks: a w_hr, h0 or w_hh of the wrong size made them read and write out of bounds
     (memory corruption in the interpreter). Returns (B, H, P)."""
     def fail(message):
@@ -106,8 +106,8 @@ def check_layer_grads(mode, B, H, P, input, workspace, grad_output, grad_hn, gra
 
 
 def _checked(impl, mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-    """check_layer_args unless impl's entry points check in C++ (CHECKS_RNN_ARGS)."""
-    if not getattr(impl, "CHECKS_RNN_ARGS", False):
+    """check_layer_args unless impl's entry points check in C++ (CHECKS_ARGS)."""
+    if not getattr(impl, "CHECKS_ARGS", False):
         return check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     return None
 
