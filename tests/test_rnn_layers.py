@@ -130,6 +130,10 @@ def test_triton_projection_parity_over_several_tiles(form):
     leaves = [t.clone().requires_grad_(True) for t in (x, *hx)]
     check_against_torch(f"LSTM {kw} {form}", ours, theirs, call, leaves, "triton",
                         torch.float32)
+    with torch.no_grad(), seqkern.backend("triton"):  # inference: h_full by batch row
+        got = call(ours, [t.float() for t in (x, *hx)])
+    for i, (g, w) in enumerate(zip(got, call(theirs, [x, *hx]))):
+        assert_close(f"LSTM {kw} {form} no_grad output[{i}]", g, w)
 
 
 @pytest.mark.parametrize("backend, cls", [(None, "LSTM"), (None, "GRU"), (None, "RNN"),
