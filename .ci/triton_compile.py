@@ -10,7 +10,8 @@ is then compiled with triton.compile for each target, down to a cubin (Triton's 
 ptxas). Arguments are specialized as a launch does (integers equal to 1 as constexprs,
 divisibility by 16 of integers and of pointers, meta tensors counting as aligned). Prints
 registers, stack (spills) and shared memory per kernel and target, and lists every launch
-that spills; exits 1 if a launch fails to compile or spills more than --max-stack bytes
+that spills; exits 1 if a launch fails to compile, multiplies 16-bit operands without tensor
+cores where it should (TENSOR_CORE_KERNELS), or spills more than --max-stack bytes
 (default 300: what is left is fp32 attention's dK/dV at D = 256, ~260 bytes, at tl.dot's
 smallest tiles, and 8-16 bytes in fp16 dK/dV and attention weights on sm_80;
 kernels/attention.py) or asks for more shared memory than a block may have. It compiles
@@ -49,6 +50,13 @@ _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
           torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1",
           torch.int8: "i8", torch.uint8: "u8"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+# Kernels whose fp16/bf16 launches must multiply on tensor cores (mma.sync on sm_80, wgmma
+# on sm_90): a 16-bit dot falling back to FMA (an upcast meant for the interpreter, say)
+# would still be correct and only slow. The layer step kernels multiply in fp32 by design.
+TENSOR_CORE_KERNELS = ("_attention_fwd_kernel", "_attention_bwd_dq_kernel",
+                       "_attention_bwd_dkdv_kernel", "_attention_weights_kernel",
+                       "_rnn_cell_fwd_kernel")
+_MMA = re.compile(r"\b(?:mma\.sync|wgmma\.mma_async)\b")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
 
@@ -193,7 +201,9 @@ def all_cases():
 
 
 def compile_one(item):
-    """(label, target, (registers, stack bytes, shared bytes) or the error's text)."""
+    """(label, target, (registers, stack bytes, shared bytes) or the error's text); the
+    label says "needs tensor cores, has none" where a TENSOR_CORE_KERNELS launch with
+    fp16/bf16 operands has no mma instruction."""
     (fn, signature, constexprs, attrs, options), target = item
     name = fn.fn.__qualname__
     flags = ",".join(f"{param}={value}" for param, value in zip(
@@ -207,6 +217,9 @@ def compile_one(item):
         lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
         where = f"{lines[0]} " if len(lines) > 1 else ""
         return label, target, f"{type(exc).__name__}: {where}{lines[-1][:300]}"
+    sixteen_bit = {"*fp16", "*bf16"} & set(signature.values())
+    if name in TENSOR_CORE_KERNELS and sixteen_bit and not _MMA.search(kernel.asm["ptx"]):
+        return label, target, "needs tensor cores (fp16/bf16 operands), has no mma instruction"
     return label, target, (*resource_usage(kernel.asm["cubin"]), kernel.metadata.shared)
 
 
