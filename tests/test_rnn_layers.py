@@ -52,9 +52,11 @@ GRID = [pytest.param(backend, seed, torch.float64, id=f"{backend}-{seed}")
     pytest.param(backend, seed, torch.float32, id=f"{backend}-{seed}")
     for backend in ("triton", "cuda") for seed in range(10)] + [
     # bf16 by the relative rule against torch's own bf16 module: the CPU's bf16 products, the
-    # cuda defaults and its tensor-core blocks (cuda-mma: SEQKERN_CUDA_RNN_MMA=1)
+    # Triton layers (on a GPU the path of LSTM projections), the cuda defaults and its
+    # tensor-core blocks (cuda-mma: SEQKERN_CUDA_RNN_MMA=1)
     pytest.param(backend, seed, torch.bfloat16, id=f"{backend}-bf16-{seed}")
-    for backend, seeds in (("cpu", 6), ("cuda", 10), ("cuda-mma", 10)) for seed in range(seeds)]
+    for backend, seeds in (("cpu", 6), ("triton", 6), ("cuda", 10), ("cuda-mma", 10))
+    for seed in range(seeds)]
 
 
 @pytest.mark.parametrize("backend, seed, dtype", GRID)
@@ -67,11 +69,11 @@ def test_randomized_parity_with_torch(monkeypatch, backend, seed, dtype):
     if not usable[backend]:
         pytest.skip(f"{backend} backend not usable here")
     rng = random.Random(seed)
-    # LSTM projections run on cpu and triton (cuda refuses them: on a GPU they go to triton),
-    # in float64 and float32 (torch's bf16 layers are the peer of the others, and seqkern's
-    # bf16 products skip them).
+    # LSTM projections run on cpu and triton (cuda refuses them: on a GPU they go to triton,
+    # in every dtype); not drawn for cpu in bf16 (its bf16 products skip projections).
     cls, kw, form, T, B, given_h0 = _random_config(
-        rng, backend in ("cpu", "reference", "triton") and dtype != torch.bfloat16)
+        rng, backend == "triton" or (backend in ("cpu", "reference") and
+                                     dtype != torch.bfloat16))
     gen = torch.Generator().manual_seed(seed)
     ours, theirs = module_pair(cls, **kw)
     ours.to(dtype)
@@ -105,16 +107,19 @@ def test_randomized_parity_with_torch(monkeypatch, backend, seed, dtype):
                          leaves, backend, dtype)
 
 
-@pytest.mark.parametrize("form", ["padded", "packed_unsorted"])
-def test_triton_projection_parity_over_several_tiles(form):
+@pytest.mark.parametrize("form, dtype", [("padded", torch.float32),
+                                         ("packed_unsorted", torch.float32),
+                                         ("padded", torch.bfloat16)])
+def test_triton_projection_parity_over_several_tiles(form, dtype):
     """LSTM proj_size on triton (on a GPU the layers with a projection run there): batch,
     hidden units and state columns each over two tiles of 16, two bidirectional layers, every
-    gradient, against torch's float64 module."""
+    gradient, against torch's float64 module (bf16: by the relative rule, torch's bf16
+    module the peer)."""
     if not HAS_TRITON:
         pytest.skip("triton backend not usable here")
     kw = dict(input_size=5, hidden_size=20, num_layers=2, bidirectional=True, proj_size=17)
     ours, theirs = module_pair("LSTM", **kw)
-    ours.float()
+    ours.to(dtype)
     gen = torch.Generator().manual_seed(11)
     T, B = 5, 18
     x, hx = _make_input("LSTM", dict(kw, batch_first=False), "padded", T, B, True, gen)
@@ -128,8 +133,9 @@ def test_triton_projection_parity_over_several_tiles(form):
         return flatten_outputs(module(inp, tuple(leaves[1:])))
 
     leaves = [t.clone().requires_grad_(True) for t in (x, *hx)]
-    check_against_torch(f"LSTM {kw} {form}", ours, theirs, call, leaves, "triton",
-                        torch.float32)
+    check_against_torch(f"LSTM {kw} {form}", ours, theirs, call, leaves, "triton", dtype)
+    if dtype != torch.float32:
+        return
     with torch.no_grad(), seqkern.backend("triton"):  # inference: h_full by batch row
         got = call(ours, [t.float() for t in (x, *hx)])
     for i, (g, w) in enumerate(zip(got, call(theirs, [x, *hx]))):
