@@ -48,19 +48,47 @@ def _tanh(x):
 
 
 @triton.jit
-def _state_times_weight(State, row_stride, rows, row_mask, W, sw_r, sw_k, w_row0, offs_j, J, K,
-                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """State[rows, :K] . W[w_row0 + offs_j, :K]^T as a [BLOCK_B, BLOCK_H] fp32 tile, for the
-    columns offs_j < J (W's element (j, k) at W + j * sw_r + k * sw_k: pass the strides
-    swapped to multiply by W itself)."""
-    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+def _state_times_gates(State, row_stride, rows, row_mask, W, sw_r, sw_k, offs_j, H, K,
+                       NG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """State[rows, :K] . W[g * H + offs_j, :K]^T for the NG gates g < NG (1, 3 or 4) as
+    [BLOCK_B, BLOCK_H] fp32 tiles (zeros past NG), columns offs_j < H, in one pass over K:
+    each slice of the state is loaded once for every gate, and the gates' weight slices are
+    loaded together (a step's four gates looped over K one after another before). The
+    products are fp32 FMA dots ("ieee") in every dtype."""
+    a0 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    a1 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    a2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    a3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    w_mask_j = offs_j[None, :] < H
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        s = tl.load(State + rows[:, None] * row_stride + offs_k[None, :],
-                    mask=row_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-        w = tl.load(W + (w_row0 + offs_j)[None, :] * sw_r + offs_k[:, None] * sw_k,
-                    mask=(offs_j[None, :] < J) & (offs_k[:, None] < K), other=0.0)
-        acc += tl.dot(s.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        st = tl.load(State + rows[:, None] * row_stride + offs_k[None, :],
+                     mask=row_mask[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+        w_mask = w_mask_j & (offs_k[:, None] < K)
+        w_ptr = W + offs_j[None, :] * sw_r + offs_k[:, None] * sw_k
+        a0 += tl.dot(st, tl.load(w_ptr, mask=w_mask, other=0.0).to(tl.float32),
+                     input_precision="ieee")
+        if NG > 1:
+            a1 += tl.dot(st, tl.load(w_ptr + H * sw_r, mask=w_mask, other=0.0).to(tl.float32),
+                         input_precision="ieee")
+        if NG > 2:
+            a2 += tl.dot(st, tl.load(w_ptr + 2 * H * sw_r, mask=w_mask,
+                                     other=0.0).to(tl.float32), input_precision="ieee")
+        if NG > 3:
+            a3 += tl.dot(st, tl.load(w_ptr + 3 * H * sw_r, mask=w_mask,
+                                     other=0.0).to(tl.float32), input_precision="ieee")
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _state_times_weight(State, row_stride, rows, row_mask, W, sw_r, sw_k, offs_j, J, K,
+                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """State[rows, :K] . W[offs_j, :K]^T as a [BLOCK_B, BLOCK_H] fp32 tile, for the
+    columns offs_j < J (W's element (j, k) at W + j * sw_r + k * sw_k: pass the strides
+    swapped to multiply by W itself)."""
+    acc, _, _, _ = _state_times_gates(State, row_stride, rows, row_mask, W, sw_r, sw_k, offs_j,
+                                      J, K, 1, BLOCK_B, BLOCK_H, BLOCK_K)
     return acc
 
 
@@ -104,18 +132,14 @@ def _rnn_layer_fwd_step_kernel(
         h_old = tl.load(old_h + rows[:, None] * H + offs_j[None, :], mask=tile, other=0.0)
         if SAVE:
             tl.store(H_PREV + n_idx * H + offs_j[None, :], h_old, mask=live_tile)
-    a0 = tl.load(xrow, mask=live_tile, other=0.0) + _state_times_weight(
-        old_h, P, rows, live, W, sw_r, sw_k, 0, offs_j, H, P, BLOCK_B, BLOCK_H, BLOCK_K)
+    p0, p1, p2, p3 = _state_times_gates(old_h, P, rows, live, W, sw_r, sw_k, offs_j, H, P, G,
+                                        BLOCK_B, BLOCK_H, BLOCK_K)
+    a0 = tl.load(xrow, mask=live_tile, other=0.0) + p0
     srow = SAVED + n_idx * (SW * H) + offs_j[None, :]
     if MODE == 0:  # LSTM: i, f, g, o
-        a1 = tl.load(xrow + H, mask=live_tile, other=0.0) + _state_times_weight(
-            old_h, P, rows, live, W, sw_r, sw_k, H, offs_j, H, P, BLOCK_B, BLOCK_H, BLOCK_K)
-        a2 = tl.load(xrow + 2 * H, mask=live_tile, other=0.0) + _state_times_weight(
-            old_h, P, rows, live, W, sw_r, sw_k, 2 * H, offs_j, H, P, BLOCK_B, BLOCK_H,
-            BLOCK_K)
-        a3 = tl.load(xrow + 3 * H, mask=live_tile, other=0.0) + _state_times_weight(
-            old_h, P, rows, live, W, sw_r, sw_k, 3 * H, offs_j, H, P, BLOCK_B, BLOCK_H,
-            BLOCK_K)
+        a1 = tl.load(xrow + H, mask=live_tile, other=0.0) + p1
+        a2 = tl.load(xrow + 2 * H, mask=live_tile, other=0.0) + p2
+        a3 = tl.load(xrow + 3 * H, mask=live_tile, other=0.0) + p3
         i, f, g, o = _sigmoid(a0), _sigmoid(a1), _tanh(a2), _sigmoid(a3)
         cptr = STATE_C + rows[:, None] * H + offs_j[None, :]
         c_old = tl.load(cptr, mask=tile, other=0.0)
@@ -137,10 +161,7 @@ def _rnn_layer_fwd_step_kernel(
             else:
                 tl.store(H_FULL + rows[:, None] * H + offs_j[None, :], h_new, mask=live_tile)
     elif MODE == 1:  # GRU: r, z, n with b_hn inside r * (...)
-        h1 = _state_times_weight(old_h, P, rows, live, W, sw_r, sw_k, H, offs_j, H, P,
-                                 BLOCK_B, BLOCK_H, BLOCK_K)
-        hn = _state_times_weight(old_h, P, rows, live, W, sw_r, sw_k, 2 * H, offs_j, H, P,
-                                 BLOCK_B, BLOCK_H, BLOCK_K)
+        h1, hn = p1, p2
         if HAS_HG_BIAS:
             bmask = offs_j < H
             a0 += tl.load(HG_BIAS + offs_j, mask=bmask, other=0.0)[None, :]
@@ -186,10 +207,10 @@ def _rnn_layer_proj_step_kernel(
     if SAVE:
         tl.store(H_PREV + n_idx * P + offs_p[None, :], h_old, mask=live_tile)
     if SAVE:  # H_FULL by flat row, else by batch row
-        h_new = _state_times_weight(H_FULL, H, n_rows, live, WR, swr_r, swr_k, 0, offs_p, P, H,
+        h_new = _state_times_weight(H_FULL, H, n_rows, live, WR, swr_r, swr_k, offs_p, P, H,
                                     BLOCK_B, BLOCK_H, BLOCK_K)
     else:
-        h_new = _state_times_weight(H_FULL, H, rows, live, WR, swr_r, swr_k, 0, offs_p, P, H,
+        h_new = _state_times_weight(H_FULL, H, rows, live, WR, swr_r, swr_k, offs_p, P, H,
                                     BLOCK_B, BLOCK_H, BLOCK_K)
     tl.store(STATE_H + ((s + 1) % 2) * B * P + state, tl.where(live_tile, h_new, h_old),
              mask=tile)
@@ -275,7 +296,7 @@ def _rnn_layer_bwd_step_kernel(
         live_a = in_batch & (rows < tl.load(STEP_ROWS + s_a))
         row_a = (off_a + rows).to(tl.int64)  # int64: as in the forward
         # zero on rows not live at step S - p; W_hh [G*H, P] itself (strides swapped)
-        dh += _state_times_weight(DHG, G * H, row_a, live_a, W, sw_k, sw_r, 0, offs_j, P,
+        dh += _state_times_weight(DHG, G * H, row_a, live_a, W, sw_k, sw_r, offs_j, P,
                                   G * H, BLOCK_B, BLOCK_H, BLOCK_K)
     if p < num_steps:
         s = num_steps - 1 - p
@@ -310,7 +331,7 @@ def _rnn_layer_bwd_proj_kernel(
     rows, offs_j, in_batch, off, live, tile, live_tile = _step_tile(
         STEP_OFF, STEP_ROWS, num_steps - 1 - p, B, H, BLOCK_B, BLOCK_H)
     n_rows = (off + rows).to(tl.int64)
-    dh_full = _state_times_weight(DH_STEP, P, n_rows, live, WR, swr_k, swr_r, 0, offs_j, H, P,
+    dh_full = _state_times_weight(DH_STEP, P, n_rows, live, WR, swr_k, swr_r, offs_j, H, P,
                                   BLOCK_B, BLOCK_H, BLOCK_K)
     _cell_bwd(dh_full, rows, n_rows[:, None], offs_j, live_tile, tile, STATE_DC, SAVED, C_PREV,
               C_PREV, C_NEW, DXG, DXG, H, 0, 4, SW)
@@ -402,6 +423,9 @@ def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
     if proj and not need_workspace:  # the cell's output before the projection, by batch row
         h_full = torch.empty(B, H, dtype=torch.float32, device=input.device)
     BLOCK_B, BLOCK_H, BLOCK_K = _blocks(H)
+    # The step kernel multiplies all G gates in one pass over K (_state_times_gates): with
+    # 64-wide slices its G weight slices spilled 8-64 bytes, 32-wide none.
+    step_block_k = BLOCK_K if G == 1 else max(16, BLOCK_K // 2)
     grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(H, BLOCK_H))
     grid_proj = (triton.cdiv(B, BLOCK_B), triton.cdiv(P, BLOCK_H))
     for s in range(offsets.numel() if B and H else 0):
@@ -413,7 +437,7 @@ def rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
             c_new if need_workspace and mode == "LSTM" else scratch,
             h_full if proj else scratch, B, H, P, MODE=_MODES[mode], G=G, SW=sw,
             HAS_HG_BIAS=bias_h is not None, SAVE=need_workspace, PROJ=proj, BLOCK_B=BLOCK_B,
-            BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K)
+            BLOCK_H=BLOCK_H, BLOCK_K=step_block_k)
         if proj:
             _rnn_layer_proj_step_kernel[grid_proj](
                 h_full, w_hr, w_hr.stride(0), w_hr.stride(1), offsets, sizes, s, state_h, out,
