@@ -204,9 +204,8 @@ def _rnn_layer_proj_step_kernel(
     n_idx = n_rows[:, None]
     state = rows[:, None] * P + offs_p[None, :]
     h_old = tl.load(STATE_H + (s % 2) * B * P + state, mask=tile, other=0.0)
-    if SAVE:
-        tl.store(H_PREV + n_idx * P + offs_p[None, :], h_old, mask=live_tile)
     if SAVE:  # H_FULL by flat row, else by batch row
+        tl.store(H_PREV + n_idx * P + offs_p[None, :], h_old, mask=live_tile)
         h_new = _state_times_weight(H_FULL, H, n_rows, live, WR, swr_r, swr_k, offs_p, P, H,
                                     BLOCK_B, BLOCK_H, BLOCK_K)
     else:
@@ -333,6 +332,7 @@ def _rnn_layer_bwd_proj_kernel(
     n_rows = (off + rows).to(tl.int64)
     dh_full = _state_times_weight(DH_STEP, P, n_rows, live, WR, swr_k, swr_r, offs_j, H, P,
                                   BLOCK_B, BLOCK_H, BLOCK_K)
+    # LSTM (MODE 0, G 4): its cell reads no h_prev and has no separate DHG (C_PREV, DXG stand in)
     _cell_bwd(dh_full, rows, n_rows[:, None], offs_j, live_tile, tile, STATE_DC, SAVED, C_PREV,
               C_PREV, C_NEW, DXG, DXG, H, 0, 4, SW)
 
