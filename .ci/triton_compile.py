@@ -144,7 +144,7 @@ def attention_cases():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for D in (40, 64, 80, 96, 128, 256):
             run(dtype, D)
-    for dtype, D in ((torch.float16, 64), (torch.bfloat16, 128)):
+    for dtype, D in ((torch.float16, 64), (torch.bfloat16, 128), (torch.float32, 64)):
         run(dtype, D, causal=True)
         run(dtype, D, mask="bool")
         run(dtype, D, mask="float")
