@@ -47,14 +47,15 @@ def test_gradcheck_and_double_backward(mode):
 
 
 class _CompiledModel(torch.nn.Module):
-    """A batch_first bidirectional LSTM (its layer ops see a transposed, strided input)
-    under a GRU, with torch ops around them."""
+    """A batch_first bidirectional LSTM (its layer ops see a transposed, strided input;
+    proj_size > 0: with a projection) under a GRU, with torch ops around them."""
 
-    def __init__(self):
+    def __init__(self, proj_size=0):
         super().__init__()
         self.embed = torch.nn.Linear(3, 4)
-        self.lstm = seqkern.LSTM(4, 5, num_layers=2, bidirectional=True, batch_first=True)
-        self.gru = seqkern.GRU(10, 4)
+        self.lstm = seqkern.LSTM(4, 5, num_layers=2, bidirectional=True, batch_first=True,
+                                 proj_size=proj_size)
+        self.gru = seqkern.GRU(2 * (proj_size or 5), 4)
 
     def forward(self, x):
         y, (h, c) = self.lstm(torch.tanh(self.embed(x)))
@@ -63,12 +64,13 @@ class _CompiledModel(torch.nn.Module):
 
 
 @pytest.mark.skipif(not HAS_C, reason="no _C")
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph_matches_eager(compiler):
+@pytest.mark.parametrize("compiler, proj_size", [("aot_eager", 0), ("inductor", 0),
+                                                ("inductor", 3)])
+def test_torch_compile_fullgraph_matches_eager(compiler, proj_size):
     """Forward and every gradient. Inductor checks the real outputs' strides against the
     fakes' (the backward's fake once gave a strided input's gradient its strides while every
     backend returns it contiguous: a failed assertion under inductor only)."""
-    model = _CompiledModel()
+    model = _CompiledModel(proj_size)
     x = torch.randn(2, 5, 3)
     compiled = torch.compile(model, fullgraph=True, backend=compiler)
     got = compiled(x)
