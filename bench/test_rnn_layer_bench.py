@@ -45,18 +45,22 @@ SHAPES = [("fastrnns", 100, 64, 512, 512, False, 0),
 # On a GPU both compiled backends run side by side, and as its own row the cuda backend's
 # opt-in candidate: "next" = tensor-core blocks (SEQKERN_CUDA_RNN_MMA=1; fp32 layers on TF32,
 # SEQKERN_CUDA_RNN_TF32=1; csrc/cuda/rnn_layer.cu's use_mma). "seqkern-cuda" runs the
-# defaults. On the CPU the default dispatch.
-PROVIDERS = (["seqkern-cuda", "seqkern-cuda-next", "seqkern-triton", "torch"] if CUDA
-             else ["seqkern", "torch"])
-NEXT_ENV = ("SEQKERN_CUDA_RNN_MMA", "SEQKERN_CUDA_RNN_TF32")  # "1" for next, else unset
+# defaults. LSTM projections (the "projection" shape), which the CUDA kernel refuses, run on
+# triton, and on cuda as "seqkern-cuda-proj": a plain layer with the projection folded into
+# its weights (SEQKERN_RNN_PROJ_VIA_PLAIN=1, seqkern/nn/projection.py). On the CPU the
+# default dispatch.
+PROVIDERS = (["seqkern-cuda", "seqkern-cuda-next", "seqkern-cuda-proj", "seqkern-triton",
+              "torch"] if CUDA else ["seqkern", "torch"])
+VARIANT_ENV = {"next": ("SEQKERN_CUDA_RNN_MMA", "SEQKERN_CUDA_RNN_TF32"),
+               "proj": ("SEQKERN_RNN_PROJ_VIA_PLAIN",)}  # "1" for the variant, else unset
 
 
 @contextlib.contextmanager
 def variant_env(variant):
-    """The environment of a cuda variant: "next" sets NEXT_ENV to "1", else they are unset."""
-    before = {k: os.environ.pop(k, None) for k in NEXT_ENV}
-    if variant == "next":
-        os.environ.update({k: "1" for k in NEXT_ENV})
+    """The environment of a cuda variant: its VARIANT_ENV set to "1", every other unset."""
+    names = [k for names in VARIANT_ENV.values() for k in names]
+    before = {k: os.environ.pop(k, None) for k in names}
+    os.environ.update({k: "1" for k in VARIANT_ENV.get(variant, ())})
     try:
         yield
     finally:
@@ -140,11 +144,15 @@ def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
         pytest.skip("bf16 on the CPU: three shapes, inference and train-data")
     if P and cls != "LSTM":
         pytest.skip("proj_size is LSTM's")
-    backend, _ = _backend(provider)
+    backend, variant = _backend(provider)
+    if variant == "proj" and not P:
+        pytest.skip("seqkern-cuda-proj runs the projection shape only")
     # The op's own inputs dict, as the op builds it (w_hh [G*H, P or H], w_hr [P, H]).
     x = torch.empty(T, B, I, device=DEVICE, dtype=dtype)
     w_hh = torch.empty((4 if cls == "LSTM" else 3) * H, P or H, device=DEVICE, dtype=dtype)
-    w_hr = torch.empty(P, H, device=DEVICE, dtype=dtype) if P else None
+    w_hr = torch.empty(P, H, device=DEVICE, dtype=dtype) if P and variant != "proj" else None
+    if variant == "proj":  # the plain layer the projection is folded into: hidden size H
+        w_hh = torch.empty(4 * H, H, device=DEVICE, dtype=dtype)
     if backend and seqkern.backends.BACKENDS[backend].not_supported_reasons(
             "rnn_layer", seqkern.ops.rnn_layer._inputs(x, cls, w_hh, w_hr)):
         pytest.skip(f"{provider} not usable here")

@@ -71,3 +71,27 @@ def test_host_clock_on_the_cpu():
     record(_fake_benchmark(0.25, rounds=3, iterations=1), "case", "seqkern-cpu", flops=0)
     row = conftest._ROWS[-1]
     assert row["median_ms"] == 250.0 and "host_ms" not in row and row["tflops"] is None
+
+
+def test_layer_bench_variant_env_sets_its_own_switches_and_restores(monkeypatch):
+    """The GPU layer bench's providers differ only by environment switches (bench/
+    test_rnn_layer_bench.py, variant_env): a variant must set its own, unset the others',
+    and leave the environment as it found it."""
+    spec = importlib.util.spec_from_file_location(
+        "layer_bench", os.path.join(os.path.dirname(__file__), os.pardir, "bench",
+                                    "test_rnn_layer_bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1")
+    monkeypatch.delenv("SEQKERN_RNN_PROJ_VIA_PLAIN", raising=False)
+    with bench.variant_env("proj"):
+        assert os.environ.get("SEQKERN_RNN_PROJ_VIA_PLAIN") == "1"
+        assert "SEQKERN_CUDA_RNN_MMA" not in os.environ
+    with bench.variant_env("next"):
+        assert os.environ.get("SEQKERN_CUDA_RNN_MMA") == "1"
+        assert os.environ.get("SEQKERN_CUDA_RNN_TF32") == "1"
+        assert "SEQKERN_RNN_PROJ_VIA_PLAIN" not in os.environ
+    with bench.variant_env(""):
+        assert not any(k in os.environ for names in bench.VARIANT_ENV.values() for k in names)
+    assert os.environ.get("SEQKERN_CUDA_RNN_MMA") == "1"
+    assert "SEQKERN_RNN_PROJ_VIA_PLAIN" not in os.environ

@@ -142,6 +142,45 @@ def test_triton_projection_parity_over_several_tiles(form, dtype):
         assert_close(f"LSTM {kw} {form} no_grad output[{i}]", g, w)
 
 
+@pytest.mark.parametrize("backend, dtype, form", [
+    ("cpu", torch.float64, "padded"), ("cpu", torch.float64, "packed_unsorted"),
+    ("triton", torch.float32, "packed_unsorted"), ("cpu", torch.bfloat16, "padded"),
+    ("cuda", torch.float32, "packed_unsorted"), ("cuda", torch.bfloat16, "padded")])
+def test_projection_via_plain_layer_matches_torch(monkeypatch, backend, dtype, form):
+    """SEQKERN_RNN_PROJ_VIA_PLAIN=1: an LSTM with a projection as a plain layer of hidden
+    size H (W_hh W_hr as its recurrent weight, h0 through the input; seqkern/nn/projection.py),
+    which the CUDA kernel runs though it has no projection step. Bidirectional (the reverse
+    direction injects h0 at each packed sequence's own last step), batch_first, every
+    gradient; bf16 by the relative rule against torch's bf16 module."""
+    if not {"cpu": HAS_C, "triton": HAS_TRITON, "cuda": HAS_CUDA}[backend]:
+        pytest.skip(f"{backend} backend not usable here")
+    monkeypatch.setenv("SEQKERN_RNN_PROJ_VIA_PLAIN", "1")
+    import seqkern.nn.rnn as rnn_module
+    taken = []
+    plain = rnn_module.lstm_projection_via_plain_layer
+    monkeypatch.setattr(rnn_module, "lstm_projection_via_plain_layer",
+                        lambda *a: taken.append(1) or plain(*a))
+    kw = dict(input_size=5, hidden_size=12, num_layers=2, bidirectional=True, proj_size=7,
+              batch_first=True)
+    ours, theirs = module_pair("LSTM", **kw)
+    ours.to(dtype)
+    gen = torch.Generator().manual_seed(5)
+    T, B = 6, 4
+    x, hx = _make_input("LSTM", kw, "padded", T, B, True, gen)
+    lengths = torch.tensor([3, 6, 1, 5])
+
+    def call(module, leaves):
+        inp = leaves[0]
+        if form == "packed_unsorted":
+            inp = pack_padded_sequence(inp, lengths, batch_first=True, enforce_sorted=False)
+        return flatten_outputs(module(inp, tuple(leaves[1:])))
+
+    leaves = [t.clone().requires_grad_(True) for t in (x, *hx)]
+    check_against_torch(f"LSTM {kw} {form} via a plain layer", ours, theirs, call, leaves,
+                        backend, dtype)
+    assert taken, "the plain-layer path did not run"
+
+
 @pytest.mark.parametrize("backend, cls", [(None, "LSTM"), (None, "GRU"), (None, "RNN"),
                                           ("triton", "LSTM")])  # interpreted: ~25 s
 def test_long_sequence_stays_finite_and_matches(backend, cls):

@@ -9,14 +9,16 @@ forward is seqkern's own: each layer and direction runs as one seqkern::rnn_laye
 kernel with the loop over time inside it), PackedSequence natively (only the live rows of
 each step are computed; the reverse direction starts at each sequence's own end).
 
-LSTM with proj_size > 0 runs the same op with the projection inside the recurrence (C++
-kernel on the CPU; the Triton and CUDA kernels refuse it, so on a GPU it runs the
-reference).
+LSTM with proj_size > 0 runs the same op with the projection inside the recurrence (the C++
+kernel on the CPU, the Triton one on a GPU: the CUDA kernel has no projection step), or, with
+SEQKERN_RNN_PROJ_VIA_PLAIN=1, as a plain LSTM layer of hidden size H with the projection
+folded into its weights (seqkern/nn/projection.py: on a GPU, the CUDA persistent kernel).
 """
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
+from seqkern.nn.projection import lstm_projection_via_plain_layer, use_plain_layer_for_projection
 from seqkern.ops.rnn_layer import rnn_layer_fwd
 
 
@@ -138,6 +140,9 @@ class _SeqkernRNNMixin:
         need_workspace = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad
             for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+        if w_hr is not None and use_plain_layer_for_projection():
+            return lstm_projection_via_plain_layer(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih,
+                                                   b_hh, w_hr, reverse, need_workspace)
         out, h, c, _ = rnn_layer_fwd(self.mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih,
                                      b_hh, reverse, need_workspace, w_hr)
         return out, h, c
