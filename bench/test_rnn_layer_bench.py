@@ -7,8 +7,9 @@ compute the input's gradient anyway, seqkern skips that product). FLOPs: 2*T*B*G
 forward (G = 4 LSTM, 3 GRU; with a projection 2*T*B*(G*H*(I+P) + H*P)), 3x for "train", 3x
 less the 2*T*B*G*H*I of dx for "train-data"; packed sequences count only their live rows.
 The "projection" shape (LSTM proj_size, as in speech models) runs LSTM only; on a GPU the cuda
-backend refuses projections, so its seqkern row is the triton backend's (the default there). Peak memory: on CUDA
-torch.cuda.max_memory_allocated over the timed calls; on the CPU (fastrnns shape only) the
+backend refuses projections: they run on triton (the default there) and, as
+"seqkern-cuda-proj", through the cuda backend as a plain layer (seqkern/nn/projection.py).
+Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed calls; on the CPU (fastrnns shape only) the
 peak RSS growth of one call in a fresh process (bench/peak_memory.py).
 """
 import contextlib

@@ -5,8 +5,8 @@ validation errors, parameters (names, order, shapes, initialisation), state_dict
 flatten_parameters(), all_weights, _flat_weights and torch.func.functional_call behave
 exactly as torch's. (Not torch.nn.LSTM itself: torch.compile refuses to trace instances of
 torch.nn.LSTM/GRU/RNN, so `isinstance(m, torch.nn.LSTM)` is False for seqkern.LSTM.)
-forward is seqkern's own: each layer and direction runs as one seqkern::rnn_layer_fwd op (a whole-sequence
-kernel with the loop over time inside it), PackedSequence natively (only the live rows of
+forward is seqkern's own: each layer and direction runs as one seqkern::rnn_layer_fwd op (a
+whole-sequence kernel with the loop over time inside it), PackedSequence natively (only the live rows of
 each step are computed; the reverse direction starts at each sequence's own end).
 
 LSTM with proj_size > 0 runs the same op with the projection inside the recurrence (the C++
