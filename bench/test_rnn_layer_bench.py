@@ -9,8 +9,9 @@ less the 2*T*B*G*H*I of dx for "train-data"; packed sequences count only their l
 The "projection" shape (LSTM proj_size, as in speech models) runs LSTM only; on a GPU the cuda
 backend refuses projections: they run on triton (the default there) and, as
 "seqkern-cuda-proj", through the cuda backend as a plain layer (seqkern/nn/projection.py).
-Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed calls; on the CPU (fastrnns shape only) the
-peak RSS growth of one call in a fresh process (bench/peak_memory.py).
+Peak memory: on CUDA torch.cuda.max_memory_allocated over the timed calls; on the CPU
+(fastrnns shape only) the peak RSS growth of one call in a fresh process
+(bench/peak_memory.py).
 """
 import contextlib
 import json

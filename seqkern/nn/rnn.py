@@ -6,8 +6,9 @@ flatten_parameters(), all_weights, _flat_weights and torch.func.functional_call 
 exactly as torch's. (Not torch.nn.LSTM itself: torch.compile refuses to trace instances of
 torch.nn.LSTM/GRU/RNN, so `isinstance(m, torch.nn.LSTM)` is False for seqkern.LSTM.)
 forward is seqkern's own: each layer and direction runs as one seqkern::rnn_layer_fwd op (a
-whole-sequence kernel with the loop over time inside it), PackedSequence natively (only the live rows of
-each step are computed; the reverse direction starts at each sequence's own end).
+whole-sequence kernel with the loop over time inside it), PackedSequence natively (only the
+live rows of each step are computed; the reverse direction starts at each sequence's own
+end).
 
 LSTM with proj_size > 0 runs the same op with the projection inside the recurrence (the C++
 kernel on the CPU, the Triton one on a GPU: the CUDA kernel has no projection step), or, with
