@@ -120,6 +120,13 @@ def select(op, inputs):
                        f"Every backend:\n{_format(op, every)}")
 
 
+def checks_own_args(impl):
+    """Whether a backend's entry points check their arguments themselves (the C++ ones:
+    csrc/*_args.h; CHECKS_ARGS = True), so that the ops in seqkern/ops/ check them only for
+    the others (triton, reference), with the same rules and messages."""
+    return getattr(impl, "CHECKS_ARGS", False)
+
+
 def usable_report(device="cpu"):
     """{backend: reasons it is unavailable here} for a generic probe, for seqkern.info."""
     return {name: b.availability(device) for name, b in BACKENDS.items()}

@@ -95,17 +95,13 @@ def check_attention_grads(query, value, grad_out, out, lse):
     check_lse(query, lse)
 
 
-def _checks_in_cpp(impl):
-    return getattr(impl, "CHECKS_ARGS", False)
-
-
 @torch.library.custom_op("seqkern::attention_fwd", mutates_args=())
 def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                   key_padding_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                   scale: float, seed_offset: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     impl = backends.select("attention", _inputs(query, key, value, attn_mask,
                                                 key_padding_mask, dropout_p, is_causal))
-    if not _checks_in_cpp(impl):
+    if not backends.checks_own_args(impl):
         check_attention_args(query, key, value, attn_mask, key_padding_mask, dropout_p,
                              seed_offset)
     return impl.attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p,
@@ -129,7 +125,7 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
                   ) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.select("attention", _inputs(query, key, value, attn_mask,
                                                 key_padding_mask, dropout_p, is_causal))
-    if not _checks_in_cpp(impl):
+    if not backends.checks_own_args(impl):
         check_attention_args(query, key, value, attn_mask, key_padding_mask, dropout_p,
                              seed_offset)
         check_attention_grads(query, value, grad_out, out, lse)
@@ -178,7 +174,7 @@ def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Option
     impl = backends.select("attention_weights", _inputs(query, key, key, attn_mask,
                                                         key_padding_mask, dropout_p,
                                                         is_causal))
-    if not _checks_in_cpp(impl):
+    if not backends.checks_own_args(impl):
         check_attention_args(query, key, key, attn_mask, key_padding_mask, dropout_p,
                              seed_offset)
         check_lse(query, lse)

@@ -105,7 +105,7 @@ def rnn_cell_fwd(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], w_i
                  w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
                  ) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.select("rnn_cell", _inputs(mode, input))
-    if not getattr(impl, "CHECKS_ARGS", False):
+    if not backends.checks_own_args(impl):
         check_cell_args(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     return impl.rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
@@ -135,7 +135,7 @@ def rnn_cell_bwd(mode: str, grad_h: Tensor, grad_c: Optional[Tensor], input: Ten
     if fused is not None:  # the backend does the products too (cpu: one C++ call)
         return fused(mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, has_bias, h, saved,
                      needs)
-    if not getattr(impl, "CHECKS_ARGS", False):
+    if not backends.checks_own_args(impl):
         check_gate_grad_args(mode, grad_h, grad_c, hx, cx, h, saved)
     d_ih, d_hh, d_hx_direct, dcx = impl.rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h,
                                                             saved)

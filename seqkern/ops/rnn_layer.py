@@ -11,6 +11,7 @@ dim is P). Returns output [T, B, H] or [N, H], h_n [B, H], c_n [B, H] (LSTM; els
 and a workspace (1-D, fp32 or fp64) that only the backward reads.
 """
 import collections
+import math
 from typing import Optional
 
 import torch
@@ -91,7 +92,7 @@ def check_layer_grads(mode, B, H, P, input, workspace, grad_output, grad_hn, gra
     """rnn_layer_bwd's workspace (a forward's of these arguments, as the CPU binding checks)
     and incoming gradients (csrc/rnn_args.h, check_layer_grads): grad_output with the
     output's N * P elements, grad_hn [B, P], grad_cn [B, H]."""
-    N = input.numel() // input.shape[-1] if input.shape[-1] else 0
+    N = math.prod(input.shape[:-1])
     if (workspace.dim() != 1 or workspace.numel() != workspace_numel(mode, N, H, P) or
             workspace.dtype != compute_dtype(input.dtype)):
         raise RuntimeError("rnn_layer_bwd: workspace does not come from rnn_layer_fwd with "
@@ -103,13 +104,6 @@ def check_layer_grads(mode, B, H, P, input, workspace, grad_output, grad_hn, gra
         raise RuntimeError(f"rnn_layer_bwd: grad_hn must be h_n's [{B}, {P}]")
     if grad_cn is not None and tuple(grad_cn.shape) != (B, H):
         raise RuntimeError(f"rnn_layer_bwd: grad_cn must be c_n's [{B}, {H}]")
-
-
-def _checked(impl, mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-    """check_layer_args unless impl's entry points check in C++ (CHECKS_ARGS)."""
-    if not getattr(impl, "CHECKS_ARGS", False):
-        return check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    return None
 
 
 def _inputs(input, mode, w_hh, w_hr):
@@ -154,7 +148,8 @@ def rnn_layer_fwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
                   b_hh: Optional[Tensor], reverse: bool, need_workspace: bool = True,
                   w_hr: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = backends.select("rnn_layer", _inputs(input, mode, w_hh, w_hr))
-    _checked(impl, mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    if not backends.checks_own_args(impl):
+        check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     result = impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                 reverse, need_workspace, w_hr)
     _remember_producer(result[3], impl.NAME)
@@ -190,8 +185,8 @@ def rnn_layer_bwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
                          f"({', '.join(GRAD_NAMES)}), got {len(needs)}")
     impl = (workspace_producer(workspace) or
             backends.select("rnn_layer", _inputs(input, mode, w_hh, w_hr)))
-    dims = _checked(impl, mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    if dims is not None:
+    if not backends.checks_own_args(impl):
+        dims = check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
         check_layer_grads(mode, *dims, input, workspace, grad_output, grad_hn, grad_cn)
     grads = impl.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                reverse, workspace, grad_output, grad_hn, grad_cn, needs, w_hr)
