@@ -372,9 +372,11 @@ def _blocks(H):
 
 
 def _workspace(mode, N, H, P, device, need):
+    """Uninitialised: every flat row is live at exactly one step, and the step kernels write
+    all of its blocks (NaN-poisoned in the tests; a zero fill was a pass over 92 MB at the
+    fastrnns shape)."""
     from seqkern.ops.rnn_layer import workspace_numel
-    return torch.zeros(workspace_numel(mode, N, H, P) if need else 0, dtype=torch.float32,
-                       device=device)
+    return new_output((workspace_numel(mode, N, H, P) if need else 0,), torch.float32, device)
 
 
 def _views(mode, workspace, N, H, P):
