@@ -35,20 +35,15 @@ import triton  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
-
-try:  # how a launch specializes its arguments (libtriton, triton 3.4 and later)
-    from triton._C.libtriton import native_specialize_impl as _native_specialize
-except ImportError:
-    _native_specialize = None
+# How a launch specializes its arguments: libtriton's own rule (triton 3.4 and later; CI
+# runs 3.9 and the GPU machine's 3.6).
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
 
 TARGETS = (GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32))
 # The most dynamic shared memory a block may opt in to (A100: 163 KB, H100: 227 KB); a launch
 # asking for more fails with "out of resource" on the GPU only.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 META = torch.device("meta")
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-          torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1",
-          torch.int8: "i8", torch.uint8: "u8"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 # Kernels whose fp16/bf16 launches must multiply on tensor cores (mma.sync on sm_80, wgmma
 # on sm_90): a 16-bit dot falling back to FMA (an upcast meant for the interpreter, say)
@@ -61,27 +56,12 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
                          "cuobjdump")
 
 
-def _type(value):
-    if isinstance(value, torch.Tensor):
-        return "*" + _TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {type(value).__name__} {value!r}")
-
-
 def _specialize(param, value):
-    """(type, attributes) as a GPU launch specializes the argument: libtriton's own rule
-    where this triton has it (integers equal to 1 become constexprs, 16-divisible integers
-    and 16-byte aligned pointers get divisibility facts; a meta tensor counts as aligned
-    unless its offset is not), else the bare type."""
-    if _native_specialize is None:
-        return _type(value), []
-    kind, spec = _native_specialize(BaseBackend, value, False, not param.do_not_specialize,
-                                    not param.do_not_specialize_on_alignment)
+    """(type, attributes) as a GPU launch specializes the argument (integers equal to 1
+    become constexprs, 16-divisible integers and 16-byte aligned pointers get divisibility
+    facts; a meta tensor counts as aligned unless its offset is not)."""
+    kind, spec = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                        not param.do_not_specialize_on_alignment)
     return kind, (BaseBackend.parse_attr(spec) if isinstance(spec, str) else [])
 
 
