@@ -1,15 +1,24 @@
 """Input builders shared by the attention tests."""
 import os
 
+import pytest
 import torch
 
 import seqkern
 from seqkern import reference
+from seqkern.backends import BACKENDS
 from seqkern.ops.attention import draw_dropout_seed
 
 
 # Where the tests' tensors live: "cpu" here; "cuda" in bench/gpu_check.sh (tests/conftest.py).
 DEVICE = os.environ.get("SEQKERN_TEST_DEVICE", "cpu")
+
+
+def skip_unless_usable(backend):
+    """Skips the calling test when `backend` cannot run on DEVICE here (with its reasons)."""
+    reasons = BACKENDS[backend].availability(DEVICE)
+    if reasons:
+        pytest.skip(f"{backend} backend not usable here: {'; '.join(reasons)}")
 
 
 def make_qkv(B, Hq, Hkv, L, S, D, Dv=None, dtype=torch.float32, layout="contiguous"):

@@ -10,7 +10,7 @@ import torch
 import seqkern
 from seqkern.backends import BACKENDS, BackendError
 from seqkern.functional import scaled_dot_product_attention as sdpa
-from tests.attention_cases import DEVICE, make_qkv, opcheck_inputs
+from tests.attention_cases import DEVICE, make_qkv, opcheck_inputs, skip_unless_usable
 from tests.capability_runner import assert_passes_under_capability
 
 HAS_C = not BACKENDS["cpu"].availability(DEVICE)
@@ -67,7 +67,6 @@ def test_tensors_on_different_devices_raise():
         sdpa(q, meta, v)
 
 
-HAS_TRITON = not BACKENDS["triton"].availability(DEVICE)
 OP_CASES = {  # attention_fwd's arguments, changed from q, k, v [1, 2, 8, 16]
     "key head dim": (dict(k=(1, 2, 8, 8)), "query and key head dims differ"),
     "value length": (dict(v=(1, 2, 6, 16)), "value must match key's heads and length"),
@@ -81,8 +80,7 @@ def test_attention_op_refuses_shapes_the_kernels_would_overrun(backend, case):
     """The op itself, not only seqkern.functional: the Triton kernels index by these shapes
     without bounds checks and gave wrong answers for each, silently; every backend refuses
     them before a kernel runs (cpu in C++)."""
-    if not {"cpu": HAS_C, "reference": True, "triton": HAS_TRITON}[backend]:
-        pytest.skip(f"{backend} backend not usable here")
+    skip_unless_usable(backend)
     change, match = OP_CASES[case]
     shapes = {**dict(q=(1, 2, 8, 16), k=(1, 2, 8, 16), v=(1, 2, 8, 16)), **change}
     t = {name: torch.randn(*shape, device=DEVICE) for name, shape in shapes.items()}
@@ -97,8 +95,7 @@ def test_attention_op_refuses_shapes_the_kernels_would_overrun(backend, case):
 def test_attention_backward_op_refuses_out_and_lse_of_the_wrong_size(backend, which, match):
     """out and lse of another query length: the kernels read them without bounds checks
     (the CPU binding checked lse's dtype and rank only)."""
-    if not {"cpu": HAS_C, "reference": True, "triton": HAS_TRITON}[backend]:
-        pytest.skip(f"{backend} backend not usable here")
+    skip_unless_usable(backend)
     q, k, v = (torch.randn(1, 2, 8, 16, device=DEVICE) for _ in range(3))
     ops = seqkern.ops.attention
     with seqkern.backend(backend):
@@ -110,6 +107,17 @@ def test_attention_backward_op_refuses_out_and_lse_of_the_wrong_size(backend, wh
         grad_out = torch.randn_like(out)
         with pytest.raises(RuntimeError, match=match):
             ops.attention_bwd(grad_out, q, k, v, out, lse, None, None, 0.0, False, 0.25, None)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_attention_weights_op_refuses_an_lse_of_the_wrong_size(backend):
+    """attention_weights reads lse [B, Hq, L] without bounds checks."""
+    skip_unless_usable(backend)
+    q, k = (torch.randn(1, 2, 8, 16, device=DEVICE) for _ in range(2))
+    lse = torch.zeros(1, 2, 7, device=DEVICE)
+    with seqkern.backend(backend), pytest.raises(RuntimeError, match="lse must be the forward's"):
+        seqkern.ops.attention.attention_weights(q, k, lse, None, None, False, 0.25, 0.0, None,
+                                                True)
 
 
 def test_forced_backend_that_cannot_run_lists_every_backend():

@@ -6,7 +6,7 @@ import torch
 
 import seqkern
 from seqkern.backends import BACKENDS
-from tests.attention_cases import DEVICE
+from tests.attention_cases import DEVICE, skip_unless_usable
 from tests.capability_runner import assert_passes_under_capability
 from tests.test_rnn_cells import MODES, call, call_reference, make_cell_args
 
@@ -191,7 +191,6 @@ print(torch.ops.seqkern_C.cpu_capability())
     assert_passes_under_capability(code, capability)
 
 
-HAS_TRITON = not BACKENDS["triton"].availability(DEVICE)
 OP_CASES = {  # rnn_cell_fwd's arguments, changed from x [3, 4], hx, cx [3, 5], LSTM weights
     "hx wider than w_hh": (dict(hx=(3, 6)), r"w_ih must be \[24, 4\], got \[20, 4\]"),
     "w_hh narrow": (dict(w_hh=(20, 4)), r"w_hh must be \[20, 5\], got \[20, 4\]"),
@@ -207,8 +206,7 @@ def test_cell_op_refuses_shapes_the_kernels_would_overrun(backend, case):
     """The op itself (torch.ops.seqkern.rnn_cell_fwd), not only seqkern.functional: the
     Triton kernel indexes by these shapes without bounds checks and gave wrong answers for
     each, silently; every backend now refuses them before a kernel runs (cpu in C++)."""
-    if not {"cpu": HAS_C, "reference": True, "triton": HAS_TRITON}[backend]:
-        pytest.skip(f"{backend} backend not usable here")
+    skip_unless_usable(backend)
     change, match = OP_CASES[case]
     shapes = {**dict(x=(3, 4), hx=(3, 5), cx=(3, 5), w_ih=(20, 4), w_hh=(20, 5)), **change}
     t = {name: torch.randn(*shape, device=DEVICE) for name, shape in shapes.items()}
@@ -221,8 +219,7 @@ def test_cell_op_refuses_shapes_the_kernels_would_overrun(backend, case):
 @pytest.mark.parametrize("which, match", [("grad_h", r"grad_h must be \[3, 5\]"),
                                           ("saved", "saved must be the forward's flat")])
 def test_cell_backward_op_refuses_gradients_of_the_wrong_size(backend, which, match):
-    if not {"cpu": HAS_C, "reference": True, "triton": HAS_TRITON}[backend]:
-        pytest.skip(f"{backend} backend not usable here")
+    skip_unless_usable(backend)
     x, hx, cx = (torch.randn(3, n, device=DEVICE) for n in (4, 5, 5))
     w_ih, w_hh = torch.randn(20, 4, device=DEVICE), torch.randn(20, 5, device=DEVICE)
     with seqkern.backend(backend):

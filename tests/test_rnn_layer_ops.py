@@ -7,7 +7,7 @@ import torch
 
 import seqkern
 from seqkern.backends import BACKENDS
-from tests.attention_cases import DEVICE
+from tests.attention_cases import DEVICE, skip_unless_usable
 from tests.rnn_layer_cases import HAS_C, HAS_TRITON, module_pair
 from tests.tolerances import assert_close
 
@@ -113,18 +113,12 @@ def test_compiled_backward_runs_where_the_forward_ran(forced, monkeypatch):
 CHECKING_BACKENDS = ["cpu", "reference", "triton"]  # cpu: C++ checks; others: the op's
 
 
-def _usable(backend):
-    usable = {"cpu": HAS_C, "triton": HAS_TRITON, "reference": True}[backend]
-    if not usable:
-        pytest.skip(f"{backend} backend not usable here")
-
-
 @pytest.mark.parametrize("backend", CHECKING_BACKENDS)
 @pytest.mark.parametrize("sizes, match", [([2, 3], "non-increasing"), ([3, 3], "sum to 6"),
                                           ([3, -1], "non-increasing")])
 def test_layer_op_refuses_malformed_batch_sizes(backend, sizes, match):
     """The kernels index rows by batch_sizes: a malformed one must raise, not read past N."""
-    _usable(backend)
+    skip_unless_usable(backend)
     x = torch.randn(5, 4)
     h0 = torch.zeros(3, 6)
     w_ih, w_hh = torch.randn(18, 4), torch.randn(18, 6)
@@ -135,7 +129,7 @@ def test_layer_op_refuses_malformed_batch_sizes(backend, sizes, match):
 
 @pytest.mark.parametrize("backend", CHECKING_BACKENDS)
 def test_layer_op_refuses_biases_of_the_wrong_size(backend):
-    _usable(backend)
+    skip_unless_usable(backend)
     x, h0 = torch.randn(4, 2, 3), torch.zeros(2, 5)
     w_ih, w_hh = torch.randn(15, 3), torch.randn(15, 5)
     with seqkern.backend(backend), pytest.raises(RuntimeError, match=r"each \[G\*H\]"):
@@ -152,7 +146,7 @@ def test_layer_op_refuses_biases_of_the_wrong_size(backend):
 def test_layer_op_refuses_shapes_the_kernels_would_overrun(backend, case, match):
     """Each of these once ran the Triton kernels out of bounds (memory corruption in the
     interpreter, no error): every backend refuses them before a kernel runs."""
-    _usable(backend)
+    skip_unless_usable(backend)
     x, h0, c0 = torch.randn(4, 2, 3), torch.zeros(2, 5), torch.zeros(2, 7)
     w_ih, w_hh, w_hr = torch.randn(28, 3), torch.randn(28, 5), torch.randn(5, 7)
     args = dict(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr)
@@ -176,7 +170,7 @@ def test_layer_op_refuses_shapes_the_kernels_would_overrun(backend, case, match)
                                           (3, "workspace does not come from rnn_layer_fwd")])
 def test_layer_backward_op_refuses_gradients_of_the_wrong_size(backend, which, match):
     """The backward reads the incoming gradients and the workspace without bounds checks."""
-    _usable(backend)
+    skip_unless_usable(backend)
     x, h0, c0 = torch.randn(4, 2, 3), torch.zeros(2, 5), torch.zeros(2, 5)
     w_ih, w_hh = torch.randn(20, 3), torch.randn(20, 5)
     args = ("LSTM", x, None, h0, c0, w_ih, w_hh, None, None, False)

@@ -8,7 +8,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import seqkern
-from tests.attention_cases import DEVICE
+from tests.attention_cases import DEVICE, skip_unless_usable
 from tests.rnn_layer_cases import (HAS_C, HAS_CUDA, HAS_TRITON, check_against_torch,
                                    flatten_outputs, module_pair)
 from tests.tolerances import FWD_FACTOR, assert_close, assert_close_relative
@@ -152,8 +152,7 @@ def test_projection_via_plain_layer_matches_torch(monkeypatch, backend, dtype, f
     which the CUDA kernel runs though it has no projection step. Bidirectional (the reverse
     direction injects h0 at each packed sequence's own last step), batch_first, every
     gradient; bf16 by the relative rule against torch's bf16 module."""
-    if not {"cpu": HAS_C, "triton": HAS_TRITON, "cuda": HAS_CUDA}[backend]:
-        pytest.skip(f"{backend} backend not usable here")
+    skip_unless_usable(backend)
     monkeypatch.setenv("SEQKERN_RNN_PROJ_VIA_PLAIN", "1")
     import seqkern.nn.rnn as rnn_module
     taken = []
