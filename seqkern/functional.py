@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from seqkern import autocast
 from seqkern.ops import attention as _attention_ops
 from seqkern.ops import rnn_cells as _cell_ops
 
@@ -120,8 +121,15 @@ def attention_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
 
     lse is the log-sum-exp of each row's masked, scaled scores (-inf for a row with no
     visible key); exp(score - lse) gives the attention weights. seed_offset (int64 [2],
-    from seqkern.ops.attention.draw_dropout_seed) fixes the dropout pattern.
+    from seqkern.ops.attention.draw_dropout_seed) fixes the dropout pattern. Under autocast,
+    as torch's (an autocast op): query, key, value and a float mask in the autocast dtype.
     """
+    if isinstance(query, torch.Tensor):
+        compute = autocast.function_dtype(query)
+        if compute is not None:
+            query, key, value = autocast.cast((query, key, value), compute)
+            if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
+                attn_mask = attn_mask.to(compute)
     _check_attention_inputs(query, key, value, attn_mask, dropout_p, enable_gqa,
                             key_padding_mask)
     B, Hq, L, D = query.shape

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
+from seqkern import autocast
 from seqkern.nn.projection import lstm_projection_via_plain_layer, use_plain_layer_for_projection
 from seqkern.ops.rnn_layer import rnn_layer_fwd
 
@@ -76,6 +77,21 @@ class _SeqkernRNNMixin:
             elif hx is not None:
                 self._check_batched_hidden(hx)
             batch = input.size(batch_dim)
+        # Under autocast: torch's dtype for this configuration (seqkern/autocast.py).
+        given = () if hx is None else tuple(hx) if lstm else (hx,)
+        compute = autocast.module_dtype(self.mode, input, given, packed, self.proj_size > 0)
+        cell_state_dtype = autocast.cell_state_dtype(
+            self.mode, input, given[1] if lstm and given else None, self.proj_size > 0)
+        if compute is not None:
+            input = input.to(compute)
+            if hx is not None:
+                hx = tuple(autocast.cast(hx, compute)) if lstm else hx.to(compute)
+        elif input.dtype != self._flat_weights[0].dtype and \
+                torch.is_autocast_enabled(input.device.type):
+            # torch skips its dtype check under autocast and fails later, in a product.
+            raise ValueError(f"input must have the type {self._flat_weights[0].dtype}, got "
+                             f"type {input.dtype} (under autocast seqkern, like torch, casts "
+                             "only float32 input or input in the autocast dtype)")
         if hx is None:
             h_zeros = torch.zeros(self.num_layers * directions, batch, out_size,
                                   dtype=input.dtype, device=input.device)
@@ -107,6 +123,8 @@ class _SeqkernRNNMixin:
             for direction in reversed(range(directions)):  # the side stream's work first
                 index = layer * directions + direction
                 weights = [getattr(self, name) for name in self._all_weights[index]]
+                if compute is not None:
+                    weights = autocast.cast(weights, compute)
                 args = (x, batch_sizes, h0[index], c0[index] if lstm else None, weights)
                 if concurrent and direction == 1:
                     results[direction] = _on_side_stream(
@@ -124,7 +142,8 @@ class _SeqkernRNNMixin:
                 x = F.dropout(x, self.dropout, training=True)
         hidden = torch.stack(h_n)
         if lstm:
-            hidden = (hidden, torch.stack(c_n))
+            c_n = torch.stack(c_n)
+            hidden = (hidden, c_n if cell_state_dtype is None else c_n.to(cell_state_dtype))
         if packed:
             return (PackedSequence(x, batch_sizes, sorted_indices, unsorted_indices),
                     self.permute_hidden(hidden, unsorted_indices))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from seqkern import backends, reference
+from seqkern.autocast import kernel_dtypes_as_given
 
 
 def _inputs(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal):
@@ -104,8 +105,9 @@ def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
     if not backends.checks_own_args(impl):
         check_attention_args(query, key, value, attn_mask, key_padding_mask, dropout_p,
                              seed_offset)
-    return impl.attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p,
-                              is_causal, scale, seed_offset)
+    with kernel_dtypes_as_given(query):
+        return impl.attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p,
+                                  is_causal, scale, seed_offset)
 
 
 @attention_fwd.register_fake
@@ -129,8 +131,9 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
         check_attention_args(query, key, value, attn_mask, key_padding_mask, dropout_p,
                              seed_offset)
         check_attention_grads(query, value, grad_out, out, lse)
-    return impl.attention_bwd(grad_out, query, key, value, out, lse, attn_mask,
-                              key_padding_mask, dropout_p, is_causal, scale, seed_offset)
+    with kernel_dtypes_as_given(query):
+        return impl.attention_bwd(grad_out, query, key, value, out, lse, attn_mask,
+                                  key_padding_mask, dropout_p, is_causal, scale, seed_offset)
 
 
 @attention_bwd.register_fake
@@ -178,8 +181,9 @@ def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Option
         check_attention_args(query, key, key, attn_mask, key_padding_mask, dropout_p,
                              seed_offset)
         check_lse(query, lse)
-    return impl.attention_weights(query, key, lse, attn_mask, key_padding_mask, is_causal,
-                                  scale, dropout_p, seed_offset, average_heads)
+    with kernel_dtypes_as_given(query):
+        return impl.attention_weights(query, key, lse, attn_mask, key_padding_mask, is_causal,
+                                      scale, dropout_p, seed_offset, average_heads)
 
 
 @attention_weights.register_fake
@@ -207,9 +211,10 @@ def _weights_backward(ctx, grad_weights):
                                            query.device)
     # Plain torch ops (traceable by torch.compile). lse is the forward's, itself a function
     # of q and k: the reference differentiates the softmax whole, so lse gets no gradient.
-    dq, dk = reference.attention_weights_backward(
-        grad_weights, query, key, attn_mask, is_causal, scale, key_padding_mask, keep,
-        dropout_p, average_heads)
+    with kernel_dtypes_as_given(query):
+        dq, dk = reference.attention_weights_backward(
+            grad_weights, query, key, attn_mask, is_causal, scale, key_padding_mask, keep,
+            dropout_p, average_heads)
     return dq, dk, None, None, None, None, None, None, None, None
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from seqkern import backends
+from seqkern.autocast import kernel_dtypes_as_given
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 
@@ -150,8 +151,9 @@ def rnn_layer_fwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
     impl = backends.select("rnn_layer", _inputs(input, mode, w_hh, w_hr))
     if not backends.checks_own_args(impl):
         check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    result = impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                reverse, need_workspace, w_hr)
+    with kernel_dtypes_as_given(input):
+        result = impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                    reverse, need_workspace, w_hr)
     _remember_producer(result[3], impl.NAME)
     # Contiguous, as the fake says: inductor asserts the real outputs' strides.
     return tuple(t.contiguous() for t in result)
@@ -188,8 +190,10 @@ def rnn_layer_bwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
     if not backends.checks_own_args(impl):
         dims = check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
         check_layer_grads(mode, *dims, input, workspace, grad_output, grad_hn, grad_cn)
-    grads = impl.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                               reverse, workspace, grad_output, grad_hn, grad_cn, needs, w_hr)
+    with kernel_dtypes_as_given(input):
+        grads = impl.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                   reverse, workspace, grad_output, grad_hn, grad_cn, needs,
+                                   w_hr)
     # Contiguous, as the fake says (the reference's autograd gradients of a strided input
     # come back strided; inductor asserts the real outputs' strides).
     return [g.contiguous() for g in grads]
@@ -268,7 +272,7 @@ def reference_grads(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, re
               for t, want in zip(args, needs or [True] * len(args))]
     if not any(wanted):
         return [None] * len(args)
-    with autograd_inside_op():
+    with autograd_inside_op(), kernel_dtypes_as_given(input):
         leaves = [t if not want or t.requires_grad else t.detach().requires_grad_(True)
                   for t, want in zip(args, wanted)]
         out, h_n, c_n = reference_forward(mode, leaves[0], batch_sizes, *leaves[1:7], reverse,
