@@ -12,6 +12,7 @@ from seqkern.backends import BACKENDS, BackendError
 from seqkern.functional import scaled_dot_product_attention as sdpa
 from tests.attention_cases import DEVICE, make_qkv, opcheck_inputs, skip_unless_usable
 from tests.capability_runner import assert_passes_under_capability
+from tests.tolerances import assert_close
 
 HAS_C = not BACKENDS["cpu"].availability(DEVICE)
 needs_c = pytest.mark.skipif(not HAS_C, reason="seqkern._C not built")
@@ -363,3 +364,22 @@ def test_lse_output_carries_no_gradient():
     with seqkern.backend("reference"):
         _, lse = seqkern.functional.attention_with_lse(q, k, v)
     assert not lse.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_output_can_be_modified_in_place(backend):
+    """The attention op returned its [B, H, L, D] output as a transposed view of a
+    [B, L, H, D] buffer; autograd refuses in-place ops on views made inside a custom op,
+    torch's sdpa allows them. The layout stays the one MultiheadAttention packs. The
+    backward reads the output (as FlashAttention's and torch's fused CPU kernel's do): after
+    an in-place change it raises autograd's version error, never a wrong gradient."""
+    skip_unless_usable(backend)
+    q = torch.randn(2, 3, 5, 8, device=DEVICE, requires_grad=True)
+    with seqkern.backend(backend):
+        out = sdpa(q, q, q)
+        assert out.stride() == (120, 8, 24, 1)
+        out.mul_(2).add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(out.sum(), q)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), q.double(), q.double())
+    assert_close("out", out, want * 2 + 1)

@@ -425,3 +425,30 @@ def test_expanded_output_gradient_is_read_through_its_strides(cls):
         want = torch.autograd.grad(make_loss(theirs(x)[0]), list(theirs.parameters()))
         for (name, _), g, w in zip(ours.named_parameters(), got, want):
             assert_close(f"{cls} d{name}", g, w)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("cls, batch_first", [("LSTM", False), ("GRU", True), ("RNN", False)])
+def test_outputs_can_be_modified_in_place(cls, batch_first, backend):
+    """`out.mul_(2)` / `relu_(h_n)` on the outputs, as torch's modules allow: the layer op
+    returned its output as a view of the kernel's [N, H] rows, and autograd refuses in-place
+    ops on views made inside a custom op. Gradients then flow as torch's (float64; the
+    Triton layers in float32)."""
+    skip_unless_usable(backend)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    theirs = getattr(torch.nn, cls)(3, 4, batch_first=batch_first, dtype=torch.float64,
+                                    device=DEVICE)
+    ours = getattr(seqkern, cls)(3, 4, batch_first=batch_first, dtype=dtype, device=DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE)
+    grads = []
+    for module, forced in ((ours, seqkern.backend(backend)), (theirs, contextlib.nullcontext())):
+        with forced:
+            out, hidden = module(x.to(next(module.parameters()).dtype))
+            h_n = hidden[0] if cls == "LSTM" else hidden
+            out.mul_(2).add_(1)
+            torch.relu_(h_n)
+            grads.append(torch.autograd.grad((out.sin().sum() + h_n.sum()),
+                                             list(module.parameters())))
+    for (name, _), g, w in zip(ours.named_parameters(), *grads):
+        assert_close(f"{cls} d{name}", g, w)

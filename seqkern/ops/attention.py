@@ -21,6 +21,7 @@ from torch import Tensor
 
 from seqkern import backends, reference
 from seqkern.autocast import kernel_dtypes_as_given
+from seqkern.ops.outputs import strided_like_transposed, unviewed
 
 
 def _inputs(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal):
@@ -106,15 +107,16 @@ def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
         check_attention_args(query, key, value, attn_mask, key_padding_mask, dropout_p,
                              seed_offset)
     with kernel_dtypes_as_given(query):
-        return impl.attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p,
-                                  is_causal, scale, seed_offset)
+        out, lse = impl.attention_fwd(query, key, value, attn_mask, key_padding_mask,
+                                      dropout_p, is_causal, scale, seed_offset)
+    return unviewed(out), unviewed(lse)
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(query, key, value, attn_mask, key_padding_mask, dropout_p,
                         is_causal, scale, seed_offset):
     B, H, L, _ = query.shape
-    out = query.new_empty((B, L, H, value.shape[-1])).transpose(1, 2)
+    out = strided_like_transposed(query, (B, H, L, value.shape[-1]))
     lse = query.new_empty((B, H, L), dtype=_lse_dtype(query.dtype))
     return out, lse
 
@@ -132,8 +134,9 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
                              seed_offset)
         check_attention_grads(query, value, grad_out, out, lse)
     with kernel_dtypes_as_given(query):
-        return impl.attention_bwd(grad_out, query, key, value, out, lse, attn_mask,
-                                  key_padding_mask, dropout_p, is_causal, scale, seed_offset)
+        grads = impl.attention_bwd(grad_out, query, key, value, out, lse, attn_mask,
+                                   key_padding_mask, dropout_p, is_causal, scale, seed_offset)
+    return tuple(unviewed(g) for g in grads)
 
 
 @attention_bwd.register_fake
@@ -141,7 +144,7 @@ def _attention_bwd_fake(grad_out, query, key, value, out, lse, attn_mask, key_pa
                         dropout_p, is_causal, scale, seed_offset):
     # The layout every backend returns (empty_like would copy the strides of a packed
     # projection view, and compiled graphs would then view the real result wrongly).
-    return tuple(t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).transpose(1, 2)
+    return tuple(strided_like_transposed(t, t.shape)
                  for t in (query, key, value))
 
 
@@ -182,8 +185,9 @@ def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Option
                              seed_offset)
         check_lse(query, lse)
     with kernel_dtypes_as_given(query):
-        return impl.attention_weights(query, key, lse, attn_mask, key_padding_mask, is_causal,
-                                      scale, dropout_p, seed_offset, average_heads)
+        return unviewed(impl.attention_weights(query, key, lse, attn_mask, key_padding_mask,
+                                               is_causal, scale, dropout_p, seed_offset,
+                                               average_heads))
 
 
 @attention_weights.register_fake

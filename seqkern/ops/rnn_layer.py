@@ -19,6 +19,7 @@ from torch import Tensor
 
 from seqkern import backends
 from seqkern.autocast import kernel_dtypes_as_given
+from seqkern.ops.outputs import unviewed
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 
@@ -156,7 +157,7 @@ def rnn_layer_fwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
                                     reverse, need_workspace, w_hr)
     _remember_producer(result[3], impl.NAME)
     # Contiguous, as the fake says: inductor asserts the real outputs' strides.
-    return tuple(t.contiguous() for t in result)
+    return tuple(unviewed(t.contiguous()) for t in result)
 
 
 @rnn_layer_fwd.register_fake
@@ -196,7 +197,7 @@ def rnn_layer_bwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
                                    w_hr)
     # Contiguous, as the fake says (the reference's autograd gradients of a strided input
     # come back strided; inductor asserts the real outputs' strides).
-    return [g.contiguous() for g in grads]
+    return [unviewed(g.contiguous()) for g in grads]
 
 
 @rnn_layer_bwd.register_fake
