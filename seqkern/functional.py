@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from seqkern import autocast
+from seqkern import autocast, reference, transforms
 from seqkern.ops import attention as _attention_ops
 from seqkern.ops import rnn_cells as _cell_ops
 
@@ -142,8 +142,21 @@ def attention_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
         seed_offset = _attention_ops.draw_dropout_seed()
     if dropout_p == 0.0:
         seed_offset = None
+    if transforms.active():  # torch.func / forward AD: plain torch ops
+        return reference.attention(query, key, value, attn_mask, dropout_p, bool(is_causal),
+                                   scale, key_padding_mask,
+                                   _keep_mask(seed_offset, query, key, dropout_p))
     return torch.ops.seqkern.attention_fwd(query, key, value, attn_mask, key_padding_mask,
                                            dropout_p, bool(is_causal), scale, seed_offset)
+
+
+def _keep_mask(seed_offset, query, key, dropout_p):
+    """The kernels' dropout keep-mask for seed_offset (None without dropout)."""
+    if seed_offset is None:
+        return None
+    B, Hq, L, _ = query.shape
+    return reference.dropout_keep_mask(seed_offset, B, Hq, L, key.shape[2], dropout_p,
+                                       query.device)
 
 
 def attention_weights(query, key, lse, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -181,6 +194,11 @@ def attention_weights(query, key, lse, attn_mask=None, dropout_p=0.0, is_causal=
                          "would not be the ones it used")
     if dropout_p == 0.0:
         seed_offset = None
+    if transforms.active():  # torch.func / forward AD: plain torch ops
+        return reference.attention_weights(query, key, lse, attn_mask, bool(is_causal), scale,
+                                           key_padding_mask,
+                                           _keep_mask(seed_offset, query, key, dropout_p),
+                                           dropout_p, bool(average_heads))
     return torch.ops.seqkern.attention_weights(query, key, lse, attn_mask, key_padding_mask,
                                                bool(is_causal), scale, dropout_p,
                                                seed_offset, bool(average_heads))
@@ -250,12 +268,27 @@ def _cell(fn, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
         if s.dim() != 2:
             raise RuntimeError(f"seqkern {fn}: hidden{idx} of shape {tuple(s.shape)} must be "
                                f"{'2-D' if batched else '1-D'} like the input")
-    h, c, _ = torch.ops.seqkern.rnn_cell_fwd(mode, x, states[0],
-                                             states[1] if mode == "LSTM" else None,
-                                             w_ih, w_hh, b_ih, b_hh)
+    if transforms.active():  # torch.func / forward AD: plain torch ops
+        h, c = _reference_cell(mode, x, states, w_ih, w_hh, b_ih, b_hh)
+    else:
+        h, c, _ = torch.ops.seqkern.rnn_cell_fwd(mode, x, states[0],
+                                                 states[1] if mode == "LSTM" else None,
+                                                 w_ih, w_hh, b_ih, b_hh)
     if not batched:
         h, c = h.squeeze(0), c.squeeze(0)
     return (h, c) if mode == "LSTM" else h
+
+
+def _reference_cell(mode, x, states, w_ih, w_hh, b_ih, b_hh):
+    """(h, c) of seqkern.reference's cell (c = h where the cell has none)."""
+    if mode == "LSTM":
+        return reference.lstm_cell(x, states[0], states[1], w_ih, w_hh, b_ih, b_hh)
+    if mode == "GRU":
+        h = reference.gru_cell(x, states[0], w_ih, w_hh, b_ih, b_hh)
+    else:
+        h = reference.rnn_cell(x, states[0], w_ih, w_hh, b_ih, b_hh,
+                               "tanh" if mode == "RNN_TANH" else "relu")
+    return h, h
 
 
 def lstm_cell(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from seqkern import autocast
+from seqkern import autocast, transforms
 from seqkern.nn.projection import lstm_projection_via_plain_layer, use_plain_layer_for_projection
-from seqkern.ops.rnn_layer import rnn_layer_fwd
+from seqkern.ops.rnn_layer import reference_forward, rnn_layer_fwd
 
 
 _SIDE_STREAMS = {}
@@ -160,6 +160,9 @@ class _SeqkernRNNMixin:
         need_workspace = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad
             for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+        if transforms.active():  # torch.func / forward AD: plain torch ops
+            return reference_forward(self.mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                     reverse, w_hr)
         if w_hr is not None and use_plain_layer_for_projection():
             return lstm_projection_via_plain_layer(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih,
                                                    b_hh, w_hr, reverse, need_workspace)

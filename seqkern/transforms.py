@@ -1,0 +1,22 @@
+"""Under torch.func transforms (grad, jvp, vmap, jacrev, jacfwd, ...) and forward-mode AD
+the modules and functions run seqkern's reference (plain torch ops, which every transform
+supports) instead of the ops.
+
+torch's custom ops (torch.library.custom_op with register_autograd) support neither there:
+torch.func.grad raised "In order to use an autograd.Function with functorch transforms ...
+it must override the setup_context staticmethod", and torch.func.jvp silently gave zero
+tangents through them (a wrong answer). The reference is slower but right; outside
+transforms nothing changes (one check, 0.1 us).
+"""
+import torch
+import torch.autograd.forward_ad as forward_ad
+
+
+def active():
+    """Whether a torch.func transform or a forward-mode AD level is active here (never
+    while torch.compile traces: it reports its own functorch levels then, and the compiled
+    graph calls the ops)."""
+    if torch.compiler.is_compiling():
+        return False
+    return (torch._C._functorch.peek_interpreter_stack() is not None or
+            getattr(forward_ad, "_current_level", -1) >= 0)
