@@ -39,8 +39,8 @@ def _check_attention_inputs(query, key, value, attn_mask, dropout_p, enable_gqa,
     if value.shape[1] != Hkv or value.shape[2] != S:
         raise ValueError(f"{_describe('value', value)} must match key's heads and length "
                          f"({Hkv}, {S})")
-    if D > 256 or value.shape[-1] > 256 or D == 0:
-        raise ValueError(f"head dims must be 1..256, got D={D}, Dv={value.shape[-1]}")
+    if D == 0 or value.shape[-1] == 0:
+        raise ValueError(f"head dims must be at least 1, got D={D}, Dv={value.shape[-1]}")
     if Hkv != Hq:
         if not enable_gqa:
             raise ValueError(f"query has {Hq} heads but key/value have {Hkv}; pass "
@@ -90,7 +90,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Args:
       query: [B, Hq, L, D]; key: [B, Hkv, S, D]; value: [B, Hkv, S, Dv]. Any strides.
-        fp16, bf16, fp32 (every backend) or fp64 (cpu, reference); D, Dv <= 256.
+        fp16, bf16, fp32 (every backend) or fp64 (cpu, reference). Any head dims on the
+        CPU; on a GPU the Triton and CUDA kernels take up to 256, wider heads run the
+        reference backend (right, not fast).
       attn_mask: bool (True = may attend) or float (added to the scores, query's dtype),
         broadcastable to [B, Hq, L, S]. Read through its strides, never expanded.
       dropout_p: dropout on the attention probabilities (counter-based RNG seeded from

@@ -383,3 +383,20 @@ def test_output_can_be_modified_in_place(backend):
             torch.autograd.grad(out.sum(), q)
     want = torch.nn.functional.scaled_dot_product_attention(q.double(), q.double(), q.double())
     assert_close("out", out, want * 2 + 1)
+
+
+def test_head_dims_over_the_gpu_kernels_limit_run_like_torch():
+    """D or Dv over 256 (torch's sdpa takes any; seqkern raised): the CPU kernels take them,
+    a GPU the reference backend (the Triton and CUDA kernels refuse them); D = 0 raises."""
+    q, k = (torch.randn(1, 2, 5, 300, dtype=torch.float64, device=DEVICE, requires_grad=True)
+            for _ in range(2))
+    v = torch.randn(1, 2, 5, 260, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    got = sdpa(q, k, v, is_causal=True)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_close("out", got, want)
+    grad = torch.randn_like(want)
+    for name, g, w in zip("qkv", torch.autograd.grad(got, (q, k, v), grad),
+                          torch.autograd.grad(want, (q, k, v), grad)):
+        assert_close(f"d{name}", g, w)
+    with pytest.raises(ValueError, match="head dims must be at least 1"):
+        sdpa(q[..., :0], k[..., :0], v)

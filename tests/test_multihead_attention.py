@@ -518,3 +518,25 @@ def test_attention_weights_opcheck():
     for average in (True, False):
         torch.library.opcheck(torch.ops.seqkern.attention_weights.default,
                               (q, k, lse, None, kpm, True, 0.25, 0.2, seed, average))
+
+
+@pytest.mark.parametrize("embed_dim, num_heads", [(512, 1), (600, 2)])
+def test_head_dims_over_the_kernels_limit_run_like_torch(embed_dim, num_heads):
+    """Heads wider than the GPU kernels' 256 (torch takes any; seqkern raised 'head dims
+    must be 1..256'): the CPU kernels take them, a GPU runs the reference backend; outputs,
+    weights and gradients as torch's."""
+    ref, ours = _pair(embed_dim=embed_dim, num_heads=num_heads)
+    x = torch.randn(5, 2, embed_dim, dtype=torch.float64, requires_grad=True)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[0, 3:] = True
+    results = []
+    for module in (ours, ref):
+        out, weights = module(x, x, x, key_padding_mask=pad)
+        grads = torch.autograd.grad((out.sin().sum() + weights.square().sum()),
+                                    [x, *module.parameters()])
+        results.append((out, weights, grads))
+    (out, weights, grads), (out_ref, weights_ref, grads_ref) = results
+    assert_close("out", out, out_ref)
+    assert_close("weights", weights, weights_ref)
+    for name, g, w in zip(["x"] + [n for n, _ in ours.named_parameters()], grads, grads_ref):
+        assert_close(f"d{name}", g, w)

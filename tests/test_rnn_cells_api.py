@@ -66,9 +66,11 @@ def _bad_calls():
     yield "GRUCell", r(4), r(2, 3)                            # unbatched input, 2-D hx
     yield "RNNCell", r(2, 4), r(2, 3).double()                # hx dtype
     yield "RNNCell", r(3), None                               # wrong feature size, 1-D
+    yield "LSTMCell", r(2, 4), (r(2, 3),)                     # one state
+    yield "LSTMCell", r(2, 4), (r(2, 3), r(2, 3), r(2, 3))    # three states
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(15))
 def test_bad_inputs_raise_like_torch(index):
     name, x, hx = list(_bad_calls())[index]
     peer, ours = _pair(name, {}, I=4, H=3)
@@ -77,7 +79,8 @@ def test_bad_inputs_raise_like_torch(index):
     with pytest.raises(expected.type) as got:
         ours(x, hx)
     # Where torch names the problem in its message, seqkern says the same words.
-    if any(w in str(expected.value) for w in ("inconsistent", "batch size", "Expected")):
+    if any(w in str(expected.value) for w in ("inconsistent", "batch size", "Expected",
+                                              "expects")):
         assert str(got.value) == str(expected.value)
 
 

@@ -309,6 +309,37 @@ def test_lstm_bad_states_and_integer_input_raise_like_torch():
         ours(torch.ones(5, 2, 3, dtype=torch.int64))
 
 
+def test_lstm_needs_two_hidden_states_like_torch():
+    ours, theirs = seqkern.LSTM(3, 4), torch.nn.LSTM(3, 4)
+    h, x = torch.randn(1, 2, 4), torch.randn(5, 2, 3)
+    for module in (theirs, ours):
+        with pytest.raises(RuntimeError, match="lstm expects two hidden states"):
+            module(x, (h, h, h))
+        with pytest.raises(IndexError):  # torch's own dims check reads hx[1]
+            module(x, (h,))
+
+
+@pytest.mark.parametrize("case", ["packed-input", "one-weight"])
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_weights_of_another_dtype_raise_like_torch(cls, case):
+    """A packed LSTM's input of another dtype (torch checks every other input's dtype in
+    check_forward_args, not this one) and a module holding one weight of another dtype:
+    torch's products fail, seqkern's kernels took them (converting) silently."""
+    ours, theirs = getattr(seqkern, cls)(3, 4), getattr(torch.nn, cls)(3, 4)
+    x = torch.randn(5, 2, 3)
+    if case == "packed-input":
+        if cls != "LSTM":
+            pytest.skip("torch's check_forward_args raises ValueError for the others, tested")
+        x = pack_padded_sequence(x.double(), torch.tensor([5, 3]))
+    else:
+        for module in (ours, theirs):
+            module.weight_hh_l0.data = module.weight_hh_l0.data.double()
+    with pytest.raises(RuntimeError):  # in a product, or oneDNN's "unsupported data type"
+        theirs(x)
+    with pytest.raises(RuntimeError, match="every weight must have the input's dtype"):
+        ours(x)
+
+
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 def test_hidden_state_of_another_dtype_raises_like_torch(cls):
     ours, theirs = getattr(seqkern, cls)(3, 4), getattr(torch.nn, cls)(3, 4)

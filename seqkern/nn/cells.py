@@ -41,6 +41,8 @@ class LSTMCell(torch.nn.LSTMCell):
 
     def forward(self, input, hx=None):
         states = (None, None) if hx is None else tuple(hx)
+        if len(states) != 2:
+            raise RuntimeError("lstm_cell expects two hidden states")
         _check_dims("LSTMCell", input, states, ("hx[0]", "hx[1]"))
         args = (input, *states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         return F.lstm_cell(*(_autocast("LSTMCell", *args, states=2)

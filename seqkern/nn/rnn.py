@@ -77,6 +77,8 @@ class _SeqkernRNNMixin:
             elif hx is not None:
                 self._check_batched_hidden(hx)
             batch = input.size(batch_dim)
+        if lstm and hx is not None and len(hx) != 2:
+            raise RuntimeError("lstm expects two hidden states")
         # Under autocast: torch's dtype for this configuration (seqkern/autocast.py).
         given = () if hx is None else tuple(hx) if lstm else (hx,)
         compute = autocast.module_dtype(self.mode, input, given, packed, self.proj_size > 0)
@@ -125,6 +127,12 @@ class _SeqkernRNNMixin:
                 weights = [getattr(self, name) for name in self._all_weights[index]]
                 if compute is not None:
                     weights = autocast.cast(weights, compute)
+                for name, w in zip(self._all_weights[index], weights):
+                    if w.dtype != x.dtype:  # torch's products fail on them
+                        raise RuntimeError(
+                            f"{self.mode}: {name} is {w.dtype}, the input {x.dtype}: every "
+                            "weight must have the input's dtype (torch: 'mat1 and mat2 must "
+                            "have the same dtype')")
                 args = (x, batch_sizes, h0[index], c0[index] if lstm else None, weights)
                 if concurrent and direction == 1:
                     results[direction] = _on_side_stream(
