@@ -36,7 +36,7 @@ CELL_CONFIGS = {
     "RNNCell-relu": ("RNNCell", dict(nonlinearity="relu")),
 }
 T, B, I, H = 6, 3, 8, 12
-LENGTHS = torch.tensor([4, 6, 1])  # unsorted
+LENGTHS = torch.tensor([4, 6, 1], device="cpu")  # unsorted; pack_padded_sequence wants CPU
 
 
 def _triple(cls, **kw):

@@ -166,7 +166,7 @@ def test_projection_via_plain_layer_matches_torch(monkeypatch, backend, dtype, f
     gen = torch.Generator().manual_seed(5)
     T, B = 6, 4
     x, hx = _make_input("LSTM", kw, "padded", T, B, True, gen)
-    lengths = torch.tensor([3, 6, 1, 5])
+    lengths = torch.tensor([3, 6, 1, 5], device="cpu")
 
     def call(module, leaves):
         inp = leaves[0]
@@ -330,7 +330,7 @@ def test_weights_of_another_dtype_raise_like_torch(cls, case):
     if case == "packed-input":
         if cls != "LSTM":
             pytest.skip("torch's check_forward_args raises ValueError for the others, tested")
-        x = pack_padded_sequence(x.double(), torch.tensor([5, 3]))
+        x = pack_padded_sequence(x.double(), torch.tensor([5, 3], device="cpu"))
     else:
         for module in (ours, theirs):
             module.weight_hh_l0.data = module.weight_hh_l0.data.double()

@@ -35,7 +35,7 @@ def _randn(*shape):
 def _layer_out(packed):
     """run(module, x) -> output; packed: x [T, 3, I] as a packed sequence's data, packed
     outside the transform (torch's pack_padded_sequence has no forward AD)."""
-    lengths = torch.tensor([4, 2, 3])
+    lengths = torch.tensor([4, 2, 3], device="cpu")
     layout = pack_padded_sequence(_randn(4, 3, 1), lengths, enforce_sorted=False)
 
     def run(module, x):
