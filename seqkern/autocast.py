@@ -19,8 +19,9 @@ tests/test_autocast.py, so a torch that changes them fails a test):
   LSTMCell and a packed LSTM return the promotion of the autocast dtype with the given
   states' dtypes (the input's where none is given), so float32 for float32 input; an LSTM
   with a projection returns h (a product) in the autocast dtype and c_n in that promotion
-  with c0 (`cell_state_dtype`). seqkern computes the whole layer in the dtype returned (the
-  products too: more exact than torch where that is float32).
+  with c0 (`cell_state_dtype`). seqkern computes the layers in the autocast dtype
+  (`compute_dtype`: its 16-bit layers run bf16 / fp16 products with a float32 state, as
+  torch's path does) and returns torch's dtypes; the cells in the dtype they return.
 - Otherwise (float64, or another 16-bit dtype than the autocast one): no cast; the dtype
   checks apply as without autocast.
 
@@ -100,6 +101,19 @@ def _onednn_lstm(input):
     if input.dtype == torch.float16:
         return _ONEDNN_FP16 and not torch.is_grad_enabled()
     return input.dtype == torch.float32
+
+
+def compute_dtype(kind, input, result):
+    """The dtype seqkern computes module `kind` in where it returns `result` (module_dtype)
+    under autocast: for a layer on the CPU the autocast dtype, in which torch's products
+    run even where its result is float32 (GRU, a packed LSTM): seqkern's 16-bit layers keep
+    the state in float32 between steps, as torch's pointwise math does, and only the
+    outputs are cast. Otherwise the result's: a cell's state is its output, and rounding it
+    to 16 bits each step would lose what torch's float32 state keeps (2x torch's error in
+    one LSTMCell step). None where autocast changes nothing."""
+    if result is None or input.device.type != "cpu" or kind not in LAYERS:
+        return result
+    return torch.get_autocast_dtype("cpu")
 
 
 def cell_state_dtype(kind, input, c0, projection):

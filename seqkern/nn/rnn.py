@@ -81,7 +81,8 @@ class _SeqkernRNNMixin:
             raise RuntimeError("lstm expects two hidden states")
         # Under autocast: torch's dtype for this configuration (seqkern/autocast.py).
         given = () if hx is None else tuple(hx) if lstm else (hx,)
-        compute = autocast.module_dtype(self.mode, input, given, packed, self.proj_size > 0)
+        result = autocast.module_dtype(self.mode, input, given, packed, self.proj_size > 0)
+        compute = autocast.compute_dtype(self.mode, input, result)
         cell_state_dtype = autocast.cell_state_dtype(
             self.mode, input, given[1] if lstm and given else None, self.proj_size > 0)
         if compute is not None:
@@ -149,9 +150,13 @@ class _SeqkernRNNMixin:
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
         hidden = torch.stack(h_n)
+        if result is not None:  # under autocast: torch's result dtypes
+            x, hidden = x.to(result), hidden.to(result)
         if lstm:
             c_n = torch.stack(c_n)
-            hidden = (hidden, c_n if cell_state_dtype is None else c_n.to(cell_state_dtype))
+            if result is not None:
+                c_n = c_n.to(cell_state_dtype or result)
+            hidden = (hidden, c_n)
         if packed:
             return (PackedSequence(x, batch_sizes, sorted_indices, unsorted_indices),
                     self.permute_hidden(hidden, unsorted_indices))
