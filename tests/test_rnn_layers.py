@@ -483,3 +483,24 @@ def test_outputs_can_be_modified_in_place(cls, batch_first, backend):
                                              list(module.parameters())))
     for (name, _), g, w in zip(ours.named_parameters(), *grads):
         assert_close(f"{cls} d{name}", g, w)
+
+
+@pytest.mark.parametrize("make", [lambda: torch.nn.Sequential(seqkern.LSTM(3, 4)),
+                                  lambda: seqkern.GRUCell(3, 4),
+                                  lambda: seqkern.MultiheadAttention(8, 2)],
+                         ids=["LSTM-in-Sequential", "GRUCell", "MultiheadAttention"])
+def test_torchscript_raises_clearly(make):
+    """torch.jit.script failed deep in TorchScript's compiler; now a RuntimeError that says
+    what works instead (the ops cannot be called from TorchScript)."""
+    with pytest.raises(RuntimeError, match="cannot be scripted"):
+        torch.jit.script(make())
+
+
+def test_torch_export_matches_eager():
+    """What the TorchScript error recommends: torch.export of a model with seqkern's layer."""
+    model = seqkern.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64,
+                         device=DEVICE)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE)
+    exported = torch.export.export(model, (x,))
+    for got, want in zip(flatten_outputs(exported.module()(x)), flatten_outputs(model(x))):
+        assert_close("exported", got, want)

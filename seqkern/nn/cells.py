@@ -9,6 +9,7 @@ import torch
 
 from seqkern import autocast
 from seqkern import functional as F
+from seqkern.nn.torchscript import NotScriptable
 
 
 def _check_dims(cell, input, states, names):
@@ -31,7 +32,7 @@ def _autocast(cell, input, *states_and_weights, states=1):
     return autocast.cast((input, *states_and_weights), compute)
 
 
-class LSTMCell(torch.nn.LSTMCell):
+class LSTMCell(NotScriptable, torch.nn.LSTMCell):
     """Drop-in torch.nn.LSTMCell. forward(input [B, I] or [I], hx=(h [B, H], c [B, H]) or
     None) -> (h', c').
 
@@ -51,7 +52,7 @@ class LSTMCell(torch.nn.LSTMCell):
         return F.lstm_cell(*args)
 
 
-class GRUCell(torch.nn.GRUCell):
+class GRUCell(NotScriptable, torch.nn.GRUCell):
     """Drop-in torch.nn.GRUCell. forward(input [B, I] or [I], hx [B, H] or None) -> h'.
 
     Example:
@@ -66,7 +67,7 @@ class GRUCell(torch.nn.GRUCell):
         return F.gru_cell(*args)
 
 
-class RNNCell(torch.nn.RNNCell):
+class RNNCell(NotScriptable, torch.nn.RNNCell):
     """Drop-in torch.nn.RNNCell (nonlinearity "tanh" or "relu"). forward(input, hx) -> h'.
 
     Example:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqkern import functional as _functional
+from seqkern.nn.torchscript import NotScriptable
 from seqkern.ops.attention import draw_dropout_seed
 
 
@@ -31,7 +32,7 @@ def _disable_layer_fast_path(module, args):
     return None
 
 
-class MultiheadAttention(nn.MultiheadAttention):
+class MultiheadAttention(NotScriptable, nn.MultiheadAttention):
     """Drop-in torch.nn.MultiheadAttention running on seqkern's fused attention kernels.
 
     Same constructor, attributes, parameters, state_dict, forward signature, return values

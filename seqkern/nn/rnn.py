@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from seqkern import autocast, transforms
 from seqkern.nn.projection import lstm_projection_via_plain_layer, use_plain_layer_for_projection
+from seqkern.nn.torchscript import NotScriptable
 from seqkern.ops.rnn_layer import reference_forward, rnn_layer_fwd
 
 
@@ -49,7 +50,7 @@ def _on_side_stream(run, device):
     return results
 
 
-class _SeqkernRNNMixin:
+class _SeqkernRNNMixin(NotScriptable):
     """forward() shared by the three drop-ins; the rest is torch's own RNNBase."""
 
     def forward(self, input, hx=None):
