@@ -20,7 +20,8 @@ def _check_attention_inputs(query, key, value, attn_mask, dropout_p, enable_gqa,
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{_describe(name, t)}: expected a 4-D tensor [B, H, L, D]")
+            raise ValueError(f"{_describe(name, t)}: expected a 4-D tensor [B, H, L, D] "
+                             "(scaled_dot_product_attention: [..., H, L, D], 3-D up)")
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{_describe(name, t)}: expected fp16, bf16, fp32 or fp64")
     for name, t in (("key", key), ("value", value)):
@@ -89,11 +90,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """Fused masked attention, like torch.nn.functional.scaled_dot_product_attention.
 
     Args:
-      query: [B, Hq, L, D]; key: [B, Hkv, S, D]; value: [B, Hkv, S, Dv]. Any strides.
+      query: [B, Hq, L, D]; key: [B, Hkv, S, D]; value: [B, Hkv, S, Dv]. Any strides. As
+        torch's: 3-D [H, L, D] or more leading dims than B, broadcasting between query,
+        key and value (then viewed as one batch, copied where a broadcast must be).
         fp16, bf16, fp32 (every backend) or fp64 (cpu, reference). Any head dims on the
         CPU; on a GPU the Triton and CUDA kernels take up to 256, wider heads run the
         reference backend (right, not fast).
-      attn_mask: bool (True = may attend) or float (added to the scores, query's dtype),
+      attn_mask: bool (True = may attend) or float (added to the scores; another float
+        dtype than query's is converted to it, as torch's result is query's dtype),
         broadcastable to [B, Hq, L, S]. Read through its strides, never expanded.
       dropout_p: dropout on the attention probabilities (counter-based RNG seeded from
         torch's default CPU generator; regenerated in the backward).
@@ -111,9 +115,50 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
       >>> q = k = v = torch.randn(2, 8, 128, 64)
       >>> out = seqkern.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     """
-    out, _ = attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                enable_gqa, key_padding_mask=key_padding_mask)
-    return out
+    if (isinstance(attn_mask, torch.Tensor) and isinstance(query, torch.Tensor) and
+            attn_mask.is_floating_point() and attn_mask.dtype != query.dtype):
+        attn_mask = attn_mask.to(query.dtype)
+    batched = _as_batch_of_heads(query, key, value, attn_mask, key_padding_mask)
+    if batched is None:
+        out, _ = attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                    enable_gqa, key_padding_mask=key_padding_mask)
+        return out
+    *args, lead = batched
+    out, _ = attention_with_lse(*args[:4], dropout_p, is_causal, scale, enable_gqa,
+                                key_padding_mask=args[4])
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def _as_batch_of_heads(query, key, value, attn_mask, key_padding_mask):
+    """Inputs torch's sdpa takes beyond [B, H, L, D] with equal batches (3-D [H, L, D], more
+    leading dims, leading dims that broadcast): (query, key, value, attn_mask,
+    key_padding_mask) as [B, H, L, D] etc. over B = the leading dims' product, and the
+    leading dims; None for plain 4-D input (or for what the 4-D checks should reject)."""
+    tensors = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in tensors):
+        return None
+    if all(t.dim() == 4 for t in tensors) and query.shape[0] == key.shape[0] == value.shape[0]:
+        return None
+    names = ("query", "key", "value")
+    try:
+        lead = torch.broadcast_shapes(*(t.shape[:-3] for t in tensors))
+    except RuntimeError:
+        described = ", ".join(_describe(n, t) for n, t in zip(names, tensors))
+        raise ValueError(f"the leading dims of {described} do not broadcast") from None
+    Hq, L, S = query.shape[-3], query.shape[-2], key.shape[-2]
+
+    def batch_of(name, t, tail):
+        if t is None:
+            return None
+        try:
+            return t.expand(*lead, *tail).reshape(-1, *tail)
+        except RuntimeError:
+            raise ValueError(f"{_describe(name, t)} does not broadcast to "
+                             f"{[*lead, *tail]}") from None
+
+    return (*(batch_of(n, t, t.shape[-3:]) for n, t in zip(names, tensors)),
+            batch_of("attn_mask", attn_mask, (Hq, L, S)),
+            batch_of("key_padding_mask", key_padding_mask, (S,)), lead)
 
 
 def attention_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

@@ -23,9 +23,9 @@ def _qkv(dtype=torch.float32):
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda q, k, v: (q[0], k, v), "query .*4-D"),
+    (lambda q, k, v: (q[0, 0], k, v), "query .*4-D"),
     (lambda q, k, v: (q, k[..., :8], v), "head dims differ"),
-    (lambda q, k, v: (q, k[:1], v), "batch sizes differ"),
+    (lambda q, k, v: (q, torch.cat([k, k[:1]]), torch.cat([v, v[:1]])), "do not broadcast"),
     (lambda q, k, v: (q, k.double(), v), "query's dtype"),
     (lambda q, k, v: (q.to(torch.int32), k, v), "fp16, bf16, fp32 or fp64"),
     (lambda q, k, v: (q, k[:, :3], v[:, :3]), "enable_gqa"),
@@ -400,3 +400,37 @@ def test_head_dims_over_the_gpu_kernels_limit_run_like_torch():
         assert_close(f"d{name}", g, w)
     with pytest.raises(ValueError, match="head dims must be at least 1"):
         sdpa(q[..., :0], k[..., :0], v)
+
+
+@pytest.mark.parametrize("case", ["3-D", "5-D", "key-batch-1", "fewer-key-dims",
+                                  "float32-mask"])
+def test_sdpa_takes_the_shapes_and_masks_torch_takes(case):
+    """torch's sdpa takes [..., H, L, D] with broadcasting leading dims and a float mask of
+    another dtype; seqkern's raised ValueErrors. Outputs and gradients against torch's
+    (float64)."""
+    def r(*shape):
+        return torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    kw = {}
+    if case == "3-D":
+        q, k, v = r(3, 4, 8), r(3, 5, 8), r(3, 5, 6)
+    elif case == "5-D":
+        q, k, v = r(2, 2, 3, 4, 8), r(2, 2, 3, 5, 8), r(2, 2, 3, 5, 8)
+        kw["attn_mask"] = torch.rand(4, 5, device=DEVICE) > 0.3
+        kw["attn_mask"][:, 0] = True
+    elif case == "key-batch-1":
+        q, k, v = r(2, 3, 4, 8), r(1, 3, 5, 8), r(1, 3, 5, 8)
+    elif case == "fewer-key-dims":
+        q, k, v = r(2, 3, 4, 8), r(3, 5, 8), r(3, 5, 8)
+        kw["is_causal"] = True
+    else:
+        q, k, v = r(2, 3, 4, 8), r(2, 3, 5, 8), r(2, 3, 5, 8)
+        kw["attn_mask"] = torch.randn(4, 5, device=DEVICE)  # float32 beside float64 q
+    got = sdpa(q, k, v, **kw)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+    assert got.shape == want.shape
+    assert_close("out", got, want)
+    grad = torch.randn_like(want)
+    for name, g, w in zip("qkv", torch.autograd.grad(got, (q, k, v), grad),
+                          torch.autograd.grad(want, (q, k, v), grad)):
+        assert_close(f"d{name}", g, w)
