@@ -18,7 +18,7 @@ import triton.language as tl
 from seqkern._debug import new_output
 
 # Mode numbers, gate counts, dtypes and the portable activations are the layer kernel's.
-from .rnn_layer import _DTYPES, _GATES, _MODES, _sigmoid, _tanh  # noqa: E402
+from .rnn_layer import _DTYPES, _GATES, _MODES, _relu, _sigmoid, _tanh  # noqa: E402
 
 _SAVED = {"LSTM": 5, "GRU": 4, "RNN_TANH": 1, "RNN_RELU": 1}  # saved numel / (B * H)
 
@@ -131,7 +131,7 @@ def _rnn_cell_fwd_kernel(
         if MODE == 2:
             h = _tanh(gi0 + gh0)
         else:
-            h = tl.maximum(gi0 + gh0, 0.0)
+            h = _relu(gi0 + gh0)
         tl.store(Saved + out_offs, h, mask=mask)
     tl.store(H_out + out_offs, h.to(H_out.dtype.element_ty), mask=mask)
 
@@ -193,7 +193,7 @@ def _rnn_cell_gate_grads_kernel(
         if MODE == 2:
             d = dh * (1.0 - y * y)
         else:
-            d = tl.where(y > 0.0, dh, 0.0)
+            d = tl.where(y <= 0.0, 0.0, dh)  # NaN passes dh, as torch
         tl.store(D_ih + offs, d.to(out_ty), mask=mask)
 
 

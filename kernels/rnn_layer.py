@@ -48,6 +48,12 @@ def _tanh(x):
 
 
 @triton.jit
+def _relu(x):
+    # NaN stays NaN, as torch's relu (tl.maximum returns the other operand for NaN).
+    return tl.where(x <= 0.0, 0.0, x)
+
+
+@triton.jit
 def _state_times_gates(State, row_stride, rows, row_mask, W, sw_r, sw_k, offs_j, H, K,
                        NG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_K: tl.constexpr):
@@ -180,7 +186,7 @@ def _rnn_layer_fwd_step_kernel(
         if MODE == 2:
             h_new = _tanh(a0)
         else:
-            h_new = tl.maximum(a0, 0.0)
+            h_new = _relu(a0)
         if SAVE:
             tl.store(srow, h_new, mask=live_tile)
     if not PROJ:
@@ -263,7 +269,7 @@ def _cell_bwd(dh, rows, n_idx, offs_j, live_tile, tile, STATE_DC, SAVED, H_PREV,
         if MODE == 2:
             d_pre = dh * (1.0 - out * out)
         else:
-            d_pre = tl.where(out > 0, dh, 0.0)
+            d_pre = tl.where(out <= 0, 0.0, dh)  # NaN passes dh, as torch
         tl.store(xg, d_pre, mask=live_tile)
     return direct
 

@@ -167,7 +167,10 @@ def attention_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
     """As scaled_dot_product_attention, but returns (out, lse [B, Hq, L] fp32).
 
     lse is the log-sum-exp of each row's masked, scaled scores (-inf for a row with no
-    visible key); exp(score - lse) gives the attention weights. seed_offset (int64 [2],
+    visible key); a float mask row whose largest entry is beyond +-256 is first shifted to
+    a largest entry of 0 (softmax does not change; _rows_to_zero_max), so its lse is that
+    of the shifted scores. exp(score - lse), with the same shift, gives the attention
+    weights (attention_weights applies it). seed_offset (int64 [2],
     from seqkern.ops.attention.draw_dropout_seed) fixes the dropout pattern. Under autocast,
     as torch's (an autocast op): query, key, value and a float mask in the autocast dtype.
     """
@@ -183,7 +186,7 @@ def attention_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
     S = key.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if attn_mask is not None:
-        attn_mask = attn_mask.expand(B, Hq, L, S)  # a stride-0 view, never a copy
+        attn_mask = _rows_to_zero_max(attn_mask).expand(B, Hq, L, S)  # stride-0 view
     dropout_p = float(dropout_p)
     if dropout_p > 0.0 and seed_offset is None:
         seed_offset = _attention_ops.draw_dropout_seed()
@@ -195,6 +198,30 @@ def attention_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
                                    _keep_mask(seed_offset, query, key, dropout_p))
     return torch.ops.seqkern.attention_fwd(query, key, value, attn_mask, key_padding_mask,
                                            dropout_p, bool(is_causal), scale, seed_offset)
+
+
+# A float mask row whose largest entry lies beyond this (in magnitude) is shifted to 0: its
+# lse then rounds no more than a mask row near 0 does (ulp(256) in fp32 is 3e-5).
+MASK_ROW_SHIFT_ABOVE = 256.0
+
+
+def _rows_to_zero_max(attn_mask):
+    """A float mask with each row (last dim) whose largest entry is finite and beyond
+    MASK_ROW_SHIFT_ABOVE in magnitude shifted by it: the softmax, the output and every
+    gradient are unchanged in exact arithmetic, and a row masked entirely by a large finite
+    value (-1e9, finfo.min) keeps its scores. Other rows, every ordinary mask, are as given.
+
+    Without it such a row's lse = m + log(sum) rounded to its max m (log S is below the
+    ulp of 1e9 in fp32, of 1e30 in fp64), and every recomputation exp(s - lse) (the
+    backward, attention_weights) gave each key weight 1 instead of ~1/S: dv S times too
+    large, MultiheadAttention's weights summing to S, silently. (torch's fused CPU sdpa
+    backward does the same; its math path rounds the row's scores to one value: uniform
+    weights.) The shift costs a pass over the mask as given (not over its broadcast)."""
+    if not attn_mask.is_floating_point():
+        return attn_mask
+    top = attn_mask.amax(dim=-1, keepdim=True) if attn_mask.dim() else attn_mask
+    beyond = torch.isfinite(top) & (top.abs() > MASK_ROW_SHIFT_ABOVE)
+    return attn_mask - torch.where(beyond, top, 0.0)
 
 
 def _keep_mask(seed_offset, query, key, dropout_p):
@@ -233,8 +260,8 @@ def attention_weights(query, key, lse, attn_mask=None, dropout_p=0.0, is_causal=
         raise ValueError(f"{_describe('lse', lse)}: expected the forward's [B, Hq, L] = "
                          f"{[B, Hq, L]}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if attn_mask is not None:
-        attn_mask = attn_mask.expand(B, Hq, L, S)
+    if attn_mask is not None:  # shifted as attention_with_lse's, whose lse this is
+        attn_mask = _rows_to_zero_max(attn_mask).expand(B, Hq, L, S)
     dropout_p = float(dropout_p)
     if dropout_p > 0.0 and seed_offset is None:
         raise ValueError("dropout_p > 0 needs the forward's seed_offset, or the weights "

@@ -434,3 +434,40 @@ def test_sdpa_takes_the_shapes_and_masks_torch_takes(case):
     for name, g, w in zip("qkv", torch.autograd.grad(got, (q, k, v), grad),
                           torch.autograd.grad(want, (q, k, v), grad)):
         assert_close(f"d{name}", g, w)
+
+
+@pytest.mark.parametrize("fill", [-1e9, -1e30, "finfo.min"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_rows_masked_by_a_large_finite_value(backend, fill):
+    """A row whose float mask is one large negative value everywhere (the -1e9 / finfo.min
+    convention): the output and every gradient are the softmax of the row's scores, exactly
+    as with that row's mask at 0 (softmax ignores a constant per row). Before, lse rounded
+    to the row's max, and the backward's exp(s - lse) gave every key weight 1: dv 5x too
+    large here, silently."""
+    skip_unless_usable(backend)
+    dtype = torch.float32
+    q, k, v = (torch.randn(2, 2, n, 8, dtype=torch.float64, device=DEVICE) for n in (3, 5, 5))
+    mask = torch.randn(3, 5, dtype=torch.float64, device=DEVICE)
+    exact = mask.clone()
+    mask[1] = torch.finfo(dtype).min if fill == "finfo.min" else fill
+    exact[1] = 0.0
+    mask[2, 1:] = mask[1, 1:]  # a row with one key visible: already right, stays so
+    exact[2, 1:] = mask[1, 1:]
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    with seqkern.backend(backend):
+        out = sdpa(*leaves, attn_mask=mask.to(dtype))
+    want_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = reference_sdpa(*want_leaves, attn_mask=exact)
+    assert_close("out", out, want)
+    grad = torch.randn_like(want)
+    with seqkern.backend(backend):
+        got = torch.autograd.grad(out, leaves, grad.to(dtype))
+    for name, g, w in zip("qkv", got, torch.autograd.grad(want, want_leaves, grad)):
+        assert_close(f"d{name}", g, w)
+
+
+def reference_sdpa(q, k, v, attn_mask):
+    """torch's sdpa on its math path (float64)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

@@ -540,3 +540,20 @@ def test_head_dims_over_the_kernels_limit_run_like_torch(embed_dim, num_heads):
     assert_close("weights", weights, weights_ref)
     for name, g, w in zip(["x"] + [n for n, _ in ours.named_parameters()], grads, grads_ref):
         assert_close(f"d{name}", g, w)
+
+
+def test_weights_of_rows_masked_by_finfo_min_sum_to_one():
+    """MultiheadAttention's weights for a query row masked entirely by finfo.min (the
+    additive-mask convention) sum to 1, as torch's (they summed to S: the weights are
+    rebuilt from lse, which rounded to the row's max); the values are the softmax of the
+    row's scores (torch's own rounds them to one value: uniform)."""
+    ref, ours = _pair(torch.float32, embed_dim=8, num_heads=2, batch_first=True)
+    x, kv = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    mask = torch.zeros(3, 5)
+    mask[1] = torch.finfo(torch.float32).min
+    exact = mask.clone()
+    exact[1] = 0.0
+    weights = ours(x, kv, kv, attn_mask=mask)[1]
+    want = ref(x.double(), kv.double(), kv.double(), attn_mask=exact.double())[1]
+    assert_close("weights", weights, want)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3))

@@ -504,3 +504,34 @@ def test_torch_export_matches_eager():
     exported = torch.export.export(model, (x,))
     for got, want in zip(flatten_outputs(exported.module()(x)), flatten_outputs(model(x))):
         assert_close("exported", got, want)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("kind", ["RNN", "RNNCell"])
+def test_relu_keeps_nan_and_passes_its_gradient_like_torch(kind, backend):
+    """A NaN input: torch's relu keeps NaN (the Triton kernels' tl.maximum and the CUDA
+    kernel's fmaxf returned 0 there, and later steps went on from made-up numbers) and its
+    backward passes the gradient where the output is NaN (NaN <= 0 is false; the kernels'
+    out > 0 test zeroed it)."""
+    skip_unless_usable(backend)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    theirs = getattr(torch.nn, kind)(3, 4, nonlinearity="relu", dtype=torch.float64,
+                                     device=DEVICE)
+    ours = getattr(seqkern, kind)(3, 4, nonlinearity="relu", dtype=dtype, device=DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 2, 3, dtype=torch.float64, device=DEVICE)
+    h0 = torch.randn(1, 2, 4, dtype=torch.float64, device=DEVICE)
+    x[0, 0, 0] = float("nan")
+    if kind == "RNNCell":
+        x, h0 = x[0], h0[0]
+    results = []
+    for module, forced in ((ours, seqkern.backend(backend)), (theirs, contextlib.nullcontext())):
+        h = h0.to(next(module.parameters()).dtype).requires_grad_()
+        with forced:
+            out = module(x.to(h.dtype), h)
+            out = out[0] if kind == "RNN" else out
+            results.append((out, torch.autograd.grad(out.sum(), h)[0]))
+    (out, dh), (want, want_dh) = results
+    assert torch.equal(out.isnan(), want.isnan()) and out.isnan().any()
+    assert_close("output", out.nan_to_num(7.0), want.nan_to_num(7.0))
+    assert_close("dh0", dh, want_dh)

@@ -293,12 +293,13 @@ void rnn_step_bwd(RnnMode mode, int64_t n, int64_t H, const T* saved, const T* c
       const bool relu = mode == RnnMode::kRNN_RELU;
       for_lanes<T>(j0, j1, [&](int64_t j) {
         const V out = V::loadu(sv + j), d_h = V::loadu(dhr + j);
-        const V d_pre = relu ? V::blendv(V(T(0)), d_h, out > V(T(0))) : d_h * (one - out * out);
+        // NaN passes d_h, as torch's threshold_backward (out <= 0 is false for NaN)
+        const V d_pre = relu ? V::blendv(d_h, V(T(0)), out <= V(T(0))) : d_h * (one - out * out);
         d_pre.store(dxg + j);
         V(T(0)).store(dhr + j);
       }, [&](int64_t j) {
         const T out = sv[j];
-        dxg[j] = relu ? (out > T(0) ? dhr[j] : T(0)) : dhr[j] * (T(1) - out * out);
+        dxg[j] = relu ? (out <= T(0) ? T(0) : dhr[j]) : dhr[j] * (T(1) - out * out);
         dhr[j] = T(0);
       });
     }

@@ -238,12 +238,12 @@ struct Rnn {
   explicit Rnn(CellKind k) : relu(k == CellKind::kRnnRelu) {}
   __device__ float fwd(const float* x, const float* h, float, float&, float* saved) const {
     const float a = x[0] + h[0];
-    saved[0] = relu ? fmaxf(a, 0.f) : tanh_acc(a);
+    saved[0] = relu ? (a <= 0.f ? 0.f : a) : tanh_acc(a);  // NaN stays NaN (fmaxf drops it)
     return saved[0];
   }
   __device__ float bwd(const float* s, float, float, float, float dh, float&, float* dx,
                        float*) const {
-    dx[0] = relu ? (s[0] > 0.f ? dh : 0.f) : dh * (1.f - s[0] * s[0]);
+    dx[0] = relu ? (s[0] <= 0.f ? 0.f : dh) : dh * (1.f - s[0] * s[0]);  // NaN passes dh
     return 0.f;
   }
 };

@@ -145,5 +145,6 @@ def rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h, saved):
         return (torch.cat([dr, dz, dn], dim=1).to(dtype),
                 torch.cat([dr, dz, dn * r], dim=1).to(dtype), (dh * z).to(dtype), empty)
     y = saved.view(B, H)
-    d_pre = dh * (1 - y * y) if mode == "RNN_TANH" else dh * (y > 0).to(acc)
+    # relu: NaN passes dh, as torch's threshold_backward (y <= 0 is false for NaN)
+    d_pre = dh * (1 - y * y) if mode == "RNN_TANH" else dh * (~(y <= 0)).to(acc)
     return d_pre.to(dtype), empty, empty, empty
