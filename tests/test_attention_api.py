@@ -12,7 +12,7 @@ from seqkern.backends import BACKENDS, BackendError
 from seqkern.functional import scaled_dot_product_attention as sdpa
 from tests.attention_cases import DEVICE, make_qkv, opcheck_inputs, skip_unless_usable
 from tests.capability_runner import assert_passes_under_capability
-from tests.tolerances import assert_close
+from tests.tolerances import assert_close, assert_close_relative
 
 HAS_C = not BACKENDS["cpu"].availability(DEVICE)
 needs_c = pytest.mark.skipif(not HAS_C, reason="seqkern._C not built")
@@ -471,3 +471,16 @@ def reference_sdpa(q, k, v, attn_mask):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.MATH):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def test_reference_backend_accumulates_16_bit_attention_in_fp32():
+    """fp16 scores beyond 6e4 overflowed to NaN in the reference backend (torch's fp16 sdpa
+    gives numbers): it computes in fp32 and rounds the output."""
+    skip_unless_usable("reference")
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    q, k = q * 300, k * 300
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    peer = torch.nn.functional.scaled_dot_product_attention(q.half(), k.half(), v.half())
+    with seqkern.backend("reference"):
+        got = sdpa(q.half(), k.half(), v.half())
+    assert_close_relative("out", got, want, peer, 2.0)

@@ -1,10 +1,13 @@
 """The reference recurrences (seqkern.reference.rnn) against torch.nn, in float64."""
+import copy
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
+import seqkern
 from seqkern import reference
-from tests.tolerances import assert_close
+from tests.tolerances import BWD_FACTOR, FWD_FACTOR, assert_close, assert_close_relative
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -80,3 +83,27 @@ def test_lstm_projection_matches_torch():
     assert_close("output", out, want)
     assert_close("h_n", h, h_n[0])
     assert_close("c_n", c, c_n[0])
+
+
+def test_bf16_layer_accumulates_in_fp32():
+    """The reference in bf16 computes in fp32 and rounds the results (it is the backend
+    the modules run under torch.func): a T=1000 LSTM's output and weight gradients within
+    the relative rule of torch's own bf16 layer (computed in bf16 throughout they were
+    1.5-23x further from float64)."""
+    theirs = torch.nn.LSTM(2, 3, dtype=torch.float64)
+    ours = seqkern.LSTM(2, 3, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(1000, 1, 2, dtype=torch.float64)
+    grad = torch.randn(1000, 1, 3, dtype=torch.float64)
+    results = []
+    for module, backend, dtype in ((theirs, None, torch.float64), (theirs, None, torch.bfloat16),
+                                   (ours, "reference", torch.bfloat16)):
+        m = copy.deepcopy(module).to(dtype)
+        with seqkern.backend(backend) if backend else torch.enable_grad():
+            out = m(x.to(dtype))[0]
+            grads = torch.autograd.grad(out, list(m.parameters()), grad.to(dtype))
+        results.append((out, grads))
+    (want, g_want), (peer, g_peer), (got, g_got) = results
+    assert_close_relative("output", got, want, peer, FWD_FACTOR)
+    for name, g, w, p in zip(("w_ih", "w_hh", "b_ih", "b_hh"), g_got, g_want, g_peer):
+        assert_close_relative(f"d{name}", g, w, p, BWD_FACTOR)

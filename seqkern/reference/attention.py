@@ -68,8 +68,17 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     """Reference attention. Returns (out [B, Hq, L, Dv], lse [B, Hq, L]).
 
     Dropout is applied only through an explicit keep_mask ([B, Hq, L, S] bool), so that
-    the result is deterministic and comparable with the kernels' realised mask.
+    the result is deterministic and comparable with the kernels' realised mask. fp16 /
+    bf16 are computed in fp32 (out rounded back, lse fp32), as the kernels accumulate: in
+    fp16 itself q k^T overflowed to NaN at |scores| beyond 6e4, and a -1e4 mask swamped the
+    scores' precision.
     """
+    if query.dtype in (torch.float16, torch.bfloat16):
+        mask = attn_mask.float() if attn_mask is not None and \
+            attn_mask.is_floating_point() else attn_mask
+        out, lse = attention(query.float(), key.float(), value.float(), mask, dropout_p,
+                             is_causal, scale, key_padding_mask, keep_mask)
+        return out.to(query.dtype), lse
     Hq, Hkv = query.shape[1], key.shape[1]
     scores = attention_scores(query, key, attn_mask, is_causal, scale, key_padding_mask)
     # Rows with no visible key: exp(-inf - -inf) would be NaN, in the forward and in
