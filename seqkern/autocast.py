@@ -147,7 +147,11 @@ def kernel_dtypes_as_given(tensor):
     if any_enabled():
         device_type = tensor.device.type
         if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-            return torch.autocast(device_type, enabled=False)
+            # torch's own guard (0.4 us) where it exists; torch.autocast(enabled=False)
+            # costs 2.3 us a call, per op call, every step of a loop over cells.
+            disable = getattr(torch._C, "_DisableAutocast", None)
+            return disable() if disable is not None else torch.autocast(device_type,
+                                                                         enabled=False)
     return _UNCHANGED
 
 

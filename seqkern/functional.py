@@ -21,7 +21,7 @@ def _check_attention_inputs(query, key, value, attn_mask, dropout_p, enable_gqa,
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{_describe(name, t)}: expected a 4-D tensor [B, H, L, D] "
-                             "(scaled_dot_product_attention: [..., H, L, D], 3-D up)")
+                             "(scaled_dot_product_attention: [..., L, D], 2-D up)")
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{_describe(name, t)}: expected fp16, bf16, fp32 or fp64")
     for name, t in (("key", key), ("value", value)):
@@ -91,13 +91,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Args:
       query: [B, Hq, L, D]; key: [B, Hkv, S, D]; value: [B, Hkv, S, Dv]. Any strides. As
-        torch's: 3-D [H, L, D] or more leading dims than B, broadcasting between query,
+        torch's: 2-D [L, D], 3-D [H, L, D] or more leading dims than B, broadcasting between query,
         key and value (then viewed as one batch, copied where a broadcast must be).
         fp16, bf16, fp32 (every backend) or fp64 (cpu, reference). Any head dims on the
         CPU; on a GPU the Triton and CUDA kernels take up to 256, wider heads run the
         reference backend (right, not fast).
-      attn_mask: bool (True = may attend) or float (added to the scores; another float
-        dtype than query's is converted to it, as torch's result is query's dtype),
+      attn_mask: bool (True = may attend) or float (added to the scores) in query's dtype
+        or a narrower float one (converted, exactly; a wider one, e.g. float32 beside a
+        bf16 query, is refused: rounded to bf16 a bias of 100 lost 50x torch's error),
         broadcastable to [B, Hq, L, S]. Read through its strides, never expanded.
       dropout_p: dropout on the attention probabilities (counter-based RNG seeded from
         torch's default CPU generator; regenerated in the backward).
@@ -116,8 +117,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
       >>> out = seqkern.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     """
     if (isinstance(attn_mask, torch.Tensor) and isinstance(query, torch.Tensor) and
-            attn_mask.is_floating_point() and attn_mask.dtype != query.dtype):
-        attn_mask = attn_mask.to(query.dtype)
+            attn_mask.is_floating_point() and attn_mask.dtype != query.dtype and
+            torch.promote_types(attn_mask.dtype, query.dtype) == query.dtype):
+        attn_mask = attn_mask.to(query.dtype)  # exact; a wider mask is refused below
     batched = _as_batch_of_heads(query, key, value, attn_mask, key_padding_mask)
     if batched is None:
         out, _ = attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale,
@@ -126,19 +128,30 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     *args, lead = batched
     out, _ = attention_with_lse(*args[:4], dropout_p, is_causal, scale, enable_gqa,
                                 key_padding_mask=args[4])
-    return out.reshape(*lead, *out.shape[1:])
+    out = out.reshape(*lead, *out.shape[1:])
+    return out.squeeze(0) if max(query.dim(), key.dim(), value.dim()) == 2 else out
 
 
 def _as_batch_of_heads(query, key, value, attn_mask, key_padding_mask):
-    """Inputs torch's sdpa takes beyond [B, H, L, D] with equal batches (3-D [H, L, D], more
-    leading dims, leading dims that broadcast): (query, key, value, attn_mask,
+    """Inputs torch's sdpa takes beyond [B, H, L, D] with equal batches (2-D [L, D], 3-D
+    [H, L, D], more leading dims, leading dims that broadcast): (query, key, value, attn_mask,
     key_padding_mask) as [B, H, L, D] etc. over B = the leading dims' product, and the
     leading dims; None for plain 4-D input (or for what the 4-D checks should reject)."""
     tensors = (query, key, value)
-    if not all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in tensors):
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in tensors):
         return None
-    if all(t.dim() == 4 for t in tensors) and query.shape[0] == key.shape[0] == value.shape[0]:
+    heads = {t.shape[-3] if t.dim() > 2 else 1 for t in tensors}
+    broadcast_heads = len(heads) > 1 and 1 in heads  # torch's matmul broadcasts a head of 1
+    if all(t.dim() == 4 for t in tensors) and query.shape[0] == key.shape[0] == \
+            value.shape[0] and not broadcast_heads:
         return None
+    # 2-D [L, D] is one head of one batch (torch's matmul broadcasts it likewise).
+    tensors = query, key, value = tuple(t.unsqueeze(0) if t.dim() == 2 else t for t in tensors)
+    if broadcast_heads:
+        H = max(heads)
+        tensors = query, key, value = tuple(
+            t.expand(*t.shape[:-3], H, *t.shape[-2:]) if t.shape[-3] == 1 else t
+            for t in tensors)
     names = ("query", "key", "value")
     try:
         lead = torch.broadcast_shapes(*(t.shape[:-3] for t in tensors))
@@ -195,7 +208,8 @@ def attention_with_lse(query, key, value, attn_mask=None, dropout_p=0.0, is_caus
     if transforms.active():  # torch.func / forward AD: plain torch ops
         return reference.attention(query, key, value, attn_mask, dropout_p, bool(is_causal),
                                    scale, key_padding_mask,
-                                   _keep_mask(seed_offset, query, key, dropout_p))
+                                   reference.keep_mask_for(query, key, dropout_p,
+                                                           seed_offset))
     return torch.ops.seqkern.attention_fwd(query, key, value, attn_mask, key_padding_mask,
                                            dropout_p, bool(is_causal), scale, seed_offset)
 
@@ -216,21 +230,17 @@ def _rows_to_zero_max(attn_mask):
     backward, attention_weights) gave each key weight 1 instead of ~1/S: dv S times too
     large, MultiheadAttention's weights summing to S, silently. (torch's fused CPU sdpa
     backward does the same; its math path rounds the row's scores to one value: uniform
-    weights.) The shift costs a pass over the mask as given (not over its broadcast)."""
+    weights.) The cost, over the mask as given (not its broadcast): a max per row, and on a
+    GPU (where knowing that no row needs it would sync) or under torch.compile a shifted
+    copy; on the CPU the copy only where a row needs it."""
     if not attn_mask.is_floating_point():
         return attn_mask
     top = attn_mask.amax(dim=-1, keepdim=True) if attn_mask.dim() else attn_mask
-    beyond = torch.isfinite(top) & (top.abs() > MASK_ROW_SHIFT_ABOVE)
-    return attn_mask - torch.where(beyond, top, 0.0)
-
-
-def _keep_mask(seed_offset, query, key, dropout_p):
-    """The kernels' dropout keep-mask for seed_offset (None without dropout)."""
-    if seed_offset is None:
-        return None
-    B, Hq, L, _ = query.shape
-    return reference.dropout_keep_mask(seed_offset, B, Hq, L, key.shape[2], dropout_p,
-                                       query.device)
+    big = top.abs() > MASK_ROW_SHIFT_ABOVE
+    if attn_mask.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            not bool(big.any()):
+        return attn_mask  # the common case on the CPU: no copy (a GPU would sync to know)
+    return attn_mask - torch.where(big & torch.isfinite(top), top, 0.0)
 
 
 def attention_weights(query, key, lse, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -271,7 +281,8 @@ def attention_weights(query, key, lse, attn_mask=None, dropout_p=0.0, is_causal=
     if transforms.active():  # torch.func / forward AD: plain torch ops
         return reference.attention_weights(query, key, lse, attn_mask, bool(is_causal), scale,
                                            key_padding_mask,
-                                           _keep_mask(seed_offset, query, key, dropout_p),
+                                           reference.keep_mask_for(query, key, dropout_p,
+                                                                   seed_offset),
                                            dropout_p, bool(average_heads))
     return torch.ops.seqkern.attention_weights(query, key, lse, attn_mask, key_padding_mask,
                                                bool(is_causal), scale, dropout_p,
@@ -343,7 +354,10 @@ def _cell(fn, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
             raise RuntimeError(f"seqkern {fn}: hidden{idx} of shape {tuple(s.shape)} must be "
                                f"{'2-D' if batched else '1-D'} like the input")
     if transforms.active():  # torch.func / forward AD: plain torch ops
-        h, c = _reference_cell(mode, x, states, w_ih, w_hh, b_ih, b_hh)
+        h, *c = _cell_ops.reference_step(mode, x, states[0],
+                                         states[1] if mode == "LSTM" else None,
+                                         w_ih, w_hh, b_ih, b_hh)
+        c = c[0] if c else h
     else:
         h, c, _ = torch.ops.seqkern.rnn_cell_fwd(mode, x, states[0],
                                                  states[1] if mode == "LSTM" else None,
@@ -351,18 +365,6 @@ def _cell(fn, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     if not batched:
         h, c = h.squeeze(0), c.squeeze(0)
     return (h, c) if mode == "LSTM" else h
-
-
-def _reference_cell(mode, x, states, w_ih, w_hh, b_ih, b_hh):
-    """(h, c) of seqkern.reference's cell (c = h where the cell has none)."""
-    if mode == "LSTM":
-        return reference.lstm_cell(x, states[0], states[1], w_ih, w_hh, b_ih, b_hh)
-    if mode == "GRU":
-        h = reference.gru_cell(x, states[0], w_ih, w_hh, b_ih, b_hh)
-    else:
-        h = reference.rnn_cell(x, states[0], w_ih, w_hh, b_ih, b_hh,
-                               "tanh" if mode == "RNN_TANH" else "relu")
-    return h, h
 
 
 def lstm_cell(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):

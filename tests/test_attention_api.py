@@ -23,7 +23,7 @@ def _qkv(dtype=torch.float32):
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda q, k, v: (q[0, 0], k, v), "query .*4-D"),
+    (lambda q, k, v: (q[0, 0, 0], k, v), "query .*4-D"),
     (lambda q, k, v: (q, k[..., :8], v), "head dims differ"),
     (lambda q, k, v: (q, torch.cat([k, k[:1]]), torch.cat([v, v[:1]])), "do not broadcast"),
     (lambda q, k, v: (q, k.double(), v), "query's dtype"),
@@ -402,8 +402,8 @@ def test_head_dims_over_the_gpu_kernels_limit_run_like_torch():
         sdpa(q[..., :0], k[..., :0], v)
 
 
-@pytest.mark.parametrize("case", ["3-D", "5-D", "key-batch-1", "fewer-key-dims",
-                                  "float32-mask"])
+@pytest.mark.parametrize("case", ["2-D", "2-D-query", "3-D", "5-D", "key-batch-1",
+                                  "one-key-head", "fewer-key-dims", "float32-mask"])
 def test_sdpa_takes_the_shapes_and_masks_torch_takes(case):
     """torch's sdpa takes [..., H, L, D] with broadcasting leading dims and a float mask of
     another dtype; seqkern's raised ValueErrors. Outputs and gradients against torch's
@@ -412,12 +412,18 @@ def test_sdpa_takes_the_shapes_and_masks_torch_takes(case):
         return torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
 
     kw = {}
-    if case == "3-D":
+    if case == "2-D":
+        q, k, v = r(4, 8), r(5, 8), r(5, 6)
+    elif case == "2-D-query":
+        q, k, v = r(4, 8), r(2, 3, 5, 8), r(2, 3, 5, 8)
+    elif case == "3-D":
         q, k, v = r(3, 4, 8), r(3, 5, 8), r(3, 5, 6)
     elif case == "5-D":
         q, k, v = r(2, 2, 3, 4, 8), r(2, 2, 3, 5, 8), r(2, 2, 3, 5, 8)
         kw["attn_mask"] = torch.rand(4, 5, device=DEVICE) > 0.3
         kw["attn_mask"][:, 0] = True
+    elif case == "one-key-head":  # broadcast without enable_gqa, as torch's matmul does
+        q, k, v = r(2, 4, 4, 8), r(2, 1, 5, 8), r(2, 1, 5, 8)
     elif case == "key-batch-1":
         q, k, v = r(2, 3, 4, 8), r(1, 3, 5, 8), r(1, 3, 5, 8)
     elif case == "fewer-key-dims":
@@ -484,3 +490,12 @@ def test_reference_backend_accumulates_16_bit_attention_in_fp32():
     with seqkern.backend("reference"):
         got = sdpa(q.half(), k.half(), v.half())
     assert_close_relative("out", got, want, peer, 2.0)
+
+
+def test_a_float_mask_wider_than_the_query_is_refused():
+    """A float32 mask beside a bf16 query: converting it would round the biases (a bias of
+    100 gave 50x torch's error, which keeps it in float32), so it is refused; a narrower
+    one is converted exactly (the float32-mask case above)."""
+    q = torch.randn(1, 2, 4, 8, device=DEVICE).bfloat16()
+    with pytest.raises(ValueError, match="expected bool or the query's dtype"):
+        sdpa(q, q, q, attn_mask=torch.randn(4, 4, device=DEVICE) * 100)

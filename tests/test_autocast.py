@@ -81,10 +81,10 @@ def _backend(name):
 
 def _check(ours, theirs, theirs64, call, x, autocast_dtype, backend=None):
     """ours and theirs on x under autocast: the same output dtypes; ours against the
-    float64 module by the float32 table where it stayed float32, else by the relative rule
-    against torch's result (torch's module in the autocast dtype without autocast where
-    torch's autocast path itself fails). Then the gradients of the float32 parameters of a
-    backward run outside the autocast region, as an AMP step runs it."""
+    float64 module by the relative rule against torch's result (its products are 16-bit
+    under autocast, float32 results included; torch's module in the autocast dtype without
+    autocast where torch's autocast path itself fails). Then the gradients of the float32
+    parameters of a backward run outside the autocast region, as an AMP step runs it."""
     peer_module = theirs
     try:
         with torch.autocast(DEVICE_TYPE, dtype=autocast_dtype):
@@ -148,12 +148,11 @@ def test_cell_under_autocast_matches_torch(config, input_dtype, autocast_dtype):
 
 
 @pytest.mark.parametrize("config, backend", [
-    ("GRU", "triton"), ("GRU", "cpu"), ("LSTM", "triton"), ("LSTM", "cpu")])
+    ("GRU", "reference"), ("GRU", "triton"), ("GRU", "cpu"), ("LSTM", "reference"),
+    ("LSTM", "triton"), ("LSTM", "cpu")])
 def test_backends_under_autocast(config, backend):
-    """Each kernel backend under autocast: GRU returns float32 on the CPU (cuDNN's float16 on
-    a GPU), a padded LSTM the autocast dtype. (The reference is not held to the relative
-    rule in 16-bit dtypes: it keeps its state in the layer's dtype; that its products are
-    not autocast inside an op is test_ops_keep_their_dtypes_under_autocast's.)"""
+    """Each backend under autocast: GRU returns float32 on the CPU (cuDNN's float16 on a
+    GPU), a padded LSTM the autocast dtype; all within the relative rule of torch's."""
     skip_unless_usable(backend)
     cls, kw = LAYER_CONFIGS[config]
     _check(*_triple(cls, **kw), _caller(False), torch.randn(T, B, I, device=DEVICE), BF16,

@@ -31,7 +31,7 @@ def not_supported_reasons(op, inputs):
 
 def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal,
                   scale, seed_offset):
-    keep = _keep_mask(query, key, dropout_p, seed_offset)
+    keep = reference.keep_mask_for(query, key, dropout_p, seed_offset)
     out, lse = reference.attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                    key_padding_mask, keep)
     return _heads_inner(out), lse.to(_lse_dtype(query.dtype))
@@ -39,7 +39,7 @@ def attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p, is_
 
 def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
                   dropout_p, is_causal, scale, seed_offset):
-    keep = _keep_mask(query, key, dropout_p, seed_offset)
+    keep = reference.keep_mask_for(query, key, dropout_p, seed_offset)
     with autograd_inside_op():
         q, k, v = (t.detach().requires_grad_(True) for t in (query, key, value))
         ref_out, _ = reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
@@ -50,7 +50,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, attn_mask, key_padding_
 
 def attention_weights(query, key, lse, attn_mask, key_padding_mask, is_causal, scale,
                       dropout_p, seed_offset, average_heads):
-    keep = _keep_mask(query, key, dropout_p, seed_offset)
+    keep = reference.keep_mask_for(query, key, dropout_p, seed_offset)
     return reference.attention_weights(query, key, lse, attn_mask, is_causal, scale,
                                        key_padding_mask, keep, dropout_p, average_heads)
 
@@ -60,14 +60,6 @@ def _heads_inner(tensor):
     a dense [B, T, H, D], transposed."""
     B, H, T, D = tensor.shape
     return tensor.new_empty((B, T, H, D)).transpose(1, 2).copy_(tensor)
-
-
-def _keep_mask(query, key, dropout_p, seed_offset):
-    if dropout_p == 0.0:
-        return None
-    B, H, L, _ = query.shape
-    return reference.dropout_keep_mask(seed_offset, B, H, L, key.shape[2], dropout_p,
-                                       query.device)
 
 
 def _lse_dtype(dtype):

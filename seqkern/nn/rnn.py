@@ -94,8 +94,8 @@ class _SeqkernRNNMixin(NotScriptable):
                 torch.is_autocast_enabled(input.device.type):
             # torch skips its dtype check under autocast and fails later, in a product.
             raise ValueError(f"input must have the type {self._flat_weights[0].dtype}, got "
-                             f"type {input.dtype} (under autocast seqkern, like torch, casts "
-                             "only float32 input or input in the autocast dtype)")
+                             f"type {input.dtype} (under autocast seqkern casts float32 input "
+                             "and input in the autocast dtype only)")
         if hx is None:
             h_zeros = torch.zeros(self.num_layers * directions, batch, out_size,
                                   dtype=input.dtype, device=input.device)

@@ -208,11 +208,7 @@ def _weights_setup_context(ctx, inputs, output):
 def _weights_backward(ctx, grad_weights):
     query, key, attn_mask, key_padding_mask, seed_offset = ctx.saved_tensors
     is_causal, scale, dropout_p, average_heads = ctx.args
-    keep = None
-    if dropout_p > 0.0:
-        B, H, L, _ = query.shape
-        keep = reference.dropout_keep_mask(seed_offset, B, H, L, key.shape[2], dropout_p,
-                                           query.device)
+    keep = reference.keep_mask_for(query, key, dropout_p, seed_offset)
     # Plain torch ops (traceable by torch.compile). lse is the forward's, itself a function
     # of q and k: the reference differentiates the softmax whole, so lse gets no gradient.
     with kernel_dtypes_as_given(query):

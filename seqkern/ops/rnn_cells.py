@@ -199,7 +199,8 @@ def _setup_context(ctx, inputs, output):
     backends.remember_forced(ctx)
 
 
-def _reference_step(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+def reference_step(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    """seqkern.reference's cell: (h', c') for LSTM, (h',) otherwise."""
     if mode == "LSTM":
         return reference.lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     if mode == "GRU":
@@ -214,7 +215,7 @@ def _double_backward(ctx, grad_h, grad_c):
     args = (input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     wanted = [i for i, t in enumerate(args) if t is not None and ctx.needs_input_grad[i + 1]]
     with kernel_dtypes_as_given(input):
-        outs = _reference_step(ctx.mode, *args)
+        outs = reference_step(ctx.mode, *args)
         grads_out = (grad_h, grad_c)[:len(outs)]
         pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None]
         found = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted],

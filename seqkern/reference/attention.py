@@ -40,6 +40,15 @@ def dropout_keep_mask(seed_offset, batch, heads, q_len, k_len, dropout_p, device
     return (uniform >= dropout_p).reshape(batch, heads, q_len, k_len)
 
 
+def keep_mask_for(query, key, dropout_p, seed_offset):
+    """dropout_keep_mask for attention of query [B, H, L, D] over key [.., S, D]: the
+    kernels' realised keep-mask for seed_offset, or None without dropout."""
+    if dropout_p == 0.0 or seed_offset is None:
+        return None
+    B, H, L, _ = query.shape
+    return dropout_keep_mask(seed_offset, B, H, L, key.shape[2], dropout_p, query.device)
+
+
 def attention_scores(query, key, attn_mask=None, is_causal=False, scale=None,
                      key_padding_mask=None):
     """Masked, scaled scores [B, Hq, L, S] (masked entries are -inf), in query's dtype."""
