@@ -7,6 +7,11 @@ torch.func.grad raised "In order to use an autograd.Function with functorch tran
 it must override the setup_context staticmethod", and torch.func.jvp silently gave zero
 tangents through them (a wrong answer). The reference is slower but right; outside
 transforms nothing changes (one check, 0.1 us).
+
+Not covered: a torch.func transform inside a torch.compile'd function. While dynamo
+traces, this check cannot tell a user's transform from dynamo's own functorch levels, so
+the compiled graph calls the ops: jvp there still gives zero tangents through them, grad
+fails (found by review; eager transforms are right).
 """
 import torch
 import torch.autograd.forward_ad as forward_ad
