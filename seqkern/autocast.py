@@ -30,12 +30,11 @@ does, an autocast op: query, key, value and a float mask to the autocast dtype
 (`function_dtype`). MultiheadAttention needs nothing of its own: its projections are
 torch's `linear`, which autocast casts.
 
-The ops themselves (seqkern::*) are kernels: `kernel_dtypes_as_given` turns autocast off
-around a backend's implementation, as ATen's autocast wrappers do before they redispatch, so
-a backend's inner torch calls (the reference's products, a Triton layer's input projection)
-keep the dtypes they were given.
+The ops themselves (seqkern::*) are kernels: their bodies are decorated with
+`kernel_dtypes_as_given`, which turns autocast off, so a backend's inner torch calls keep the
+dtypes they were given.
 """
-import contextlib
+import functools
 
 import torch
 
@@ -116,14 +115,12 @@ def compute_dtype(kind, input, result):
     return torch.get_autocast_dtype("cpu")
 
 
-def cell_state_dtype(kind, input, c0, projection):
-    """The dtype of c_n where torch's module returns it apart from module_dtype (CPU, LSTM
-    with a projection: the promotion of the autocast dtype with c0's, or the input's), else
-    None."""
-    if input.device.type != "cpu" or kind != "LSTM" or not projection:
-        return None
-    if module_dtype(kind, input, (c0,), projection=projection) is None:
-        return None
+def cell_state_dtype(kind, input, c0, projection, result):
+    """The dtype of an LSTM's c_n under autocast where module_dtype returned `result`: on
+    the CPU with a projection the promotion of the autocast dtype with c0's (or the
+    input's), else the result's."""
+    if result is None or input.device.type != "cpu" or kind != "LSTM" or not projection:
+        return result
     return _promoted(torch.get_autocast_dtype("cpu"), input, (c0,))
 
 
@@ -140,22 +137,19 @@ def cast(tensors, dtype):
     return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
-def kernel_dtypes_as_given(tensor):
-    """A context in which a backend's implementation runs with autocast off on the device
-    type of `tensor` (an op's first tensor argument); a no-op context where autocast is off
-    already."""
-    if any_enabled():
-        device_type = tensor.device.type
-        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-            # torch's own guard (0.4 us) where it exists; torch.autocast(enabled=False)
-            # costs 2.3 us a call, per op call, every step of a loop over cells.
-            disable = getattr(torch._C, "_DisableAutocast", None)
-            return disable() if disable is not None else torch.autocast(device_type,
-                                                                         enabled=False)
-    return _UNCHANGED
-
-
-_UNCHANGED = contextlib.nullcontext()
+def kernel_dtypes_as_given(fn):
+    """Decorator for an op's body and for the backward functions that call torch ops: runs
+    fn with autocast off (torch's own guard, 0.4 us; torch.autocast(enabled=False) costs
+    2.3), as ATen's autocast wrappers do before they redispatch. A custom op's body runs
+    with the caller's autocast state, so a backend's inner torch calls (the reference's
+    products, a Triton layer's input projection) were autocast inside float32 ops."""
+    @functools.wraps(fn)  # custom_op reads the signature through __wrapped__
+    def as_given(*args, **kwargs):
+        if not any_enabled():
+            return fn(*args, **kwargs)
+        with torch._C._DisableAutocast():
+            return fn(*args, **kwargs)
+    return as_given
 
 
 def any_enabled():

@@ -120,14 +120,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             attn_mask.is_floating_point() and attn_mask.dtype != query.dtype and
             torch.promote_types(attn_mask.dtype, query.dtype) == query.dtype):
         attn_mask = attn_mask.to(query.dtype)  # exact; a wider mask is refused below
-    batched = _as_batch_of_heads(query, key, value, attn_mask, key_padding_mask)
-    if batched is None:
-        out, _ = attention_with_lse(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                    enable_gqa, key_padding_mask=key_padding_mask)
+    q, k, v, mask, kpm, lead = (_as_batch_of_heads(query, key, value, attn_mask,
+                                                   key_padding_mask) or
+                                (query, key, value, attn_mask, key_padding_mask, None))
+    out, _ = attention_with_lse(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa,
+                                key_padding_mask=kpm)
+    if lead is None:
         return out
-    *args, lead = batched
-    out, _ = attention_with_lse(*args[:4], dropout_p, is_causal, scale, enable_gqa,
-                                key_padding_mask=args[4])
     out = out.reshape(*lead, *out.shape[1:])
     return out.squeeze(0) if max(query.dim(), key.dim(), value.dim()) == 2 else out
 

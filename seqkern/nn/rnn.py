@@ -85,7 +85,7 @@ class _SeqkernRNNMixin(NotScriptable):
         result = autocast.module_dtype(self.mode, input, given, packed, self.proj_size > 0)
         compute = autocast.compute_dtype(self.mode, input, result)
         cell_state_dtype = autocast.cell_state_dtype(
-            self.mode, input, given[1] if lstm and given else None, self.proj_size > 0)
+            self.mode, input, given[1] if lstm and given else None, self.proj_size > 0, result)
         if compute is not None:
             input = input.to(compute)
             if hx is not None:
@@ -155,8 +155,8 @@ class _SeqkernRNNMixin(NotScriptable):
             x, hidden = x.to(result), hidden.to(result)
         if lstm:
             c_n = torch.stack(c_n)
-            if result is not None:
-                c_n = c_n.to(cell_state_dtype or result)
+            if cell_state_dtype is not None:
+                c_n = c_n.to(cell_state_dtype)
             hidden = (hidden, c_n)
         if packed:
             return (PackedSequence(x, batch_sizes, sorted_indices, unsorted_indices),

@@ -98,6 +98,7 @@ def check_attention_grads(query, value, grad_out, out, lse):
 
 
 @torch.library.custom_op("seqkern::attention_fwd", mutates_args=())
+@kernel_dtypes_as_given
 def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                   key_padding_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                   scale: float, seed_offset: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -106,9 +107,8 @@ def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional
     if not backends.checks_own_args(impl):
         check_attention_args(query, key, value, attn_mask, key_padding_mask, dropout_p,
                              seed_offset)
-    with kernel_dtypes_as_given(query):
-        out, lse = impl.attention_fwd(query, key, value, attn_mask, key_padding_mask,
-                                      dropout_p, is_causal, scale, seed_offset)
+    out, lse = impl.attention_fwd(query, key, value, attn_mask, key_padding_mask, dropout_p,
+                                  is_causal, scale, seed_offset)
     return unviewed(out), unviewed(lse)
 
 
@@ -122,6 +122,7 @@ def _attention_fwd_fake(query, key, value, attn_mask, key_padding_mask, dropout_
 
 
 @torch.library.custom_op("seqkern::attention_bwd", mutates_args=())
+@kernel_dtypes_as_given
 def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                   lse: Tensor, attn_mask: Optional[Tensor],
                   key_padding_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
@@ -133,9 +134,8 @@ def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, o
         check_attention_args(query, key, value, attn_mask, key_padding_mask, dropout_p,
                              seed_offset)
         check_attention_grads(query, value, grad_out, out, lse)
-    with kernel_dtypes_as_given(query):
-        grads = impl.attention_bwd(grad_out, query, key, value, out, lse, attn_mask,
-                                   key_padding_mask, dropout_p, is_causal, scale, seed_offset)
+    grads = impl.attention_bwd(grad_out, query, key, value, out, lse, attn_mask,
+                               key_padding_mask, dropout_p, is_causal, scale, seed_offset)
     return tuple(unviewed(g) for g in grads)
 
 
@@ -173,6 +173,7 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("seqkern::attention_weights", mutates_args=())
+@kernel_dtypes_as_given
 def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Optional[Tensor],
                       key_padding_mask: Optional[Tensor], is_causal: bool, scale: float,
                       dropout_p: float, seed_offset: Optional[Tensor],
@@ -184,10 +185,9 @@ def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Option
         check_attention_args(query, key, key, attn_mask, key_padding_mask, dropout_p,
                              seed_offset)
         check_lse(query, lse)
-    with kernel_dtypes_as_given(query):
-        return unviewed(impl.attention_weights(query, key, lse, attn_mask, key_padding_mask,
-                                               is_causal, scale, dropout_p, seed_offset,
-                                               average_heads))
+    return unviewed(impl.attention_weights(query, key, lse, attn_mask, key_padding_mask,
+                                           is_causal, scale, dropout_p, seed_offset,
+                                           average_heads))
 
 
 @attention_weights.register_fake
@@ -205,16 +205,16 @@ def _weights_setup_context(ctx, inputs, output):
     ctx.args = (is_causal, scale, dropout_p, average_heads)
 
 
+@kernel_dtypes_as_given
 def _weights_backward(ctx, grad_weights):
     query, key, attn_mask, key_padding_mask, seed_offset = ctx.saved_tensors
     is_causal, scale, dropout_p, average_heads = ctx.args
     keep = reference.keep_mask_for(query, key, dropout_p, seed_offset)
     # Plain torch ops (traceable by torch.compile). lse is the forward's, itself a function
     # of q and k: the reference differentiates the softmax whole, so lse gets no gradient.
-    with kernel_dtypes_as_given(query):
-        dq, dk = reference.attention_weights_backward(
-            grad_weights, query, key, attn_mask, is_causal, scale, key_padding_mask, keep,
-            dropout_p, average_heads)
+    dq, dk = reference.attention_weights_backward(
+        grad_weights, query, key, attn_mask, is_causal, scale, key_padding_mask, keep,
+        dropout_p, average_heads)
     return dq, dk, None, None, None, None, None, None, None, None
 
 

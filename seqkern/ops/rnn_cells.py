@@ -102,14 +102,14 @@ def _inputs(mode, input):
 
 
 @torch.library.custom_op("seqkern::rnn_cell_fwd", mutates_args=())
+@kernel_dtypes_as_given
 def rnn_cell_fwd(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], w_ih: Tensor,
                  w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
                  ) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.select("rnn_cell", _inputs(mode, input))
     if not backends.checks_own_args(impl):
         check_cell_args(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
-    with kernel_dtypes_as_given(input):
-        return impl.rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+    return impl.rnn_cell_fwd(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
 
 @rnn_cell_fwd.register_fake
@@ -122,6 +122,7 @@ def _rnn_cell_fwd_fake(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
 
 
 @torch.library.custom_op("seqkern::rnn_cell_bwd", mutates_args=())
+@kernel_dtypes_as_given
 def rnn_cell_bwd(mode: str, grad_h: Tensor, grad_c: Optional[Tensor], input: Tensor,
                  hx: Tensor, cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, has_bias: bool,
                  h: Tensor, saved: Tensor, needs: list[bool]
@@ -133,18 +134,10 @@ def rnn_cell_bwd(mode: str, grad_h: Tensor, grad_c: Optional[Tensor], input: Ten
     a sequence the input rarely needs a gradient, and its product costs as much as dW's.
     """
     impl = backends.select("rnn_cell", _inputs(mode, input))
-    with kernel_dtypes_as_given(input):
-        fused = getattr(impl, "rnn_cell_bwd", None)
-        if fused is not None:  # the backend does the products too (cpu: one C++ call)
-            return fused(mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, has_bias, h, saved,
-                         needs)
-        return _gate_grads_then_products(impl, mode, grad_h, grad_c, input, hx, cx, w_ih,
-                                         w_hh, has_bias, h, saved, needs)
-
-
-def _gate_grads_then_products(impl, mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh,
-                              has_bias, h, saved, needs):
-    """rnn_cell_bwd on a backend that computes the gate gradients only: the products here."""
+    fused = getattr(impl, "rnn_cell_bwd", None)
+    if fused is not None:  # the backend does the products too (cpu: one C++ call)
+        return fused(mode, grad_h, grad_c, input, hx, cx, w_ih, w_hh, has_bias, h, saved,
+                     needs)
     if not backends.checks_own_args(impl):
         check_gate_grad_args(mode, grad_h, grad_c, hx, cx, h, saved)
     d_ih, d_hh, d_hx_direct, dcx = impl.rnn_cell_gate_grads(mode, grad_h, grad_c, hx, cx, h,
@@ -209,18 +202,17 @@ def reference_step(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
                                "tanh" if mode == "RNN_TANH" else "relu"),)
 
 
+@kernel_dtypes_as_given
 def _double_backward(ctx, grad_h, grad_c):
     """The backward, differentiable: recomputed through the reference cell (create_graph)."""
     input, hx, cx, w_ih, w_hh, b_ih, b_hh, _, _ = ctx.saved_tensors
     args = (input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     wanted = [i for i, t in enumerate(args) if t is not None and ctx.needs_input_grad[i + 1]]
-    with kernel_dtypes_as_given(input):
-        outs = reference_step(ctx.mode, *args)
-        grads_out = (grad_h, grad_c)[:len(outs)]
-        pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None]
-        found = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted],
-                                    [g for _, g in pairs], create_graph=True,
-                                    allow_unused=True)
+    outs = reference_step(ctx.mode, *args)
+    grads_out = (grad_h, grad_c)[:len(outs)]
+    pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None]
+    found = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted],
+                                [g for _, g in pairs], create_graph=True, allow_unused=True)
     grads = [None] * len(args)
     for i, g in zip(wanted, found):
         grads[i] = g if g is not None else torch.zeros_like(args[i])

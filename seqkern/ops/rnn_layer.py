@@ -145,6 +145,7 @@ def workspace_producer(workspace):
 
 
 @torch.library.custom_op("seqkern::rnn_layer_fwd", mutates_args=())
+@kernel_dtypes_as_given
 def rnn_layer_fwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor,
                   c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                   b_hh: Optional[Tensor], reverse: bool, need_workspace: bool = True,
@@ -152,9 +153,8 @@ def rnn_layer_fwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
     impl = backends.select("rnn_layer", _inputs(input, mode, w_hh, w_hr))
     if not backends.checks_own_args(impl):
         check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    with kernel_dtypes_as_given(input):
-        result = impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                    reverse, need_workspace, w_hr)
+    result = impl.rnn_layer_fwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                reverse, need_workspace, w_hr)
     _remember_producer(result[3], impl.NAME)
     # Contiguous, as the fake says: inductor asserts the real outputs' strides.
     return tuple(unviewed(t.contiguous()) for t in result)
@@ -173,6 +173,7 @@ def _rnn_layer_fwd_fake(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh
 
 
 @torch.library.custom_op("seqkern::rnn_layer_bwd", mutates_args=())
+@kernel_dtypes_as_given
 def rnn_layer_bwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor,
                   c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                   b_hh: Optional[Tensor], reverse: bool, workspace: Tensor,
@@ -191,10 +192,8 @@ def rnn_layer_bwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: T
     if not backends.checks_own_args(impl):
         dims = check_layer_args(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
         check_layer_grads(mode, *dims, input, workspace, grad_output, grad_hn, grad_cn)
-    with kernel_dtypes_as_given(input):
-        grads = impl.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                   reverse, workspace, grad_output, grad_hn, grad_cn, needs,
-                                   w_hr)
+    grads = impl.rnn_layer_bwd(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                               reverse, workspace, grad_output, grad_hn, grad_cn, needs, w_hr)
     # Contiguous, as the fake says (the reference's autograd gradients of a strided input
     # come back strided; inductor asserts the real outputs' strides).
     return [unviewed(g.contiguous()) for g in grads]
@@ -262,6 +261,7 @@ def reference_forward(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, 
                            batch_sizes=batch_sizes, w_hr=w_hr)
 
 
+@kernel_dtypes_as_given
 def reference_grads(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
                     grad_output, grad_hn, grad_cn, create_graph=False, w_hr=None, needs=None):
     """Gradients of the reference layer for (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
@@ -273,7 +273,7 @@ def reference_grads(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, re
               for t, want in zip(args, needs or [True] * len(args))]
     if not any(wanted):
         return [None] * len(args)
-    with autograd_inside_op(), kernel_dtypes_as_given(input):
+    with autograd_inside_op():
         leaves = [t if not want or t.requires_grad else t.detach().requires_grad_(True)
                   for t, want in zip(args, wanted)]
         out, h_n, c_n = reference_forward(mode, leaves[0], batch_sizes, *leaves[1:7], reverse,
