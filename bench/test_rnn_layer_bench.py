@@ -41,8 +41,13 @@ SHAPES = [("fastrnns", 100, 64, 512, 512, False, 0),
           ("small-batch", 256, 4, 512, 512, False, 0),
           ("small-batch", 256, 8, 512, 512, False, 0),
           ("packed", 200, 16, 512, 512, True, 0),
-          ("projection", 100, 16, 512, 1024, False, 256)]
+          ("projection", 100, 16, 512, 1024, False, 256),
+          # one step a call, as a decoder or an agent runs its layer
+          ("decode", 1, 1, 512, 512, False, 0),
+          ("decode", 1, 8, 512, 512, False, 0)]
 
+
+BATCHES_NAMED = ("small-batch", "decode")  # shapes named with their batch in test ids
 
 # On a GPU both compiled backends run side by side, and as its own row the cuda backend's
 # opt-in candidate: "next" = tensor-core blocks (SEQKERN_CUDA_RNN_MMA=1; fp32 layers on TF32,
@@ -137,7 +142,7 @@ def _peak_memory_mb(provider, cls, shape, dtype, pass_):
 @pytest.mark.parametrize("pass_", ["inference", "train", "train-data"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("shape", SHAPES,
-                         ids=lambda s: f"{s[0]}-B{s[2]}" if "small" in s[0] else s[0])
+                         ids=lambda s: f"{s[0]}-B{s[2]}" if s[0] in BATCHES_NAMED else s[0])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
     name, T, B, I, H, packed, P = shape
@@ -164,7 +169,9 @@ def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
     # Triton's layers ran 24-170x slower than the CUDA kernel on a GPU (bench/RESULTS.md,
     # before their grid of programs a step): fewer rounds keep the GPU run's lease.
     rounds = (3 if backend == "triton" else 10) if CUDA else 4
-    benchmark.pedantic(record.timed(target), rounds=rounds, iterations=1, warmup_rounds=1)
+    iterations = 20 if name == "decode" else 1  # calls of ~0.1 ms: many a round
+    benchmark.pedantic(record.timed(target), rounds=rounds, iterations=iterations,
+                       warmup_rounds=1)
     if CUDA:
         extra = {"peak_mb": torch.cuda.max_memory_allocated() / 2**20}
     elif name == "fastrnns":  # a fresh process per measurement: a few seconds each

@@ -211,17 +211,27 @@ print(torch.ops.seqkern_C.cpu_capability())
     assert_passes_under_capability(code, capability)
 
 
-# (name, hidden size, batch, packed, bidirectional, output gradient): float32, whole panels of
-# 64 units and under 16 rows a thread, so that on the two threads these tests run with the C++
-# layer splits the hidden units over a team (csrc/cpu/rnn_layer_team.h: it needs a panel per
-# thread); H = 192 gives the threads 64 and 128 units.
+# (name, hidden size, batch, packed, bidirectional, output gradient, steps): float32, whole
+# panels of 64 units and under 16 rows a thread, so that on the two threads these tests run
+# with the C++ layer splits the hidden units over a team (csrc/cpu/rnn_layer_team.h: it needs
+# a panel per thread); H = 192 gives the threads 64 and 128 units. Over 32 rows in all, so
+# that W_hh is packed (rnn_layer.cpp's w_hh_in_place).
 TEAM_CASES = {case[0]: case for case in [
-    ("padded", 128, 5, False, False, "weighted"),
-    ("one-row", 128, 1, False, False, "weighted"),
-    ("packed-bidirectional", 192, 7, True, True, "weighted"),
-    ("expanded-gradient", 128, 3, False, True, "sum"),
-    ("row-split", 128, 33, True, False, "weighted")]}  # 33 rows: the other loop, same checks
+    ("padded", 128, 5, False, False, "weighted", 9),
+    ("one-row", 128, 1, False, False, "weighted", 40),
+    ("packed-bidirectional", 192, 7, True, True, "weighted", 9),
+    ("expanded-gradient", 128, 3, False, True, "sum", 12),
+    ("row-split", 128, 33, True, False, "weighted", 9)]}  # 33 rows: the other loop, same checks
 TEAM_THREADS = 2
+
+# Decoding-sized calls, whose weights the forward multiplies in place (rows_dot, no packing):
+# odd H and input size 24 leave tails in K (the vector width) and in N (4 W rows a block);
+# B = 9 on two threads takes the row split, each thread's rows against the whole W.
+IN_PLACE_CASES = {case[0]: case for case in [
+    ("one-step", 63, 5, False, True, "weighted", 1),
+    ("two-steps-packed", 63, 11, True, True, "weighted", 2),
+    ("row-split-one-step", 130, 9, False, False, "sum", 1),
+    ("thirty-two-rows", 70, 4, False, False, "weighted", 8)]}
 
 
 @pytest.mark.skipif(not HAS_C, reason="no _C")
@@ -231,30 +241,44 @@ TEAM_THREADS = 2
                          ids=["LSTM", "GRU", "RNN", "RNN_RELU"])
 def test_cpu_float32_team_time_loop_matches_float64(case, cls, kw):
     """float32 forward and every gradient (input, h0/c0, weights) against torch's module in
-    float64, initial states given, 9 steps (packed: unsorted lengths 1 .. 9, so rows end and,
-    in the reverse direction, start at different steps). Run on TEAM_THREADS threads whatever
+    float64, initial states given, the case's steps (packed: unsorted lengths 1 .. T, so rows
+    end and, in the reverse direction, start at different steps). Run on TEAM_THREADS threads whatever
     the machine has, so that the team loop is the one tested."""
+    _check_float32_layer_against_float64(TEAM_CASES[case], cls, kw)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("case", IN_PLACE_CASES)
+@pytest.mark.parametrize("cls,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {})],
+                         ids=["LSTM", "GRU", "RNN"])
+def test_cpu_float32_weights_in_place_match_float64(case, cls, kw):
+    """As the team test, for calls of at most 32 rows or two steps: the products read W_ih
+    and W_hh in place."""
+    _check_float32_layer_against_float64(IN_PLACE_CASES[case], cls, kw)
+
+
+def _check_float32_layer_against_float64(case, cls, kw):
     threads = torch.get_num_threads()
     torch.set_num_threads(TEAM_THREADS)
     try:
-        _check_float32_layer_against_float64(TEAM_CASES[case], cls, kw)
+        _check_float32_layer_on_threads(case, cls, kw)
     finally:
         torch.set_num_threads(threads)
 
 
-def _check_float32_layer_against_float64(case, cls, kw):
-    _, H, B, packed, bidirectional, grad = case
+def _check_float32_layer_on_threads(case, cls, kw):
+    _, H, B, packed, bidirectional, grad, T = case
     torch.manual_seed(B * H)
     ours = getattr(seqkern, cls)(24, H, bidirectional=bidirectional, device="cpu", **kw)
     theirs = getattr(torch.nn, cls)(24, H, bidirectional=bidirectional, device="cpu",
                                     dtype=torch.float64, **kw)
     theirs.load_state_dict(ours.state_dict())
     dirs = 2 if bidirectional else 1
-    x = torch.randn(9, B, 24)
+    x = torch.randn(T, B, 24)
     states = [torch.randn(dirs, B, H) * 0.5 for _ in range(2 if cls == "LSTM" else 1)]
-    lengths = torch.randint(1, 10, (B,)) if packed else None
+    lengths = torch.randint(1, T + 1, (B,)) if packed else None
     if packed:
-        lengths[0] = 9
+        lengths[0] = T
 
     def run(module, dtype):
         xs = x.to(dtype).requires_grad_(True)
@@ -285,14 +309,18 @@ def _check_float32_layer_against_float64(case, cls, kw):
 @pytest.mark.skipif(not HAS_C, reason="no _C")
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_cpu_float32_layers_for_every_capability(capability):
-    """The float32 layer (team and row-split loops, weight panels and transposes, activations)
-    under the kernels compiled for each instruction set."""
+    """The float32 layer (team and row-split loops, weight panels and transposes, weights
+    multiplied in place, activations) under the kernels compiled for each instruction set."""
     code = """
 import torch, seqkern
 from tests.test_rnn_layers_cpu import test_cpu_float32_team_time_loop_matches_float64 as check
+from tests.test_rnn_layers_cpu import test_cpu_float32_weights_in_place_match_float64 as check2
 for case in ("packed-bidirectional", "row-split"):
     for cls in ("LSTM", "GRU", "RNN"):
         check(case, cls, {})
+for case in ("one-step", "row-split-one-step"):
+    for cls in ("LSTM", "GRU"):
+        check2(case, cls, {})
 print(torch.ops.seqkern_C.cpu_capability())
 """
     assert_passes_under_capability(code, capability)

@@ -13,6 +13,7 @@
 
 #include "buffer_cache.h"
 #include "round_bf16_kernel.h"
+#include "rows_dot_kernel.h"
 #include "transpose_kernel.h"
 #include <ATen/native/CPUBlas.h>
 
@@ -92,9 +93,11 @@ void tiled_matmul_into(at::Tensor& out, const at::Tensor& a_in, const PackedRigh
   const int64_t M = a_in.size(0), N = b.N, K = b.K;
   if (M == 0 || N == 0) return;
   if (out.scalar_type() != at::kFloat || K == 0) {
-    if (accumulate) out.addmm_(a_in, b.panels);
+    const at::Tensor b_mat =
+        b.layout == PackedRight::Layout::kWeightRows ? b.panels.t() : b.panels;
+    if (accumulate) out.addmm_(a_in, b_mat);
     else if (K == 0) out.zero_();
-    else at::mm_out(out, a_in, b.panels);
+    else at::mm_out(out, a_in, b_mat);
     return;
   }
   if (!row_major(out)) {
@@ -121,6 +124,9 @@ void tile_product(const TA* A, int64_t lda, const PackedRight& b, float* C, int6
   const int64_t rows = std::min(kTileM, M - m0), cols = std::min(kPanel, b.N - n0);
   const int64_t k_chunks = (K + kChunkK - 1) / kChunkK;
   const float* P = b.panels.data_ptr<float>();
+  // kRowMajor: b itself, its row stride instead of the panel width
+  const bool row_major_b = b.layout == PackedRight::Layout::kRowMajor;
+  const int64_t ldb = row_major_b ? b.panels.stride(0) : kPanel;
   for (int64_t j = 0; j < k_chunks; ++j) {
     const int64_t k0 = (backwards ? k_chunks - 1 - j : j) * kChunkK;
     const bool add = accumulate || j > 0;
@@ -129,11 +135,19 @@ void tile_product(const TA* A, int64_t lda, const PackedRight& b, float* C, int6
       at::native::cpublas::brgemm(rows, cols, std::min(kChunkK, K - k0), lda, kPanel, ldc, add,
                                   A + m0 * lda + k0, panel, C + m0 * ldc + n0, /*is_vnni=*/true);
     } else {
-      at::native::cpublas::brgemm(rows, cols, std::min(kChunkK, K - k0), lda, kPanel, ldc, add,
-                                  A + m0 * lda + k0, P + (np * K + k0) * kPanel,
+      at::native::cpublas::brgemm(rows, cols, std::min(kChunkK, K - k0), lda, ldb, ldc, add,
+                                  A + m0 * lda + k0,
+                                  row_major_b ? P + k0 * ldb + n0 : P + (np * K + k0) * kPanel,
                                   C + m0 * ldc + n0, /*is_vnni=*/false);
     }
   }
+}
+
+// keep_right's operand: W's rows [n0, n1) on this thread.
+void weight_rows_product(int64_t M, const float* A, int64_t lda, const PackedRight& b,
+                         int64_t n0, int64_t n1, float* C, int64_t ldc, bool accumulate) {
+  run_rows_dot(M, b.K, A, lda, b.panels.data_ptr<float>(), b.panels.stride(0), n0, n1, C, ldc,
+               accumulate);
 }
 
 template <typename TA>
@@ -145,6 +159,16 @@ void tiled_product(int64_t M, const TA* A, int64_t lda, const PackedRight& b, fl
     if (!accumulate)
       for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.f);
     return;
+  }
+  if constexpr (std::is_same_v<TA, float>) {
+    if (b.layout == PackedRight::Layout::kWeightRows) {
+      // W's rows in groups of at least 4 over the threads, each worth a task (2^16 FMAs)
+      const int64_t grain = std::max<int64_t>(4, ((int64_t(1) << 16) / (M * K) + 3) / 4 * 4);
+      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+        weight_rows_product(M, A, lda, b, n0, n1, C, ldc, accumulate);
+      });
+      return;
+    }
   }
   const int64_t m_tiles = (M + kTileM - 1) / kTileM, n_tiles = (N + kPanel - 1) / kPanel;
   at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
@@ -161,6 +185,12 @@ template <typename TA>
 void panel_product(int64_t M, const TA* A, int64_t lda, const PackedRight& b, int64_t panel0,
                    int64_t panels, float* C, int64_t ldc, bool accumulate, bool backwards) {
   if (M == 0 || panels == 0) return;
+  if constexpr (std::is_same_v<TA, float>) {
+    if (b.layout == PackedRight::Layout::kWeightRows) {
+      const int64_t n0 = panel0 * kPanel, n1 = std::min(b.N, (panel0 + panels) * kPanel);
+      if (b.K > 0) return weight_rows_product(M, A, lda, b, n0, n1, C, ldc, accumulate);
+    }
+  }
   if (b.K == 0) {
     const int64_t n0 = panel0 * kPanel, n1 = std::min(b.N, (panel0 + panels) * kPanel);
     if (!accumulate)
@@ -204,6 +234,22 @@ void panel_matmul_raw(int64_t M, const at::BFloat16* A, int64_t lda, const Packe
                       bool backwards) {
   TORCH_CHECK(b.bf16, "panel_matmul_raw: a bf16 left operand needs pack_right_bf16's panels");
   panel_product(M, A, lda, b, panel0, panels, C, ldc, accumulate, backwards);
+}
+
+PackedRight keep_right(const at::Tensor& b) {
+  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat && (b.stride(0) == 1 || b.size(0) <= 1),
+              "keep_right: b must be W^T of a row-major fp32 W");
+  PackedRight kept{b.t(), b.size(0), b.size(1)};
+  kept.layout = PackedRight::Layout::kWeightRows;
+  return kept;
+}
+
+PackedRight keep_rows(const at::Tensor& b) {
+  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat && row_major(b),
+              "keep_rows: b must be a row-major fp32 matrix");
+  PackedRight kept{b, b.size(0), b.size(1)};
+  kept.layout = PackedRight::Layout::kRowMajor;
+  return kept;
 }
 
 PackedRight pack_right_bf16(const at::Tensor& b) {

@@ -18,8 +18,20 @@ struct PackedRight {
   // bf16 pairs instead (pack_right_bf16): panels [ceil(N / 64), K / 2, 64] of 32-bit units,
   // each unit two bf16 of consecutive k (the VNNI layout brgemm's bf16 kernels read).
   bool bf16 = false;
+  // fp32 operands kept as given instead of packed, for products used on a few rows in all
+  // (packing copies the whole matrix, a transpose for b = W^T, which costs several times
+  // such a product): kWeightRows, `panels` is W [N, K] itself (b = W^T, row-major W), the
+  // products rows_dot's dot products of A's rows with W's rows; kRowMajor, `panels` is b
+  // [K, N] itself (row-major), which brgemm reads through its row stride.
+  enum class Layout { kPanels, kWeightRows, kRowMajor } layout = Layout::kPanels;
 };
 PackedRight pack_right(const at::Tensor& b);
+
+// b = W^T for a row-major fp32 W [N, K], kept as W (Layout::kWeightRows).
+PackedRight keep_right(const at::Tensor& b);
+
+// A row-major fp32 b [K, N], kept as it is (Layout::kRowMajor).
+PackedRight keep_rows(const at::Tensor& b);
 
 // b = W^T for a row-major W [N, K] of any floating dtype, K even: W rounded to bf16 and packed
 // in VNNI panels, the right operand of the bf16 products below. Use where

@@ -37,6 +37,7 @@ namespace {
 // 52 MB for the fastrnns LSTM) was written, faulted in page by page and read back from
 // memory: it cost more than the recurrence itself.
 constexpr int64_t kProjectionChunkBytes = int64_t(4) << 20;
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     const std::string& mode_name, const at::Tensor& input,
     const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
@@ -54,8 +55,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   const int64_t H = ops.H, P = ops.P, G = ops.G, N = ops.N;
   const at::Tensor &x = ops.x, &wih = ops.w_ih, &whh = ops.w_hh;
   const bool proj = ops.w_hr.defined();
+  const std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
+  const std::vector<StepChunk> chunks =
+      step_chunks(steps, G * H * int64_t(at::elementSize(dt)), kProjectionChunkBytes);
+  const bool fp32 = dt == at::kFloat && !bf16;
   // [P, G*H]: the step product's right operand
-  const PackedRight whh_t = bf16 ? pack_right_bf16(whh.t()) : pack_right(whh.t());
+  const bool whh_as_given = fp32 && w_hh_in_place(steps.size(), h0.size(0));
+  const PackedRight whh_t = bf16           ? pack_right_bf16(whh.t())
+                            : whh_as_given ? keep_right(whh.t())
+                                           : pack_right(whh.t());
   // [H, P]: h = h_full W_hr^T after the cell (LSTM proj_size)
   const PackedRight whr_t = proj ? pack_right(ops.w_hr.t()) : PackedRight{};
   // LSTM and RNN add both biases with the input projection; GRU keeps b_hh with h W_hh^T
@@ -66,7 +74,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     if (mode == RnnMode::kGRU) bias_h = as_compute(*b_hh, dt);
     else bias_x = *bias_x + as_compute(*b_hh, dt);
   }
-  const PackedRight wih_t = bf16 ? pack_right_bf16(wih.t()) : pack_right(wih.t());  // [I, G*H]
+  // [I, G*H]: used once a chunk
+  const bool wih_as_given = fp32 && w_ih_in_place(chunks.size(), N);
+  const PackedRight wih_t = bf16           ? pack_right_bf16(wih.t())
+                            : wih_as_given ? keep_right(wih.t())
+                                           : pack_right(wih.t());
   // bf16: x is the projection's left operand as given (prepare), and the state, rounded, the
   // step product's, in two buffers (the team's step i reads the one step i - 1 wrote).
   at::Tensor h = h0.to(dt).clone(at::MemoryFormat::Contiguous);
@@ -85,10 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   // into the workspace, where the backward finds it).
   at::Tensor h_full_scratch = at::empty({proj && !need_workspace ? h.size(0) : 0, H},
                                         h.options());
-  const std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
   const auto blocks = row_blocks(steps, h.size(0));
-  const std::vector<StepChunk> chunks =
-      step_chunks(steps, G * H * int64_t(at::elementSize(dt)), kProjectionChunkBytes);
   int64_t chunk_rows = 0;
   for (const StepChunk& ch : chunks) chunk_rows = std::max(chunk_rows, ch.rows);
   at::Tensor x_gates = cached_empty({chunk_rows, G * H}, h.options());

@@ -129,15 +129,21 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   at::Tensor db_hh = at::zeros({want_db ? G * H : 0}, opts);
 
   // [G*H, P], reused by every step
-  const PackedRight whh_packed = bf16 ? pack_rows_bf16(whh) : pack_right(whh);
+  const bool fp32 = dt == at::kFloat && !bf16;
+  const bool whh_as_given = fp32 && w_hh_in_place(steps.size(), dh.size(0));
+  const PackedRight whh_packed = bf16           ? pack_rows_bf16(whh)
+                                 : whh_as_given ? keep_rows(whh)
+                                                : pack_right(whh);
   // bf16: each step's gradients of h W_hh^T (+ b_hh) rounded, at their rows of the chunk: the
   // left operand of the step's chain product and, but for GRU, of dx = dG W_ih.
   at::Tensor dh_gates_bf16 =
       cached_empty({bf16 ? chunk_rows : 0, G * H}, opts.dtype(at::kBFloat16));
   // [G*H, I], by every chunk
+  const bool wih_as_given = fp32 && w_ih_in_place(chunks.size(), N);
   const PackedRight wih_packed = !needs.input ? PackedRight{}
-                                 : bf16       ? pack_rows_bf16(wih)
-                                              : pack_right(wih);
+                                 : bf16         ? pack_rows_bf16(wih)
+                                 : wih_as_given ? keep_rows(wih)
+                                                : pack_right(wih);
   const bool team = use_team(dt == at::kFloat, proj, dh.size(0), H);
   TeamBackward team_args{};  // float32 only; its chunk is set per chunk
   if (team) {

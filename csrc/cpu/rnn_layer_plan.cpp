@@ -3,6 +3,20 @@
 
 namespace seqkern::cpu {
 
+// Packing copies the whole weight (a transpose for the forward's W^T), which for a decoding
+// step (T = 1, small B) costs several times its products (forward, GRU H = 512, B = 1: 248 ->
+// 49 us a layer, LSTM H = 1024: 1580 -> 205). Products on the weight as given are slower per
+// row than brgemm on panels (the forward's dot products most), so packing pays once a weight
+// meets enough rows. Measured on the forward (bench/RESULTS.md, "decoding steps"; LSTM and
+// GRU, H = 256 to 1024): W_ih, one product over the chunk's rows: as given up to 32 rows
+// (0.88-1.14x at 64); W_hh, one product a step: up to 32 rows over all steps, or T <= 2 steps
+// of up to 128 rows (1.11-1.42x at T = 1, 2 and B = 64, 128; 0.81-1.14x for T = 4 and 8 at
+// 64 rows).
+bool w_ih_in_place(size_t chunks, int64_t rows) { return chunks == 1 && rows <= 32; }
+bool w_hh_in_place(size_t steps, int64_t batch) {
+  return int64_t(steps) * batch <= 32 || (steps <= 2 && batch <= 128);
+}
+
 std::vector<Step> make_steps(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
                              bool reverse) {
   std::vector<Step> steps;

@@ -51,6 +51,12 @@ struct Workspace {
   template <typename T> T* h_full(T* base) const { return base + h_full_offset(); }
 };
 
+// Whether the float32 layer's weights are multiplied as given (keep_right, keep_rows) instead of
+// packed into panels first (rnn_layer_plan.cpp): W_ih, used once a chunk of steps on its rows
+// (the input projection, dx); W_hh, once a step on its live rows.
+bool w_ih_in_place(size_t chunks, int64_t rows);
+bool w_hh_in_place(size_t steps, int64_t batch);
+
 // The steps of a layer in processing order (reverse: the last first) for a padded input
 // [T, B, I] or packed data with batch_sizes (rnn_layer_plan.cpp).
 std::vector<Step> make_steps(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,

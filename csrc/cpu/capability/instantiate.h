@@ -5,6 +5,7 @@
 #include "../attention_weights_impl.h"
 #include "../rnn_cell_impl.h"
 #include "../round_bf16_impl.h"
+#include "../rows_dot_impl.h"
 #include "../transpose_impl.h"
 
 namespace seqkern::cpu::CPU_CAPABILITY {

@@ -1,0 +1,31 @@
+// C (+)= A W^T with W read in place, row-major, as dot products of A's rows with W's rows,
+// compiled once per CPU capability like the other kernels (csrc/cpu/capability/). For the
+// recurrent layers' products used on a few rows only (a decoding step: T = 1, small B): the
+// brgemm path first packs W^T into column panels, a transpose that cost 4-6x the product
+// itself there (GRU H = 512, B = 1: ~110 us to pack each 3 MB weight, ~15 us to multiply).
+#pragma once
+
+#include <cstdint>
+
+#include "capability.h"
+
+namespace seqkern::cpu {
+
+// C[m, n] (+)= sum_k A[m, k] W[n, k] for m < M, n in [n0, n1), k < K; A, W, C row-major
+// with row strides lda, ldw, ldc; C is not read unless accumulate.
+#define SEQKERN_DECLARE_ROWS_DOT(NS)                                                       \
+  namespace NS {                                                                           \
+  void rows_dot(int64_t M, int64_t K, const float* A, int64_t lda, const float* W,         \
+                int64_t ldw, int64_t n0, int64_t n1, float* C, int64_t ldc, bool accumulate); \
+  }
+SEQKERN_DECLARE_ROWS_DOT(DEFAULT)
+SEQKERN_DECLARE_ROWS_DOT(AVX2)
+SEQKERN_DECLARE_ROWS_DOT(AVX512)
+
+inline void run_rows_dot(int64_t M, int64_t K, const float* A, int64_t lda, const float* W,
+                         int64_t ldw, int64_t n0, int64_t n1, float* C, int64_t ldc,
+                         bool accumulate) {
+  SEQKERN_CPU_DISPATCH(rows_dot, M, K, A, lda, W, ldw, n0, n1, C, ldc, accumulate);
+}
+
+}  // namespace seqkern::cpu
