@@ -26,7 +26,8 @@ def _cases():
     if CUDA:
         return [(cell, B, H, torch.bfloat16) for cell in cells for B in (16, 64, 256)
                 for H in (512, 1024)]
-    return [(cell, 16, 512, torch.float32) for cell in cells]
+    # B = 1: a model stepping one sequence (an agent, a decoder)
+    return [(cell, B, 512, torch.float32) for cell in cells for B in (1, 16)]
 
 
 def _providers():

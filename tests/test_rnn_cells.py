@@ -12,8 +12,11 @@ MODES = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 ARG_NAMES = ("input", "hx", "cx", "w_ih", "w_hh", "b_ih", "b_hh")
 
-# (B, I, H): sizes 1, 7, 63, 257 and primes, batch 1.
-SHAPES = [(1, 1, 1), (3, 7, 7), (2, 63, 5), (1, 13, 63), (5, 2, 31), (2, 11, 257)]
+# (B, I, H): sizes 1, 7, 63, 257 and primes, batch 1. The C++ cell multiplies batches of up
+# to 8 rows by dot products and larger ones by brgemm (rnn_cell_impl.h): B = 9 and 19 take
+# the latter.
+SHAPES = [(1, 1, 1), (3, 7, 7), (2, 63, 5), (1, 13, 63), (5, 2, 31), (2, 11, 257), (9, 40, 17),
+          (19, 5, 33)]
 
 
 def make_cell_args(mode, B, I, H, dtype=torch.float32, bias=True, layout="packed"):

@@ -397,7 +397,9 @@ at::Tensor transposed(const at::Tensor& m) {
 
 at::Tensor matmul_once(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "matmul_once: operands must be 2-D");
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  // Cached memory for large results (a cell's weight gradients, 4 MB each for an H = 512
+  // LSTM): fresh ones were faulted in page by page on every step.
+  at::Tensor out = cached_empty({a.size(0), b.size(1)}, a.options());
   matmul_once_into(out, a, b, false);
   return out;
 }

@@ -16,6 +16,7 @@
 #include "attention_common.h"
 #include "rnn_cell_kernels.h"
 #include "rnn_pointwise_impl.h"
+#include "rows_dot_impl.h"
 
 namespace seqkern::cpu {
 namespace CPU_CAPABILITY {
@@ -31,11 +32,21 @@ void load_transposed(View2<scalar_t> src, int64_t B, int64_t cols, acc_t* dst) {
   }
 }
 
-// out[rows, B] += w[r0 : r0 + rows, :K] . operand_t[K, B]. fp32/fp64 weights with unit
-// column stride are read in place; others are converted into w_scratch first.
+// Batches of up to this many rows take rows_dot's dot products (the operand's rows against
+// W's rows) instead of brgemm, whose kernel vectorises over the batch (N = B): a B = 1 GRU
+// step at H = 512 took 132 us there, 40 with the dot products (about the time to read the
+// weights once). Measured (bench/RESULTS.md, "decoding steps"; LSTM, GRU, RNN cells at
+// H = 256 to 1024): 2.0-3.8x at B = 1, 1.29-2.94x at B = 4, 0.97-1.72x at B = 8, 0.69-1.01x
+// at B = 16.
+constexpr int64_t kDotMaxBatch = 8;
+
+// out[rows, B] += w[r0 : r0 + rows, :K] . operand_t[K, B] (operand_rows [B, K] is the same
+// operand, batch-major). fp32/fp64 weights with unit column stride are read in place;
+// others are converted into w_scratch first.
 template <typename scalar_t, typename acc_t>
 void accumulate_gate_rows(View2<scalar_t> w, int64_t r0, int64_t rows, int64_t K,
-                          const acc_t* operand_t, int64_t B, acc_t* out, acc_t* w_scratch) {
+                          const acc_t* operand_t, const acc_t* operand_rows, int64_t B,
+                          acc_t* out, acc_t* w_scratch) {
   if (K == 0) return;
   const acc_t* a = nullptr;
   int64_t lda = K;
@@ -43,6 +54,16 @@ void accumulate_gate_rows(View2<scalar_t> w, int64_t r0, int64_t rows, int64_t K
     if (w.s1 == 1 && w.s0 >= K) {
       a = w.row(r0);
       lda = w.s0;
+    }
+  }
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (B <= kDotMaxBatch) {
+      if (a == nullptr) {
+        load_tile(w.row(r0), w.s0, w.s1, rows, K, w_scratch, K, false);
+        a = w_scratch;
+      }
+      // out[r, b] at out + r * B + b
+      return rows_dot(B, K, operand_rows, K, a, lda, 0, rows, out, 1, /*accumulate=*/true, B);
     }
   }
   if (a == nullptr) {
@@ -62,6 +83,15 @@ void rnn_cell_fwd_kernel(const CellProblem<scalar_t>& p, scalar_t* h_out, scalar
   std::vector<acc_t> x_t(p.I * B), h_t(H * B), c_t(lstm ? H * B : 0);
   load_transposed(p.x, B, p.I, x_t.data());
   load_transposed(p.hx, B, H, h_t.data());
+  // batch-major copies for rows_dot (small batches)
+  const bool dots = std::is_same_v<acc_t, float> && B <= kDotMaxBatch;
+  std::vector<acc_t> x_rows(dots ? p.I * B : 0), h_rows(dots ? H * B : 0);
+  if (dots) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t k = 0; k < p.I; ++k) x_rows[b * p.I + k] = static_cast<acc_t>(p.x.row(b)[k * p.x.s1]);
+      for (int64_t k = 0; k < H; ++k) h_rows[b * H + k] = static_cast<acc_t>(p.hx.row(b)[k * p.hx.s1]);
+    }
+  }
   if (lstm) load_transposed(p.cx, B, H, c_t.data());
 
   const int64_t tiles = (H + kCellTileH - 1) / kCellTileH;
@@ -89,8 +119,10 @@ void rnn_cell_fwd_kernel(const CellProblem<scalar_t>& p, scalar_t* h_out, scalar
             std::fill(s_ih + r * B, s_ih + (r + 1) * B, bi + bh);
           }
         }
-        accumulate_gate_rows(p.w_ih, r0, rows, p.I, x_t.data(), B, s_ih, w_scratch.data());
-        accumulate_gate_rows(p.w_hh, r0, rows, H, h_t.data(), B, s_hh, w_scratch.data());
+        accumulate_gate_rows(p.w_ih, r0, rows, p.I, x_t.data(), x_rows.data(), B, s_ih,
+                             w_scratch.data());
+        accumulate_gate_rows(p.w_hh, r0, rows, H, h_t.data(), h_rows.data(), B, s_hh,
+                             w_scratch.data());
       }
 
       acc_t* s0 = pre.data();

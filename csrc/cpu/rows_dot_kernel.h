@@ -11,12 +11,14 @@
 
 namespace seqkern::cpu {
 
-// C[m, n] (+)= sum_k A[m, k] W[n, k] for m < M, n in [n0, n1), k < K; A, W, C row-major
-// with row strides lda, ldw, ldc; C is not read unless accumulate.
+// C[m, n] (+)= sum_k A[m, k] W[n, k] for m < M, n in [n0, n1), k < K; A and W row-major
+// with row strides lda, ldw; C[m, n] at C + m * ldc + n * ldc_n (ldc_n = 1: row-major; the
+// cell's gate tiles are [n, m], ldc = 1); C is not read unless accumulate.
 #define SEQKERN_DECLARE_ROWS_DOT(NS)                                                       \
   namespace NS {                                                                           \
   void rows_dot(int64_t M, int64_t K, const float* A, int64_t lda, const float* W,         \
-                int64_t ldw, int64_t n0, int64_t n1, float* C, int64_t ldc, bool accumulate); \
+                int64_t ldw, int64_t n0, int64_t n1, float* C, int64_t ldc, bool accumulate, \
+                int64_t ldc_n = 1);                                                        \
   }
 SEQKERN_DECLARE_ROWS_DOT(DEFAULT)
 SEQKERN_DECLARE_ROWS_DOT(AVX2)
@@ -25,7 +27,7 @@ SEQKERN_DECLARE_ROWS_DOT(AVX512)
 inline void run_rows_dot(int64_t M, int64_t K, const float* A, int64_t lda, const float* W,
                          int64_t ldw, int64_t n0, int64_t n1, float* C, int64_t ldc,
                          bool accumulate) {
-  SEQKERN_CPU_DISPATCH(rows_dot, M, K, A, lda, W, ldw, n0, n1, C, ldc, accumulate);
+  SEQKERN_CPU_DISPATCH(rows_dot, M, K, A, lda, W, ldw, n0, n1, C, ldc, accumulate, 1);
 }
 
 }  // namespace seqkern::cpu
