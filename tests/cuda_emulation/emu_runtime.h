@@ -6,7 +6,8 @@
 // collectives (shuffles, ldmatrix, mma.sync) publish each lane's registers in per-warp slots
 // between two warp barriers, so every lane sees the whole warp's operands. Shared memory is
 // filled with 0xff bytes (NaN as fp32, fp16 and bf16) so that reads of unwritten shared
-// memory show up as NaN in the results. Plain launches run their blocks one after another
+// memory show up as NaN in the results; cp.async copies land at the wait, as late as they
+// may. Plain launches run their blocks one after another
 // (CUDA promises no co-residency); cooperative launches run every block at once.
 #pragma once
 
@@ -194,10 +195,22 @@ inline void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, ui
     B[t][g] = val(4), B[t + 4][g] = val(5);
   });
 }
-// cp.async completes at once: commit and wait have nothing left to do.
-inline void cp_async16(void* smem, const void* gmem) { memcpy(smem, gmem, 16); }
+// cp.async lands as late as it may: each thread's copies wait in its queue until its
+// cp_async_wait_all, so shared memory read before the wait (and the __syncthreads after it)
+// still holds the 0xff fill or the previous chunk, never the new data by luck of timing.
+struct EmuCopy {
+  void* dst;
+  const void* src;
+};
+inline thread_local std::vector<EmuCopy> emu_pending_copies;
+inline void cp_async16(void* smem, const void* gmem) {
+  emu_pending_copies.push_back({smem, gmem});
+}
 inline void cp_async_commit() {}
-inline void cp_async_wait_all() {}
+inline void cp_async_wait_all() {
+  for (const EmuCopy& c : emu_pending_copies) memcpy(c.dst, c.src, 16);
+  emu_pending_copies.clear();
+}
 }  // namespace seqkern::cuda::detail
 
 // ---- launches ------------------------------------------------------------------------------
@@ -210,6 +223,11 @@ inline void* emu_thread_main(void* arg) {
   auto* job = static_cast<EmuJob*>(arg);
   emu_t = &job->t;
   (*job->body)();
+  if (!seqkern::cuda::detail::emu_pending_copies.empty()) {  // a block's shared memory ends
+    fprintf(stderr, "emu: block %u thread %u exited with cp.async copies not waited for\n",
+            job->t.bid.x, job->t.tid.x);
+    exit(3);
+  }
   return nullptr;
 }
 
