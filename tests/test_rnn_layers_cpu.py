@@ -28,20 +28,22 @@ def _native_cpu_bf16_products():
 
 
 @pytest.mark.skipif(not HAS_C or DEVICE != "cpu", reason="the CPU kernels")
-@pytest.mark.parametrize("form", ["team", "row split", "packed"])
+@pytest.mark.parametrize("form", ["team", "row split", "packed", "as given"])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
 def test_cpu_bf16_products_relative_rule(cls, form, monkeypatch):
     """bf16 layers on a CPU with native bf16 products run the input projection and the step
     products on bf16 operands (the state rounded each step): outputs and gradients within
     the relative rule of torch's own bf16 layers, both directions. Where the CPU has them the
     result must differ from the fp32-product path (SEQKERN_CPU_BF16_PRODUCTS=0): the bf16 path
-    ran. B = 3 at H = 128 takes the team loop, B = 40 the row split."""
+    ran. B = 3 at H = 128 takes the team loop, B = 40 the row split, with the weights packed
+    (over 32 rows); "as given": two steps, the forward's weights multiplied as they are."""
     B, H = (40, 64) if form == "row split" else (3, 128)
+    T = 2 if form == "as given" else 12
     ours, theirs = module_pair(cls, input_size=32, hidden_size=H, bidirectional=True)
     gen = torch.Generator().manual_seed(11)
-    x = torch.randn(9, B, 32, dtype=torch.float64, generator=gen)
-    lengths = torch.randint(1, 10, (B,), generator=gen)
-    lengths[1] = 9
+    x = torch.randn(T, B, 32, dtype=torch.float64, generator=gen)
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    lengths[1] = T
 
     def run(module, x, dtype, backward_fp32_products=False):
         module = module.to(dtype)
@@ -335,7 +337,7 @@ def test_cpu_bf16_layers_for_every_capability(capability):
 import torch, seqkern
 from _pytest.monkeypatch import MonkeyPatch
 from tests.test_rnn_layers_cpu import test_cpu_bf16_products_relative_rule as check
-for form in ("team", "row split", "packed"):
+for form in ("team", "row split", "packed", "as given"):
     for cls in ("LSTM", "GRU"):
         with MonkeyPatch.context() as mp:
             check(cls, form, mp)

@@ -143,10 +143,11 @@ void tile_product(const TA* A, int64_t lda, const PackedRight& b, float* C, int6
   }
 }
 
-// keep_right's operand: W's rows [n0, n1) on this thread.
-void weight_rows_product(int64_t M, const float* A, int64_t lda, const PackedRight& b,
+// keep_right's operand: W's rows [n0, n1) on this thread (fp32 A with fp32 W, bf16 with bf16).
+template <typename TA>
+void weight_rows_product(int64_t M, const TA* A, int64_t lda, const PackedRight& b,
                          int64_t n0, int64_t n1, float* C, int64_t ldc, bool accumulate) {
-  run_rows_dot(M, b.K, A, lda, b.panels.data_ptr<float>(), b.panels.stride(0), n0, n1, C, ldc,
+  run_rows_dot(M, b.K, A, lda, b.panels.data_ptr<TA>(), b.panels.stride(0), n0, n1, C, ldc,
                accumulate);
 }
 
@@ -160,15 +161,13 @@ void tiled_product(int64_t M, const TA* A, int64_t lda, const PackedRight& b, fl
       for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.f);
     return;
   }
-  if constexpr (std::is_same_v<TA, float>) {
-    if (b.layout == PackedRight::Layout::kWeightRows) {
-      // W's rows in groups of at least 4 over the threads, each worth a task (2^16 FMAs)
-      const int64_t grain = std::max<int64_t>(4, ((int64_t(1) << 16) / (M * K) + 3) / 4 * 4);
-      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-        weight_rows_product(M, A, lda, b, n0, n1, C, ldc, accumulate);
-      });
-      return;
-    }
+  if (b.layout == PackedRight::Layout::kWeightRows) {
+    // W's rows in groups of at least 4 over the threads, each worth a task (2^16 FMAs)
+    const int64_t grain = std::max<int64_t>(4, ((int64_t(1) << 16) / (M * K) + 3) / 4 * 4);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      weight_rows_product(M, A, lda, b, n0, n1, C, ldc, accumulate);
+    });
+    return;
   }
   const int64_t m_tiles = (M + kTileM - 1) / kTileM, n_tiles = (N + kPanel - 1) / kPanel;
   at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
@@ -185,11 +184,9 @@ template <typename TA>
 void panel_product(int64_t M, const TA* A, int64_t lda, const PackedRight& b, int64_t panel0,
                    int64_t panels, float* C, int64_t ldc, bool accumulate, bool backwards) {
   if (M == 0 || panels == 0) return;
-  if constexpr (std::is_same_v<TA, float>) {
-    if (b.layout == PackedRight::Layout::kWeightRows) {
-      const int64_t n0 = panel0 * kPanel, n1 = std::min(b.N, (panel0 + panels) * kPanel);
-      if (b.K > 0) return weight_rows_product(M, A, lda, b, n0, n1, C, ldc, accumulate);
-    }
+  if (b.layout == PackedRight::Layout::kWeightRows && b.K > 0) {
+    const int64_t n0 = panel0 * kPanel, n1 = std::min(b.N, (panel0 + panels) * kPanel);
+    return weight_rows_product(M, A, lda, b, n0, n1, C, ldc, accumulate);
   }
   if (b.K == 0) {
     const int64_t n0 = panel0 * kPanel, n1 = std::min(b.N, (panel0 + panels) * kPanel);
@@ -236,11 +233,16 @@ void panel_matmul_raw(int64_t M, const at::BFloat16* A, int64_t lda, const Packe
   panel_product(M, A, lda, b, panel0, panels, C, ldc, accumulate, backwards);
 }
 
+bool keeps_right(const at::Tensor& b) {
+  return b.dim() == 2 && (b.scalar_type() == at::kFloat || b.scalar_type() == at::kBFloat16) &&
+         row_major(b.t());
+}
+
 PackedRight keep_right(const at::Tensor& b) {
-  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat && (b.stride(0) == 1 || b.size(0) <= 1),
-              "keep_right: b must be W^T of a row-major fp32 W");
+  TORCH_CHECK(keeps_right(b), "keep_right: b must be W^T of a row-major fp32 or bf16 W");
   PackedRight kept{b.t(), b.size(0), b.size(1)};
   kept.layout = PackedRight::Layout::kWeightRows;
+  kept.bf16 = b.scalar_type() == at::kBFloat16;
   return kept;
 }
 

@@ -18,16 +18,19 @@ struct PackedRight {
   // bf16 pairs instead (pack_right_bf16): panels [ceil(N / 64), K / 2, 64] of 32-bit units,
   // each unit two bf16 of consecutive k (the VNNI layout brgemm's bf16 kernels read).
   bool bf16 = false;
-  // fp32 operands kept as given instead of packed, for products used on a few rows in all
+  // Operands kept as given instead of packed, for products used on a few rows in all
   // (packing copies the whole matrix, a transpose for b = W^T, which costs several times
-  // such a product): kWeightRows, `panels` is W [N, K] itself (b = W^T, row-major W), the
-  // products rows_dot's dot products of A's rows with W's rows; kRowMajor, `panels` is b
-  // [K, N] itself (row-major), which brgemm reads through its row stride.
+  // such a product): kWeightRows, `panels` is W [N, K] itself (b = W^T, row-major fp32 or
+  // bf16 W), the products rows_dot's dot products of A's rows with W's rows; kRowMajor,
+  // `panels` is an fp32 b [K, N] itself (row-major), which brgemm reads through its row
+  // stride.
   enum class Layout { kPanels, kWeightRows, kRowMajor } layout = Layout::kPanels;
 };
 PackedRight pack_right(const at::Tensor& b);
 
-// b = W^T for a row-major fp32 W [N, K], kept as W (Layout::kWeightRows).
+// b = W^T for a row-major fp32 or bf16 W [N, K], kept as W (Layout::kWeightRows; bf16 W: the
+// products take bf16 left operands, as pack_right_bf16's). keeps_right: whether b is one.
+bool keeps_right(const at::Tensor& b);
 PackedRight keep_right(const at::Tensor& b);
 
 // A row-major fp32 b [K, N], kept as it is (Layout::kRowMajor).

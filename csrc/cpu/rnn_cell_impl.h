@@ -57,13 +57,13 @@ void accumulate_gate_rows(View2<scalar_t> w, int64_t r0, int64_t rows, int64_t K
     }
   }
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (B <= kDotMaxBatch) {
-      if (a == nullptr) {
-        load_tile(w.row(r0), w.s0, w.s1, rows, K, w_scratch, K, false);
-        a = w_scratch;
-      }
-      // out[r, b] at out + r * B + b
-      return rows_dot(B, K, operand_rows, K, a, lda, 0, rows, out, 1, /*accumulate=*/true, B);
+    if (B <= kDotMaxBatch) {  // out[r, b] at out + r * B + b
+      if (w.s1 == 1 && w.s0 >= K)  // W read in its own dtype (fp16 / bf16 converted as loaded)
+        return rows_dot(B, K, operand_rows, K, w.row(r0), w.s0, 0, rows, out, 1,
+                        /*accumulate=*/true, B);
+      load_tile(w.row(r0), w.s0, w.s1, rows, K, w_scratch, K, false);
+      return rows_dot(B, K, operand_rows, K, w_scratch, K, 0, rows, out, 1, /*accumulate=*/true,
+                      B);
     }
   }
   if (a == nullptr) {

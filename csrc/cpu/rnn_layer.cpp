@@ -58,12 +58,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   const std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
   const std::vector<StepChunk> chunks =
       step_chunks(steps, G * H * int64_t(at::elementSize(dt)), kProjectionChunkBytes);
-  const bool fp32 = dt == at::kFloat && !bf16;
+  // fp32 and bf16 products take a weight as given where it meets few rows
+  // (rnn_layer_plan.cpp), otherwise packed.
+  const bool keepable = dt == at::kFloat;
+  const auto right_operand = [&](const at::Tensor& w, bool as_given) {
+    if (keepable && as_given && keeps_right(w.t())) return keep_right(w.t());
+    return bf16 ? pack_right_bf16(w.t()) : pack_right(w.t());
+  };
   // [P, G*H]: the step product's right operand
-  const bool whh_as_given = fp32 && w_hh_in_place(steps.size(), h0.size(0));
-  const PackedRight whh_t = bf16           ? pack_right_bf16(whh.t())
-                            : whh_as_given ? keep_right(whh.t())
-                                           : pack_right(whh.t());
+  const PackedRight whh_t = right_operand(whh, w_hh_in_place(steps.size(), h0.size(0), bf16));
   // [H, P]: h = h_full W_hr^T after the cell (LSTM proj_size)
   const PackedRight whr_t = proj ? pack_right(ops.w_hr.t()) : PackedRight{};
   // LSTM and RNN add both biases with the input projection; GRU keeps b_hh with h W_hh^T
@@ -75,10 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     else bias_x = *bias_x + as_compute(*b_hh, dt);
   }
   // [I, G*H]: used once a chunk
-  const bool wih_as_given = fp32 && w_ih_in_place(chunks.size(), N);
-  const PackedRight wih_t = bf16           ? pack_right_bf16(wih.t())
-                            : wih_as_given ? keep_right(wih.t())
-                                           : pack_right(wih.t());
+  const PackedRight wih_t = right_operand(wih, w_ih_in_place(chunks.size(), N, bf16));
   // bf16: x is the projection's left operand as given (prepare), and the state, rounded, the
   // step product's, in two buffers (the team's step i reads the one step i - 1 wrote).
   at::Tensor h = h0.to(dt).clone(at::MemoryFormat::Contiguous);

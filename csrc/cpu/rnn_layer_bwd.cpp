@@ -130,7 +130,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
 
   // [G*H, P], reused by every step
   const bool fp32 = dt == at::kFloat && !bf16;
-  const bool whh_as_given = fp32 && w_hh_in_place(steps.size(), dh.size(0));
+  const bool whh_as_given = fp32 && w_hh_in_place(steps.size(), dh.size(0), false);
   const PackedRight whh_packed = bf16           ? pack_rows_bf16(whh)
                                  : whh_as_given ? keep_rows(whh)
                                                 : pack_right(whh);
@@ -139,7 +139,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
   at::Tensor dh_gates_bf16 =
       cached_empty({bf16 ? chunk_rows : 0, G * H}, opts.dtype(at::kBFloat16));
   // [G*H, I], by every chunk
-  const bool wih_as_given = fp32 && w_ih_in_place(chunks.size(), N);
+  const bool wih_as_given = fp32 && w_ih_in_place(chunks.size(), N, false);
   const PackedRight wih_packed = !needs.input ? PackedRight{}
                                  : bf16         ? pack_rows_bf16(wih)
                                  : wih_as_given ? keep_rows(wih)

@@ -12,8 +12,14 @@ namespace seqkern::cpu {
 // (0.88-1.14x at 64); W_hh, one product a step: up to 32 rows over all steps, or T <= 2 steps
 // of up to 128 rows (1.11-1.42x at T = 1, 2 and B = 64, 128; 0.81-1.14x for T = 4 and 8 at
 // 64 rows).
-bool w_ih_in_place(size_t chunks, int64_t rows) { return chunks == 1 && rows <= 32; }
-bool w_hh_in_place(size_t steps, int64_t batch) {
+// bf16 products: up to 8 rows only (T1 B1 2.9-4.5x, T1 B8 1.5-1.7x; at 16 rows 0.85-1.7x,
+// at 32 0.75-1.0x), as brgemm's bf16 kernels take pairs of k a multiply-add where rows_dot
+// converts to fp32.
+bool w_ih_in_place(size_t chunks, int64_t rows, bool bf16) {
+  return chunks == 1 && rows <= (bf16 ? 8 : 32);
+}
+bool w_hh_in_place(size_t steps, int64_t batch, bool bf16) {
+  if (bf16) return int64_t(steps) * batch <= 8;
   return int64_t(steps) * batch <= 32 || (steps <= 2 && batch <= 128);
 }
 
