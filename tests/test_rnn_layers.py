@@ -210,13 +210,20 @@ def test_long_sequence_stays_finite_and_matches(backend, cls):
         assert_close(f"{cls} T=1000 d{name}", g, w)
 
 
+@pytest.mark.parametrize("steps,bf16_products", [(12, True), (2, True), (2, False)],
+                         ids=["packed", "as-given", "as-given-fp32-products"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
-def test_low_precision_relative_rule(cls, dtype):
+def test_low_precision_relative_rule(cls, dtype, steps, bf16_products, monkeypatch):
+    """The C++ layer's dtypes: 36 rows pack the weights; 6 rows multiply them as given, fp16
+    and bf16 ones in their own dtype (converted as loaded, rnn_layer_plan.cpp), bf16 on bf16
+    products where the CPU has them or on fp32 products (SEQKERN_CPU_BF16_PRODUCTS=0)."""
     if not HAS_C:
         pytest.skip("no _C")
+    if not bf16_products:
+        monkeypatch.setenv("SEQKERN_CPU_BF16_PRODUCTS", "0")
     ours, theirs = module_pair(cls, dtype=torch.float64, input_size=17, hidden_size=33)
-    x = torch.randn(12, 3, 17, dtype=torch.float64)
+    x = torch.randn(steps, 3, 17, dtype=torch.float64)
     want = flatten_outputs(theirs(x))
     peer = flatten_outputs(theirs.to(dtype)(x.to(dtype)))
     got = flatten_outputs(ours.to(dtype)(x.to(dtype)))

@@ -143,12 +143,23 @@ void tile_product(const TA* A, int64_t lda, const PackedRight& b, float* C, int6
   }
 }
 
-// keep_right's operand: W's rows [n0, n1) on this thread (fp32 A with fp32 W, bf16 with bf16).
+// keep_right's operand: W's rows [n0, n1) on this thread (fp32 A with an fp32, fp16 or bf16
+// W; bf16 A with bf16 W).
 template <typename TA>
 void weight_rows_product(int64_t M, const TA* A, int64_t lda, const PackedRight& b,
                          int64_t n0, int64_t n1, float* C, int64_t ldc, bool accumulate) {
-  run_rows_dot(M, b.K, A, lda, b.panels.data_ptr<TA>(), b.panels.stride(0), n0, n1, C, ldc,
-               accumulate);
+  const auto run = [&](const auto* W) {
+    run_rows_dot(M, b.K, A, lda, W, b.panels.stride(0), n0, n1, C, ldc, accumulate);
+  };
+  if constexpr (std::is_same_v<TA, float>) {
+    switch (b.panels.scalar_type()) {
+      case at::kHalf: return run(b.panels.data_ptr<at::Half>());
+      case at::kBFloat16: return run(b.panels.data_ptr<at::BFloat16>());
+      default: return run(b.panels.data_ptr<float>());
+    }
+  } else {
+    run(b.panels.data_ptr<TA>());
+  }
 }
 
 template <typename TA>
@@ -234,15 +245,18 @@ void panel_matmul_raw(int64_t M, const at::BFloat16* A, int64_t lda, const Packe
 }
 
 bool keeps_right(const at::Tensor& b) {
-  return b.dim() == 2 && (b.scalar_type() == at::kFloat || b.scalar_type() == at::kBFloat16) &&
+  const at::ScalarType t = b.scalar_type();
+  return b.dim() == 2 && (t == at::kFloat || t == at::kHalf || t == at::kBFloat16) &&
          row_major(b.t());
 }
 
-PackedRight keep_right(const at::Tensor& b) {
-  TORCH_CHECK(keeps_right(b), "keep_right: b must be W^T of a row-major fp32 or bf16 W");
+PackedRight keep_right(const at::Tensor& b, bool bf16_products) {
+  TORCH_CHECK(keeps_right(b) && (!bf16_products || b.scalar_type() == at::kBFloat16),
+              "keep_right: b must be W^T of a row-major fp32, fp16 or bf16 W (bf16 for bf16 "
+              "products)");
   PackedRight kept{b.t(), b.size(0), b.size(1)};
   kept.layout = PackedRight::Layout::kWeightRows;
-  kept.bf16 = b.scalar_type() == at::kBFloat16;
+  kept.bf16 = bf16_products;
   return kept;
 }
 

@@ -20,18 +20,19 @@ struct PackedRight {
   bool bf16 = false;
   // Operands kept as given instead of packed, for products used on a few rows in all
   // (packing copies the whole matrix, a transpose for b = W^T, which costs several times
-  // such a product): kWeightRows, `panels` is W [N, K] itself (b = W^T, row-major fp32 or
-  // bf16 W), the products rows_dot's dot products of A's rows with W's rows; kRowMajor,
+  // such a product): kWeightRows, `panels` is W [N, K] itself (b = W^T, row-major fp32, fp16
+  // or bf16 W), the products rows_dot's dot products of A's rows with W's rows; kRowMajor,
   // `panels` is an fp32 b [K, N] itself (row-major), which brgemm reads through its row
   // stride.
   enum class Layout { kPanels, kWeightRows, kRowMajor } layout = Layout::kPanels;
 };
 PackedRight pack_right(const at::Tensor& b);
 
-// b = W^T for a row-major fp32 or bf16 W [N, K], kept as W (Layout::kWeightRows; bf16 W: the
-// products take bf16 left operands, as pack_right_bf16's). keeps_right: whether b is one.
+// b = W^T for a row-major fp32, fp16 or bf16 W [N, K], kept as W (Layout::kWeightRows), for
+// fp32 left operands or, with bf16_products (a bf16 W only), bf16 ones as pack_right_bf16's.
+// keeps_right: whether b is one.
 bool keeps_right(const at::Tensor& b);
-PackedRight keep_right(const at::Tensor& b);
+PackedRight keep_right(const at::Tensor& b, bool bf16_products);
 
 // A row-major fp32 b [K, N], kept as it is (Layout::kRowMajor).
 PackedRight keep_rows(const at::Tensor& b);

@@ -48,7 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   // state rounded to bf16 each step, the weights rounded once); the cell, its state c and the
   // workspace stay fp32.
   const LayerOperands ops =
-      prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+      prepare(mode_name, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+              /*weights_as_given=*/true);
   const bool bf16 = ops.bf16;
   const RnnMode mode = ops.mode;
   const at::ScalarType dt = ops.dtype;
@@ -62,8 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   // (rnn_layer_plan.cpp), otherwise packed.
   const bool keepable = dt == at::kFloat;
   const auto right_operand = [&](const at::Tensor& w, bool as_given) {
-    if (keepable && as_given && keeps_right(w.t())) return keep_right(w.t());
-    return bf16 ? pack_right_bf16(w.t()) : pack_right(w.t());
+    if (keepable && as_given && keeps_right(w.t())) return keep_right(w.t(), bf16);
+    return bf16 ? pack_right_bf16(w.t()) : pack_right(as_compute(w, dt).t());
   };
   // [P, G*H]: the step product's right operand
   const PackedRight whh_t = right_operand(whh, w_hh_in_place(steps.size(), h0.size(0), bf16));

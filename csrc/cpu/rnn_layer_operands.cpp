@@ -10,7 +10,7 @@ LayerOperands prepare(const std::string& mode_name, const at::Tensor& input,
                       const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
                       const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                       const std::optional<at::Tensor>& b_hh,
-                      const std::optional<at::Tensor>& w_hr) {
+                      const std::optional<at::Tensor>& w_hr, bool weights_as_given) {
   const RnnMode mode = parse_rnn_mode(mode_name, "rnn_layer");
   const int64_t G = gate_count(mode);
   const LayerDims dims = check_layer_args(G, mode == RnnMode::kLSTM, input, batch_sizes, h0, c0,
@@ -22,9 +22,16 @@ LayerOperands prepare(const std::string& mode_name, const at::Tensor& input,
   // about 0.4 ms a call).
   at::Tensor x = bf16_input ? input.reshape({-1, input.size(-1)}).contiguous()
                             : as_compute(input, dt).reshape({-1, input.size(-1)});
-  const auto operand = [&](const at::Tensor& w) { return bf16_input ? w : as_compute(w, dt); };
+  // fp16 / bf16 weights of fp32 products left as given for the caller (weights_as_given):
+  // converting both to fp32 is a full pass over each, which a decoding step's products, on
+  // weights read in place, do not need.
+  const bool as_given = weights_as_given && !bf16_input && dt == at::kFloat &&
+                        input.scalar_type() != at::kFloat;
+  const auto operand = [&](const at::Tensor& w) {
+    return bf16_input || as_given ? w : as_compute(w, dt);
+  };
   return {mode, dt, dims.H, dims.P, G, x.size(0), x, operand(w_ih), operand(w_hh),
-          w_hr ? as_compute(*w_hr, dt) : at::Tensor(), bf16_input};
+          w_hr ? as_compute(*w_hr, dt) : at::Tensor(), bf16_input, as_given};
 }
 
 bool bf16_products_for(const at::Tensor& input, const at::Tensor& w_hh,

@@ -32,6 +32,9 @@ struct LayerOperands {
   at::Tensor x, w_ih, w_hh, w_hr;  // w_hr undefined without a projection
   // The products take bf16 operands (bf16_products_for): x, w_ih and w_hh are then bf16.
   bool bf16;
+  // w_ih and w_hh as given, in fp16 / bf16 (prepare's weights_as_given): the caller converts
+  // the ones it packs (as_compute) and reads the others in their own dtype (keep_right).
+  bool weights_as_given;
 };
 
 LayerOperands prepare(const std::string& mode_name, const at::Tensor& input,
@@ -39,7 +42,7 @@ LayerOperands prepare(const std::string& mode_name, const at::Tensor& input,
                       const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
                       const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                       const std::optional<at::Tensor>& b_hh,
-                      const std::optional<at::Tensor>& w_hr);
+                      const std::optional<at::Tensor>& w_hr, bool weights_as_given = false);
 
 // Whether a layer's products take bf16 operands: bf16 input on a CPU with native bf16 products
 // (AVX512-BF16), with fp32 accumulation, as torch's bf16 layers do. Not with a projection, nor
