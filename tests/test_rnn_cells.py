@@ -97,6 +97,7 @@ def test_no_bias_and_strided_inputs(backend, mode):
     check_against_reference64(backend, mode, make_cell_args(mode, 3, 9, 17, bias=False,
                                                             layout="strided"))
     check_against_reference64(backend, mode, make_cell_args(mode, 2, 5, 6, layout="strided"))
+    check_against_reference64(backend, mode, make_cell_args(mode, 12, 5, 6, layout="strided"))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -108,13 +109,14 @@ def test_fp64_cpu(mode, shape):
     check_against_reference64("cpu", mode, make_cell_args(mode, *shape, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("B", [5, 12])  # the C++ cell: dot products up to 8 rows, brgemm above
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
-def test_half_precision_relative_rule(backend, dtype, mode):
-    args = make_cell_args(mode, 5, 40, 33, dtype=dtype)
+def test_half_precision_relative_rule(backend, dtype, mode, B):
+    args = make_cell_args(mode, B, 40, 33, dtype=dtype)
     args64 = [None if a is None else a.double() for a in args]
-    grads_out = [torch.randn(5, 33, dtype=torch.float64) for _ in range(2)]
+    grads_out = [torch.randn(B, 33, dtype=torch.float64) for _ in range(2)]
     ref_out, ref_grads = forward_and_grads(call_reference, mode, args64, grads_out)
     peer_out, peer_grads = forward_and_grads(call_reference, mode, args, grads_out)
     with seqkern.backend(backend):

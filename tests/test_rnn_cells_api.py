@@ -185,9 +185,12 @@ def test_cpu_cell_kernels_for_every_capability(capability):
     code = """
 import torch, seqkern
 from tests.test_rnn_cells import MODES, check_against_reference64, make_cell_args
+from tests.test_rnn_cells import test_half_precision_relative_rule as check_half
 torch.manual_seed(1)
 for mode in MODES:
     check_against_reference64("cpu", mode, make_cell_args(mode, 3, 40, 37))
+    check_against_reference64("cpu", mode, make_cell_args(mode, 12, 40, 37))  # brgemm
+    check_half("cpu", torch.float16, mode, 5)  # fp16 weights read as fp16
     check_against_reference64("cpu", mode, make_cell_args(mode, 2, 5, 9, torch.float64))
 print(torch.ops.seqkern_C.cpu_capability())
 """

@@ -233,7 +233,10 @@ IN_PLACE_CASES = {case[0]: case for case in [
     ("one-step", 63, 5, False, True, "weighted", 1),
     ("two-steps-packed", 63, 11, True, True, "weighted", 2),
     ("row-split-one-step", 130, 9, False, False, "sum", 1),
-    ("thirty-two-rows", 70, 4, False, False, "weighted", 8)]}
+    ("thirty-two-rows", 70, 4, False, False, "weighted", 8),
+    # whole 64-unit panels and a small batch: the team loop, each thread its W rows
+    ("team-one-step", 128, 3, False, True, "weighted", 1),
+    ("team-two-steps-packed", 192, 7, True, True, "weighted", 2)]}
 
 
 @pytest.mark.skipif(not HAS_C, reason="no _C")
@@ -312,7 +315,8 @@ def _check_float32_layer_on_threads(case, cls, kw):
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_cpu_float32_layers_for_every_capability(capability):
     """The float32 layer (team and row-split loops, weight panels and transposes, weights
-    multiplied in place, activations) under the kernels compiled for each instruction set."""
+    multiplied in place, fp16 / bf16 ones too, activations) under the kernels compiled for
+    each instruction set."""
     code = """
 import torch, seqkern
 from tests.test_rnn_layers_cpu import test_cpu_float32_team_time_loop_matches_float64 as check
@@ -320,9 +324,14 @@ from tests.test_rnn_layers_cpu import test_cpu_float32_weights_in_place_match_fl
 for case in ("packed-bidirectional", "row-split"):
     for cls in ("LSTM", "GRU", "RNN"):
         check(case, cls, {})
-for case in ("one-step", "row-split-one-step"):
+for case in ("one-step", "row-split-one-step", "team-one-step"):
     for cls in ("LSTM", "GRU"):
         check2(case, cls, {})
+from _pytest.monkeypatch import MonkeyPatch
+from tests.test_rnn_layers import test_low_precision_relative_rule as check3
+for dtype in (torch.float16, torch.bfloat16):  # weights read in their own dtype
+    with MonkeyPatch.context() as mp:
+        check3("GRU", dtype, 2, False, mp)
 print(torch.ops.seqkern_C.cpu_capability())
 """
     assert_passes_under_capability(code, capability)
@@ -361,3 +370,22 @@ def test_cpu_layer_outputs_resize_like_torchs(which):
     kept = t.clone()
     t.resize_(2 * t.shape[0], *t.shape[1:])
     assert torch.equal(t[: kept.shape[0]], kept)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("steps", [1, 12])  # weights as given / packed
+def test_cpu_op_bf16_input_with_fp32_weights(steps):
+    """The op called directly with bf16 input and fp32 weights (the modules require one
+    dtype): bf16 products round the weights when packing, and must not take fp32 ones as
+    given (a review found keep_right refusing them at one step)."""
+    from seqkern.ops.rnn_layer import rnn_layer_fwd
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(steps, 2, 8, generator=gen).bfloat16()
+    h0 = torch.zeros(2, 16, dtype=torch.bfloat16)
+    w_ih, w_hh = torch.randn(48, 8, generator=gen), torch.randn(48, 16, generator=gen)
+    args = ("GRU", x, None, h0, None, w_ih, w_hh, None, None, False, False, None)
+    with seqkern.backend("cpu"):
+        got = rnn_layer_fwd(*args)[0].float()
+    with seqkern.backend("reference"):
+        want = rnn_layer_fwd(*args)[0].float()
+    assert (got - want).abs().max() < 0.05

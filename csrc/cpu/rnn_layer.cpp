@@ -63,7 +63,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   // (rnn_layer_plan.cpp), otherwise packed.
   const bool keepable = dt == at::kFloat;
   const auto right_operand = [&](const at::Tensor& w, bool as_given) {
-    if (keepable && as_given && keeps_right(w.t())) return keep_right(w.t(), bf16);
+    // (bf16 products keep a bf16 W only: the op, called directly, may pair bf16 input with
+    // other weights, which pack_right_bf16 rounds)
+    if (keepable && as_given && keeps_right(w.t()) &&
+        (!bf16 || w.scalar_type() == at::kBFloat16))
+      return keep_right(w.t(), bf16);
     return bf16 ? pack_right_bf16(w.t()) : pack_right(as_compute(w, dt).t());
   };
   // [P, G*H]: the step product's right operand

@@ -130,7 +130,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
 
   // [G*H, P], reused by every step
   const bool fp32 = dt == at::kFloat && !bf16;
-  const bool whh_as_given = fp32 && w_hh_in_place(steps.size(), dh.size(0), false);
+  const bool whh_as_given = fp32 && w_hh_in_place_backward(steps.size(), dh.size(0));
   const PackedRight whh_packed = bf16           ? pack_rows_bf16(whh)
                                  : whh_as_given ? keep_rows(whh)
                                                 : pack_right(whh);

@@ -56,6 +56,7 @@ struct Workspace {
 // chunk of steps on its rows (the input projection, dx); W_hh, once a step on its live rows.
 bool w_ih_in_place(size_t chunks, int64_t rows, bool bf16);
 bool w_hh_in_place(size_t steps, int64_t batch, bool bf16);
+bool w_hh_in_place_backward(size_t steps, int64_t batch);  // fp32 products
 
 // The steps of a layer in processing order (reverse: the last first) for a padded input
 // [T, B, I] or packed data with batch_sizes (rnn_layer_plan.cpp).
