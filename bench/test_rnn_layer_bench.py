@@ -30,9 +30,10 @@ import peak_memory  # noqa: E402  (bench/peak_memory.py; bench/ is not a package
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.bfloat16, torch.float32]
-# On the CPU bf16 (bf16 products where the CPU has them, see README) at three shapes only,
+# On the CPU bf16 (bf16 products where the CPU has them, see README) at five shapes only,
 # inference and the training step on data: the CPU targets are fp32.
-CPU_BF16_CASES = {("fastrnns", 64), ("mid-batch", 16), ("small-batch", 4)}
+CPU_BF16_CASES = {("fastrnns", 64), ("mid-batch", 16), ("small-batch", 4), ("decode", 1),
+                  ("decode", 8)}
 
 # (name, T, B, I, H, packed, proj_size)
 SHAPES = [("fastrnns", 100, 64, 512, 512, False, 0),

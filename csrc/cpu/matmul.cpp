@@ -244,14 +244,15 @@ void panel_matmul_raw(int64_t M, const at::BFloat16* A, int64_t lda, const Packe
   panel_product(M, A, lda, b, panel0, panels, C, ldc, accumulate, backwards);
 }
 
-bool keeps_right(const at::Tensor& b) {
+bool keeps_right(const at::Tensor& b, bool bf16_products) {
   const at::ScalarType t = b.scalar_type();
-  return b.dim() == 2 && (t == at::kFloat || t == at::kHalf || t == at::kBFloat16) &&
-         row_major(b.t());
+  return b.dim() == 2 && row_major(b.t()) &&
+         (bf16_products ? t == at::kBFloat16
+                        : t == at::kFloat || t == at::kHalf || t == at::kBFloat16);
 }
 
 PackedRight keep_right(const at::Tensor& b, bool bf16_products) {
-  TORCH_CHECK(keeps_right(b) && (!bf16_products || b.scalar_type() == at::kBFloat16),
+  TORCH_CHECK(keeps_right(b, bf16_products),
               "keep_right: b must be W^T of a row-major fp32, fp16 or bf16 W (bf16 for bf16 "
               "products)");
   PackedRight kept{b.t(), b.size(0), b.size(1)};

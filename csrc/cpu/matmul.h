@@ -29,9 +29,10 @@ struct PackedRight {
 PackedRight pack_right(const at::Tensor& b);
 
 // b = W^T for a row-major fp32, fp16 or bf16 W [N, K], kept as W (Layout::kWeightRows), for
-// fp32 left operands or, with bf16_products (a bf16 W only), bf16 ones as pack_right_bf16's.
-// keeps_right: whether b is one.
-bool keeps_right(const at::Tensor& b);
+// fp32 left operands or, with bf16_products, bf16 ones as pack_right_bf16's (a bf16 W only:
+// the op called directly may pair bf16 input with other weights, which packing rounds).
+// keeps_right: whether b can be kept so.
+bool keeps_right(const at::Tensor& b, bool bf16_products);
 PackedRight keep_right(const at::Tensor& b, bool bf16_products);
 
 // A row-major fp32 b [K, N], kept as it is (Layout::kRowMajor).

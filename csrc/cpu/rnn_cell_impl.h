@@ -40,35 +40,36 @@ void load_transposed(View2<scalar_t> src, int64_t B, int64_t cols, acc_t* dst) {
 // at B = 16.
 constexpr int64_t kDotMaxBatch = 8;
 
-// out[rows, B] += w[r0 : r0 + rows, :K] . operand_t[K, B] (operand_rows [B, K] is the same
-// operand, batch-major). fp32/fp64 weights with unit column stride are read in place;
-// others are converted into w_scratch first.
+// Whether a cell of B rows multiplies by rows_dot (fp32 accumulation only; kDotMaxBatch).
+template <typename acc_t>
+constexpr bool dots_for(int64_t B) {
+  return std::is_same_v<acc_t, float> && B <= kDotMaxBatch;
+}
+
+// out[rows, B] += w[r0 : r0 + rows, :K] . operand[K, B]: operand_t [K, B] for brgemm, or with
+// dots_for(B) operand_rows [B, K] for rows_dot (out[r, b] at out + r * B + b). Weights with
+// unit column stride are read in place (rows_dot: in any dtype, converted as loaded; brgemm:
+// fp32 / fp64); others are converted into w_scratch first.
 template <typename scalar_t, typename acc_t>
 void accumulate_gate_rows(View2<scalar_t> w, int64_t r0, int64_t rows, int64_t K,
                           const acc_t* operand_t, const acc_t* operand_rows, int64_t B,
                           acc_t* out, acc_t* w_scratch) {
   if (K == 0) return;
-  const acc_t* a = nullptr;
+  const bool in_place = w.s1 == 1 && w.s0 >= K;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (dots_for<acc_t>(B) && in_place)
+      return rows_dot(B, K, operand_rows, K, w.row(r0), w.s0, 0, rows, out, 1,
+                      /*accumulate=*/true, B);
+  }
+  const acc_t* a = w_scratch;
   int64_t lda = K;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (w.s1 == 1 && w.s0 >= K) {
-      a = w.row(r0);
-      lda = w.s0;
-    }
+    if (in_place) a = w.row(r0), lda = w.s0;
   }
+  if (a == w_scratch) load_tile(w.row(r0), w.s0, w.s1, rows, K, w_scratch, K, false);
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (B <= kDotMaxBatch) {  // out[r, b] at out + r * B + b
-      if (w.s1 == 1 && w.s0 >= K)  // W read in its own dtype (fp16 / bf16 converted as loaded)
-        return rows_dot(B, K, operand_rows, K, w.row(r0), w.s0, 0, rows, out, 1,
-                        /*accumulate=*/true, B);
-      load_tile(w.row(r0), w.s0, w.s1, rows, K, w_scratch, K, false);
-      return rows_dot(B, K, operand_rows, K, w_scratch, K, 0, rows, out, 1, /*accumulate=*/true,
-                      B);
-    }
-  }
-  if (a == nullptr) {
-    load_tile(w.row(r0), w.s0, w.s1, rows, K, w_scratch, K, false);
-    a = w_scratch;
+    if (dots_for<acc_t>(B))
+      return rows_dot(B, K, operand_rows, K, a, lda, 0, rows, out, 1, /*accumulate=*/true, B);
   }
   tile_gemm(rows, B, K, a, lda, operand_t, B, out, B, /*accumulate=*/true);
 }
@@ -80,17 +81,17 @@ void rnn_cell_fwd_kernel(const CellProblem<scalar_t>& p, scalar_t* h_out, scalar
   using Vec = at::vec::Vectorized<acc_t>;
   const int64_t B = p.B, H = p.H, G = gate_count(p.mode);
   const bool lstm = p.mode == RnnMode::kLSTM, gru = p.mode == RnnMode::kGRU;
-  std::vector<acc_t> x_t(p.I * B), h_t(H * B), c_t(lstm ? H * B : 0);
-  load_transposed(p.x, B, p.I, x_t.data());
-  load_transposed(p.hx, B, H, h_t.data());
-  // batch-major copies for rows_dot (small batches)
-  const bool dots = std::is_same_v<acc_t, float> && B <= kDotMaxBatch;
+  // The operands [B, I] and [B, H] in acc_t: transposed for brgemm, as rows for rows_dot
+  // (h_t also feeds GRU's pointwise step either way).
+  const bool dots = dots_for<acc_t>(B);
+  std::vector<acc_t> x_t(dots ? 0 : p.I * B), h_t(H * B), c_t(lstm ? H * B : 0);
   std::vector<acc_t> x_rows(dots ? p.I * B : 0), h_rows(dots ? H * B : 0);
+  load_transposed(p.hx, B, H, h_t.data());
   if (dots) {
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t k = 0; k < p.I; ++k) x_rows[b * p.I + k] = static_cast<acc_t>(p.x.row(b)[k * p.x.s1]);
-      for (int64_t k = 0; k < H; ++k) h_rows[b * H + k] = static_cast<acc_t>(p.hx.row(b)[k * p.hx.s1]);
-    }
+    load_tile(p.x.data, p.x.s0, p.x.s1, B, p.I, x_rows.data(), p.I, false);
+    load_tile(p.hx.data, p.hx.s0, p.hx.s1, B, H, h_rows.data(), H, false);
+  } else {
+    load_transposed(p.x, B, p.I, x_t.data());
   }
   if (lstm) load_transposed(p.cx, B, H, c_t.data());
 

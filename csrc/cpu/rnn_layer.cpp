@@ -60,14 +60,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   const std::vector<StepChunk> chunks =
       step_chunks(steps, G * H * int64_t(at::elementSize(dt)), kProjectionChunkBytes);
   // fp32 and bf16 products take a weight as given where it meets few rows
-  // (rnn_layer_plan.cpp), otherwise packed.
-  const bool keepable = dt == at::kFloat;
+  // (rnn_layer_plan.cpp), otherwise packed (fp64: never kept).
   const auto right_operand = [&](const at::Tensor& w, bool as_given) {
-    // (bf16 products keep a bf16 W only: the op, called directly, may pair bf16 input with
-    // other weights, which pack_right_bf16 rounds)
-    if (keepable && as_given && keeps_right(w.t()) &&
-        (!bf16 || w.scalar_type() == at::kBFloat16))
-      return keep_right(w.t(), bf16);
+    if (as_given && keeps_right(w.t(), bf16)) return keep_right(w.t(), bf16);
     return bf16 ? pack_right_bf16(w.t()) : pack_right(as_compute(w, dt).t());
   };
   // [P, G*H]: the step product's right operand

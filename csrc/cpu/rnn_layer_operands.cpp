@@ -31,7 +31,7 @@ LayerOperands prepare(const std::string& mode_name, const at::Tensor& input,
     return bf16_input || as_given ? w : as_compute(w, dt);
   };
   return {mode, dt, dims.H, dims.P, G, x.size(0), x, operand(w_ih), operand(w_hh),
-          w_hr ? as_compute(*w_hr, dt) : at::Tensor(), bf16_input, as_given};
+          w_hr ? as_compute(*w_hr, dt) : at::Tensor(), bf16_input};
 }
 
 bool bf16_products_for(const at::Tensor& input, const at::Tensor& w_hh,

@@ -31,10 +31,10 @@ struct LayerOperands {
   int64_t H, P, G, N;  // hidden size, state size (P < H with a projection, else H)
   at::Tensor x, w_ih, w_hh, w_hr;  // w_hr undefined without a projection
   // The products take bf16 operands (bf16_products_for): x, w_ih and w_hh are then bf16.
+  // With prepare's weights_as_given, fp16 / bf16 w_ih and w_hh of fp32 products stay in
+  // their dtype: the caller converts the ones it packs (as_compute) and reads the others as
+  // they are (keep_right).
   bool bf16;
-  // w_ih and w_hh as given, in fp16 / bf16 (prepare's weights_as_given): the caller converts
-  // the ones it packs (as_compute) and reads the others in their own dtype (keep_right).
-  bool weights_as_given;
 };
 
 LayerOperands prepare(const std::string& mode_name, const at::Tensor& input,

@@ -11,7 +11,6 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <string>
 
 #include "capability.h"
 
@@ -36,14 +35,7 @@ template <typename TA, typename TW>
 void run_rows_dot(int64_t M, int64_t K, const TA* A, int64_t lda, const TW* W, int64_t ldw,
                   int64_t n0, int64_t n1, float* C, int64_t ldc, bool accumulate,
                   int64_t ldc_n = 1) {
-#if defined(__x86_64__)
-  const std::string capability = kernel_capability();
-  if (capability == "AVX512")
-    return AVX512::rows_dot(M, K, A, lda, W, ldw, n0, n1, C, ldc, accumulate, ldc_n);
-  if (capability == "AVX2")
-    return AVX2::rows_dot(M, K, A, lda, W, ldw, n0, n1, C, ldc, accumulate, ldc_n);
-#endif
-  DEFAULT::rows_dot(M, K, A, lda, W, ldw, n0, n1, C, ldc, accumulate, ldc_n);
+  SEQKERN_CPU_DISPATCH(rows_dot, M, K, A, lda, W, ldw, n0, n1, C, ldc, accumulate, ldc_n);
 }
 
 }  // namespace seqkern::cpu
