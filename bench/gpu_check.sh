@@ -20,7 +20,7 @@ rm -rf "$LOG"; mkdir -p "$LOG" "$OUT_DIR"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # Hopper only unless told otherwise: half the nvcc work of the default 80;90a.
 export SEQKERN_CUDA_ARCHS=${SEQKERN_CUDA_ARCHS:-90a}
-STAGES=${STAGES:-"build cuda_risky bench_layers profile tests sm80 bench_more"}
+STAGES=${STAGES:-"build cuda_risky bench_layers profile tests sm80 bench_more racecheck"}
 START=$(date +%s)
 TOTAL_S=${TOTAL_S:-520}
 declare -A RC
@@ -97,9 +97,13 @@ stage bench_more 200 "${BENCH[@]}" bench/test_attention_bench.py bench/test_rnn_
   bench/test_rnn_layer_bench.py \
   -k "${MORE_K:-L4096 or (Cell and B64) or (rnn_layer and triton and small-batch-B4 and inference) or (rnn_layer and projection and float32 and (inference or train-data))}"
 
+# Shared-memory hazards in the layer kernels (cp.async staging, tensor-core tiles).
+stage racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 \
+  $PY bench/sanitize_rnn.py
+
 echo
 echo "== summary (rc 124 = timed out): $(for s in "${!RC[@]}"; do printf '%s=%s ' "$s" "${RC[$s]}"; done)"
-for s in tests sm80 cuda_risky; do
+for s in tests sm80 cuda_risky racecheck; do
   [[ -f "$LOG/$s.log" ]] && echo "$s: $(grep -E '(passed|failed|error)' "$LOG/$s.log" | tail -n 1)"
 done
 $PY bench/compare_backends.py --table "$OUT_DIR/bench.json" 2>&1 | tee "$LOG/table.md" | cut -c1-150

@@ -354,7 +354,7 @@ def _steps(input, batch_sizes, reverse):
     """(row offsets, live rows) per step in processing order, on input's device."""
     if batch_sizes is None:
         T, B = input.shape[0], input.shape[1]
-        sizes = torch.full((T,), B, dtype=torch.int64)
+        sizes = torch.full((T,), B, dtype=torch.int64, device="cpu")
     else:
         sizes = batch_sizes.to("cpu", torch.int64)
     offsets = torch.cumsum(sizes, 0) - sizes

@@ -97,6 +97,7 @@ def test_batch_lane_blocks(monkeypatch, cls, T, B, H, dtype):
     # cores (csrc/cuda/bind_rnn.cpp), the default, asked for explicitly here.
     monkeypatch.setenv("SEQKERN_CUDA_RNN_LANES", "1")
     monkeypatch.setenv("SEQKERN_CUDA_RNN_BF16_GEMMS", "1")
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "0")  # bf16's default at B >= 4 otherwise
     tiles, _ = _layer_kernel_tiles(cls, T, B, H, dtype)
     # The planner falls back to the 8-row blocks where a lane plan does not fit; on Hopper
     # (227 KB of shared memory a block) every case here must take it.
@@ -112,7 +113,8 @@ def test_batch_lane_blocks(monkeypatch, cls, T, B, H, dtype):
     ("RNN", 100, 5, 136, torch.bfloat16),  # one m16 tile, K padded 136 -> 144
 ])
 def test_tensor_core_blocks(monkeypatch, cls, T, B, H, dtype):
-    # Opt-in until timed (csrc/cuda/rnn_layer.cu's use_mma); the planner reads it every call.
+    # The default at B >= 4 (csrc/cuda/rnn_layer.cu's use_mma), asked for at every batch
+    # here; the planner reads it every call.
     monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1")
     tiles, _ = _layer_kernel_tiles(cls, T, B, H, dtype, mma=True)
     want = 32 if B > 16 else 16
@@ -131,15 +133,24 @@ def test_tensor_core_blocks_tf32(monkeypatch, cls, T, B, H):
     assert tiles == {"fwd": {want}, "bwd": {want}}, tiles
 
 
-@pytest.mark.parametrize("B, fwd_tile", [(64, 64), (40, 8)])
-def test_default_plan_lanes_forward_at_64_rows(monkeypatch, B, fwd_tile):
-    """The defaults as timed (bench/RESULTS.md): batch-lane blocks for the forward at
-    B >= 64, 8-row blocks below and in the backward; bf16 backward products on tensor cores."""
-    monkeypatch.delenv("SEQKERN_CUDA_RNN_LANES", raising=False)
-    monkeypatch.delenv("SEQKERN_CUDA_RNN_BF16_GEMMS", raising=False)
-    tiles, names = _layer_kernel_tiles("LSTM", 30, B, 256, torch.bfloat16)
-    if torch.cuda.get_device_capability()[0] >= 9:
-        assert tiles == {"fwd": {fwd_tile}, "bwd": {8}}, tiles
+@pytest.mark.parametrize("dtype, B, mma, want", [
+    (torch.bfloat16, 64, True, {"fwd": {32}, "bwd": {32}}),  # tensor cores, two 32-row passes
+    (torch.bfloat16, 4, True, {"fwd": {16}, "bwd": {16}}),
+    (torch.bfloat16, 2, False, None),  # below kMmaDefaultMinBatch: the CUDA-core blocks
+    (torch.float32, 64, False, {"fwd": {64}, "bwd": {8}}),  # batch-lane forward at B >= 64
+    (torch.float32, 40, False, {"fwd": {8}, "bwd": {8}})])
+def test_default_plan(monkeypatch, dtype, B, mma, want):
+    """The defaults as timed on an H100 (bench/RESULTS.md; csrc/cuda/rnn_layer.cu's use_mma
+    and use_lanes): fp16/bf16 layers at B >= 4 on tensor-core blocks; fp32 ones in
+    batch-lane blocks for the forward at B >= 64, 8-row blocks below and in the backward;
+    bf16 backward products on tensor cores."""
+    for name in ("LANES", "BF16_GEMMS", "MMA", "TF32"):
+        monkeypatch.delenv(f"SEQKERN_CUDA_RNN_{name}", raising=False)
+    tiles, names = _layer_kernel_tiles("LSTM", 30, B, 256, dtype, mma=mma)
+    if want and torch.cuda.get_device_capability()[0] >= 9:
+        assert tiles == want, tiles
+    if dtype != torch.bfloat16:
+        return
 
     def fp32_gemms(kernel_names):  # cuBLAS's fp32 kernels as named in the H100 profiles
         return [n for n in kernel_names if "sgemm" in n or "f32f32_f32f32" in n]
@@ -147,7 +158,7 @@ def test_default_plan_lanes_forward_at_64_rows(monkeypatch, B, fwd_tile):
     assert not fp32_gemms(names), fp32_gemms(names)
     # ... which the same layer with the fp32 products does run: the check can see them.
     monkeypatch.setenv("SEQKERN_CUDA_RNN_BF16_GEMMS", "0")
-    _, names_fp32 = _layer_kernel_tiles("LSTM", 30, B, 256, torch.bfloat16)
+    _, names_fp32 = _layer_kernel_tiles("LSTM", 30, B, 256, dtype, mma=mma)
     assert fp32_gemms(names_fp32), sorted(names_fp32)[:12]
 
 
@@ -178,8 +189,7 @@ def test_layer_forward_replays_in_a_cuda_graph(monkeypatch, mma):
     """A captured CUDA graph replays the layer (torch.compile's reduce-overhead mode captures
     graphs): a padded sequence's step table is made on the device, with no copy from host
     memory that a replay would read after it was freed. Replays match eager calls exactly."""
-    if mma:
-        monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1")
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1" if mma else "0")  # B8 bf16: on by default
     torch.manual_seed(0)
     lstm = seqkern.LSTM(64, 128).cuda().to(torch.bfloat16)
     static_x = torch.randn(20, 8, 64, device="cuda", dtype=torch.bfloat16)

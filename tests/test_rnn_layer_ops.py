@@ -123,8 +123,8 @@ def test_layer_op_refuses_malformed_batch_sizes(backend, sizes, match):
     h0 = torch.zeros(3, 6)
     w_ih, w_hh = torch.randn(18, 4), torch.randn(18, 6)
     with seqkern.backend(backend), pytest.raises(RuntimeError, match=match):
-        seqkern.ops.rnn_layer.rnn_layer_fwd("GRU", x, torch.tensor(sizes), h0, None, w_ih, w_hh,
-                                            None, None, False, False)
+        seqkern.ops.rnn_layer.rnn_layer_fwd("GRU", x, torch.tensor(sizes, device="cpu"), h0,
+                                            None, w_ih, w_hh, None, None, False, False)
 
 
 @pytest.mark.parametrize("backend", CHECKING_BACKENDS)

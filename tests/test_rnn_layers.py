@@ -52,18 +52,20 @@ GRID = [pytest.param(backend, seed, torch.float64, id=f"{backend}-{seed}")
     pytest.param(backend, seed, torch.float32, id=f"{backend}-{seed}")
     for backend in ("triton", "cuda") for seed in range(10)] + [
     # bf16 by the relative rule against torch's own bf16 module: the CPU's bf16 products, the
-    # Triton layers (on a GPU the path of LSTM projections), the cuda defaults and its
-    # tensor-core blocks (cuda-mma: SEQKERN_CUDA_RNN_MMA=1)
+    # Triton layers (on a GPU the path of LSTM projections), the cuda defaults (tensor-core
+    # blocks at B >= 4), its tensor-core blocks at every batch (cuda-mma:
+    # SEQKERN_CUDA_RNN_MMA=1) and its CUDA-core blocks at every batch (cuda-cores: =0)
     pytest.param(backend, seed, torch.bfloat16, id=f"{backend}-bf16-{seed}")
-    for backend, seeds in (("cpu", 6), ("triton", 6), ("cuda", 10), ("cuda-mma", 10))
+    for backend, seeds in (("cpu", 6), ("triton", 6), ("cuda", 10), ("cuda-mma", 10),
+                           ("cuda-cores", 6))
     for seed in range(seeds)]
 
 
 @pytest.mark.parametrize("backend, seed, dtype", GRID)
 def test_randomized_parity_with_torch(monkeypatch, backend, seed, dtype):
     """seqkern's module (in dtype, on backend) against torch's in float64."""
-    if backend == "cuda-mma":
-        monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1")
+    if backend in ("cuda-mma", "cuda-cores"):
+        monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1" if backend == "cuda-mma" else "0")
         backend = "cuda"
     usable = {"cpu": HAS_C, "triton": HAS_TRITON, "cuda": HAS_CUDA, "reference": True}
     if not usable[backend]:
@@ -123,7 +125,7 @@ def test_triton_projection_parity_over_several_tiles(form, dtype):
     gen = torch.Generator().manual_seed(11)
     T, B = 5, 18
     x, hx = _make_input("LSTM", dict(kw, batch_first=False), "padded", T, B, True, gen)
-    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    lengths = torch.randint(1, T + 1, (B,), generator=gen, device="cpu")
     lengths[3] = T
 
     def call(module, leaves):
@@ -480,7 +482,10 @@ def test_outputs_can_be_modified_in_place(cls, batch_first, backend):
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE)
     grads = []
-    for module, forced in ((ours, seqkern.backend(backend)), (theirs, contextlib.nullcontext())):
+    # torch's cuDNN layers refuse in-place changes to their outputs (CudnnRnnBackward0 saves
+    # them): on a GPU the peer is torch's own CUDA path, which allows them as on the CPU.
+    for module, forced in ((ours, seqkern.backend(backend)),
+                           (theirs, torch.backends.cudnn.flags(enabled=False))):
         with forced:
             out, hidden = module(x.to(next(module.parameters()).dtype))
             h_n = hidden[0] if cls == "LSTM" else hidden

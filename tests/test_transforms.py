@@ -2,10 +2,12 @@
 (seqkern/transforms.py): they run the reference there, and match torch's modules (float64).
 Before, torch.func.grad raised inside the custom ops and torch.func.jvp returned zero
 tangents through them, silently."""
+import types
+
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import seqkern
 from seqkern import transforms
@@ -21,11 +23,34 @@ LAYERS = {
 }
 
 
+def _to(value, device):
+    """value (a tensor, PackedSequence or tuple/list of them) moved to device, differentiably."""
+    if isinstance(value, (torch.Tensor, PackedSequence)):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+class _OnCPU(torch.nn.Module):
+    """torch's module run on the CPU, called with and returning DEVICE tensors: on a GPU
+    torch's cuDNN layers have no double backward (jvp through autograd.functional, jacobian)
+    and its fused CUDA cells no forward AD, so there the peer is torch's CPU path."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module.cpu()
+
+    def forward(self, *args, **kwargs):
+        return _to(self.module(*_to(args, "cpu"), **{k: _to(v, "cpu") for k, v in
+                                                       kwargs.items()}), DEVICE)
+
+
 def _pair(cls, *args, **kw):
-    theirs = getattr(torch.nn, cls)(*args, dtype=F64, device=DEVICE, **kw)
+    theirs = getattr(torch.nn, cls)(*args, dtype=F64, device="cpu", **kw)
     ours = getattr(seqkern, cls)(*args, dtype=F64, device=DEVICE, **kw)
     ours.load_state_dict(theirs.state_dict())
-    return ours, theirs
+    return ours, _OnCPU(theirs)
 
 
 def _randn(*shape):
@@ -72,7 +97,7 @@ def test_layer_transforms_match_torch(config, packed):
         lambda p: torch.func.functional_call(ours, p, (x,))[0].pow(2).sum())(params)
     want = torch.autograd.grad(theirs(x)[0].pow(2).sum(), list(theirs.parameters()))
     for (name, _), w in zip(ours.named_parameters(), want):
-        assert_close(f"{config} grad d{name}", got[name], w)
+        assert_close(f"{config} grad d{name}", got[name], w.to(DEVICE))
 
 
 @pytest.mark.parametrize("config", ["LSTM-2bi", "GRU"])
@@ -156,8 +181,12 @@ def test_ops_run_outside_transforms(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the reference ran outside a transform")
 
+    # The names the transform routes call (on a GPU float64 attention has no compiled
+    # kernel: the op's own reference backend may run, outside any transform).
     monkeypatch.setattr("seqkern.nn.rnn.reference_forward", refuse)
-    monkeypatch.setattr("seqkern.reference.attention", refuse)
+    monkeypatch.setattr("seqkern.functional.reference",
+                        types.SimpleNamespace(attention=refuse,
+                                              keep_mask_for=seqkern.reference.keep_mask_for))
     seqkern.LSTM(3, 5, dtype=F64, device=DEVICE)(_randn(4, 2, 3))[0].sum().backward()
     q = _randn(1, 2, 3, 4)
     seqkern.functional.scaled_dot_product_attention(q, q, q)

@@ -96,7 +96,7 @@ struct LayerPlan {
   int blocks = 0;
   size_t smem_bytes = 0;
   int k_chunk = 0;     // batch-lane and tensor-core plans: reduction columns staged a chunk
-  bool mma = false;    // tensor-core blocks (SEQKERN_CUDA_RNN_MMA=1; fp32 with ..._TF32=1)
+  bool mma = false;    // tensor-core blocks (rnn_layer.cu's use_mma)
 };
 cudaError_t rnn_layer_plan(const LayerProblem& p, bool backward, LayerPlan* plan);
 

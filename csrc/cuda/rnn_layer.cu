@@ -40,6 +40,7 @@ constexpr int kBatchTiles[3] = {1, 4, 8};
 constexpr int kLaneUnitsFwd = 4, kLaneUnitsBwd = 8;
 constexpr int kLaneMinBatch = 9;   // batch-lane blocks: the smallest batch they take
 constexpr int kLaneDefaultMinBatch = 64;  // ... and by default (forward only), use_lanes
+constexpr int kMmaDefaultMinBatch = 4;  // tensor-core blocks by default (fp16/bf16), use_mma
 constexpr int kMmaUnits = 8;  // tensor-core blocks: hidden units per block (8 x BT <= kThreads)
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -396,17 +397,25 @@ bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Laye
   return true;
 }
 
-// Tensor-core blocks (MmaBlock), opt-in until timed on a GPU: SEQKERN_CUDA_RNN_MMA=1 for
-// fp16 / bf16 layers; fp32 layers on TF32 only with SEQKERN_CUDA_RNN_TF32=1 as well (TF32
-// keeps 10 mantissa bits of the state and gate gradients; whether torch's cuDNN layers do
-// under torch.backends.cudnn.allow_tf32 is to be checked before it can be a default).
+// Tensor-core blocks (MmaBlock): by default for fp16 / bf16 layers at batch >=
+// kMmaDefaultMinBatch, as timed on an H100 (bench/RESULTS.md, 2026-11-26 20:52 UTC: bf16
+// fastrnns B64 training step 1.27-1.37x and packed B16 inference 1.2x faster than the CUDA-core
+// blocks, B4 within -6%..+10%; B1-B3 untimed, so they keep the CUDA-core blocks).
+// SEQKERN_CUDA_RNN_MMA=1: at every batch; =0: never. fp32 layers on TF32 only when asked
+// twice (SEQKERN_CUDA_RNN_MMA=1 SEQKERN_CUDA_RNN_TF32=1): on the H100 no faster than the fp32
+// blocks (training 0.97-1.03x, packed training 0.42x), though cuDNN's fp32 layers do compute
+// on TF32 under torch's default torch.backends.cudnn.allow_tf32 (error 3.7e-4 against 4.9e-7
+// without it; these blocks 6.3e-5).
 template <typename T>
-bool use_mma() {
+bool use_mma(const LayerProblem& p) {
   const char* v = std::getenv("SEQKERN_CUDA_RNN_MMA");
-  if (!(v && v[0] == '1')) return false;
-  if constexpr (!std::is_same_v<T, float>) return true;
-  const char* tf32 = std::getenv("SEQKERN_CUDA_RNN_TF32");
-  return tf32 && tf32[0] == '1';
+  if (v && v[0] == '0') return false;
+  const bool asked = v && v[0] == '1';
+  if constexpr (std::is_same_v<T, float>) {
+    const char* tf32 = std::getenv("SEQKERN_CUDA_RNN_TF32");
+    return asked && tf32 && tf32[0] == '1';
+  }
+  return asked || p.batch >= kMmaDefaultMinBatch;
 }
 
 // A persistent tensor-core plan: kMmaUnits units a block, 16 or 32 batch rows a pass, the
@@ -450,7 +459,7 @@ cudaError_t make_plan(const LayerProblem& p, bool backward, bool allow_persisten
                              std::pair{cudaDevAttrCooperativeLaunch, &coop}})
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(value, attr, dev);
   if (err != cudaSuccess) return err;
-  if (allow_persistent && coop && use_mma<T>() &&
+  if (allow_persistent && coop && use_mma<T>(p) &&
       (mma_plan<Cell, T>(p, backward, sms, max_smem, plan, &err) || err != cudaSuccess))
     return err;
   if (allow_persistent && coop && use_lanes(p, backward) &&

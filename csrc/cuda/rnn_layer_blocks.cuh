@@ -16,8 +16,8 @@
 // (eight of 8 rows before); K is staged in chunks when the rows do not fit (the backward's
 // K = G*H).
 //
-// Tensor-core blocks (MmaBlock, opt-in until timed on a GPU: SEQKERN_CUDA_RNN_MMA=1, fp32
-// layers on TF32 only with SEQKERN_CUDA_RNN_TF32=1 too): 8 units a block, 16 or 32 batch
+// Tensor-core blocks (MmaBlock; rnn_layer.cu's use_mma: by default fp16/bf16 at B >= 4, fp32
+// layers on TF32 only with SEQKERN_CUDA_RNN_MMA=1 SEQKERN_CUDA_RNN_TF32=1): 8 units a block, 16 or 32 batch
 // rows a pass, the product on mma.sync from a rounded copy of the operand rows.
 #pragma once
 

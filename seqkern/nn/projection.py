@@ -38,7 +38,7 @@ def _first_rows(batch_sizes, steps, batch, reverse, device):
         return torch.arange(batch, device=device) + t0 * batch
     sizes = batch_sizes.to("cpu", torch.int64)
     offsets = torch.cumsum(sizes, 0) - sizes
-    b = torch.arange(int(sizes[0]))
+    b = torch.arange(int(sizes[0]), device="cpu")  # on the CPU with sizes, whatever the default
     if not reverse:
         return b.to(device)
     last = (sizes[None, :] > b[:, None]).sum(1) - 1  # each sequence's last time step

@@ -121,7 +121,10 @@ class _SeqkernRNNMixin(NotScriptable):
         # On a GPU the reverse direction runs on a side stream, concurrently with the forward
         # one (a recurrence at small batch leaves most of the GPU idle). On the CPU both
         # cores already share each direction's rows.
-        concurrent = (directions == 2 and x.is_cuda and not torch.compiler.is_compiling())
+        # Not under torch.func transforms (the reference runs there, and vmap's batched
+        # tensors have no record_stream).
+        concurrent = (directions == 2 and x.is_cuda and not torch.compiler.is_compiling()
+                      and not transforms.active())
         for layer in range(self.num_layers):
             results = [None] * directions
             for direction in reversed(range(directions)):  # the side stream's work first
