@@ -51,7 +51,8 @@ SHAPES = [("fastrnns", 100, 64, 512, 512, False, 0),
 BATCHES_NAMED = ("small-batch", "decode")  # shapes named with their batch in test ids
 
 # On a GPU both compiled backends run side by side, and as its own row the cuda backend's
-# opt-in candidate: "next" = tensor-core blocks (SEQKERN_CUDA_RNN_MMA=1; fp32 layers on TF32,
+# candidate: "next" = tensor-core blocks at every batch (SEQKERN_CUDA_RNN_MMA=1; the fp16/bf16
+# default at B >= 4 since the H100 run of 2026-11-26) and fp32 layers on TF32 (opt-in,
 # SEQKERN_CUDA_RNN_TF32=1; csrc/cuda/rnn_layer.cu's use_mma). "seqkern-cuda" runs the
 # defaults. LSTM projections (the "projection" shape), which the CUDA kernel refuses, run on
 # triton, and on cuda as "seqkern-cuda-proj": a plain layer with the projection folded into

@@ -123,8 +123,9 @@ def test_tensor_core_blocks(monkeypatch, cls, T, B, H, dtype):
 
 @pytest.mark.parametrize("cls,T,B,H", [("LSTM", 300, 64, 512), ("GRU", 100, 16, 136)])
 def test_tensor_core_blocks_tf32(monkeypatch, cls, T, B, H):
-    # fp32 on TF32: opt-in twice (csrc/cuda/rnn_layer.cu's use_mma). No fp32 peer computes
-    # with TF32 for sure, so cuDNN's bf16 layer bounds the error (bf16 keeps 3 bits fewer).
+    # fp32 on TF32: opt-in twice (csrc/cuda/rnn_layer.cu's use_mma). The fp32 peer runs with
+    # allow_tf32 off (_layer_against_cpu64), so cuDNN's bf16 layer bounds the error (bf16
+    # keeps 3 bits fewer).
     monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1")
     monkeypatch.setenv("SEQKERN_CUDA_RNN_TF32", "1")
     tiles, _ = _layer_kernel_tiles(cls, T, B, H, torch.float32, mma=True,

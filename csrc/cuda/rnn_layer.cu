@@ -403,7 +403,7 @@ bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Laye
 // blocks, B4 within -6%..+10%; B1-B3 untimed, so they keep the CUDA-core blocks).
 // SEQKERN_CUDA_RNN_MMA=1: at every batch; =0: never. fp32 layers on TF32 only when asked
 // twice (SEQKERN_CUDA_RNN_MMA=1 SEQKERN_CUDA_RNN_TF32=1): on the H100 no faster than the fp32
-// blocks (training 0.97-1.03x, packed training 0.42x), though cuDNN's fp32 layers do compute
+// blocks (fastrnns 0.96-1.03x, packed training 0.42-0.80x), though cuDNN's fp32 layers do compute
 // on TF32 under torch's default torch.backends.cudnn.allow_tf32 (error 3.7e-4 against 4.9e-7
 // without it; these blocks 6.3e-5).
 template <typename T>
