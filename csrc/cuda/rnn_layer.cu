@@ -41,7 +41,6 @@ constexpr int kLaneUnitsFwd = 4, kLaneUnitsBwd = 8;
 constexpr int kLaneMinBatch = 9;   // batch-lane blocks: the smallest batch they take
 constexpr int kLaneDefaultMinBatch = 64;  // ... and by default (forward only), use_lanes
 constexpr int kMmaDefaultMinBatch = 4;  // tensor-core blocks by default (fp16/bf16), use_mma
-constexpr int kMmaUnits = 8;  // tensor-core blocks: hidden units per block (8 x BT <= kThreads)
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -92,9 +91,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int rows = min(BT, n - b0), b = b0 + bb;
       const bool live = owner && bb < rows;
       const int64_t row = int64_t(off) + b;
-      float x[G];  // issued now, used after the product
+      // Loads the product does not feed, issued before it so that their latency overlaps
+      // it: the input gates, the cell state and (tensor-core blocks, which stage only the T
+      // copy of the state) the fp32 h_prev, written by other blocks before the barrier.
+      const int64_t bj = int64_t(b) * H + j;
+      float x[G];
 #pragma unroll
       for (int g = 0; g < G; ++g) x[g] = live ? a.x_gates[row * GH + g * H + j] + bias[g] : 0.f;
+      const float c_prev = Cell::kHasCell && live ? a.c_state[bj] : 0.f;
+      float h_prev = Mma && live ? __ldcg(h_src + bj) : 0.f;
       blk.multiply(a, h_src + int64_t(b0) * H, H, rows,
                    Mma ? op_src + int64_t(b0) * a.Kp : nullptr);
       if (live) {
@@ -102,10 +107,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int g = 0; g < G; ++g) hid[g] = blk.total(blk.u, g);
         if constexpr (Cell::kSplitHidden) hid[G - 1] += bias_hn;
-        const float h_prev = blk.staged_at(a, bb, j);
-        const int64_t bj = int64_t(b) * H + j;
-        float c = Cell::kHasCell ? a.c_state[bj] : 0.f;
-        const float c_prev = c;
+        if constexpr (!Mma) h_prev = blk.staged_at(a, bb, j);  // from shared memory
+        float c = c_prev;
         float s[W];
         const float h = cell.fwd(x, hid, h_prev, c, s);
         h_dst[bj] = h;
@@ -175,14 +178,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (Cell::kSplitHidden) h_prev = h_prev_ws[row * H + j];
         if (a.grad_out) g_out = dev::to_float(static_cast<const T*>(a.grad_out)[row * H + j]);
       }
+      // d_h and d_c: written by this thread in the phase before; read before the product
+      // so that their latency overlaps it.
+      const int64_t bj = int64_t(b) * H + j;
+      float dh = in_a || in_b ? a.d_h[bj] : 0.f;  // in_a: the bypass part left by phase p-1
+      float dc = Cell::kHasCell && in_b ? a.d_c[bj] : 0.f;
       blk.multiply(a, d_hidden + (int64_t(off_a) + b0) * GH, GH, max(rows_a, 0),
                    Mma ? op_a + int64_t(b0) * a.Kp : nullptr);
       if (in_a || in_b) {
-        const int64_t bj = int64_t(b) * H + j;
-        float dh = a.d_h[bj];  // in_a: the bypass part left by phase p-1
         if (in_a) dh += blk.total(blk.u / kBwdRows, blk.u % kBwdRows);
         if (in_b) {
-          float dc = Cell::kHasCell ? a.d_c[bj] : 0.f, dx[G], dhid[G];
+          float dx[G], dhid[G];
           dh = cell.bwd(s, c_new, c_prev, h_prev, dh + g_out, dc, dx, dhid);
 #pragma unroll
           for (int g = 0; g < G; ++g) a.d_gx[row * GH + g * H + j] = dx[g];
@@ -383,7 +389,8 @@ bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Laye
   const int64_t H = p.hidden, Kp = round_up(backward ? G * H : H, kPad);
   const int bt = std::min(p.batch > 32 ? 64 : p.batch > 16 ? 32 : 16, kThreads / units);
   const int parts = kWarps * 32 / std::min(bt, 32);  // LaneShape<bt>::P
-  const int64_t fixed = R * Kp * int64_t(sizeof(T)) + int64_t(parts) * R * bt * 4;
+  const int64_t fixed = R * Kp * int64_t(sizeof(T)) +
+                       int64_t(parts) * R * red_stride(bt, units, R / units) * 4;
   const int64_t K = round_up(Kp, 32);  // fp32 staged rows, 4-float pads
   int64_t kc = 0;
   size_t smem = 0;
@@ -431,7 +438,8 @@ bool mma_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Layer
   const int64_t H = p.hidden, Kpk = round_up(round_up(backward ? G * H : H, kPad), step);
   const int bt = p.batch > 16 ? 32 : 16;
   const int64_t elem = sizeof(T);
-  const int64_t fixed = M * (Kpk + pad) * elem + int64_t(KG) * M * bt * 4;
+  const int64_t fixed = M * (Kpk + pad) * elem +
+                       int64_t(KG) * M * red_stride(bt, kMmaUnits, R / kMmaUnits) * 4;
   int64_t kc = 0;
   size_t smem = 0;
   if (!stage_in_chunks(Kpk, fixed, bt, elem, pad, step, std::min<int64_t>(128, Kpk), max_smem,

@@ -185,12 +185,34 @@ __device__ __forceinline__ const T* place_slice(const KernelArgs& a, int64_t sli
 struct CellPair {
   int u, bb, j;
   bool owner;
+  // Thread (u, bb) = (tid / bt, tid % bt): the batch row fastest.
   __device__ void assign(const KernelArgs& a, int bt) {
     const int tid = threadIdx.x;
     u = tid / bt, bb = tid - u * bt, j = blockIdx.x * a.units + u;
     owner = tid < a.units * bt && j < a.H;
   }
+  // Thread (u, bb) = (tid % units, tid / units): the unit fastest, so that a warp's accesses
+  // to the step's [rows][H] tensors (input gates, states, outputs, workspace) are runs of
+  // consecutive units (4 or 8 of them: 4-8 sectors a warp), not 32 scattered elements.
+  __device__ void assign_units_fastest(const KernelArgs& a, int bt) {
+    const int tid = threadIdx.x;
+    bb = tid / a.units, u = tid - bb * a.units, j = blockIdx.x * a.units + u;
+    owner = bb < bt && j < a.H;
+  }
 };
+
+// Row stride (floats) of a block's partial sums [parts][rows][stride] for bt batch rows,
+// read by assign_units_fastest's threads (a warp: `units` units x 32 / units batch rows) at
+// ru weight rows a unit: the least >= bt with ru * stride = 32 / units (mod 64 / units), so
+// that unit u's rows start at bank (32 / units) u * odd (mod 32), distinct multiples of the
+// warp's rows, and a warp's reads of one partial sum fall in 32 distinct banks (stride bt put
+// a warp's units in one set of banks: 4-8-way conflicts). At most bt + 64 / units - 1.
+__host__ __device__ constexpr int red_stride(int bt, int units, int ru) {
+  const int rows = 32 / units;
+  int s = bt;
+  while ((ru * s) % (2 * rows) != rows) ++s;
+  return s;
+}
 
 // A block's shared memory and where each thread sits in it. Shared memory: [weight slice
 // (persistent only)] [BT x Kp staged rows] [8 x VP partial sums]. Warps form a.groups
@@ -256,8 +278,9 @@ struct Block : CellPair {
 // accumulates all R weight rows of the block's slice for its rows over K columns
 // 4 (p + P m) .. + 3 of each chunk; the parts' partial sums meet in red. Shared memory:
 // [weight slice (persistent only)] [BT x (kc + 4) staged rows: the 4-float pad puts 8
-// consecutive rows' float4s in distinct banks] [P x R x BT partial sums]. The staged rows are
-// whole (kc >= Kp) when the forward reads the previous state from them.
+// consecutive rows' float4s in distinct banks] [P x R x rs partial sums, rs = red_stride >=
+// BT]. The staged rows are whole (kc >= Kp) when the forward reads the previous state from
+// them. Threads run the cells with the unit fastest (assign_units_fastest).
 template <int BT>
 struct LaneShape {
   static constexpr int RW = BT < 32 ? BT : 32, KG = 32 / RW, BL = BT / RW, P = kWarps * KG;
@@ -268,7 +291,7 @@ struct LaneBlock : CellPair {
   static constexpr int RW = LaneShape<BT>::RW, BL = LaneShape<BT>::BL, P = LaneShape<BT>::P;
   const T* w;  // the block's R rows of Kp (shared when persistent, else global)
   float *staged, *red;
-  int stride, row, part;
+  int stride, row, part, rs;  // rs: red's row stride (red_stride)
 
   __device__ LaneBlock(const KernelArgs& a, unsigned char* smem) {
     const int64_t slice = int64_t(R) * a.Kp;
@@ -279,7 +302,8 @@ struct LaneBlock : CellPair {
     red = staged + BT * stride;
     const int tid = threadIdx.x, lane = tid & 31;
     row = lane % RW, part = (tid >> 5) * LaneShape<BT>::KG + lane / RW;
-    assign(a, BT);
+    rs = red_stride(BT, a.units, R / a.units);
+    assign_units_fastest(a, BT);
     __syncthreads();
   }
 
@@ -349,7 +373,7 @@ struct LaneBlock : CellPair {
 #pragma unroll
       for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int i = 0; i < BL; ++i) red[(part * R + r) * BT + row + RW * i] = acc[r * BL + i];
+        for (int i = 0; i < BL; ++i) red[(part * R + r) * rs + row + RW * i] = acc[r * BL + i];
     }
     __syncthreads();
   }
@@ -357,7 +381,7 @@ struct LaneBlock : CellPair {
   __device__ float total(int q, int r) const {
     float s = 0.f;
 #pragma unroll
-    for (int p = 0; p < P; ++p) s += red[(p * R + q * RT + r) * BT + bb];
+    for (int p = 0; p < P; ++p) s += red[(p * R + q * RT + r) * rs + bb];
     return s;
   }
   __device__ float staged_at(const KernelArgs&, int b, int col) const {
@@ -375,9 +399,10 @@ struct LaneBlock : CellPair {
 // each chunk, accumulating its 16 x BT tile in fp32 (fp16 / bf16: detail::warp_mma_smem, the
 // attention kernels' product); the KG partial tiles of a row meet in red. The forward reads
 // the previous state's exact fp32 value from global memory, not from the rounded copy.
-// Shared memory: [16 MT x (Kpk + pad) weights] [BT x (kc + pad) staged] [KG x 16 MT x BT
-// partial sums]; the pads (16 bytes) shift consecutive rows' banks for conflict-free
-// fragment loads.
+// Shared memory: [16 MT x (Kpk + pad) weights] [BT x (kc + pad) staged] [KG x 16 MT x kRed
+// partial sums, kRed = red_stride >= BT]; the pads (16 bytes) shift consecutive rows' banks
+// for conflict-free fragment loads. Threads run the cells with the unit fastest
+// (assign_units_fastest).
 template <typename T>
 struct MmaShape {
   static constexpr bool kTf32 = std::is_same_v<T, float>;
@@ -392,15 +417,16 @@ __device__ __forceinline__ T op_value(float v) {
   else return dev::from_float<T>(v);
 }
 
+constexpr int kMmaUnits = 8;  // tensor-core blocks: hidden units per block (8 x BT <= kThreads)
+
 template <typename T, int RT, int R, int BT>
 struct MmaBlock : CellPair {
   static constexpr int MT = (R + 15) / 16, M = 16 * MT, KG = kWarps / MT, NP = BT / 16;
+  static constexpr int kRed = red_stride(BT, kMmaUnits, R / kMmaUnits);
   static constexpr int kStep = MmaShape<T>::kStep, kPad16 = MmaShape<T>::kPad;
   static_assert(kWarps % MT == 0 && BT % 16 == 0);
   T *w, *staged;
   float* red;
-  const float* src = nullptr;  // the last multiply's operand rows, for staged_at
-  int64_t src_ld = 0;
   int ldw, lds, lane, mt, kg;
 
   __device__ MmaBlock(const KernelArgs& a, unsigned char* smem) {
@@ -427,7 +453,7 @@ struct MmaBlock : CellPair {
     }
     const int warp = threadIdx.x >> 5;
     lane = threadIdx.x & 31, mt = warp % MT, kg = warp / MT;
-    assign(a, BT);
+    assign_units_fastest(a, BT);
     __syncthreads();
   }
 
@@ -471,12 +497,12 @@ struct MmaBlock : CellPair {
     }
   }
 
-  // As Block::multiply, from the T copy of the operand rows (op, [rows][a.Kp]); src (fp32)
-  // is kept for staged_at. Rows past `rows` in the staged tile hold stale values that only
-  // reach their own (unread) columns.
-  __device__ void multiply(const KernelArgs& a, const float* from, int64_t ld, int rows,
-                           const void* op) {
-    src = from, src_ld = ld;
+  // As Block::multiply, from the T copy of the operand rows (op, [rows][a.Kp]; the fp32
+  // rows unused: the forward reads its fp32 h_prev from global memory, having no staged_at).
+  // Rows past `rows` in the staged tile hold stale values that only reach their own (unread)
+  // columns.
+  __device__ void multiply(const KernelArgs& a, const float* /*rows*/, int64_t /*ld*/,
+                           int rows, const void* op) {
     const int kpk = ldw - kPad16;
     float acc[2 * NP][4];
 #pragma unroll
@@ -494,9 +520,9 @@ struct MmaBlock : CellPair {
       const int g = lane >> 2, t = lane & 3;
 #pragma unroll
       for (int n = 0; n < 2 * NP; ++n) {  // c[0..1]: row g, columns 2t, 2t+1; c[2..3]: row g+8
-        float* at = red + (kg * M + 16 * mt + g) * BT + 8 * n + 2 * t;
+        float* at = red + (kg * M + 16 * mt + g) * kRed + 8 * n + 2 * t;
         at[0] = acc[n][0], at[1] = acc[n][1];
-        at[8 * BT] = acc[n][2], at[8 * BT + 1] = acc[n][3];
+        at[8 * kRed] = acc[n][2], at[8 * kRed + 1] = acc[n][3];
       }
     }
     __syncthreads();
@@ -506,11 +532,8 @@ struct MmaBlock : CellPair {
     const int row = q * RT + r;
     float s = 0.f;
 #pragma unroll
-    for (int k = 0; k < KG; ++k) s += red[(k * M + row) * BT + bb];
+    for (int k = 0; k < KG; ++k) s += red[(k * M + row) * kRed + bb];
     return s;
-  }
-  __device__ float staged_at(const KernelArgs&, int b, int col) const {
-    return __ldcg(src + b * src_ld + col);
   }
 };
 
