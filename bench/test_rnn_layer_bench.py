@@ -52,15 +52,17 @@ BATCHES_NAMED = ("small-batch", "decode")  # shapes named with their batch in te
 
 # On a GPU both compiled backends run side by side, and as its own row the cuda backend's
 # candidate: "next" = tensor-core blocks at every batch (SEQKERN_CUDA_RNN_MMA=1; the fp16/bf16
-# default at B >= 4 since the H100 run of 2026-11-26) and fp32 layers on TF32 (opt-in,
-# SEQKERN_CUDA_RNN_TF32=1; csrc/cuda/rnn_layer.cu's use_mma). "seqkern-cuda" runs the
-# defaults. LSTM projections (the "projection" shape), which the CUDA kernel refuses, run on
+# default at B >= 4 since the H100 run of 2026-11-26) with two staging buffers
+# (SEQKERN_CUDA_RNN_PREFETCH=1, opt-in) and fp32 layers on TF32 (opt-in,
+# SEQKERN_CUDA_RNN_TF32=1; csrc/cuda/rnn_layer.cu's use_mma, use_prefetch). "seqkern-cuda"
+# runs the defaults. LSTM projections (the "projection" shape), which the CUDA kernel refuses, run on
 # triton, and on cuda as "seqkern-cuda-proj": a plain layer with the projection folded into
 # its weights (SEQKERN_RNN_PROJ_VIA_PLAIN=1, seqkern/nn/projection.py). On the CPU the
 # default dispatch.
 PROVIDERS = (["seqkern-cuda", "seqkern-cuda-next", "seqkern-cuda-proj", "seqkern-triton",
               "torch"] if CUDA else ["seqkern", "torch"])
-VARIANT_ENV = {"next": ("SEQKERN_CUDA_RNN_MMA", "SEQKERN_CUDA_RNN_TF32"),
+VARIANT_ENV = {"next": ("SEQKERN_CUDA_RNN_MMA", "SEQKERN_CUDA_RNN_TF32",
+                        "SEQKERN_CUDA_RNN_PREFETCH"),
                "proj": ("SEQKERN_RNN_PROJ_VIA_PLAIN",)}  # "1" for the variant, else unset
 
 

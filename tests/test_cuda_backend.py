@@ -112,10 +112,12 @@ def test_batch_lane_blocks(monkeypatch, cls, T, B, H, dtype):
     ("LSTM", 50, 33, 1024, torch.bfloat16),  # backward K = 4096 in chunks
     ("RNN", 100, 5, 136, torch.bfloat16),  # one m16 tile, K padded 136 -> 144
 ])
-def test_tensor_core_blocks(monkeypatch, cls, T, B, H, dtype):
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
+def test_tensor_core_blocks(monkeypatch, cls, T, B, H, dtype, prefetch):
     # The default at B >= 4 (csrc/cuda/rnn_layer.cu's use_mma), asked for at every batch
-    # here; the planner reads it every call.
+    # here; the planner reads it every call. prefetch: two staging buffers (opt-in).
     monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1")
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_PREFETCH", str(int(prefetch)))
     tiles, _ = _layer_kernel_tiles(cls, T, B, H, dtype, mma=True)
     want = 32 if B > 16 else 16
     assert tiles == {"fwd": {want}, "bwd": {want}}, tiles

@@ -258,6 +258,15 @@ LAYER_CASES = [
     LayerCase("GRU", torch.float32, 5, 6, 12, _lengths_to_batch_sizes([5, 4, 2, 5, 1, 3]),
               reverse=True, mma=True, tf32=True),
     LayerCase("LSTM", torch.float32, 3, 40, 40, mma=True, tf32=True, sms=3, smem=47000),
+    # two staging buffers (SEQKERN_CUDA_RNN_PREFETCH=1): the backward's K = 160 in two
+    # chunks of 80, each issued while the one before multiplies; passes of 32 and 8 rows, the
+    # second's first chunk issued during the first's last; packed rows that end at every
+    # step, so that the backward's passes multiply fewer rows (n_a) than they update (n_b)
+    LayerCase("LSTM", BF16, 4, 40, 40, _lengths_to_batch_sizes(
+        [4, 1, 3, 4, 2, 4, 4, 1, 3, 2] * 4), mma=True, prefetch=True, sms=6, smem=43000),
+    LayerCase("LSTM", torch.float32, 3, 40, 40, mma=True, tf32=True, prefetch=True, sms=6,
+              smem=66000),
+    LayerCase("RNN_TANH", F16, 3, 33, 16, reverse=True, mma=True, prefetch=True),  # 32 + 1
     # many blocks at once: 8 (H = 64, B = 64: two passes of 32 rows) and 12 (packed, reverse)
     LayerCase("LSTM", BF16, 3, 64, 64, mma=True, sms=8),
     LayerCase("GRU", F16, 3, 48, 96, _lengths_to_batch_sizes([3, 1, 2] * 16), reverse=True,
@@ -270,7 +279,8 @@ def _layer_id(c):
     return (f"{c.mode}-{str(c.dtype)[6:]}-T{c.steps}B{c.batch}H{c.hidden}-{packed}"
             f"{'-reverse' * c.reverse}{'-strided' * c.strided}{'-nobias' * (not c.bias)}"
             f"-{'persistent' if c.persistent else 'per_step'}-sms{c.sms}-minwork{c.min_work}"
-            f"{'-lanes' * c.lanes}{'-mma' * c.mma}{'-tf32' * c.tf32}-smem{c.smem}")
+            f"{'-lanes' * c.lanes}{'-mma' * c.mma}{'-tf32' * c.tf32}{'-prefetch' * c.prefetch}"
+            f"-smem{c.smem}")
 
 
 @pytest.mark.parametrize("case", LAYER_CASES, ids=_layer_id)
@@ -305,7 +315,8 @@ def test_rnn_layer_fwd_bwd(harness, tmp_path, case):
     for direction, most in (("fwd", 64), ("bwd", 32)):
         got_tile = int(plan.split(f"{direction} tile=")[1].split()[0])
         assert got_tile == min(tile, most) if tile else got_tile <= 8, plan
-        assert f"mma={int(c.mma)};" in plan.split(f"{direction} tile=")[1], plan
+        assert f"mma={int(c.mma)} prefetch={int(c.prefetch)};" in plan.split(
+            f"{direction} tile=")[1], plan
     if c.smem < 232448:  # the small shared memory made the backward stage K in chunks
         assert int(plan.split("bwd tile=")[1].split("k_chunk=")[1].split()[0]) < G * H, plan
 

@@ -97,6 +97,7 @@ struct LayerPlan {
   size_t smem_bytes = 0;
   int k_chunk = 0;     // batch-lane and tensor-core plans: reduction columns staged a chunk
   bool mma = false;    // tensor-core blocks (rnn_layer.cu's use_mma)
+  bool prefetch = false;  // ... with two staging buffers (rnn_layer.cu's use_prefetch)
 };
 cudaError_t rnn_layer_plan(const LayerProblem& p, bool backward, LayerPlan* plan);
 

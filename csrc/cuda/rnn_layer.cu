@@ -100,6 +100,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int g = 0; g < G; ++g) x[g] = live ? a.x_gates[row * GH + g * H + j] + bias[g] : 0.f;
       const float c_prev = Cell::kHasCell && live ? a.c_state[bj] : 0.f;
       float h_prev = Mma && live ? __ldcg(h_src + bj) : 0.f;
+      if constexpr (Mma) {  // the step's next pass, whose rows are ready too
+        const int b1 = b0 + BT;
+        blk.expect_next(op_src + int64_t(b1) * a.Kp, b1 < n ? min(BT, n - b1) : 0);
+      }
       blk.multiply(a, h_src + int64_t(b0) * H, H, rows,
                    Mma ? op_src + int64_t(b0) * a.Kp : nullptr);
       if (live) {
@@ -183,6 +187,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int64_t bj = int64_t(b) * H + j;
       float dh = in_a || in_b ? a.d_h[bj] : 0.f;  // in_a: the bypass part left by phase p-1
       float dc = Cell::kHasCell && in_b ? a.d_c[bj] : 0.f;
+      if constexpr (Mma) {  // the phase's next pass (its multiply: step S-p, as this one's)
+        const int b1 = b0 + BT;
+        blk.expect_next(op_a + int64_t(b1) * a.Kp, max(min(BT, n_a - b1), 0));
+      }
       blk.multiply(a, d_hidden + (int64_t(off_a) + b0) * GH, GH, max(rows_a, 0),
                    Mma ? op_a + int64_t(b0) * a.Kp : nullptr);
       if (in_a || in_b) {
@@ -425,6 +433,13 @@ bool use_mma(const LayerProblem& p) {
   return asked || p.batch >= kMmaDefaultMinBatch;
 }
 
+// Tensor-core blocks with two staging buffers (MmaBlock's a.prefetch), opt-in until timed on
+// a GPU: SEQKERN_CUDA_RNN_PREFETCH=1.
+bool use_prefetch() {
+  const char* v = std::getenv("SEQKERN_CUDA_RNN_PREFETCH");
+  return v && v[0] == '1';
+}
+
 // A persistent tensor-core plan: kMmaUnits units a block, 16 or 32 batch rows a pass, the
 // weight slice whole in shared memory and the staged rows in as few chunks of kc columns (a
 // multiple of the k step, at least min(128, Kpk)) as fit beside it, if every block is
@@ -440,15 +455,18 @@ bool mma_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Layer
   const int64_t elem = sizeof(T);
   const int64_t fixed = M * (Kpk + pad) * elem +
                        int64_t(KG) * M * red_stride(bt, kMmaUnits, R / kMmaUnits) * 4;
+  const int64_t min_kc = std::min<int64_t>(128, Kpk);
   int64_t kc = 0;
   size_t smem = 0;
-  if (!stage_in_chunks(Kpk, fixed, bt, elem, pad, step, std::min<int64_t>(128, Kpk), max_smem,
-                       &kc, &smem))
+  // two staging buffers of bt rows where asked for and they fit, else one
+  const bool two = use_prefetch() && stage_in_chunks(Kpk, fixed, 2 * bt, elem, pad, step,
+                                                     min_kc, max_smem, &kc, &smem);
+  if (!two && !stage_in_chunks(Kpk, fixed, bt, elem, pad, step, min_kc, max_smem, &kc, &smem))
     return false;
   const int blocks = static_cast<int>((H + kMmaUnits - 1) / kMmaUnits);
   if (!all_resident(kernel_ptr<Cell, T>(backward, bt, true), blocks, smem, sms, max_smem, err))
     return false;
-  *plan = {true, kMmaUnits, bt, blocks, smem, int(kc), true};
+  *plan = {true, kMmaUnits, bt, blocks, smem, int(kc), true, two};
   return true;
 }
 
@@ -552,7 +570,7 @@ cudaError_t run_layer(const LayerProblem& p, bool backward, Cell cell, Strided2 
   for (bool allow_persistent : {true, false}) {
     if ((err = make_plan<Cell, T>(p, backward, allow_persistent, &plan)) != cudaSuccess) return err;
     a.units = plan.units, a.groups = backward ? plan.units / kBwdRows : plan.units;
-    a.kc = plan.k_chunk;
+    a.kc = plan.k_chunk, a.prefetch = plan.prefetch;
     // Batch-lane blocks loop over K in chunks of kc, and the forward reads the previous
     // state from its staged rows: lane_plan guarantees both; a plan that broke them would
     // hang or read stale shared memory. Tensor-core blocks: chunks of whole k steps.

@@ -41,6 +41,8 @@ struct KernelArgs {
   int units = 0, groups = 0;    // hidden units per block; thread groups per block
   int K = 0, Kp = 0;            // reduction length (forward H, backward G*H), padded
   int kc = 0;                   // batch-lane blocks: staged columns a chunk (multiple of 32)
+  bool prefetch = false;        // tensor-core blocks: two staging buffers, the next chunk
+                                // (or pass) staged while this one multiplies (MmaBlock)
   bool w_in_smem = false;       // persistent: the block's weight slice sits in shared memory
   bool vec4 = false;            // rows of the staged operand can be read as float4
   const int* steps = nullptr;   // [S][2] (row offset, live rows), processing order
@@ -399,7 +401,11 @@ struct LaneBlock : CellPair {
 // each chunk, accumulating its 16 x BT tile in fp32 (fp16 / bf16: detail::warp_mma_smem, the
 // attention kernels' product); the KG partial tiles of a row meet in red. The forward reads
 // the previous state's exact fp32 value from global memory, not from the rounded copy.
-// Shared memory: [16 MT x (Kpk + pad) weights] [BT x (kc + pad) staged] [KG x 16 MT x kRed
+// With a.prefetch (SEQKERN_CUDA_RNN_PREFETCH=1) two staging buffers take turns: each chunk's
+// copies are issued while the one before multiplies, a pass's last chunk overlapping the
+// next pass's first (expect_next), so only a step's first chunk waits on its full latency.
+// Shared memory: [16 MT x (Kpk + pad) weights] [BT x (kc + pad) staged, twice with
+// a.prefetch] [KG x 16 MT x kRed
 // partial sums, kRed = red_stride >= BT]; the pads (16 bytes) shift consecutive rows' banks
 // for conflict-free fragment loads. Threads run the cells with the unit fastest
 // (assign_units_fastest).
@@ -425,16 +431,22 @@ struct MmaBlock : CellPair {
   static constexpr int kRed = red_stride(BT, kMmaUnits, R / kMmaUnits);
   static constexpr int kStep = MmaShape<T>::kStep, kPad16 = MmaShape<T>::kPad;
   static_assert(kWarps % MT == 0 && BT % 16 == 0);
-  T *w, *staged;
+  T* w;
+  T *buf0, *buf1;  // staging buffers: one (buf1 = buf0), or two with a.prefetch
   float* red;
   int ldw, lds, lane, mt, kg;
+  int cur = 0;                  // a.prefetch: the buffer the next chunk is staged in
+  bool ahead = false;           // ... issued already by the pass before (expect_next)
+  const T* next_op = nullptr;   // the next pass's operand rows (expect_next)
+  int next_rows = 0;
 
   __device__ MmaBlock(const KernelArgs& a, unsigned char* smem) {
     const int kpk = (a.Kp + kStep - 1) / kStep * kStep;
     ldw = kpk + kPad16, lds = a.kc + kPad16;
     w = reinterpret_cast<T*>(smem);
-    staged = w + M * ldw;
-    red = reinterpret_cast<float*>(staged + BT * lds);
+    buf0 = w + M * ldw;
+    buf1 = a.prefetch ? buf0 + BT * lds : buf0;
+    red = reinterpret_cast<float*>(buf1 + BT * lds);
     // Rows of a.Kp elements (a multiple of 8: 16-byte pieces) of the packed slice, zeros past
     // them; always copied (a per-step launch re-reads it, still correct).
     const T* g = static_cast<const T*>(a.w) + int64_t(blockIdx.x) * R * a.Kp;
@@ -457,9 +469,11 @@ struct MmaBlock : CellPair {
     __syncthreads();
   }
 
-  // Columns [k0, k0 + len) of `rows` operand rows (a.Kp elements each, 16-byte aligned) by
-  // cp.async, zeros for the columns from a.Kp to Kpk.
-  __device__ void stage_chunk(const KernelArgs& a, const T* op, int rows, int k0, int len) const {
+  // Issues columns [k0, k0 + len) of `rows` operand rows (a.Kp elements each, 16-byte
+  // aligned) into `staged` by cp.async, as one commit group; zeros for the columns from a.Kp
+  // to Kpk.
+  __device__ void stage_chunk(const KernelArgs& a, const T* op, int rows, int k0, int len,
+                              T* staged) const {
     const int pieces = len / kPad16, total = rows * pieces;
     for (int i = threadIdx.x; i < total; i += kThreads) {
       const int r = i / pieces, c = kPad16 * (i - r * pieces);
@@ -470,12 +484,20 @@ struct MmaBlock : CellPair {
         *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
     }
     detail::cp_async_commit();
-    detail::cp_async_wait_all();
+  }
+
+  // a.prefetch: the pass after the next multiply reads `rows` operand rows from op (0: none,
+  // or not in this step), so that multiply stages its first chunk during its own last one.
+  // Staging buffer i (a select, not an array: a run-time index put the block in local memory).
+  __device__ T* buf(int i) const { return i ? buf1 : buf0; }
+
+  __device__ void expect_next(const void* op, int rows) {
+    next_op = static_cast<const T*>(op), next_rows = rows;
   }
 
   // acc += the warp's m tile of W times the staged rows over k steps ks = kg, kg + KG, ...
   // below steps, chunk columns from k0.
-  __device__ void product(float (&acc)[2 * NP][4], int k0, int steps) const {
+  __device__ void product(float (&acc)[2 * NP][4], int k0, int steps, const T* staged) const {
     if constexpr (MmaShape<T>::kTf32) {
       const int g = lane >> 2, t = lane & 3;
       const T* wa = w + (16 * mt + g) * ldw + k0 + t;
@@ -502,20 +524,45 @@ struct MmaBlock : CellPair {
   // Rows past `rows` in the staged tile hold stale values that only reach their own (unread)
   // columns.
   __device__ void multiply(const KernelArgs& a, const float* /*rows*/, int64_t /*ld*/,
-                           int rows, const void* op) {
+                           int rows, const void* op_rows) {
+    const T* op = static_cast<const T*>(op_rows);
     const int kpk = ldw - kPad16;
     float acc[2 * NP][4];
 #pragma unroll
     for (int n = 0; n < 2 * NP; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-    for (int k0 = 0; k0 < kpk; k0 += a.kc) {
+    for (int k0 = 0; k0 < kpk; k0 += a.kc) {  // rows: block-uniform conditions
       const int len = min(a.kc, kpk - k0);
-      if (k0 > 0) __syncthreads();  // the previous chunk is read
-      if (rows > 0) stage_chunk(a, static_cast<const T*>(op), rows, k0, len);
+      if (!a.prefetch) {  // stage, wait, multiply
+        if (k0 > 0) __syncthreads();  // the previous chunk is read
+        if (rows > 0) stage_chunk(a, op, rows, k0, len, buf(0));
+        detail::cp_async_wait_all();
+        __syncthreads();
+        if (rows > 0) product(acc, k0, len / kStep, buf(0));
+        continue;
+      }
+      // This chunk is in flight to buf(cur) (issued by the chunk before, or by the pass
+      // before: ahead); the next one (this pass's, else the next pass's first) goes to the
+      // other buffer while this one multiplies.
+      if (k0 == 0 && !ahead && rows > 0) stage_chunk(a, op, rows, 0, len, buf(cur));
+      ahead = false;
+      bool more = false;
+      if (k0 + a.kc < kpk && rows > 0) {
+        stage_chunk(a, op, rows, k0 + a.kc, min(a.kc, kpk - k0 - a.kc), buf(cur ^ 1));
+        more = true;
+      } else if (k0 + a.kc >= kpk && next_rows > 0) {
+        stage_chunk(a, next_op, next_rows, 0, min(a.kc, kpk), buf(cur ^ 1));
+        more = ahead = true;
+      }
+      if (more) detail::cp_async_wait_group<1>();  // all but the copies just issued
+      else detail::cp_async_wait_all();
       __syncthreads();
-      if (rows > 0) product(acc, k0, len / kStep);  // block-uniform condition
+      if (rows > 0) product(acc, k0, len / kStep, buf(cur));
+      __syncthreads();  // buf(cur) is read before a later chunk is issued into it
+      cur ^= 1;
     }
+    next_rows = 0;
     if (rows > 0) {
       const int g = lane >> 2, t = lane & 3;
 #pragma unroll

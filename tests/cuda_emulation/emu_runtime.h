@@ -195,21 +195,35 @@ inline void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, ui
     B[t][g] = val(4), B[t + 4][g] = val(5);
   });
 }
-// cp.async lands as late as it may: each thread's copies wait in its queue until its
-// cp_async_wait_all, so shared memory read before the wait (and the __syncthreads after it)
+// cp.async lands as late as it may: each thread's copies wait in its queue until a wait
+// that covers their group (cp_async_wait_all, or cp_async_wait_group<n> once n newer groups
+// are committed), so shared memory read before the wait (and the __syncthreads after it)
 // still holds the 0xff fill or the previous chunk, never the new data by luck of timing.
 struct EmuCopy {
   void* dst;
   const void* src;
 };
-inline thread_local std::vector<EmuCopy> emu_pending_copies;
+inline thread_local std::vector<EmuCopy> emu_pending_copies;  // not yet committed
+inline thread_local std::vector<std::vector<EmuCopy>> emu_copy_groups;  // committed, oldest first
 inline void cp_async16(void* smem, const void* gmem) {
   emu_pending_copies.push_back({smem, gmem});
 }
-inline void cp_async_commit() {}
-inline void cp_async_wait_all() {
-  for (const EmuCopy& c : emu_pending_copies) memcpy(c.dst, c.src, 16);
+inline void cp_async_commit() {
+  emu_copy_groups.push_back(std::move(emu_pending_copies));
   emu_pending_copies.clear();
+}
+inline void emu_land_groups(size_t count) {
+  for (size_t g = 0; g < count; ++g)
+    for (const EmuCopy& c : emu_copy_groups[g]) memcpy(c.dst, c.src, 16);
+  emu_copy_groups.erase(emu_copy_groups.begin(), emu_copy_groups.begin() + count);
+}
+inline void cp_async_wait_all() {
+  cp_async_commit();  // wait_all covers uncommitted copies too
+  emu_land_groups(emu_copy_groups.size());
+}
+template <int n>
+inline void cp_async_wait_group() {
+  if (emu_copy_groups.size() > size_t(n)) emu_land_groups(emu_copy_groups.size() - n);
 }
 }  // namespace seqkern::cuda::detail
 
@@ -223,7 +237,8 @@ inline void* emu_thread_main(void* arg) {
   auto* job = static_cast<EmuJob*>(arg);
   emu_t = &job->t;
   (*job->body)();
-  if (!seqkern::cuda::detail::emu_pending_copies.empty()) {  // a block's shared memory ends
+  if (!seqkern::cuda::detail::emu_pending_copies.empty() ||
+      !seqkern::cuda::detail::emu_copy_groups.empty()) {  // a block's shared memory ends
     fprintf(stderr, "emu: block %u thread %u exited with cp.async copies not waited for\n",
             job->t.bid.x, job->t.tid.x);
     exit(3);

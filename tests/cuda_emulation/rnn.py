@@ -75,6 +75,7 @@ class LayerCase:
     lanes: bool = False  # batch-lane blocks allowed (SEQKERN_CUDA_RNN_LANES=1)
     mma: bool = False  # tensor-core blocks (SEQKERN_CUDA_RNN_MMA=1; fp16 / bf16, or fp32 ...
     tf32: bool = False  # ... on TF32 with SEQKERN_CUDA_RNN_TF32=1)
+    prefetch: bool = False  # ... with two staging buffers (SEQKERN_CUDA_RNN_PREFETCH=1)
     smem: int = 232448  # opt-in shared memory per block (H100's by default)
 
     def __post_init__(self):
@@ -107,7 +108,8 @@ def run_layer(exe, workdir, case, x_gates, bias_x, bias_hn, w_hh, h0, c0, grad_o
         [c0] * lstm + [grad_out, grad_hn] + [grad_cn] * lstm
     _write(fin, hdr + list(c.batch_sizes or []), arrays)
     env = dict(os.environ, SEQKERN_CUDA_RNN_LANES=str(int(c.lanes)),
-               SEQKERN_CUDA_RNN_MMA=str(int(c.mma)), SEQKERN_CUDA_RNN_TF32=str(int(c.tf32)))
+               SEQKERN_CUDA_RNN_MMA=str(int(c.mma)), SEQKERN_CUDA_RNN_TF32=str(int(c.tf32)),
+               SEQKERN_CUDA_RNN_PREFETCH=str(int(c.prefetch)))
     plan = build.run(exe, fin, fout, env=env).strip()
     W = SAVED_WIDTH[c.mode]
     ws = N * (W * H + H + (2 * H if lstm else 0))  # rnn_layer_workspace_numel

@@ -111,11 +111,11 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  fprintf(stderr, "fwd tile=%d k_chunk=%d mma=%d; bwd tile=%d k_chunk=%d mma=%d; "
-          "fwd persistent=%d blocks=%d coop_launches=%d; bwd persistent=%d blocks=%d "
-          "coop_launches=%d\n",
-          plan_f.batch_tile, plan_f.k_chunk, int(plan_f.mma), plan_b.batch_tile, plan_b.k_chunk,
-          int(plan_b.mma),
+  fprintf(stderr, "fwd tile=%d k_chunk=%d mma=%d prefetch=%d; bwd tile=%d k_chunk=%d mma=%d "
+          "prefetch=%d; fwd persistent=%d blocks=%d coop_launches=%d; bwd persistent=%d "
+          "blocks=%d coop_launches=%d\n",
+          plan_f.batch_tile, plan_f.k_chunk, int(plan_f.mma), int(plan_f.prefetch),
+          plan_b.batch_tile, plan_b.k_chunk, int(plan_b.mma), int(plan_b.prefetch),
           int(plan_f.persistent), plan_f.blocks, fwd_coop, int(plan_b.persistent), plan_b.blocks,
           g_emu_coop_launches - fwd_coop);
   FILE* f = fopen(argv[2], "wb");
