@@ -20,7 +20,7 @@ rm -rf "$LOG"; mkdir -p "$LOG" "$OUT_DIR"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # Hopper only unless told otherwise: half the nvcc work of the default 80;90a.
 export SEQKERN_CUDA_ARCHS=${SEQKERN_CUDA_ARCHS:-90a}
-STAGES=${STAGES:-"build cuda_risky bench_layers profile tests sm80 bench_more racecheck"}
+STAGES=${STAGES:-"build cuda_risky racecheck bench_layers profile tests sm80 bench_more"}
 START=$(date +%s)
 TOTAL_S=${TOTAL_S:-520}
 declare -A RC
@@ -81,6 +81,10 @@ $PY -c "import xdist" 2>/dev/null && XDIST=(-n "${WORKERS:-8}")
 export SEQKERN_TEST_DEVICE=cuda
 
 stage cuda_risky 150 "${PYTEST[@]}" tests/test_cuda_backend.py
+# Shared-memory hazards in the layer kernels (cp.async staging, tensor-core tiles).
+stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 \
+  $PY bench/sanitize_rnn.py
+
 BENCH=($PY -m pytest -q -s -p no:cacheprovider)
 # Issue 5's GPU targets first: small batch, fastrnns training, packed (mid-batch, decode skipped).
 # (the training step on data at the fastrnns and small-batch B4 shapes only: the lease; the
@@ -96,10 +100,6 @@ stage sm80 60 env SEQKERN_CUDA_SM90=0 "${PYTEST[@]}" "${XDIST[@]}" tests/test_at
 stage bench_more 200 "${BENCH[@]}" bench/test_attention_bench.py bench/test_rnn_cell_bench.py \
   bench/test_rnn_layer_bench.py \
   -k "${MORE_K:-L4096 or (Cell and B64) or (rnn_layer and triton and small-batch-B4 and inference) or (rnn_layer and projection and float32 and (inference or train-data))}"
-
-# Shared-memory hazards in the layer kernels (cp.async staging, tensor-core tiles).
-stage racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 \
-  $PY bench/sanitize_rnn.py
 
 echo
 echo "== summary (rc 124 = timed out): $(for s in "${!RC[@]}"; do printf '%s=%s ' "$s" "${RC[$s]}"; done)"

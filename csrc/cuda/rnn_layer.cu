@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int64_t row = int64_t(off) + b;
       // Loads the product does not feed, issued before it so that their latency overlaps
       // it: the input gates, the cell state and (tensor-core blocks, which stage only the T
-      // copy of the state) the fp32 h_prev, written by other blocks before the barrier.
+      // copy of the state) the fp32 h_prev.
       const int64_t bj = int64_t(b) * H + j;
       float x[G];
 #pragma unroll
@@ -397,8 +397,9 @@ bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Laye
   const int64_t H = p.hidden, Kp = round_up(backward ? G * H : H, kPad);
   const int bt = std::min(p.batch > 32 ? 64 : p.batch > 16 ? 32 : 16, kThreads / units);
   const int parts = kWarps * 32 / std::min(bt, 32);  // LaneShape<bt>::P
-  const int64_t fixed = R * Kp * int64_t(sizeof(T)) +
-                       int64_t(parts) * R * red_stride(bt, units, R / units) * 4;
+  const int rs = red_stride(bt, units, R / units);
+  if (rs < 0) return false;  // no conflict-free stride (not for the units and gates here)
+  const int64_t fixed = R * Kp * int64_t(sizeof(T)) + int64_t(parts) * R * rs * 4;
   const int64_t K = round_up(Kp, 32);  // fp32 staged rows, 4-float pads
   int64_t kc = 0;
   size_t smem = 0;
@@ -456,18 +457,24 @@ bool mma_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Layer
   const int64_t fixed = M * (Kpk + pad) * elem +
                        int64_t(KG) * M * red_stride(bt, kMmaUnits, R / kMmaUnits) * 4;
   const int64_t min_kc = std::min<int64_t>(128, Kpk);
-  int64_t kc = 0;
-  size_t smem = 0;
-  // two staging buffers of bt rows where asked for and they fit, else one
-  const bool two = use_prefetch() && stage_in_chunks(Kpk, fixed, 2 * bt, elem, pad, step,
-                                                     min_kc, max_smem, &kc, &smem);
-  if (!two && !stage_in_chunks(Kpk, fixed, bt, elem, pad, step, min_kc, max_smem, &kc, &smem))
-    return false;
   const int blocks = static_cast<int>((H + kMmaUnits - 1) / kMmaUnits);
-  if (!all_resident(kernel_ptr<Cell, T>(backward, bt, true), blocks, smem, sms, max_smem, err))
-    return false;
-  *plan = {true, kMmaUnits, bt, blocks, smem, int(kc), true, two};
-  return true;
+  const void* kernel = kernel_ptr<Cell, T>(backward, bt, true);
+  // Two staging buffers of bt rows where asked for, they fit and every block stays
+  // co-resident with them; else one.
+  for (const bool two : {true, false}) {
+    if (two && !use_prefetch()) continue;
+    int64_t kc = 0;
+    size_t smem = 0;
+    if (!stage_in_chunks(Kpk, fixed, two ? 2 * bt : bt, elem, pad, step, min_kc, max_smem,
+                         &kc, &smem))
+      continue;
+    if (all_resident(kernel, blocks, smem, sms, max_smem, err)) {
+      *plan = {true, kMmaUnits, bt, blocks, smem, int(kc), true, two};
+      return true;
+    }
+    if (*err != cudaSuccess) return false;
+  }
+  return false;
 }
 
 // Persistent if some (batch tile, units) has every block co-resident: the largest batch

@@ -40,7 +40,8 @@ struct KernelArgs {
   int S = 0, B = 0, H = 0;      // steps, batch, hidden
   int units = 0, groups = 0;    // hidden units per block; thread groups per block
   int K = 0, Kp = 0;            // reduction length (forward H, backward G*H), padded
-  int kc = 0;                   // batch-lane blocks: staged columns a chunk (multiple of 32)
+  int kc = 0;                   // batch-lane (multiple of 32) and tensor-core blocks: staged
+                                // columns a chunk
   bool prefetch = false;        // tensor-core blocks: two staging buffers, the next chunk
                                 // (or pass) staged while this one multiplies (MmaBlock)
   bool w_in_smem = false;       // persistent: the block's weight slice sits in shared memory
@@ -182,8 +183,9 @@ __device__ __forceinline__ const T* place_slice(const KernelArgs& a, int64_t sli
   return reinterpret_cast<const T*>(smem);
 }
 
-// The (hidden unit, batch row) pair whose cell a thread runs: thread u * BT + bb takes unit
-// j = first unit of the block + u for batch row bb of each tile; owner where that exists.
+// The (hidden unit, batch row) pair whose cell a thread runs: unit j = first unit of the
+// block + u for batch row bb of each tile (the thread's place by assign or
+// assign_units_fastest); owner where that exists.
 struct CellPair {
   int u, bb, j;
   bool owner;
@@ -208,12 +210,13 @@ struct CellPair {
 // ru weight rows a unit: the least >= bt with ru * stride = 32 / units (mod 64 / units), so
 // that unit u's rows start at bank (32 / units) u * odd (mod 32), distinct multiples of the
 // warp's rows, and a warp's reads of one partial sum fall in 32 distinct banks (stride bt put
-// a warp's units in one set of banks: 4-8-way conflicts). At most bt + 64 / units - 1.
+// a warp's units in one set of banks: 4-8-way conflicts). At most bt + 64 / units - 1; -1
+// where none exists (ru holding a higher power of 2 than 32 / units).
 __host__ __device__ constexpr int red_stride(int bt, int units, int ru) {
   const int rows = 32 / units;
-  int s = bt;
-  while ((ru * s) % (2 * rows) != rows) ++s;
-  return s;
+  for (int s = bt; s < bt + 2 * rows; ++s)
+    if ((ru * s) % (2 * rows) == rows) return s;
+  return -1;
 }
 
 // A block's shared memory and where each thread sits in it. Shared memory: [weight slice
@@ -429,14 +432,17 @@ template <typename T, int RT, int R, int BT>
 struct MmaBlock : CellPair {
   static constexpr int MT = (R + 15) / 16, M = 16 * MT, KG = kWarps / MT, NP = BT / 16;
   static constexpr int kRed = red_stride(BT, kMmaUnits, R / kMmaUnits);
+  static_assert(kRed > 0);
   static constexpr int kStep = MmaShape<T>::kStep, kPad16 = MmaShape<T>::kPad;
   static_assert(kWarps % MT == 0 && BT % 16 == 0);
   T* w;
   T *buf0, *buf1;  // staging buffers: one (buf1 = buf0), or two with a.prefetch
   float* red;
   int ldw, lds, lane, mt, kg;
-  int cur = 0;                  // a.prefetch: the buffer the next chunk is staged in
-  bool ahead = false;           // ... issued already by the pass before (expect_next)
+  int cur = 0;                  // a.prefetch: the buffer of the chunk to multiply next
+  bool ahead = false;           // ... issued already, by the pass before (expect_next) ...
+  const T* ahead_op = nullptr;  // ... from these rows
+  int ahead_rows = 0;
   const T* next_op = nullptr;   // the next pass's operand rows (expect_next)
   int next_rows = 0;
 
@@ -545,6 +551,10 @@ struct MmaBlock : CellPair {
       // This chunk is in flight to buf(cur) (issued by the chunk before, or by the pass
       // before: ahead); the next one (this pass's, else the next pass's first) goes to the
       // other buffer while this one multiplies.
+      if (k0 == 0 && ahead && (op != ahead_op || rows != ahead_rows)) {
+        detail::cp_async_wait_all();  // not the rows expect_next named: staged again below
+        ahead = false;                // (block-uniform; nothing reads buf(cur) meanwhile)
+      }
       if (k0 == 0 && !ahead && rows > 0) stage_chunk(a, op, rows, 0, len, buf(cur));
       ahead = false;
       bool more = false;
@@ -554,6 +564,7 @@ struct MmaBlock : CellPair {
       } else if (k0 + a.kc >= kpk && next_rows > 0) {
         stage_chunk(a, next_op, next_rows, 0, min(a.kc, kpk), buf(cur ^ 1));
         more = ahead = true;
+        ahead_op = next_op, ahead_rows = next_rows;
       }
       if (more) detail::cp_async_wait_group<1>();  // all but the copies just issued
       else detail::cp_async_wait_all();

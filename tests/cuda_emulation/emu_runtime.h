@@ -195,18 +195,27 @@ inline void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, ui
     B[t][g] = val(4), B[t + 4][g] = val(5);
   });
 }
-// cp.async lands as late as it may: each thread's copies wait in its queue until a wait
-// that covers their group (cp_async_wait_all, or cp_async_wait_group<n> once n newer groups
-// are committed), so shared memory read before the wait (and the __syncthreads after it)
-// still holds the 0xff fill or the previous chunk, never the new data by luck of timing.
+// cp.async reads its source as early and lands as late as it may: the 16 bytes are read at
+// issue (a source written after the issue, or by another block after a barrier the copy
+// spans, is not seen) and wait in the thread's queue until a wait that covers their group
+// (cp_async_wait_all, or cp_async_wait_group<n> once n newer groups are committed), so
+// shared memory read before the wait (and the __syncthreads after it) still holds the 0xff
+// fill or the previous chunk, never the new data by luck of timing.
 struct EmuCopy {
   void* dst;
-  const void* src;
+  unsigned char bytes[16];
 };
 inline thread_local std::vector<EmuCopy> emu_pending_copies;  // not yet committed
 inline thread_local std::vector<std::vector<EmuCopy>> emu_copy_groups;  // committed, oldest first
 inline void cp_async16(void* smem, const void* gmem) {
-  emu_pending_copies.push_back({smem, gmem});
+  if ((reinterpret_cast<uintptr_t>(smem) | reinterpret_cast<uintptr_t>(gmem)) % 16 != 0) {
+    fprintf(stderr, "emu: cp.async of 16 bytes from %p to %p: both must be 16-byte aligned\n",
+            gmem, smem);
+    exit(3);
+  }
+  EmuCopy c{smem, {}};
+  memcpy(c.bytes, gmem, 16);
+  emu_pending_copies.push_back(c);
 }
 inline void cp_async_commit() {
   emu_copy_groups.push_back(std::move(emu_pending_copies));
@@ -214,7 +223,7 @@ inline void cp_async_commit() {
 }
 inline void emu_land_groups(size_t count) {
   for (size_t g = 0; g < count; ++g)
-    for (const EmuCopy& c : emu_copy_groups[g]) memcpy(c.dst, c.src, 16);
+    for (const EmuCopy& c : emu_copy_groups[g]) memcpy(c.dst, c.bytes, 16);
   emu_copy_groups.erase(emu_copy_groups.begin(), emu_copy_groups.begin() + count);
 }
 inline void cp_async_wait_all() {
