@@ -54,24 +54,27 @@ BATCHES_NAMED = ("small-batch", "decode")  # shapes named with their batch in te
 # candidate: "next" = tensor-core blocks at every batch (SEQKERN_CUDA_RNN_MMA=1; the fp16/bf16
 # default at B >= 4 since the H100 run of 2026-11-26) with two staging buffers
 # (SEQKERN_CUDA_RNN_PREFETCH=1, opt-in) and fp32 layers on TF32 (opt-in,
-# SEQKERN_CUDA_RNN_TF32=1; csrc/cuda/rnn_layer.cu's use_mma, use_prefetch). "seqkern-cuda"
-# runs the defaults. LSTM projections (the "projection" shape), which the CUDA kernel refuses, run on
+# SEQKERN_CUDA_RNN_TF32=1; csrc/cuda/rnn_layer.cu's use_mma, use_prefetch); for fp32 layers
+# also "lanes" = batch-lane blocks forward and backward (SEQKERN_CUDA_RNN_LANES=1, the
+# backward measured 1.42x slower than 8-row blocks before its step epilogue was coalesced).
+# "seqkern-cuda" runs the defaults. LSTM projections (the "projection" shape), which the CUDA kernel refuses, run on
 # triton, and on cuda as "seqkern-cuda-proj": a plain layer with the projection folded into
 # its weights (SEQKERN_RNN_PROJ_VIA_PLAIN=1, seqkern/nn/projection.py). On the CPU the
 # default dispatch.
-PROVIDERS = (["seqkern-cuda", "seqkern-cuda-next", "seqkern-cuda-proj", "seqkern-triton",
-              "torch"] if CUDA else ["seqkern", "torch"])
-VARIANT_ENV = {"next": ("SEQKERN_CUDA_RNN_MMA", "SEQKERN_CUDA_RNN_TF32",
-                        "SEQKERN_CUDA_RNN_PREFETCH"),
-               "proj": ("SEQKERN_RNN_PROJ_VIA_PLAIN",)}  # "1" for the variant, else unset
+PROVIDERS = (["seqkern-cuda", "seqkern-cuda-next", "seqkern-cuda-lanes", "seqkern-cuda-proj",
+              "seqkern-triton", "torch"] if CUDA else ["seqkern", "torch"])
+VARIANT_ENV = {"next": {"SEQKERN_CUDA_RNN_MMA": "1", "SEQKERN_CUDA_RNN_TF32": "1",
+                        "SEQKERN_CUDA_RNN_PREFETCH": "1"},
+               "lanes": {"SEQKERN_CUDA_RNN_LANES": "1", "SEQKERN_CUDA_RNN_MMA": "0"},
+               "proj": {"SEQKERN_RNN_PROJ_VIA_PLAIN": "1"}}
 
 
 @contextlib.contextmanager
 def variant_env(variant):
-    """The environment of a cuda variant: its VARIANT_ENV set to "1", every other unset."""
-    names = [k for names in VARIANT_ENV.values() for k in names]
+    """The environment of a cuda variant: its VARIANT_ENV set, every other name unset."""
+    names = {k for env in VARIANT_ENV.values() for k in env}
     before = {k: os.environ.pop(k, None) for k in names}
-    os.environ.update({k: "1" for k in VARIANT_ENV.get(variant, ())})
+    os.environ.update(VARIANT_ENV.get(variant, {}))
     try:
         yield
     finally:
@@ -156,6 +159,8 @@ def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
     if P and cls != "LSTM":
         pytest.skip("proj_size is LSTM's")
     backend, variant = _backend(provider)
+    if variant == "lanes" and dtype != torch.float32:
+        pytest.skip("seqkern-cuda-lanes: fp32 only (fp16/bf16 take tensor cores)")
     if variant == "proj" and not P:
         pytest.skip("seqkern-cuda-proj runs the projection shape only")
     # The op's own inputs dict, as the op builds it (w_hh [G*H, P or H], w_hr [P, H]).

@@ -92,6 +92,9 @@ def test_layer_bench_variant_env_sets_its_own_switches_and_restores(monkeypatch)
         assert os.environ.get("SEQKERN_CUDA_RNN_TF32") == "1"
         assert os.environ.get("SEQKERN_CUDA_RNN_PREFETCH") == "1"
         assert "SEQKERN_RNN_PROJ_VIA_PLAIN" not in os.environ
+    with bench.variant_env("lanes"):
+        assert os.environ.get("SEQKERN_CUDA_RNN_LANES") == "1"
+        assert os.environ.get("SEQKERN_CUDA_RNN_MMA") == "0"
     with bench.variant_env(""):
         assert not any(k in os.environ for names in bench.VARIANT_ENV.values() for k in names)
     assert os.environ.get("SEQKERN_CUDA_RNN_MMA") == "1"
