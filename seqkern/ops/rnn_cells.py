@@ -36,10 +36,6 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 SAVED = {"LSTM": 5, "GRU": 4, "RNN_TANH": 1, "RNN_RELU": 1}  # saved numel / (B * H)
 
 
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_2d(t, name, rows, cols, dtype, device):
     if t.dim() != 2 or tuple(t.shape) != (rows, cols):
         raise RuntimeError(f"seqkern rnn: {name} must be [{rows}, {cols}], got {list(t.shape)}")
@@ -92,9 +88,9 @@ def check_gate_grad_args(mode, grad_h, grad_c, hx, cx, h, saved):
             raise RuntimeError("seqkern rnn cell: the LSTM backward needs cx")
         _check_2d(cx, "cx", B, H, dtype, device)
     if (saved.dim() != 1 or saved.numel() != SAVED[mode] * B * H or
-            saved.dtype != acc_dtype(dtype) or saved.device != device):
+            saved.dtype != reference.accumulation_dtype(dtype) or saved.device != device):
         raise RuntimeError(f"seqkern rnn cell: saved must be the forward's flat "
-                           f"{acc_dtype(dtype)} buffer")
+                           f"{reference.accumulation_dtype(dtype)} buffer")
 
 
 def _inputs(mode, input):
@@ -117,7 +113,8 @@ def _rnn_cell_fwd_fake(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     B, H = hx.shape
     h = input.new_empty((B, H))
     c = input.new_empty((B, H) if mode == "LSTM" else (0, 0))
-    saved = input.new_empty((B * SAVED[mode] * H,), dtype=acc_dtype(input.dtype))
+    saved = input.new_empty((B * SAVED[mode] * H,),
+                            dtype=reference.accumulation_dtype(input.dtype))
     return h, c, saved
 
 

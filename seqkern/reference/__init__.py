@@ -4,5 +4,5 @@ from seqkern.reference.attention import (  # noqa: F401
     keep_mask_for,
 )
 from seqkern.reference.rnn import (  # noqa: F401
-    gru_cell, lstm_cell, rnn_cell, recurrent_layer,
+    accumulation_dtype, gru_cell, lstm_cell, rnn_cell, recurrent_layer,
 )
