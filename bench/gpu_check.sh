@@ -86,12 +86,12 @@ stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 --print
   $PY bench/sanitize_rnn.py
 
 BENCH=($PY -m pytest -q -s -p no:cacheprovider)
-# Issue 5's GPU targets first: small batch, fastrnns training, packed (mid-batch, decode skipped).
+# Issue 5's GPU targets first: small batch, fastrnns training, packed; decoding steps (mid-batch skipped).
 # (the training step on data at the fastrnns and small-batch B4 shapes only: the lease; the
 # Triton layers, whose compiles alone take tens of seconds, in bench_more at B4 inference; so is
 # LSTM proj_size, which on a GPU runs on triton: fp32 inference and the step on data)
 stage bench_layers 170 "${BENCH[@]}" bench/test_rnn_layer_bench.py \
-  -k "${LAYER_K:-not triton and not mid-batch and not projection and not decode and not (train-data and (packed or B1 or B8))}"
+  -k "${LAYER_K:-not triton and not mid-batch and not projection and not (train-data and (packed or B1 or B8))}"
 # Where the layer and cell time goes (kernels vs host), cuda / triton / torch side by side.
 TAIL=30 stage profile 60 $PY bench/gpu_profile.py
 stage tests 200 "${PYTEST[@]}" "${XDIST[@]}" tests/ -m "not cuda_emulation" \
