@@ -112,7 +112,7 @@ def test_batch_lane_blocks(monkeypatch, cls, T, B, H, dtype):
     ("LSTM", 50, 33, 1024, torch.bfloat16),  # backward K = 4096 in chunks
     ("RNN", 100, 5, 136, torch.bfloat16),  # one m16 tile, K padded 136 -> 144
 ])
-@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
+@pytest.mark.parametrize("prefetch", [False, True], ids=["one-buffer", "prefetch"])
 def test_tensor_core_blocks(monkeypatch, cls, T, B, H, dtype, prefetch):
     # The default at B >= 4 (csrc/cuda/rnn_layer.cu's use_mma), asked for at every batch
     # here; the planner reads it every call. prefetch: two staging buffers (opt-in).
@@ -123,13 +123,15 @@ def test_tensor_core_blocks(monkeypatch, cls, T, B, H, dtype, prefetch):
     assert tiles == {"fwd": {want}, "bwd": {want}}, tiles
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=["one-buffer", "prefetch"])
 @pytest.mark.parametrize("cls,T,B,H", [("LSTM", 300, 64, 512), ("GRU", 100, 16, 136)])
-def test_tensor_core_blocks_tf32(monkeypatch, cls, T, B, H):
+def test_tensor_core_blocks_tf32(monkeypatch, cls, T, B, H, prefetch):
     # fp32 on TF32: opt-in twice (csrc/cuda/rnn_layer.cu's use_mma). The fp32 peer runs with
     # allow_tf32 off (_layer_against_cpu64), so cuDNN's bf16 layer bounds the error (bf16
     # keeps 3 bits fewer).
     monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1")
     monkeypatch.setenv("SEQKERN_CUDA_RNN_TF32", "1")
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_PREFETCH", str(int(prefetch)))
     tiles, _ = _layer_kernel_tiles(cls, T, B, H, torch.float32, mma=True,
                                    peer_dtype=torch.bfloat16)
     want = 32 if B > 16 else 16
