@@ -17,8 +17,8 @@
 // K = G*H).
 //
 // Tensor-core blocks (MmaBlock; rnn_layer.cu's use_mma: by default fp16/bf16 at B >= 4, fp32
-// layers on TF32 only with SEQKERN_CUDA_RNN_MMA=1 SEQKERN_CUDA_RNN_TF32=1): 8 units a block, 16 or 32 batch
-// rows a pass, the product on mma.sync from a rounded copy of the operand rows.
+// layers on TF32 only with SEQKERN_CUDA_RNN_MMA=1 SEQKERN_CUDA_RNN_TF32=1): 8 units a block,
+// 16 or 32 batch rows a pass, the product on mma.sync from a rounded copy of the operand rows.
 #pragma once
 
 #include <cstdint>
@@ -408,10 +408,9 @@ struct LaneBlock : CellPair {
 // copies are issued while the one before multiplies, a pass's last chunk overlapping the
 // next pass's first (expect_next), so only a step's first chunk waits on its full latency.
 // Shared memory: [16 MT x (Kpk + pad) weights] [BT x (kc + pad) staged, twice with
-// a.prefetch] [KG x 16 MT x kRed
-// partial sums, kRed = red_stride >= BT]; the pads (16 bytes) shift consecutive rows' banks
-// for conflict-free fragment loads. Threads run the cells with the unit fastest
-// (assign_units_fastest).
+// a.prefetch] [KG x 16 MT x kRed partial sums, kRed = red_stride >= BT]; the pads (16 bytes)
+// shift consecutive rows' banks for conflict-free fragment loads. Threads run the cells with
+// the unit fastest (assign_units_fastest).
 template <typename T>
 struct MmaShape {
   static constexpr bool kTf32 = std::is_same_v<T, float>;
@@ -492,11 +491,12 @@ struct MmaBlock : CellPair {
     detail::cp_async_commit();
   }
 
-  // a.prefetch: the pass after the next multiply reads `rows` operand rows from op (0: none,
-  // or not in this step), so that multiply stages its first chunk during its own last one.
   // Staging buffer i (a select, not an array: a run-time index put the block in local memory).
   __device__ T* buf(int i) const { return i ? buf1 : buf0; }
 
+  // a.prefetch: the multiply after the next one (the step's next pass) reads `rows` operand
+  // rows from op (0: none, or the step ends there), so that the next one stages their first
+  // chunk during its own last.
   __device__ void expect_next(const void* op, int rows) {
     next_op = static_cast<const T*>(op), next_rows = rows;
   }
