@@ -351,17 +351,21 @@ def rnn_layer_not_supported_reasons(inputs):
 
 
 def _steps(input, batch_sizes, reverse):
-    """(row offsets, live rows) per step in processing order, on input's device."""
+    """(row offsets, live rows) per step in processing order, int32 on input's device: made
+    there for a padded input (no copy from host memory), from the CPU batch sizes for a
+    packed one."""
     if batch_sizes is None:
         T, B = input.shape[0], input.shape[1]
-        sizes = torch.full((T,), B, dtype=torch.int64, device="cpu")
+        on = dict(device=input.device, dtype=torch.int32)
+        offsets, sizes = torch.arange(T, **on) * B, torch.full((T,), B, **on)
     else:
         sizes = batch_sizes.to("cpu", torch.int64)
-    offsets = torch.cumsum(sizes, 0) - sizes
+        offsets = torch.cumsum(sizes, 0) - sizes
+        to = dict(device=input.device, dtype=torch.int32)
+        offsets, sizes = offsets.to(**to), sizes.to(**to)
     if reverse:
         sizes, offsets = sizes.flip(0), offsets.flip(0)
-    to = dict(device=input.device, dtype=torch.int32)
-    return offsets.to(**to), sizes.to(**to)
+    return offsets, sizes
 
 
 def _blocks(H):

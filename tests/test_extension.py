@@ -5,6 +5,8 @@ green with every C++ kernel untested."""
 import glob
 import os
 
+import pytest
+
 import seqkern
 from seqkern import _extension
 
@@ -12,8 +14,7 @@ from seqkern import _extension
 def test_built_extension_loads():
     package = os.path.dirname(seqkern.__file__)
     built = glob.glob(os.path.join(package, "_C*.so")) + glob.glob(os.path.join(package, "_C*.pyd"))
-    if built:
-        assert _extension.available(), f"{built[0]} is built but does not load: " \
-                                        f"{_extension.load_error}"
-    else:
-        assert not _extension.available()
+    if not built:
+        pytest.skip("seqkern._C is not built here")
+    assert _extension.available(), f"{built[0]} is built but does not load: " \
+                                    f"{_extension.load_error}"
