@@ -20,7 +20,7 @@ rm -rf "$LOG"; mkdir -p "$LOG" "$OUT_DIR"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # Hopper only unless told otherwise: half the nvcc work of the default 80;90a.
 export SEQKERN_CUDA_ARCHS=${SEQKERN_CUDA_ARCHS:-90a}
-STAGES=${STAGES:-"build cuda_risky racecheck bench_layers profile tests sm80 bench_more"}
+STAGES=${STAGES:-"build cuda_risky racecheck bench_layers profile ncu tests sm80 bench_more"}
 START=$(date +%s)
 TOTAL_S=${TOTAL_S:-520}
 declare -A RC
@@ -94,6 +94,12 @@ stage bench_layers 170 "${BENCH[@]}" bench/test_rnn_layer_bench.py \
   -k "${LAYER_K:-not triton and not mid-batch and not projection and not (train-data and (packed or B1 or B8))}"
 # Where the layer and cell time goes (kernels vs host), cuda / triton / torch side by side.
 TAIL=30 stage profile 60 $PY bench/gpu_profile.py
+# Why a step takes what it does: Nsight Compute's counters of one forward and one backward
+# recurrence (LSTM fastrnns training, bf16 and fp32), stall reasons first (bench/ncu_rnn.py).
+NCU=(ncu --clock-control none --profile-from-start off -k regex:layer_ --section SpeedOfLight
+     --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats
+     --section Occupancy --section SourceCounters)
+TAIL=12 stage ncu 90 "${NCU[@]}" $PY bench/ncu_rnn.py
 stage tests 200 "${PYTEST[@]}" "${XDIST[@]}" tests/ -m "not cuda_emulation" \
   --ignore=tests/test_cuda_backend.py -k "${TESTS_K:-}"
 stage sm80 60 env SEQKERN_CUDA_SM90=0 "${PYTEST[@]}" "${XDIST[@]}" tests/test_attention.py -k cuda
