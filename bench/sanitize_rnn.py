@@ -4,8 +4,9 @@ emulator does not look for). One small shape per block kind the planner picks, b
 (tensor-core blocks for bf16 at B >= 4, CUDA-core 8-row blocks for bf16 B2 and fp32,
 batch-lane blocks for the fp32 forward at B >= 64) and in the layer benchmarks' variants
 (bench/test_rnn_layer_bench.py's VARIANT_ENV): "lanes", batch-lane blocks both ways; "next",
-tensor-core blocks at every batch with two staging buffers, fp32 on TF32. Prints one line
-per case."""
+tensor-core blocks at every batch with two staging buffers, fp32 on TF32; "wide", the
+backward's tensor-core blocks of 16 units and CUDA-core blocks of 8. Prints one line per
+case."""
 import torch
 
 import seqkern
@@ -15,7 +16,8 @@ CASES = [("LSTM", torch.bfloat16, 16, ""), ("GRU", torch.bfloat16, 5, ""),
          ("LSTM", torch.bfloat16, 2, ""), ("GRU", torch.float32, 3, ""),
          ("LSTM", torch.float32, 64, ""), ("GRU", torch.float32, 40, "lanes"),
          ("LSTM", torch.bfloat16, 40, "next"), ("RNN", torch.bfloat16, 2, "next"),
-         ("GRU", torch.float32, 20, "next")]
+         ("GRU", torch.float32, 20, "next"), ("LSTM", torch.bfloat16, 40, "wide"),
+         ("GRU", torch.float32, 20, "wide")]
 
 
 def main():

@@ -67,21 +67,32 @@ def test_hidden_size_past_the_persistent_kernel():
     _layer_against_cpu64("LSTM", T=20, B=3, I=64, H=2048, dtype=torch.float32)
 
 
-def _layer_kernel_tiles(cls, T, B, H, dtype, mma=False, peer_dtype=None):
-    """Checks the layer as _layer_against_cpu64 does and returns the batch tiles (the
-    kernels' template argument after the dtype) its forward and backward kernels ran with;
-    asserts that they were (or were not, mma=False) the tensor-core kernels (the last
-    template argument, `true`)."""
+def _layer_kernels(cls, T, B, H, dtype, peer_dtype=None):
+    """Checks the layer as _layer_against_cpu64 does and returns ({"fwd": {(batch tile, mma,
+    units)}, "bwd": ...}, every kernel name) from the layer kernels' template arguments
+    (Cell, T, batch tile, Mma[, the backward's tensor-core units MU])."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         _layer_against_cpu64(cls, T=T, B=B, I=64, H=H, dtype=dtype, peer_dtype=peer_dtype)
     names = {e.key for e in prof.key_averages()}
-    pattern = r"layer_{}_kernel<[^>]*, (\d+), ([^,>]+)>"  # (batch tile, Mma)
-    found = {d: {m for n in names for m in re.findall(pattern.format(d), n)}
-             for d in ("fwd", "bwd")}
+    found = {}
+    for d in ("fwd", "bwd"):
+        found[d] = set()
+        for args in (m for n in names for m in re.findall(rf"layer_{d}_kernel<([^>]*)>", n)):
+            parts = [re.sub(r"\(\w+\)", "", a).strip() for a in args.split(",")]
+            units = int(parts[4]) if len(parts) > 4 else None
+            found[d].add((int(parts[2]), parts[3] in ("true", "1"), units))
     assert found["fwd"] and found["bwd"], f"no layer kernels among {sorted(names)[:8]}"
+    return found, names
+
+
+def _layer_kernel_tiles(cls, T, B, H, dtype, mma=False, peer_dtype=None):
+    """Checks the layer as _layer_against_cpu64 does and returns the batch tiles its forward
+    and backward kernels ran with; asserts that they were (or were not, mma=False) the
+    tensor-core kernels."""
+    found, names = _layer_kernels(cls, T, B, H, dtype, peer_dtype)
     for d, kinds in found.items():
-        assert {k in ("true", "1", "(bool)1") for _, k in kinds} == {mma}, (d, kinds)
-    return {d: {int(t) for t, _ in kinds} for d, kinds in found.items()}, names
+        assert {k for _, k, _ in kinds} == {mma}, (d, kinds)
+    return {d: {t for t, _, _ in kinds} for d, kinds in found.items()}, names
 
 
 @pytest.mark.parametrize("cls,T,B,H,dtype", [
@@ -136,6 +147,29 @@ def test_tensor_core_blocks_tf32(monkeypatch, cls, T, B, H, prefetch):
                                    peer_dtype=torch.bfloat16)
     want = 32 if B > 16 else 16
     assert tiles == {"fwd": {want}, "bwd": {want}}, tiles
+
+
+@pytest.mark.parametrize("cls,T,B,H,dtype,prefetch", [
+    ("LSTM", 300, 64, 512, torch.bfloat16, False),  # fastrnns: four 16-row passes a phase
+    ("LSTM", 50, 33, 1024, torch.bfloat16, True),  # backward K = 4096 in chunks, prefetched
+    ("GRU", 100, 5, 136, torch.float16, False),  # H = 136: nine blocks, the last part-filled
+    ("LSTM", 300, 64, 512, torch.float32, False),  # CUDA-core blocks of 8 units
+    ("GRU", 100, 16, 136, torch.float32, True),  # TF32
+])
+def test_wide_backward_blocks(monkeypatch, cls, T, B, H, dtype, prefetch):
+    # SEQKERN_CUDA_RNN_WIDE=1 (opt-in until timed): the backward's tensor-core blocks of 16
+    # units in 16-row passes, its CUDA-core blocks of at least 8 units.
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_WIDE", "1")
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_PREFETCH", str(int(prefetch)))
+    mma = dtype != torch.float32 or prefetch  # the fp32 TF32 case asks for tensor cores
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1" if mma else "0")
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_TF32", "1" if mma else "0")
+    found, _ = _layer_kernels(cls, T, B, H, dtype,
+                              peer_dtype=torch.bfloat16 if mma and dtype == torch.float32 else None)
+    if mma:
+        assert found["bwd"] == {(16, True, 16)}, found
+    else:  # the CUDA-core backward's units are not in its name: only that it ran
+        assert {k for _, k, _ in found["bwd"]} == {False}, found
 
 
 @pytest.mark.parametrize("dtype, B, mma, want", [

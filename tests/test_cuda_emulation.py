@@ -273,6 +273,18 @@ LAYER_CASES = [
     LayerCase("LSTM", BF16, 3, 64, 64, mma=True, sms=8),
     LayerCase("GRU", F16, 3, 48, 96, _lengths_to_batch_sizes([3, 1, 2] * 16), reverse=True,
               mma=True, sms=12),
+    # wide backward blocks (SEQKERN_CUDA_RNN_WIDE=1): tensor cores with 16 units in 16-row
+    # passes (H = 40: three blocks, the last part-filled; B = 40: three passes, packed rows
+    # ending at every step), TF32 with K in chunks and two staging buffers, CUDA-core blocks
+    # of 8 units
+    LayerCase("LSTM", BF16, 4, 40, 40, _lengths_to_batch_sizes(
+        [4, 1, 3, 4, 2, 4, 4, 1, 3, 2] * 4), mma=True, wide=True, sms=6),
+    LayerCase("GRU", F16, 3, 20, 24, reverse=True, mma=True, wide=True, prefetch=True),
+    LayerCase("LSTM", torch.float32, 3, 17, 40, mma=True, tf32=True, wide=True, prefetch=True,
+              sms=6, smem=37500),
+    LayerCase("RNN_TANH", BF16, 3, 5, 20, reverse=True, strided=True, mma=True, wide=True),
+    LayerCase("GRU", torch.float32, 3, 6, 20, _lengths_to_batch_sizes([3, 1, 2, 3, 3, 2]),
+              wide=True, sms=8, min_work=0),
 ]
 
 
@@ -282,6 +294,7 @@ def _layer_id(c):
             f"{'-reverse' * c.reverse}{'-strided' * c.strided}{'-nobias' * (not c.bias)}"
             f"-{'persistent' if c.persistent else 'per_step'}-sms{c.sms}-minwork{c.min_work}"
             f"{'-lanes' * c.lanes}{'-mma' * c.mma}{'-tf32' * c.tf32}{'-prefetch' * c.prefetch}"
+            f"{'-wide' * c.wide}"
             f"-smem{c.smem}")
 
 
@@ -314,11 +327,18 @@ def test_rnn_layer_fwd_bwd(harness, tmp_path, case):
     tile = (64 if B > 32 else 32 if B > 16 else 16) if c.lanes and B > 8 else None
     if c.mma:
         tile = 32 if B > 16 else 16
-    for direction, most in (("fwd", 64), ("bwd", 32)):
+    for direction, most in (("fwd", 64), ("bwd", 16 if c.wide and c.mma else 32)):
         got_tile = int(plan.split(f"{direction} tile=")[1].split()[0])
         assert got_tile == min(tile, most) if tile else got_tile <= 8, plan
         assert f"mma={int(c.mma)} prefetch={int(c.prefetch)};" in plan.split(
             f"{direction} tile=")[1], plan
+    # wide (SEQKERN_CUDA_RNN_WIDE=1): the backward's tensor-core blocks take 16 units, its
+    # CUDA-core blocks at least 8 (the planner may take more)
+    bwd_units = int(plan.split("bwd tile=")[1].split("units=")[1].split()[0])
+    if c.wide and c.mma:
+        assert bwd_units == 16, plan
+    elif c.wide and not c.lanes and c.persistent:  # min_work 0: 4 units without wide
+        assert bwd_units == 8 if c.min_work == 0 else bwd_units >= 8, plan
     if c.smem < 232448:  # the small shared memory made the backward stage K in chunks
         assert int(plan.split("bwd tile=")[1].split("k_chunk=")[1].split()[0]) < G * H, plan
     if c.mode.startswith("RNN") and c.smem < 232448:  # ... and the forward (K = H) too

@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int G = Cell::kGates, W = Cell::kSaved;
   extern __shared__ __align__(16) unsigned char smem[];
   // group u = unit u: its G gate rows
-  BlockFor<T, G, (Mma ? kMmaUnits : kLaneUnitsFwd) * G, BT, Mma> blk(a, smem);
+  BlockFor<T, G, (Mma ? kMmaUnits : kLaneUnitsFwd) * G, BT, Mma, kMmaUnits> blk(a, smem);
   const int H = a.H, j = blk.j, bb = blk.bb;
   const bool owner = blk.owner;
   const int64_t GH = int64_t(G) * H;
@@ -141,14 +141,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <class Cell, typename T, int BT, bool Mma>
+// MU: tensor-core blocks' units (kMmaUnits, or kMmaUnitsWide in 16-row passes).
+template <class Cell, typename T, int BT, bool Mma, int MU = kMmaUnits>
 __global__ void __launch_bounds__(kThreads, 1)
     layer_bwd_kernel(const Cell cell, const KernelArgs a, int p_begin, int p_end) {
   constexpr int G = Cell::kGates, W = Cell::kSaved;
   extern __shared__ __align__(16) unsigned char smem[];
   // Block: group q holds the W_hh^T rows of units 4q .. 4q+3 (LaneBlock, MmaBlock: all the
   // block's, unit u at row u)
-  BlockFor<T, kBwdRows, Mma ? kMmaUnits : kLaneUnitsBwd, BT, Mma> blk(a, smem);
+  BlockFor<T, kBwdRows, Mma ? MU : kLaneUnitsBwd, BT, Mma, MU> blk(a, smem);
   const int H = a.H, S = a.S, j = blk.j, bb = blk.bb;
   const bool owner = blk.owner;
   const int64_t GH = int64_t(G) * H, N = a.N;
@@ -323,11 +324,17 @@ __global__ void padded_steps_kernel(int S, int B, bool reverse, int* steps) {
   }
 }
 
+// wide: the backward's tensor-core blocks of kMmaUnitsWide units (16-row tiles only).
 template <class Cell, typename T>
-const void* kernel_ptr(bool backward, int bt, bool mma = false) {
+const void* kernel_ptr(bool backward, int bt, bool mma = false, bool wide = false) {
   const auto pick = [&](auto fwd, auto bwd) {
     return backward ? reinterpret_cast<const void*>(bwd) : reinterpret_cast<const void*>(fwd);
   };
+  if (mma && wide) {
+    return backward && bt == 16 ? reinterpret_cast<const void*>(
+                                      &layer_bwd_kernel<Cell, T, 16, true, kMmaUnitsWide>)
+                                : nullptr;
+  }
   if (mma) {  // 16- or 32-row tiles
     if (bt == 16)
       return pick(&layer_fwd_kernel<Cell, T, 16, true>, &layer_bwd_kernel<Cell, T, 16, true>);
@@ -441,24 +448,38 @@ bool use_prefetch() {
   return v && v[0] == '1';
 }
 
-// A persistent tensor-core plan: kMmaUnits units a block, 16 or 32 batch rows a pass, the
-// weight slice whole in shared memory and the staged rows in as few chunks of kc columns (a
-// multiple of the k step, at least min(128, Kpk)) as fit beside it, if every block is
-// co-resident. false when none fits.
+// Wider backward blocks, opt-in until timed on a GPU: SEQKERN_CUDA_RNN_WIDE=1. Every block
+// stages the whole step's gate gradients (B x G*H: 256 KB bf16, 512 KB fp32 at B64 H512) each
+// phase, so the L2 traffic of a phase grows with the block count: H / 8 tensor-core blocks
+// (which fill half of their m16 tile with zero rows) and H / 4 CUDA-core ones (fp32's
+// default at B64: 64 MB a phase, ~12 us of the H100's L2 bandwidth). Wide: tensor-core blocks
+// of kMmaUnitsWide units in 16-row passes (the tile full, half the blocks, twice the passes),
+// CUDA-core blocks of at least 8 units.
+bool use_wide() {
+  const char* v = std::getenv("SEQKERN_CUDA_RNN_WIDE");
+  return v && v[0] == '1';
+}
+
+// A persistent tensor-core plan: kMmaUnits units a block (the backward's wide blocks:
+// kMmaUnitsWide), 16 or 32 batch rows a pass (wide: 16), the weight slice whole in shared
+// memory and the staged rows in as few chunks of kc columns (a multiple of the k step, at
+// least min(128, Kpk)) as fit beside it, if every block is co-resident. false when none fits.
 template <class Cell, typename T>
 bool mma_plan(const LayerProblem& p, bool backward, int sms, int max_smem, LayerPlan* plan,
               cudaError_t* err) {
-  const int G = Cell::kGates, R = backward ? kMmaUnits : kMmaUnits * G;
+  const bool wide = backward && use_wide();
+  const int units = wide ? kMmaUnitsWide : kMmaUnits;
+  const int G = Cell::kGates, R = backward ? units : units * G;
   const int M = (R + 15) / 16 * 16, KG = kWarps / (M / 16);
   const int step = MmaShape<T>::kStep, pad = MmaShape<T>::kPad;
   const int64_t H = p.hidden, Kpk = round_up(round_up(backward ? G * H : H, kPad), step);
-  const int bt = p.batch > 16 ? 32 : 16;
+  const int bt = !wide && p.batch > 16 ? 32 : 16;
   const int64_t elem = sizeof(T);
   const int64_t fixed = M * (Kpk + pad) * elem +
-                       int64_t(KG) * M * red_stride(bt, kMmaUnits, R / kMmaUnits) * 4;
+                       int64_t(KG) * M * red_stride(bt, units, R / units) * 4;
   const int64_t min_kc = std::min<int64_t>(128, Kpk);
-  const int blocks = static_cast<int>((H + kMmaUnits - 1) / kMmaUnits);
-  const void* kernel = kernel_ptr<Cell, T>(backward, bt, true);
+  const int blocks = static_cast<int>((H + units - 1) / units);
+  const void* kernel = kernel_ptr<Cell, T>(backward, bt, true, wide);
   // Two staging buffers of bt rows where asked for, they fit and every block stays
   // co-resident with them; else one.
   for (const bool two : {true, false}) {
@@ -469,7 +490,7 @@ bool mma_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Layer
                          &kc, &smem))
       continue;
     if (all_resident(kernel, blocks, smem, sms, max_smem, err)) {
-      *plan = {true, kMmaUnits, bt, blocks, smem, int(kc), true, two};
+      *plan = {true, units, bt, blocks, smem, int(kc), true, two};
       return true;
     }
     if (*err != cudaSuccess) return false;
@@ -509,6 +530,7 @@ cudaError_t make_plan(const LayerProblem& p, bool backward, bool allow_persisten
   int first = 0;
   const auto groups_of = [&](int us) { return backward ? us / kBwdRows : us; };
   while (first + 1 < n_units && Kp * groups_of(units[first]) < 8 * kThreads) ++first;
+  if (backward && use_wide()) first = std::max(first, 1);  // at least 8 units a block
   for (int bi = bt_max; allow_persistent && coop && bi >= 0; --bi) {
     const void* kernel = kernel_ptr<Cell, T>(backward, kBatchTiles[bi]);
     for (int pass = 0; pass < 2; ++pass) {
@@ -595,7 +617,8 @@ cudaError_t run_layer(const LayerProblem& p, bool backward, Cell cell, Strided2 
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
       }
     }
-    const void* kernel = kernel_ptr<Cell, T>(backward, plan.batch_tile, plan.mma);
+    const void* kernel = kernel_ptr<Cell, T>(backward, plan.batch_tile, plan.mma,
+                                             plan.mma && plan.units == kMmaUnitsWide);
     int begin = 0, end = phases;
     void* args[] = {&cell, &a, &begin, &end};
     if (!plan.persistent) {

@@ -18,7 +18,8 @@
 //
 // Tensor-core blocks (MmaBlock; rnn_layer.cu's use_mma: by default fp16/bf16 at B >= 4, fp32
 // layers on TF32 only with SEQKERN_CUDA_RNN_MMA=1 SEQKERN_CUDA_RNN_TF32=1): 8 units a block,
-// 16 or 32 batch rows a pass, the product on mma.sync from a rounded copy of the operand rows.
+// 16 or 32 batch rows a pass (the backward with SEQKERN_CUDA_RNN_WIDE=1: 16 units, 16 rows),
+// the product on mma.sync from a rounded copy of the operand rows.
 #pragma once
 
 #include <cstdint>
@@ -425,12 +426,16 @@ __device__ __forceinline__ T op_value(float v) {
   else return dev::from_float<T>(v);
 }
 
-constexpr int kMmaUnits = 8;  // tensor-core blocks: hidden units per block (8 x BT <= kThreads)
+// Tensor-core blocks: hidden units per block (units x BT <= kThreads): 8, or 16 in the
+// backward's wide blocks (rnn_layer.cu's use_wide: 16-row passes, the m16 tile all weights).
+constexpr int kMmaUnits = 8, kMmaUnitsWide = 16;
 
-template <typename T, int RT, int R, int BT>
+// U: the block's hidden units (R = U G weight rows forward, U backward).
+template <typename T, int RT, int R, int BT, int U>
 struct MmaBlock : CellPair {
   static constexpr int MT = (R + 15) / 16, M = 16 * MT, KG = kWarps / MT, NP = BT / 16;
-  static constexpr int kRed = red_stride(BT, kMmaUnits, R / kMmaUnits);
+  static constexpr int kRed = red_stride(BT, U, R / U);
+  static_assert(U * BT <= kThreads);
   static_assert(kRed > 0);
   static constexpr int kStep = MmaShape<T>::kStep, kPad16 = MmaShape<T>::kPad;
   static_assert(kWarps % MT == 0 && BT % 16 == 0);
@@ -595,11 +600,11 @@ struct MmaBlock : CellPair {
   }
 };
 
-// The block type of a kernel: tensor-core blocks when Mma, else batch-lane blocks for
-// BT >= 16, else Block.
-template <typename T, int RT, int Rows, int BT, bool Mma>
+// The block type of a kernel: tensor-core blocks (of U units) when Mma, else batch-lane
+// blocks for BT >= 16, else Block.
+template <typename T, int RT, int Rows, int BT, bool Mma, int U>
 using BlockFor = std::conditional_t<
-    Mma, MmaBlock<T, RT, Rows, BT>,
+    Mma, MmaBlock<T, RT, Rows, BT, U>,
     std::conditional_t<(BT >= 16), LaneBlock<T, RT, Rows, BT>, Block<T, RT, BT>>>;
 
 }  // namespace

@@ -76,6 +76,7 @@ class LayerCase:
     mma: bool = False  # tensor-core blocks (SEQKERN_CUDA_RNN_MMA=1; fp16 / bf16, or fp32 ...
     tf32: bool = False  # ... on TF32 with SEQKERN_CUDA_RNN_TF32=1)
     prefetch: bool = False  # ... with two staging buffers (SEQKERN_CUDA_RNN_PREFETCH=1)
+    wide: bool = False  # wider backward blocks (SEQKERN_CUDA_RNN_WIDE=1)
     smem: int = 232448  # opt-in shared memory per block (H100's by default)
 
     def __post_init__(self):
@@ -109,7 +110,8 @@ def run_layer(exe, workdir, case, x_gates, bias_x, bias_hn, w_hh, h0, c0, grad_o
     _write(fin, hdr + list(c.batch_sizes or []), arrays)
     env = dict(os.environ, SEQKERN_CUDA_RNN_LANES=str(int(c.lanes)),
                SEQKERN_CUDA_RNN_MMA=str(int(c.mma)), SEQKERN_CUDA_RNN_TF32=str(int(c.tf32)),
-               SEQKERN_CUDA_RNN_PREFETCH=str(int(c.prefetch)))
+               SEQKERN_CUDA_RNN_PREFETCH=str(int(c.prefetch)),
+               SEQKERN_CUDA_RNN_WIDE=str(int(c.wide)))
     plan = build.run(exe, fin, fout, env=env).strip()
     W = SAVED_WIDTH[c.mode]
     ws = N * (W * H + H + (2 * H if lstm else 0))  # rnn_layer_workspace_numel

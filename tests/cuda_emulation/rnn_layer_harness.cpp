@@ -31,6 +31,19 @@ void register_kernels() {
   emu_registry()[kernel_ptr<Cell, T>(false, BT, Mma)] = launcher(false);
   if constexpr (BT <= 32) emu_registry()[kernel_ptr<Cell, T>(true, BT, Mma)] = launcher(true);
 }
+// The backward's wide tensor-core blocks (SEQKERN_CUDA_RNN_WIDE=1): 16-row tiles only.
+template <class Cell, class T>
+void register_wide_kernel() {
+  emu_registry()[kernel_ptr<Cell, T>(true, 16, true, true)] =
+      [](dim3 g, dim3 b, size_t smem, bool coop, void** args) {
+        const Cell c = *static_cast<Cell*>(args[0]);
+        const KernelArgs a = *static_cast<KernelArgs*>(args[1]);
+        const int begin = *static_cast<int*>(args[2]), end = *static_cast<int*>(args[3]);
+        emu_run(g, b, smem, coop, [&] {
+          layer_bwd_kernel<Cell, T, 16, true, kMmaUnitsWide>(c, a, begin, end);
+        });
+      };
+}
 template <class Cell>
 void register_cell() {
   [&]<class... T>(T...) {
@@ -41,7 +54,8 @@ void register_cell() {
   }(float{}, __half{}, __nv_bfloat16{});
   // tensor-core blocks (fp32: TF32), 16- and 32-row tiles
   [&]<class... T>(T...) {
-    ((register_kernels<Cell, T, 16, true>(), register_kernels<Cell, T, 32, true>()), ...);
+    ((register_kernels<Cell, T, 16, true>(), register_kernels<Cell, T, 32, true>(),
+      register_wide_kernel<Cell, T>()), ...);
   }(float{}, __half{}, __nv_bfloat16{});
 }
 void* scratch(size_t bytes) {  // 0xff garbage: the kernels must initialise what they use
@@ -111,11 +125,11 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  fprintf(stderr, "fwd tile=%d k_chunk=%d mma=%d prefetch=%d; bwd tile=%d k_chunk=%d mma=%d "
-          "prefetch=%d; fwd persistent=%d blocks=%d coop_launches=%d; bwd persistent=%d "
-          "blocks=%d coop_launches=%d\n",
-          plan_f.batch_tile, plan_f.k_chunk, int(plan_f.mma), int(plan_f.prefetch),
-          plan_b.batch_tile, plan_b.k_chunk, int(plan_b.mma), int(plan_b.prefetch),
+  fprintf(stderr, "fwd tile=%d k_chunk=%d units=%d mma=%d prefetch=%d; bwd tile=%d k_chunk=%d "
+          "units=%d mma=%d prefetch=%d; fwd persistent=%d blocks=%d coop_launches=%d; bwd "
+          "persistent=%d blocks=%d coop_launches=%d\n",
+          plan_f.batch_tile, plan_f.k_chunk, plan_f.units, int(plan_f.mma), int(plan_f.prefetch),
+          plan_b.batch_tile, plan_b.k_chunk, plan_b.units, int(plan_b.mma), int(plan_b.prefetch),
           int(plan_f.persistent), plan_f.blocks, fwd_coop, int(plan_b.persistent), plan_b.blocks,
           g_emu_coop_launches - fwd_coop);
   FILE* f = fopen(argv[2], "wb");
