@@ -27,6 +27,40 @@ def _native_cpu_bf16_products():
     return "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
+# The path each case is for, as the C++ layer logs it (csrc/cpu/rnn_layer_plan.h, LayerPath;
+# every forward and backward call of the case must show these fields): the team loop or the
+# row split (its blocks), W_ih and W_hh packed or multiplied as given.
+PACKED, IN_PLACE = {"w_ih": "packed", "w_hh": "packed"}, {"w_ih": "in_place", "w_hh": "in_place"}
+TEAM, ROW_SPLIT = {"team": "1", "row_blocks": "1"}, {"team": "0", "row_blocks": "2"}
+ONE_BLOCK = {"team": "0", "row_blocks": "1"}  # each step's product parallel inside
+CASE_PATHS = {
+    "padded": TEAM | PACKED, "one-row": TEAM | PACKED, "packed-bidirectional": TEAM | PACKED,
+    "expanded-gradient": TEAM | PACKED, "row-split": ROW_SPLIT | PACKED,
+    "one-step": ONE_BLOCK | IN_PLACE, "two-steps-packed": ROW_SPLIT | IN_PLACE,
+    "row-split-one-step": ROW_SPLIT | IN_PLACE, "thirty-two-rows": ONE_BLOCK | IN_PLACE,
+    "team-one-step": TEAM | IN_PLACE, "team-two-steps-packed": TEAM | IN_PLACE}
+
+
+def layer_paths():
+    """The paths of this thread's CPU layer calls since the last call (then forgotten):
+    [{"pass": "fwd" or "bwd", "team": "0" or "1", "row_blocks": ..., "bf16": ..., "w_ih":
+    "packed" or "in_place", "w_hh": ...}]."""
+    paths = []
+    for line in torch.ops.seqkern_C.rnn_layer_cpu_paths():
+        kind, *fields = line.split()
+        paths.append({"pass": kind, **dict(f.split("=") for f in fields)})
+    return paths
+
+
+def assert_paths(label, paths, want, want_bwd=None):
+    """Every forward call in paths ran want's fields, every backward call want_bwd's (default:
+    want's), and there were both."""
+    assert {p["pass"] for p in paths} == {"fwd", "bwd"}, (label, paths)
+    for p in paths:
+        w = want if p["pass"] == "fwd" or want_bwd is None else want_bwd
+        assert {k: p[k] for k in w} == w, f"{label}: ran {p}, the case is for {w}"
+
+
 @pytest.mark.skipif(not HAS_C or DEVICE != "cpu", reason="the CPU kernels")
 @pytest.mark.parametrize("form", ["team", "row split", "packed", "as given"])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
@@ -60,8 +94,16 @@ def test_cpu_bf16_products_relative_rule(cls, form, monkeypatch):
 
     want = run(theirs, x, torch.float64)
     peer = run(theirs, x, torch.bfloat16)
+    layer_paths()
     with seqkern.backend("cpu"):
         got = run(ours, x, torch.bfloat16)
+        loop = ROW_SPLIT if form == "row split" else TEAM
+        products = {"bf16": str(int(_native_cpu_bf16_products()))}
+        # "as given": the forward's weights as they are; bf16 backward products pack them
+        assert_paths(f"{cls} {form}", layer_paths(),
+                     loop | products | (IN_PLACE if form == "as given" else PACKED),
+                     loop | products | (PACKED if products["bf16"] == "1" or
+                                        form != "as given" else IN_PLACE))
         fp32_backward = run(ours, x, torch.bfloat16, backward_fp32_products=True)
         monkeypatch.setenv("SEQKERN_CPU_BF16_PRODUCTS", "0")
         fp32_products = run(ours, x, torch.bfloat16)
@@ -104,7 +146,9 @@ def test_cpu_row_split_into_claimed_blocks(cls, form):
         return flatten_outputs(module(inp, h))
 
     leaves = [t.requires_grad_(True) for t in (x, *(hx if isinstance(hx, tuple) else (hx,)))]
+    layer_paths()
     check_against_torch(f"{cls} {form}", ours, theirs, call, leaves, "cpu", torch.float64)
+    assert_paths(f"{cls} {form}", layer_paths(), {"team": "0", "row_blocks": "4"})
 
 
 @pytest.mark.skipif(not HAS_C, reason="no _C")
@@ -302,8 +346,10 @@ def _check_float32_layer_on_threads(case, cls, kw):
         grads = torch.autograd.grad(loss, [xs, *hs, *module.parameters()])
         return [out, *finals, *grads]
 
+    layer_paths()
     with seqkern.backend("cpu"):
         got = run(ours, torch.float32)
+    assert_paths(f"{cls} {case[0]}", layer_paths(), CASE_PATHS[case[0]])
     want = run(theirs, torch.float64)
     names = ["out", "h_n", "c_n"][:1 + len(states)] + ["dx", "dh0", "dc0"][:1 + len(states)]
     names += [f"d{n}" for n, _ in ours.named_parameters()]

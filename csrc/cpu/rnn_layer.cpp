@@ -61,12 +61,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
       step_chunks(steps, G * H * int64_t(at::elementSize(dt)), kProjectionChunkBytes);
   // fp32 and bf16 products take a weight as given where it meets few rows
   // (rnn_layer_plan.cpp), otherwise packed (fp64: never kept).
-  const auto right_operand = [&](const at::Tensor& w, bool as_given) {
-    if (as_given && keeps_right(w.t(), bf16)) return keep_right(w.t(), bf16);
+  const auto right_operand = [&](const at::Tensor& w, bool as_given, bool* kept) {
+    *kept = as_given && keeps_right(w.t(), bf16);
+    if (*kept) return keep_right(w.t(), bf16);
     return bf16 ? pack_right_bf16(w.t()) : pack_right(as_compute(w, dt).t());
   };
+  bool whh_kept = false, wih_kept = false;
   // [P, G*H]: the step product's right operand
-  const PackedRight whh_t = right_operand(whh, w_hh_in_place(steps.size(), h0.size(0), bf16));
+  const PackedRight whh_t =
+      right_operand(whh, w_hh_in_place(steps.size(), h0.size(0), bf16), &whh_kept);
   // [H, P]: h = h_full W_hr^T after the cell (LSTM proj_size)
   const PackedRight whr_t = proj ? pack_right(ops.w_hr.t()) : PackedRight{};
   // LSTM and RNN add both biases with the input projection; GRU keeps b_hh with h W_hh^T
@@ -78,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     else bias_x = *bias_x + as_compute(*b_hh, dt);
   }
   // [I, G*H]: used once a chunk
-  const PackedRight wih_t = right_operand(wih, w_ih_in_place(chunks.size(), N, bf16));
+  const PackedRight wih_t = right_operand(wih, w_ih_in_place(chunks.size(), N, bf16), &wih_kept);
   // bf16: x is the projection's left operand as given (prepare), and the state, rounded, the
   // step product's, in two buffers (the team's step i reads the one step i - 1 wrote).
   at::Tensor h = h0.to(dt).clone(at::MemoryFormat::Contiguous);
@@ -104,6 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   // Small batches: hidden units split over a team of threads (rnn_layer_team.h), the state in
   // two buffers, h and h_other, step i reading the one written by step i - 1.
   const bool team = use_team(dt == at::kFloat, proj, h.size(0), H);
+  log_layer_path({false, team, bf16, wih_kept, whh_kept, team ? 1 : int64_t(blocks.size())});
   at::Tensor h_other = team ? h.clone() : at::Tensor();
   at::Tensor h_bf16[2];
   if (bf16) {
@@ -208,6 +212,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
 
 }  // namespace
 }  // namespace seqkern::cpu
+
+TORCH_LIBRARY_FRAGMENT(seqkern_C, m) {
+  // For the tests: the paths this thread's layer calls ran (rnn_layer_plan.h, LayerPath).
+  m.def("rnn_layer_cpu_paths() -> str[]", &seqkern::cpu::take_layer_paths);
+}
 
 TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
   m.impl("rnn_layer_fwd", &seqkern::cpu::rnn_layer_fwd_cpu);

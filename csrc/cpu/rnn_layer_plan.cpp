@@ -30,6 +30,29 @@ bool w_hh_in_place_backward(size_t steps, int64_t batch) {
   return int64_t(steps) * batch <= 32 && steps <= 8;
 }
 
+namespace {
+constexpr size_t kPathLog = 64;
+thread_local std::vector<LayerPath> path_log;
+}  // namespace
+
+void log_layer_path(const LayerPath& path) {
+  if (path_log.size() >= kPathLog) path_log.erase(path_log.begin());
+  path_log.push_back(path);
+}
+
+std::vector<std::string> take_layer_paths() {
+  std::vector<std::string> out;
+  for (const LayerPath& p : path_log) {
+    const auto where = [](bool in_place) { return in_place ? "in_place" : "packed"; };
+    out.push_back(std::string(p.backward ? "bwd" : "fwd") + " team=" + (p.team ? "1" : "0") +
+                  " row_blocks=" + std::to_string(p.row_blocks) + " bf16=" +
+                  (p.bf16 ? "1" : "0") + " w_ih=" + where(p.w_ih_in_place) +
+                  " w_hh=" + where(p.w_hh_in_place));
+  }
+  path_log.clear();
+  return out;
+}
+
 std::vector<Step> make_steps(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
                              bool reverse) {
   std::vector<Step> steps;

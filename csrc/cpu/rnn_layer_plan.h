@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -57,6 +58,20 @@ struct Workspace {
 bool w_ih_in_place(size_t chunks, int64_t rows, bool bf16);
 bool w_hh_in_place(size_t steps, int64_t batch, bool bf16);
 bool w_hh_in_place_backward(size_t steps, int64_t batch);  // fp32 products
+
+// Which loop and operands a layer call (forward or backward) ran, logged per thread for the
+// tests (seqkern_C::rnn_layer_cpu_paths returns and forgets this thread's calls since it last
+// asked, the newest kPathLog kept): the tests written for one path (team or row split,
+// weights packed or as given, bf16 products) assert that it ran, so that a change of threshold
+// cannot move them silently onto another. row_blocks: the row split's blocks (1: none, the
+// team loop or one block with each step's product parallel inside).
+struct LayerPath {
+  bool backward, team, bf16, w_ih_in_place, w_hh_in_place;
+  int64_t row_blocks;
+};
+void log_layer_path(const LayerPath& path);
+// "fwd team=1 row_blocks=1 bf16=0 w_ih=in_place w_hh=packed", one a call, oldest first.
+std::vector<std::string> take_layer_paths();
 
 // The steps of a layer in processing order (reverse: the last first) for a padded input
 // [T, B, I] or packed data with batch_sizes (rnn_layer_plan.cpp).
