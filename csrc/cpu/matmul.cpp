@@ -143,7 +143,7 @@ void tile_product(const TA* A, int64_t lda, const PackedRight& b, float* C, int6
   }
 }
 
-// keep_right's operand: W's rows [n0, n1) on this thread (fp32 A with an fp32, fp16 or bf16
+// keep_weight's operand: W's rows [n0, n1) on this thread (fp32 A with an fp32, fp16 or bf16
 // W; bf16 A with bf16 W).
 template <typename TA>
 void weight_rows_product(int64_t M, const TA* A, int64_t lda, const PackedRight& b,
@@ -244,18 +244,18 @@ void panel_matmul_raw(int64_t M, const at::BFloat16* A, int64_t lda, const Packe
   panel_product(M, A, lda, b, panel0, panels, C, ldc, accumulate, backwards);
 }
 
-bool keeps_right(const at::Tensor& b, bool bf16_products) {
-  const at::ScalarType t = b.scalar_type();
-  return b.dim() == 2 && row_major(b.t()) &&
+bool keeps_weight(const at::Tensor& w, bool bf16_products) {
+  const at::ScalarType t = w.scalar_type();
+  return w.dim() == 2 && row_major(w) &&
          (bf16_products ? t == at::kBFloat16
                         : t == at::kFloat || t == at::kHalf || t == at::kBFloat16);
 }
 
-PackedRight keep_right(const at::Tensor& b, bool bf16_products) {
-  TORCH_CHECK(keeps_right(b, bf16_products),
-              "keep_right: b must be W^T of a row-major fp32, fp16 or bf16 W (bf16 for bf16 "
+PackedRight keep_weight(const at::Tensor& w, bool bf16_products) {
+  TORCH_CHECK(keeps_weight(w, bf16_products),
+              "keep_weight: w must be a row-major fp32, fp16 or bf16 matrix (bf16 for bf16 "
               "products)");
-  PackedRight kept{b.t(), b.size(0), b.size(1)};
+  PackedRight kept{w, w.size(1), w.size(0)};
   kept.layout = PackedRight::Layout::kWeightRows;
   kept.bf16 = bf16_products;
   return kept;

@@ -28,12 +28,13 @@ struct PackedRight {
 };
 PackedRight pack_right(const at::Tensor& b);
 
-// b = W^T for a row-major fp32, fp16 or bf16 W [N, K], kept as W (Layout::kWeightRows), for
-// fp32 left operands or, with bf16_products, bf16 ones as pack_right_bf16's (a bf16 W only:
-// the op called directly may pair bf16 input with other weights, which packing rounds).
-// keeps_right: whether b can be kept so.
-bool keeps_right(const at::Tensor& b, bool bf16_products);
-PackedRight keep_right(const at::Tensor& b, bool bf16_products);
+// The right operand b = W^T of a row-major fp32, fp16 or bf16 W [N, K], kept as W itself
+// (Layout::kWeightRows), for fp32 left operands or, with bf16_products, bf16 ones as
+// pack_right_bf16's (a bf16 W only: the op called directly may pair bf16 input with other
+// weights, which packing rounds). keeps_weight: whether w can be kept so. Takes W, not W^T:
+// a decoding step calls this for two weights, and each transposed view cost ~1 us.
+bool keeps_weight(const at::Tensor& w, bool bf16_products);
+PackedRight keep_weight(const at::Tensor& w, bool bf16_products);
 
 // A row-major fp32 b [K, N], kept as it is (Layout::kRowMajor).
 PackedRight keep_rows(const at::Tensor& b);

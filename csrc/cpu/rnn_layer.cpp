@@ -62,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   // fp32 and bf16 products take a weight as given where it meets few rows
   // (rnn_layer_plan.cpp), otherwise packed (fp64: never kept).
   const auto right_operand = [&](const at::Tensor& w, bool as_given, bool* kept) {
-    *kept = as_given && keeps_right(w.t(), bf16);
-    if (*kept) return keep_right(w.t(), bf16);
+    *kept = as_given && keeps_weight(w, bf16);
+    if (*kept) return keep_weight(w, bf16);
     return bf16 ? pack_right_bf16(w.t()) : pack_right(as_compute(w, dt).t());
   };
   bool whh_kept = false, wih_kept = false;

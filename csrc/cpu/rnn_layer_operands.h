@@ -33,7 +33,7 @@ struct LayerOperands {
   // The products take bf16 operands (bf16_products_for): x, w_ih and w_hh are then bf16.
   // With prepare's weights_as_given, fp16 / bf16 w_ih and w_hh of fp32 products stay in
   // their dtype: the caller converts the ones it packs (as_compute) and reads the others as
-  // they are (keep_right).
+  // they are (keep_weight).
   bool bf16;
 };
 

@@ -52,7 +52,7 @@ struct Workspace {
   template <typename T> T* h_full(T* base) const { return base + h_full_offset(); }
 };
 
-// Whether a layer's weights are multiplied as given (keep_right, keep_rows) instead of packed
+// Whether a layer's weights are multiplied as given (keep_weight, keep_rows) instead of packed
 // into panels first (rnn_layer_plan.cpp), on fp32 or (bf16) bf16 products: W_ih, used once a
 // chunk of steps on its rows (the input projection, dx); W_hh, once a step on its live rows.
 bool w_ih_in_place(size_t chunks, int64_t rows, bool bf16);
