@@ -143,7 +143,7 @@ def kernel_dtypes_as_given(fn):
     2.3), as ATen's autocast wrappers do before they redispatch. A custom op's body runs
     with the caller's autocast state, so a backend's inner torch calls (the reference's
     products, a Triton layer's input projection) were autocast inside float32 ops."""
-    @functools.wraps(fn)  # custom_op reads the signature through __wrapped__
+    @functools.wraps(fn)  # infer_schema reads the signature through __wrapped__
     def as_given(*args, **kwargs):
         if not any_enabled():
             return fn(*args, **kwargs)

@@ -2,7 +2,7 @@
 the modules and functions run seqkern's reference (plain torch ops, which every transform
 supports) instead of the ops.
 
-torch's custom ops (torch.library.custom_op with register_autograd) support neither there:
+torch's custom ops (Python ops with torch.library.register_autograd) support neither there:
 torch.func.grad raised "In order to use an autograd.Function with functorch transforms ...
 it must override the setup_context staticmethod", and torch.func.jvp silently gave zero
 tangents through them (a wrong answer). The reference is slower but right; outside

@@ -22,6 +22,7 @@ from torch import Tensor
 from seqkern import backends, reference
 from seqkern.autocast import kernel_dtypes_as_given
 from seqkern.ops.outputs import strided_like_transposed, unviewed
+from seqkern.ops.registration import seqkern_op
 
 
 def _inputs(query, key, value, attn_mask, key_padding_mask, dropout_p, is_causal):
@@ -97,7 +98,7 @@ def check_attention_grads(query, value, grad_out, out, lse):
     check_lse(query, lse)
 
 
-@torch.library.custom_op("seqkern::attention_fwd", mutates_args=())
+@seqkern_op("attention_fwd")
 @kernel_dtypes_as_given
 def attention_fwd(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                   key_padding_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
@@ -121,7 +122,7 @@ def _attention_fwd_fake(query, key, value, attn_mask, key_padding_mask, dropout_
     return out, lse
 
 
-@torch.library.custom_op("seqkern::attention_bwd", mutates_args=())
+@seqkern_op("attention_bwd")
 @kernel_dtypes_as_given
 def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                   lse: Tensor, attn_mask: Optional[Tensor],
@@ -172,7 +173,7 @@ def _backward(ctx, grad_out, grad_lse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("seqkern::attention_weights", mutates_args=())
+@seqkern_op("attention_weights")
 @kernel_dtypes_as_given
 def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Optional[Tensor],
                       key_padding_mask: Optional[Tensor], is_causal: bool, scale: float,

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from seqkern import backends, reference
 from seqkern.autocast import kernel_dtypes_as_given
+from seqkern.ops.registration import seqkern_op
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -97,7 +98,7 @@ def _inputs(mode, input):
     return dict(device=input.device, dtype=input.dtype, mode=mode, input=input)
 
 
-@torch.library.custom_op("seqkern::rnn_cell_fwd", mutates_args=())
+@seqkern_op("rnn_cell_fwd")
 @kernel_dtypes_as_given
 def rnn_cell_fwd(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], w_ih: Tensor,
                  w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
@@ -118,7 +119,7 @@ def _rnn_cell_fwd_fake(mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
     return h, c, saved
 
 
-@torch.library.custom_op("seqkern::rnn_cell_bwd", mutates_args=())
+@seqkern_op("rnn_cell_bwd")
 @kernel_dtypes_as_given
 def rnn_cell_bwd(mode: str, grad_h: Tensor, grad_c: Optional[Tensor], input: Tensor,
                  hx: Tensor, cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, has_bias: bool,

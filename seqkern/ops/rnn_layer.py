@@ -20,6 +20,7 @@ from torch import Tensor
 from seqkern import backends
 from seqkern.autocast import kernel_dtypes_as_given
 from seqkern.ops.outputs import unviewed
+from seqkern.ops.registration import seqkern_op
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 
@@ -144,7 +145,7 @@ def workspace_producer(workspace):
     return backends.BACKENDS[name] if name is not None else None
 
 
-@torch.library.custom_op("seqkern::rnn_layer_fwd", mutates_args=())
+@seqkern_op("rnn_layer_fwd")
 @kernel_dtypes_as_given
 def rnn_layer_fwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor,
                   c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
@@ -172,7 +173,7 @@ def _rnn_layer_fwd_fake(mode, input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh
     return out, h0.new_empty(h0.shape), c_n, workspace
 
 
-@torch.library.custom_op("seqkern::rnn_layer_bwd", mutates_args=())
+@seqkern_op("rnn_layer_bwd")
 @kernel_dtypes_as_given
 def rnn_layer_bwd(mode: str, input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor,
                   c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
