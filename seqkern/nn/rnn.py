@@ -153,11 +153,12 @@ class _SeqkernRNNMixin(NotScriptable):
             x = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
-        hidden = torch.stack(h_n)
+        # (one layer and direction: a view of the op's own h_n, not a copy)
+        hidden = h_n[0].unsqueeze(0) if len(h_n) == 1 else torch.stack(h_n)
         if result is not None:  # under autocast: torch's result dtypes
             x, hidden = x.to(result), hidden.to(result)
         if lstm:
-            c_n = torch.stack(c_n)
+            c_n = c_n[0].unsqueeze(0) if len(c_n) == 1 else torch.stack(c_n)
             if cell_state_dtype is not None:
                 c_n = c_n.to(cell_state_dtype)
             hidden = (hidden, c_n)
