@@ -6,7 +6,10 @@ missing fence shows up only after many steps, so one sequence here is long. Hidd
 that do not fit on chip take the per-step fallback. The results are compared with the same
 layer run in float64 by the cpu backend.
 """
+import json
+import os
 import re
+import tempfile
 
 import pytest
 import torch
@@ -67,13 +70,24 @@ def test_hidden_size_past_the_persistent_kernel():
     _layer_against_cpu64("LSTM", T=20, B=3, I=64, H=2048, dtype=torch.float32)
 
 
-def _layer_kernels(cls, T, B, H, dtype, peer_dtype=None):
+def _layer_kernels(cls, T, B, H, dtype, peer_dtype=None, grids=None):
     """Checks the layer as _layer_against_cpu64 does and returns ({"fwd": {(batch tile, mma,
     units)}, "bwd": ...}, every kernel name) from the layer kernels' template arguments
-    (Cell, T, batch tile, Mma[, the backward's tensor-core units MU])."""
+    (Cell, T, batch tile, Mma[, the backward's tensor-core units MU]). grids: a dict to fill
+    with {"fwd": {blocks}, "bwd": ...}, the layer kernels' launch grids from the profiler's
+    trace (the CUDA-core kernels' units show only there: blocks = ceil(H / units))."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         _layer_against_cpu64(cls, T=T, B=B, I=64, H=H, dtype=dtype, peer_dtype=peer_dtype)
     names = {e.key for e in prof.key_averages()}
+    if grids is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+            with open(os.path.join(tmp, "trace.json")) as f:
+                events = json.load(f)["traceEvents"]
+        for d in ("fwd", "bwd"):
+            grids[d] = {e["args"]["grid"][0] for e in events
+                        if f"layer_{d}_kernel<" in e.get("name", "") and "grid" in e.get("args", {})}
+        assert grids["fwd"] and grids["bwd"], "the trace holds no layer kernel with its grid"
     found = {}
     for d in ("fwd", "bwd"):
         found[d] = set()
@@ -164,12 +178,15 @@ def test_wide_backward_blocks(monkeypatch, cls, T, B, H, dtype, prefetch):
     mma = dtype != torch.float32 or prefetch  # the fp32 TF32 case asks for tensor cores
     monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1" if mma else "0")
     monkeypatch.setenv("SEQKERN_CUDA_RNN_TF32", "1" if mma else "0")
-    found, _ = _layer_kernels(cls, T, B, H, dtype,
+    grids = {}
+    found, _ = _layer_kernels(cls, T, B, H, dtype, grids=grids,
                               peer_dtype=torch.bfloat16 if mma and dtype == torch.float32 else None)
     if mma:
         assert found["bwd"] == {(16, True, 16)}, found
-    else:  # the CUDA-core backward's units are not in its name: only that it ran
+        assert grids["bwd"] == {-(-H // 16)}, grids
+    else:  # CUDA-core blocks of 8 units (the planner's choice without wide: 4 at H512)
         assert {k for _, k, _ in found["bwd"]} == {False}, found
+        assert grids["bwd"] == {H // 8}, grids
 
 
 @pytest.mark.parametrize("dtype, B, mma, want", [

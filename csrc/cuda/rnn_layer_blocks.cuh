@@ -198,10 +198,12 @@ struct CellPair {
   }
   // Thread (u, bb) = (tid % units, tid / units): the unit fastest, so that a warp's accesses
   // to the step's [rows][H] tensors (input gates, states, outputs, workspace) are runs of
-  // consecutive units (4 or 8 of them: 4-8 sectors a warp), not 32 scattered elements.
-  __device__ void assign_units_fastest(const KernelArgs& a, int bt) {
+  // consecutive units (4, 8 or 16 of them: 4-8 sectors a warp), not 32 scattered elements.
+  // units: the block's hidden units (tensor-core blocks pass their compile-time count, which
+  // their weight slice's offset also uses, so the two cannot disagree).
+  __device__ void assign_units_fastest(const KernelArgs& a, int bt, int units) {
     const int tid = threadIdx.x;
-    bb = tid / a.units, u = tid - bb * a.units, j = blockIdx.x * a.units + u;
+    bb = tid / units, u = tid - bb * units, j = blockIdx.x * units + u;
     owner = bb < bt && j < a.H;
   }
 };
@@ -309,7 +311,7 @@ struct LaneBlock : CellPair {
     const int tid = threadIdx.x, lane = tid & 31;
     row = lane % RW, part = (tid >> 5) * LaneShape<BT>::KG + lane / RW;
     rs = red_stride(BT, a.units, R / a.units);
-    assign_units_fastest(a, BT);
+    assign_units_fastest(a, BT, a.units);
     __syncthreads();
   }
 
@@ -475,7 +477,7 @@ struct MmaBlock : CellPair {
     }
     const int warp = threadIdx.x >> 5;
     lane = threadIdx.x & 31, mt = warp % MT, kg = warp / MT;
-    assign_units_fastest(a, BT);
+    assign_units_fastest(a, BT, U);
     __syncthreads();
   }
 
