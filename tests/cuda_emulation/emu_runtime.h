@@ -262,9 +262,17 @@ inline void emu_run_blocks(dim3 grid, dim3 block, size_t smem, unsigned b0, unsi
   std::vector<std::unique_ptr<unsigned char[]>> mem(nb);
   std::vector<std::unique_ptr<std::barrier<>>> bars(nb);
   std::vector<std::unique_ptr<EmuWarp[]>> warps(nb);
+  // Past each block's smem bytes, a canary: a write beyond what the launch asked for (a plan
+  // that sized shared memory too small) is reported by block instead of corrupting the heap.
+  constexpr size_t kCanary = 4096;
+  constexpr unsigned char kCanaryByte = 0xa5;
+  const auto aligned = [](unsigned char* p) {
+    return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 15) / 16 * 16);
+  };
   for (unsigned b = 0; b < nb; ++b) {
-    mem[b].reset(new unsigned char[smem + 16]);
+    mem[b].reset(new unsigned char[smem + 16 + kCanary]);
     memset(mem[b].get(), 0xff, smem + 16);
+    memset(aligned(mem[b].get()) + smem, kCanaryByte, kCanary);
     bars[b] = std::make_unique<std::barrier<>>(nt);
     warps[b].reset(new EmuWarp[(nt + 31) / 32]);
   }
@@ -274,8 +282,7 @@ inline void emu_run_blocks(dim3 grid, dim3 block, size_t smem, unsigned b0, unsi
   pthread_attr_init(&attr);
   pthread_attr_setstacksize(&attr, 1 << 20);
   for (unsigned b = 0; b < nb; ++b) {
-    auto* base = reinterpret_cast<unsigned char*>(
-        (reinterpret_cast<uintptr_t>(mem[b].get()) + 15) / 16 * 16);
+    auto* base = aligned(mem[b].get());
     for (unsigned t = 0; t < nt; ++t) {
       EmuJob& j = jobs[size_t(b) * nt + t];
       j.t = {uint3{t, 0, 0}, uint3{b0 + b, 0, 0}, grid, block, base, bars[b].get(),
@@ -289,6 +296,16 @@ inline void emu_run_blocks(dim3 grid, dim3 block, size_t smem, unsigned b0, unsi
   }
   for (auto& th : threads) pthread_join(th, nullptr);
   pthread_attr_destroy(&attr);
+  for (unsigned b = 0; b < nb; ++b) {
+    const unsigned char* canary = aligned(mem[b].get()) + smem;
+    for (size_t i = 0; i < kCanary; ++i) {
+      if (canary[i] != kCanaryByte) {
+        fprintf(stderr, "emu: block %u wrote shared memory byte %zu, past the %zu bytes its "
+                "launch asked for\n", b0 + b, smem + i, smem);
+        exit(3);
+      }
+    }
+  }
 }
 inline void emu_run(dim3 grid, dim3 block, size_t smem, bool cooperative,
                     const std::function<void()>& body) {
