@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine with no network: build seqkern against the torch that is there,
 # check the CUDA kernels' riskiest parts, benchmark the recurrent layers (the open targets),
+# read their kernels' hardware counters (ncu), check them for shared-memory races,
 # run the whole test suite on the GPU (Triton compiled, cuda backend where built), the
 # attention tests with the Hopper path off, then the other benchmarks, and print a short
 # table last. Every stage has a time limit and the whole run a deadline (TOTAL_S), so a
@@ -20,7 +21,7 @@ rm -rf "$LOG"; mkdir -p "$LOG" "$OUT_DIR"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # Hopper only unless told otherwise: half the nvcc work of the default 80;90a.
 export SEQKERN_CUDA_ARCHS=${SEQKERN_CUDA_ARCHS:-90a}
-STAGES=${STAGES:-"build cuda_risky racecheck bench_layers profile ncu tests sm80 bench_more"}
+STAGES=${STAGES:-"build cuda_risky bench_layers ncu racecheck profile tests sm80 bench_more"}
 START=$(date +%s)
 TOTAL_S=${TOTAL_S:-520}
 declare -A RC
@@ -81,9 +82,6 @@ $PY -c "import xdist" 2>/dev/null && XDIST=(-n "${WORKERS:-8}")
 export SEQKERN_TEST_DEVICE=cuda
 
 stage cuda_risky 150 "${PYTEST[@]}" tests/test_cuda_backend.py
-# Shared-memory hazards in the layer kernels (cp.async staging, tensor-core tiles).
-stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 \
-  $PY bench/sanitize_rnn.py
 
 BENCH=($PY -m pytest -q -s -p no:cacheprovider)
 # Issue 5's GPU targets first: small batch, fastrnns training, packed; decoding steps (mid-batch skipped).
@@ -92,14 +90,17 @@ BENCH=($PY -m pytest -q -s -p no:cacheprovider)
 # LSTM proj_size, which on a GPU runs on triton: fp32 inference and the step on data)
 stage bench_layers 170 "${BENCH[@]}" bench/test_rnn_layer_bench.py \
   -k "${LAYER_K:-not triton and not mid-batch and not projection and not (train-data and (packed or B1 or B8))}"
-# Where the layer and cell time goes (kernels vs host), cuda / triton / torch side by side.
-TAIL=30 stage profile 60 $PY bench/gpu_profile.py
 # Why a step takes what it does: Nsight Compute's counters of one forward and one backward
 # recurrence (LSTM fastrnns training, bf16 and fp32), stall reasons first (bench/ncu_rnn.py).
 NCU=(ncu --clock-control none --profile-from-start off -k regex:layer_ --section SpeedOfLight
      --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats
      --section Occupancy --section SourceCounters)
 TAIL=12 stage ncu 90 "${NCU[@]}" $PY bench/ncu_rnn.py
+# Shared-memory hazards in the layer kernels (cp.async staging, tensor-core tiles).
+stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 --print-limit 20 \
+  $PY bench/sanitize_rnn.py
+# Where the layer and cell time goes (kernels vs host), cuda / triton / torch side by side.
+TAIL=30 stage profile 60 $PY bench/gpu_profile.py
 stage tests 200 "${PYTEST[@]}" "${XDIST[@]}" tests/ -m "not cuda_emulation" \
   --ignore=tests/test_cuda_backend.py -k "${TESTS_K:-}"
 stage sm80 60 env SEQKERN_CUDA_SM90=0 "${PYTEST[@]}" "${XDIST[@]}" tests/test_attention.py -k cuda
