@@ -3,8 +3,9 @@
 The same registration as torch.library.custom_op (the schema inferred from the body's type
 hints by torch.library.infer_schema, the body as the op's CompositeExplicitAutograd kernel,
 `.register_fake` and `.register_autograd`), without custom_op's per-call wrapper: its
-backend_impl re-checked every call's outputs for aliasing in Python, which cost ~8 us of a
-~60 us decoding-step call (RNN H256 T1 B1 on the CPU: the C++ kernel itself ~20 us). The
+backend_impl re-checked every call's outputs for aliasing in Python: the op alone took 58.9 us
+a decoding-step call with it and 53.1 us without (RNN H256 T1 B1 on the CPU, the C++ kernel
+itself ~20 us; bench/RESULTS.md, "a decoding step's fixed cost"). The
 aliasing rule still holds (every body returns tensors of its own: seqkern/ops/outputs.py) and
 torch.library.opcheck checks it in the tests. As custom_op does, the body runs with dynamo
 disabled: it is a kernel, which torch.compile treats as one op through its fake.
