@@ -36,8 +36,46 @@ class SeqkernOp:
         return fake
 
     def register_autograd(self, backward, setup_context):
-        torch.library.register_autograd(self.qualname, backward, setup_context=setup_context,
-                                        lib=_LIBRARY)
+        """backward(ctx, *grads) -> a gradient (or None) per argument; setup_context(ctx,
+        inputs, output) saves what it needs. The op's Autograd kernel, as
+        torch.library.register_autograd makes it, but for one step: torch's forward passed
+        setup_context the arguments completed with their defaults by
+        torch._library.utils.fill_defaults, which rebuilds the schema's argument list twice an
+        argument (44 us a call for the layer op's 12 arguments, in every call that records a
+        graph: a decoding or cell step without torch.no_grad). Here the defaults are read
+        once."""
+        op, name = self.default, self.qualname.split("::")[1]
+        defaults = tuple(a.default_value for a in op._schema.arguments)
+        below_autograd = torch._C._after_autograd_keyset
+
+        def forward(ctx, *args):
+            keyset, args = args[-1], args[:-1]  # the dispatch keys: an argument of apply
+            with torch._C._AutoDispatchBelowAutograd():
+                output = op.redispatch(keyset & below_autograd, *args)
+            # The dispatcher drops trailing arguments equal to their defaults.
+            setup_context(ctx, args + defaults[len(args):], output)
+            return output
+
+        def backward_of_apply(ctx, *grads):
+            needs = ctx.needs_input_grad
+            ctx.needs_input_grad = needs[:-1]  # the op's arguments only, not the keys
+            try:
+                grads_in = backward(ctx, *grads)
+            finally:
+                ctx.needs_input_grad = needs
+            return (*grads_in, None) if isinstance(grads_in, tuple) else (grads_in, None)
+
+        function = type(f"SeqkernBackward_{name}", (torch.autograd.Function,),
+                        {"forward": staticmethod(forward),
+                         "backward": staticmethod(backward_of_apply)})
+
+        def autograd_kernel(keyset, *args):
+            if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+                return function.apply(*args, keyset)
+            with torch._C._AutoDispatchBelowAutograd():
+                return op.redispatch(keyset & below_autograd, *args)
+
+        _LIBRARY.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
 def seqkern_op(name):
