@@ -2,7 +2,8 @@
 
 The same registration as torch.library.custom_op (the schema inferred from the body's type
 hints by torch.library.infer_schema, the body as the op's CompositeExplicitAutograd kernel,
-`.register_fake` and `.register_autograd`), without custom_op's per-call wrapper: its
+`.register_fake` and `.register_autograd`, see there for its own saving), without
+custom_op's per-call wrapper: its
 backend_impl re-checked every call's outputs for aliasing in Python: the op alone took 58.9 us
 a decoding-step call with it and 53.1 us without (RNN H256 T1 B1 on the CPU, the C++ kernel
 itself ~20 us; bench/RESULTS.md, "a decoding step's fixed cost"). The
