@@ -25,6 +25,7 @@ struct PackedRight {
   // `panels` is an fp32 b [K, N] itself (row-major), which brgemm reads through its row
   // stride.
   enum class Layout { kPanels, kWeightRows, kRowMajor } layout = Layout::kPanels;
+  bool as_given() const { return layout != Layout::kPanels; }  // kept, not packed
 };
 PackedRight pack_right(const at::Tensor& b);
 

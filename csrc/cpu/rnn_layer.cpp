@@ -61,15 +61,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
       step_chunks(steps, G * H * int64_t(at::elementSize(dt)), kProjectionChunkBytes);
   // fp32 and bf16 products take a weight as given where it meets few rows
   // (rnn_layer_plan.cpp), otherwise packed (fp64: never kept).
-  const auto right_operand = [&](const at::Tensor& w, bool as_given, bool* kept) {
-    *kept = as_given && keeps_weight(w, bf16);
-    if (*kept) return keep_weight(w, bf16);
+  const auto right_operand = [&](const at::Tensor& w, bool as_given) {
+    if (as_given && keeps_weight(w, bf16)) return keep_weight(w, bf16);
     return bf16 ? pack_right_bf16(w.t()) : pack_right(as_compute(w, dt).t());
   };
-  bool whh_kept = false, wih_kept = false;
   // [P, G*H]: the step product's right operand
-  const PackedRight whh_t =
-      right_operand(whh, w_hh_in_place(steps.size(), h0.size(0), bf16), &whh_kept);
+  const PackedRight whh_t = right_operand(whh, w_hh_in_place(steps.size(), h0.size(0), bf16));
   // [H, P]: h = h_full W_hr^T after the cell (LSTM proj_size)
   const PackedRight whr_t = proj ? pack_right(ops.w_hr.t()) : PackedRight{};
   // LSTM and RNN add both biases with the input projection; GRU keeps b_hh with h W_hh^T
@@ -81,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
     else bias_x = *bias_x + as_compute(*b_hh, dt);
   }
   // [I, G*H]: used once a chunk
-  const PackedRight wih_t = right_operand(wih, w_ih_in_place(chunks.size(), N, bf16), &wih_kept);
+  const PackedRight wih_t = right_operand(wih, w_ih_in_place(chunks.size(), N, bf16));
   // bf16: x is the projection's left operand as given (prepare), and the state, rounded, the
   // step product's, in two buffers (the team's step i reads the one step i - 1 wrote).
   at::Tensor h = h0.to(dt).clone(at::MemoryFormat::Contiguous);
@@ -107,7 +104,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   // Small batches: hidden units split over a team of threads (rnn_layer_team.h), the state in
   // two buffers, h and h_other, step i reading the one written by step i - 1.
   const bool team = use_team(dt == at::kFloat, proj, h.size(0), H);
-  log_layer_path({false, team, bf16, wih_kept, whh_kept, team ? 1 : int64_t(blocks.size())});
+  log_layer_path({false, team, bf16, wih_t.as_given(), whh_t.as_given(),
+                  team ? 1 : int64_t(blocks.size())});
   at::Tensor h_other = team ? h.clone() : at::Tensor();
   at::Tensor h_bf16[2];
   if (bf16) {

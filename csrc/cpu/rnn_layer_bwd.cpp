@@ -145,7 +145,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
                                  : wih_as_given ? keep_rows(wih)
                                                 : pack_right(wih);
   const bool team = use_team(dt == at::kFloat, proj, dh.size(0), H);
-  log_layer_path({true, team, bf16, wih_as_given && needs.input, whh_as_given,
+  log_layer_path({true, team, bf16, wih_packed.as_given(), whh_packed.as_given(),
                   team ? 1 : int64_t(blocks.size())});
   TeamBackward team_args{};  // float32 only; its chunk is set per chunk
   if (team) {

@@ -19,6 +19,7 @@
 // so only the gate gradients cross blocks.
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -357,10 +358,17 @@ const void* kernel_ptr(bool backward, int bt, bool mma = false, bool wide = fals
   return pick(&layer_fwd_kernel<Cell, T, 8, false>, &layer_bwd_kernel<Cell, T, 8, false>);
 }
 
+// A SEQKERN_CUDA_RNN_<name> switch, read at every plan: 1 or 0 where it starts with '1' or
+// '0', -1 where it is unset (the default decides).
+int rnn_switch(const char* name) {
+  const std::string var = std::string("SEQKERN_CUDA_RNN_") + name;
+  const char* v = std::getenv(var.c_str());
+  return v && v[0] == '1' ? 1 : v && v[0] == '0' ? 0 : -1;
+}
+
 bool use_lanes(const LayerProblem& p, bool backward) {
-  const char* v = std::getenv("SEQKERN_CUDA_RNN_LANES");
-  if (v && v[0] == '1') return p.batch >= kLaneMinBatch;
-  if (v && v[0] == '0') return false;
+  const int lanes = rnn_switch("LANES");
+  if (lanes >= 0) return lanes == 1 && p.batch >= kLaneMinBatch;
   return !backward && p.batch >= kLaneDefaultMinBatch;
 }
 
@@ -431,22 +439,16 @@ bool lane_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Laye
 // without it; these blocks 6.3e-5).
 template <typename T>
 bool use_mma(const LayerProblem& p) {
-  const char* v = std::getenv("SEQKERN_CUDA_RNN_MMA");
-  if (v && v[0] == '0') return false;
-  const bool asked = v && v[0] == '1';
-  if constexpr (std::is_same_v<T, float>) {
-    const char* tf32 = std::getenv("SEQKERN_CUDA_RNN_TF32");
-    return asked && tf32 && tf32[0] == '1';
-  }
+  const int mma = rnn_switch("MMA");
+  if (mma == 0) return false;
+  const bool asked = mma == 1;
+  if constexpr (std::is_same_v<T, float>) return asked && rnn_switch("TF32") == 1;
   return asked || p.batch >= kMmaDefaultMinBatch;
 }
 
 // Tensor-core blocks with two staging buffers (MmaBlock's a.prefetch), opt-in until timed on
 // a GPU: SEQKERN_CUDA_RNN_PREFETCH=1.
-bool use_prefetch() {
-  const char* v = std::getenv("SEQKERN_CUDA_RNN_PREFETCH");
-  return v && v[0] == '1';
-}
+bool use_prefetch() { return rnn_switch("PREFETCH") == 1; }
 
 // Wider backward blocks, opt-in until timed on a GPU: SEQKERN_CUDA_RNN_WIDE=1. Every block
 // stages the whole step's gate gradients (B x G*H: 256 KB bf16, 512 KB fp32 at B64 H512) each
@@ -455,10 +457,7 @@ bool use_prefetch() {
 // default at B64: 64 MB a phase, ~12 us of the H100's L2 bandwidth). Wide: tensor-core blocks
 // of kMmaUnitsWide units in 16-row passes (the tile full, half the blocks, twice the passes),
 // CUDA-core blocks of at least 8 units.
-bool use_wide() {
-  const char* v = std::getenv("SEQKERN_CUDA_RNN_WIDE");
-  return v && v[0] == '1';
-}
+bool use_wide() { return rnn_switch("WIDE") == 1; }
 
 // A persistent tensor-core plan: kMmaUnits units a block (the backward's wide blocks:
 // kMmaUnitsWide), 16 or 32 batch rows a pass (wide: 16), the weight slice whole in shared

@@ -3,13 +3,13 @@
 The same registration as torch.library.custom_op (the schema inferred from the body's type
 hints by torch.library.infer_schema, the body as the op's CompositeExplicitAutograd kernel,
 `.register_fake` and `.register_autograd`, see there for its own saving), without
-custom_op's per-call wrapper: its
-backend_impl re-checked every call's outputs for aliasing in Python: the op alone took 58.9 us
-a decoding-step call with it and 53.1 us without (RNN H256 T1 B1 on the CPU, the C++ kernel
-itself ~20 us; bench/RESULTS.md, "a decoding step's fixed cost"). The
-aliasing rule still holds (every body returns tensors of its own: seqkern/ops/outputs.py) and
-torch.library.opcheck checks it in the tests. As custom_op does, the body runs with dynamo
-disabled: it is a kernel, which torch.compile treats as one op through its fake.
+custom_op's per-call wrapper, whose backend_impl re-checked every call's outputs for aliasing
+in Python: the op alone took 58.9 us a decoding-step call with it and 53.1 us without (RNN
+H256 T1 B1 on the CPU, the C++ kernel itself ~20 us; bench/RESULTS.md, "a decoding step's
+fixed cost"). The aliasing rule still holds (every body returns tensors of its own:
+seqkern/ops/outputs.py) and torch.library.opcheck checks it in the tests. As custom_op does,
+the body runs with dynamo disabled: it is a kernel, which torch.compile treats as one op
+through its fake.
 """
 import torch
 
@@ -23,7 +23,7 @@ class SeqkernOp:
         schema = torch.library.infer_schema(body, mutates_args=())
         _LIBRARY.define(name + schema)
         _LIBRARY.impl(name, torch._disable_dynamo(body), "CompositeExplicitAutograd")
-        self.qualname = f"seqkern::{name}"
+        self.name, self.qualname = name, f"seqkern::{name}"
         self.default = getattr(torch.ops.seqkern, name).default  # the OpOverload
         self.__doc__, self.__wrapped__ = body.__doc__, body
 
@@ -45,14 +45,16 @@ class SeqkernOp:
         argument (44 us a call for the layer op's 12 arguments, in every call that records a
         graph: a decoding or cell step without torch.no_grad). Here the defaults are read
         once."""
-        op, name = self.default, self.qualname.split("::")[1]
+        op = self.default
         defaults = tuple(a.default_value for a in op._schema.arguments)
-        below_autograd = torch._C._after_autograd_keyset
+
+        def below_autograd(keyset, args):  # the op's CompositeExplicitAutograd kernel
+            with torch._C._AutoDispatchBelowAutograd():
+                return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
         def forward(ctx, *args):
             keyset, args = args[-1], args[:-1]  # the dispatch keys: an argument of apply
-            with torch._C._AutoDispatchBelowAutograd():
-                output = op.redispatch(keyset & below_autograd, *args)
+            output = below_autograd(keyset, args)
             # The dispatcher drops trailing arguments equal to their defaults.
             setup_context(ctx, args + defaults[len(args):], output)
             return output
@@ -66,17 +68,16 @@ class SeqkernOp:
                 ctx.needs_input_grad = needs
             return (*grads_in, None) if isinstance(grads_in, tuple) else (grads_in, None)
 
-        function = type(f"SeqkernBackward_{name}", (torch.autograd.Function,),
+        function = type(f"SeqkernBackward_{self.name}", (torch.autograd.Function,),
                         {"forward": staticmethod(forward),
                          "backward": staticmethod(backward_of_apply)})
 
         def autograd_kernel(keyset, *args):
             if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
                 return function.apply(*args, keyset)
-            with torch._C._AutoDispatchBelowAutograd():
-                return op.redispatch(keyset & below_autograd, *args)
+            return below_autograd(keyset, args)
 
-        _LIBRARY.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+        _LIBRARY.impl(self.name, autograd_kernel, "Autograd", with_keyset=True)
 
 
 def seqkern_op(name):
