@@ -16,7 +16,7 @@ PY := $(PYTHON)
 DEPS :=
 endif
 
-.PHONY: test bench install cuda-check triton-check info clean
+.PHONY: test bench install cuda-check triton-check gpu-torch-check info clean
 
 .venv/.deps-installed:
 	test -x .venv/bin/python || python3 -m venv .venv
@@ -59,6 +59,32 @@ triton-check: install
 	test -d build-triton-gpu/triton || \
 	  $(PY) -m pip install -q --no-deps --target build-triton-gpu "$(TRITON_GPU)"
 	PYTHONPATH=build-triton-gpu $(PY) .ci/triton_compile.py --jobs $${MAX_JOBS:-2}
+
+# Before a GPU run, on the CPU: seqkern built and linked against the GPU machine's torch
+# ($(TORCH_GPU), a CUDA build: about 3 GB from PyPI into .venv-torch-gpu/), its CUDA kernels
+# and torch binding included, then the suite on CPU tensors there (the op registration,
+# torch.compile and the modules on that torch). A copy of the working tree is built
+# (.venv-torch-gpu/src), so this checkout's seqkern._C stays as it is. CUDA_HOME: nvcc's
+# toolkit; the headers torch's CUDA headers include that it lacks (cuBLAS, cuSPARSE, ...)
+# come from that torch's nvidia packages. The Triton tests are left out: the GPU machine
+# compiles Triton kernels, and triton 3.6's interpreter fails beside numpy 2.4.
+TORCH_GPU ?= torch==2.11.0
+GPU_VENV := .venv-torch-gpu
+GPU_CUDA_HOME ?= /usr/local/cuda
+gpu-torch-check:
+	test -x $(GPU_VENV)/bin/python || python3 -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q "$(TORCH_GPU)" pytest numpy expecttest \
+	  setuptools wheel ninja
+	rm -rf $(GPU_VENV)/cuda-extra $(GPU_VENV)/src && mkdir -p $(GPU_VENV)/cuda-extra $(GPU_VENV)/src
+	for f in $(GPU_VENV)/lib/python3*/site-packages/nvidia/cu*/include/*; do \
+	  test -e "$(GPU_CUDA_HOME)/include/$$(basename $$f)" || \
+	  ln -s "$$(realpath $$f)" $(GPU_VENV)/cuda-extra/; done
+	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(GPU_VENV)/src
+	cd $(GPU_VENV)/src && CUDA_HOME=$(GPU_CUDA_HOME) PATH="$(GPU_CUDA_HOME)/bin:$$PATH" \
+	  CPATH=$(CURDIR)/$(GPU_VENV)/cuda-extra SEQKERN_CUDA_ARCHS=90a \
+	  ../bin/python -m pip install -q -e . --no-build-isolation --no-deps
+	cd $(GPU_VENV)/src && ../bin/python -m seqkern.info && ../bin/python -m pytest tests/ -q \
+	  -m "not cuda_emulation" -k "not triton" -p no:cacheprovider
 
 clean:
 	rm -rf build build-cmake build-triton-gpu *.egg-info seqkern/_C*.so
