@@ -219,7 +219,7 @@ def test_cuda_backend_mirrors_what_its_kernels_handle(monkeypatch):
     """The cuda backend's rules, as if a CUDA build and GPU were present: what it refuses
     goes to triton with the reason instead of failing inside the C++ binding."""
     cuda = BACKENDS["cuda"]
-    monkeypatch.setattr(cuda, "availability", lambda device: [])
+    monkeypatch.setattr(cuda, "availability", lambda device, index=None: [])
     present = {"attention_fwd", "attention_bwd", "rnn_cell_fwd", "rnn_cell_gate_grads",
                "rnn_layer_fwd", "rnn_layer_bwd"}
     monkeypatch.setattr(cuda, "has_cuda_kernel", lambda name: name in present)

@@ -27,6 +27,47 @@ def test_opcheck_layer_ops():
 
 
 @pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("grad", [False, True])
+def test_autograd_kernel_calls_the_kernel_for_plain_tensors_only(grad, monkeypatch):
+    """The ops' Autograd kernel calls their kernel itself where the dispatcher would go next
+    to it (seqkern/ops/registration.py): for plain tensors no redispatch, while under a
+    dispatch mode (as for tensor subclasses and functionalization) the dispatcher's
+    redispatch runs and the mode sees the op; with and without a graph, the same result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    redispatched = []
+    redispatch = torch._ops.OpOverload.redispatch
+
+    def counted(op, keyset, *args, **kwargs):
+        redispatched.append((str(op), keyset))
+        return redispatch(op, keyset, *args, **kwargs)
+
+    monkeypatch.setattr(torch._ops.OpOverload, "redispatch", counted)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ours, peer = module_pair("GRU", input_size=3, hidden_size=5)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, device=DEVICE)
+    with torch.set_grad_enabled(grad):
+        plain = ours(x)[0]
+        assert not redispatched
+        with Seen() as seen:
+            moded = ours(x)[0]
+    assert "seqkern.rnn_layer_fwd.default" in seen.ops, seen.ops
+    assert [op for op, _ in redispatched] == ["seqkern.rnn_layer_fwd.default"]
+    expected = peer(x)[0]
+    assert_close("output", plain, expected)
+    assert_close("output under a dispatch mode", moded, expected)
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
 def test_gradcheck_and_double_backward(mode):
     G = {"LSTM": 4, "GRU": 3}.get(mode, 1)

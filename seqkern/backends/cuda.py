@@ -9,6 +9,8 @@ the Hopper path off); cells and layers in fp16/bf16/fp32, layers with G*H <= 327
 persistent cooperative kernel keeping W_hh in shared memory when it fits on the GPU, one
 launch per step otherwise). attention_weights has no CUDA kernel: triton computes it.
 """
+import functools
+
 import torch
 
 from seqkern import _extension
@@ -37,22 +39,42 @@ MAX_HEAD_DIM = 256
 MAX_LAYER_GATE_ROWS = 32768
 
 
-def availability(device):
+# What the build, the kernels registered and a GPU's capability allow is fixed for the
+# process, so each is asked once (functools.cache): asked on every op call, they cost a GPU
+# call of the op about 10 us of host time before its kernels (bench/RESULTS.md, "a decoding
+# step's fixed cost").
+@functools.cache
+def _build_reasons():
     if not _extension.available():
-        return [f"seqkern._C is not built or failed to load ({_extension.load_error})"]
+        return (f"seqkern._C is not built or failed to load ({_extension.load_error})",)
     info = _extension.build_info() or {}
     if not info.get("cuda_archs"):
-        return ["seqkern._C was built without CUDA kernels (torch without CUDA, "
-                "SEQKERN_SKIP_CUDA_BUILD=1, or no nvcc)"]
+        return ("seqkern._C was built without CUDA kernels (torch without CUDA, "
+                "SEQKERN_SKIP_CUDA_BUILD=1, or no nvcc)",)
+    return ()
+
+
+@functools.cache
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def availability(device, index=None):
+    """Why the cuda backend cannot run on `device` (a device type; index: the GPU's, None
+    for the current one), or []."""
+    reasons = list(_build_reasons())
+    if reasons:
+        return reasons
     if device != "cuda":
         return [f"runs on CUDA tensors only, got {device} tensors"]
-    capability = torch.cuda.get_device_capability()
+    capability = _capability(torch.cuda.current_device() if index is None else index)
     if capability < (8, 0):
         return [f"needs compute capability 8.0 or newer (mma.sync, cp.async), this GPU has "
                 f"{capability[0]}.{capability[1]}"]
     return []
 
 
+@functools.cache
 def has_cuda_kernel(entry_point):
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"seqkern_C::{entry_point}", "CUDA")
 
@@ -68,7 +90,8 @@ def _attention_reasons(inputs):
 
 
 def not_supported_reasons(op, inputs):
-    reasons = availability(inputs["device"].type)
+    device = inputs["device"]
+    reasons = availability(device.type, device.index)
     if reasons:
         return reasons
     missing = [name for name in ENTRY_POINTS.get(op, (op,)) if not has_cuda_kernel(name)]

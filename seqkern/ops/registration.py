@@ -16,13 +16,26 @@ import torch
 _LIBRARY = torch.library.Library("seqkern", "FRAGMENT")
 
 
+# The keys below autograd that an Autograd kernel is given for plain CPU or CUDA tensors
+# (all on one device type, no tensor subclass, no dispatch mode, no functionalization):
+# the backend's alone, ADInplaceOrView (a fallthrough) with it or not. There the
+# dispatcher's next stop is the CompositeExplicitAutograd kernel, which the Autograd kernel
+# then calls itself.
+_DENSE_KEYSETS = frozenset(
+    keys.raw_repr()
+    for backend in (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA)
+    for keys in (torch._C.DispatchKeySet(backend),
+                 torch._C.DispatchKeySet(backend).add(torch._C.DispatchKey.ADInplaceOrView)))
+
+
 class SeqkernOp:
     """seqkern::<name>, callable like the function it was made from."""
 
     def __init__(self, name, body):
         schema = torch.library.infer_schema(body, mutates_args=())
         _LIBRARY.define(name + schema)
-        _LIBRARY.impl(name, torch._disable_dynamo(body), "CompositeExplicitAutograd")
+        self.kernel = torch._disable_dynamo(body)
+        _LIBRARY.impl(name, self.kernel, "CompositeExplicitAutograd")
         self.name, self.qualname = name, f"seqkern::{name}"
         self.default = getattr(torch.ops.seqkern, name).default  # the OpOverload
         self.__doc__, self.__wrapped__ = body.__doc__, body
@@ -45,12 +58,18 @@ class SeqkernOp:
         argument (44 us a call for the layer op's 12 arguments, in every call that records a
         graph: a decoding or cell step without torch.no_grad). Here the defaults are read
         once."""
-        op = self.default
+        op, kernel = self.default, self.kernel
         defaults = tuple(a.default_value for a in op._schema.arguments)
 
         def below_autograd(keyset, args):  # the op's CompositeExplicitAutograd kernel
+            below = keyset & torch._C._after_autograd_keyset
             with torch._C._AutoDispatchBelowAutograd():
-                return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+                if below.raw_repr() in _DENSE_KEYSETS:
+                    # Where the dispatcher would go: the kernel itself, without the round
+                    # trip of every argument through it (bench/RESULTS.md, "a decoding
+                    # step's fixed cost").
+                    return kernel(*args)
+                return op.redispatch(below, *args)
 
         def forward(ctx, *args):
             keyset, args = args[-1], args[:-1]  # the dispatch keys: an argument of apply
