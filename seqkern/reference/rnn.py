@@ -14,21 +14,19 @@ also what the modules run under torch.func transforms (seqkern/transforms.py).
 import torch
 import torch.nn.functional as F
 
+from seqkern.autocast import cast
+
 
 def accumulation_dtype(dtype):
     """fp32 for fp16 / bf16, else dtype itself."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _to(dtype, *tensors):
-    return [t if t is None else t.to(dtype) for t in tensors]
-
-
 def lstm_cell(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One LSTM step. Returns (h' [B, H], c' [B, H])."""
     acc = accumulation_dtype(input.dtype)
     if acc != input.dtype:
-        h, c = lstm_cell(*_to(acc, input, hx, cx, w_ih, w_hh, b_ih, b_hh))
+        h, c = lstm_cell(*cast((input, hx, cx, w_ih, w_hh, b_ih, b_hh), acc))
         return h.to(input.dtype), c.to(input.dtype)
     gates = F.linear(input, w_ih, b_ih) + F.linear(hx, w_hh, b_hh)
     i, f, g, o = gates.chunk(4, dim=-1)
@@ -41,7 +39,7 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """One GRU step. Returns h' [B, H]."""
     acc = accumulation_dtype(input.dtype)
     if acc != input.dtype:
-        return gru_cell(*_to(acc, input, hx, w_ih, w_hh, b_ih, b_hh)).to(input.dtype)
+        return gru_cell(*cast((input, hx, w_ih, w_hh, b_ih, b_hh), acc)).to(input.dtype)
     gi_r, gi_z, gi_n = F.linear(input, w_ih, b_ih).chunk(3, dim=-1)
     gh_r, gh_z, gh_n = F.linear(hx, w_hh, b_hh).chunk(3, dim=-1)
     r = torch.sigmoid(gi_r + gh_r)
@@ -54,7 +52,7 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
     """One vanilla RNN step. Returns h' [B, H]."""
     acc = accumulation_dtype(input.dtype)
     if acc != input.dtype:
-        return rnn_cell(*_to(acc, input, hx, w_ih, w_hh, b_ih, b_hh),
+        return rnn_cell(*cast((input, hx, w_ih, w_hh, b_ih, b_hh), acc),
                         nonlinearity).to(input.dtype)
     pre = F.linear(input, w_ih, b_ih) + F.linear(hx, w_hh, b_hh)
     if nonlinearity == "tanh":
@@ -81,10 +79,10 @@ def recurrent_layer(mode, input, h0, weights, c0=None, reverse=False, w_hr=None,
     """
     acc = accumulation_dtype(input.dtype)
     if acc != input.dtype:
-        outs = recurrent_layer(mode, *_to(acc, input, h0), _to(acc, *weights),
-                               *_to(acc, c0), reverse, *_to(acc, w_hr), nonlinearity,
+        outs = recurrent_layer(mode, *cast((input, h0), acc), cast(weights, acc),
+                               *cast((c0,), acc), reverse, *cast((w_hr,), acc), nonlinearity,
                                batch_sizes)
-        return tuple(_to(input.dtype, *outs))
+        return tuple(cast(outs, input.dtype))
     w_ih, w_hh, b_ih, b_hh = weights
     if batch_sizes is None:
         steps = [input[t] for t in range(input.shape[0])]
