@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine with no network: build seqkern against the torch that is there,
 # check the CUDA kernels' riskiest parts, benchmark the recurrent layers (the open targets),
-# read their kernels' hardware counters (ncu), check them for shared-memory races,
+# read their kernels' hardware counters (ncu), check them for shared-memory races, profile
+# them and a one-step call's host time layer by layer (bench/host_overhead.py),
 # run the whole test suite on the GPU (Triton compiled, cuda backend where built), the
 # attention tests with the Hopper path off, then the other benchmarks, and print a short
 # table last. Every stage has a time limit and the whole run a deadline (TOTAL_S), so a
@@ -21,7 +22,7 @@ rm -rf "$LOG"; mkdir -p "$LOG" "$OUT_DIR"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 # Hopper only unless told otherwise: half the nvcc work of the default 80;90a.
 export SEQKERN_CUDA_ARCHS=${SEQKERN_CUDA_ARCHS:-90a}
-STAGES=${STAGES:-"build cuda_risky bench_layers ncu racecheck profile tests sm80 bench_more"}
+STAGES=${STAGES:-"build cuda_risky bench_layers ncu racecheck profile host tests sm80 bench_more"}
 START=$(date +%s)
 TOTAL_S=${TOTAL_S:-520}
 declare -A RC
@@ -101,6 +102,9 @@ stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 --print
   $PY bench/sanitize_rnn.py
 # Where the layer and cell time goes (kernels vs host), cuda / triton / torch side by side.
 TAIL=30 stage profile 60 $PY bench/gpu_profile.py
+# A one-step call's host time, layer by layer of the stack (module, op, body, entry point),
+# beside torch's module: what the cells' 150-300 us of host time are made of.
+TAIL=28 stage host 45 $PY bench/host_overhead.py
 stage tests 200 "${PYTEST[@]}" "${XDIST[@]}" tests/ -m "not cuda_emulation" \
   --ignore=tests/test_cuda_backend.py -k "${TESTS_K:-}"
 stage sm80 60 env SEQKERN_CUDA_SM90=0 "${PYTEST[@]}" "${XDIST[@]}" tests/test_attention.py -k cuda

@@ -99,3 +99,22 @@ def test_layer_bench_variant_env_sets_its_own_switches_and_restores(monkeypatch)
         assert not any(k in os.environ for names in bench.VARIANT_ENV.values() for k in names)
     assert os.environ.get("SEQKERN_CUDA_RNN_MMA") == "1"
     assert "SEQKERN_RNN_PROJ_VIA_PLAIN" not in os.environ
+
+
+def test_host_overhead_script_times_every_layer_of_the_stack(capsys):
+    """bench/host_overhead.py (gpu_check.sh's `host` stage) on the CPU, one case, few calls:
+    a row per graph mode with a time for each column, the backend named."""
+    from seqkern.backends import BACKENDS
+    if BACKENDS["cpu"].availability("cpu"):
+        pytest.skip("seqkern._C not built")
+    spec = importlib.util.spec_from_file_location(
+        "host_overhead", os.path.join(os.path.dirname(_CONFTEST), "host_overhead.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--calls", "3", "--rounds", "1", "--cases", "GRUCell"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cpu")]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "cpu float32 GRUCell B1 H256 (cpu)", "cpu float32 GRUCell B1 H256 (cpu, grad)"]
+    for row in rows:
+        times = [float(v) for v in row.strip("|").split("|")[1:]]
+        assert len(times) == 5 and all(t > 0 for t in times), row
