@@ -104,7 +104,7 @@ stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 --print
 TAIL=30 stage profile 60 $PY bench/gpu_profile.py
 # A one-step call's host time, layer by layer of the stack (module, op, body, entry point),
 # beside torch's module: what the cells' 150-300 us of host time are made of.
-TAIL=28 stage host 45 $PY bench/host_overhead.py
+TAIL=28 stage host 45 $PY bench/host_overhead.py --calls 200 --rounds 5
 stage tests 200 "${PYTEST[@]}" "${XDIST[@]}" tests/ -m "not cuda_emulation" \
   --ignore=tests/test_cuda_backend.py -k "${TESTS_K:-}"
 stage sm80 60 env SEQKERN_CUDA_SM90=0 "${PYTEST[@]}" "${XDIST[@]}" tests/test_attention.py -k cuda
