@@ -41,8 +41,8 @@ MAX_LAYER_GATE_ROWS = 32768
 
 # What the build, the kernels registered and a GPU's capability allow is fixed for the
 # process, so each is asked once (functools.cache): asked on every op call, they cost a GPU
-# call of the op about 10 us of host time before its kernels (bench/RESULTS.md, "a decoding
-# step's fixed cost").
+# call of the op about 10 us of host time before its kernels (bench/RESULTS.md, "the
+# Autograd kernel calls the op's kernel itself").
 @functools.cache
 def _build_reasons():
     if not _extension.available():

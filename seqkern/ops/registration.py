@@ -66,8 +66,8 @@ class SeqkernOp:
             with torch._C._AutoDispatchBelowAutograd():
                 if below.raw_repr() in _DENSE_KEYSETS:
                     # Where the dispatcher would go: the kernel itself, without the round
-                    # trip of every argument through it (bench/RESULTS.md, "a decoding
-                    # step's fixed cost").
+                    # trip of every argument through it (bench/RESULTS.md, "the Autograd
+                    # kernel calls the op's kernel itself").
                     return kernel(*args)
                 return op.redispatch(below, *args)
 
