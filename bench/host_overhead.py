@@ -41,8 +41,11 @@ def _case(cls, B, H, device, dtype):
     c = torch.zeros(B, H, device=device, dtype=dtype) if mode == "LSTM" else None
     if cell:
         return ours, theirs, x, rnn_cell_fwd, (mode, x, h, c, *weights), "rnn_cell"
+    # A layer keeps a workspace for its backward where the module records a graph, as the
+    # module's own call does (seqkern/nn/rnn.py, need_workspace).
+    need_workspace = torch.is_grad_enabled()
     return (ours, theirs, x, rnn_layer_fwd,
-            (mode, x, None, h, c, *weights, False, False, None), "rnn_layer")
+            (mode, x, None, h, c, *weights, False, need_workspace, None), "rnn_layer")
 
 
 def layers_of(cls, B, H, device, dtype):
