@@ -20,8 +20,7 @@ import torch
 
 import seqkern
 from seqkern import backends
-from seqkern.ops.rnn_cells import rnn_cell_fwd
-from seqkern.ops.rnn_layer import rnn_layer_fwd
+from seqkern.ops import rnn_cells, rnn_layer
 
 CELLS = {"LSTMCell": "LSTM", "GRUCell": "GRU", "RNNCell": "RNN_TANH"}
 LAYERS = {"LSTM": "LSTM", "GRU": "GRU", "RNN": "RNN_TANH"}
@@ -29,7 +28,7 @@ LAYERS = {"LSTM": "LSTM", "GRU": "GRU", "RNN": "RNN_TANH"}
 
 def _case(cls, B, H, device, dtype):
     """(seqkern's module, torch's with the same weights, the module's input, the op, the op's
-    arguments, the backend's op name)."""
+    arguments, the backend's op name, the inputs the op's body chooses its backend by)."""
     theirs = getattr(torch.nn, cls)(H, H, device=device, dtype=dtype)
     ours = getattr(seqkern, cls)(H, H, device=device, dtype=dtype)
     ours.load_state_dict(theirs.state_dict())
@@ -40,22 +39,22 @@ def _case(cls, B, H, device, dtype):
     h = torch.zeros(B, H, device=device, dtype=dtype)
     c = torch.zeros(B, H, device=device, dtype=dtype) if mode == "LSTM" else None
     if cell:
-        return ours, theirs, x, rnn_cell_fwd, (mode, x, h, c, *weights), "rnn_cell"
+        return (ours, theirs, x, rnn_cells.rnn_cell_fwd, (mode, x, h, c, *weights), "rnn_cell",
+                rnn_cells._inputs(mode, x))
     # A layer keeps a workspace for its backward where the module records a graph, as the
     # module's own call does (seqkern/nn/rnn.py, need_workspace).
     need_workspace = torch.is_grad_enabled()
-    return (ours, theirs, x, rnn_layer_fwd,
-            (mode, x, None, h, c, *weights, False, need_workspace, None), "rnn_layer")
+    return (ours, theirs, x, rnn_layer.rnn_layer_fwd,
+            (mode, x, None, h, c, *weights, False, need_workspace, None), "rnn_layer",
+            rnn_layer._inputs(x, mode, weights[1], None))
 
 
 def layers_of(cls, B, H, device, dtype):
     """(the backend's name, {column: call} from the top of the stack down, torch's module
     last). The body and the entry point get the weights detached: below the op's Autograd
     kernel nothing records a graph."""
-    ours, theirs, x, op, args, op_name = _case(cls, B, H, device, dtype)
-    impl = backends.select(op_name, dict(device=x.device, dtype=x.dtype, mode=args[0],
-                                         input=x, gate_rows=args[5].shape[0],
-                                         projection=False))
+    ours, theirs, x, op, args, op_name, inputs = _case(cls, B, H, device, dtype)
+    impl = backends.select(op_name, inputs)
     entry = getattr(impl, f"{op_name}_fwd")
     below = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     return impl.NAME, {"module": lambda: ours(x), "op": lambda: op(*args),

@@ -57,7 +57,8 @@ class SeqkernOp:
         torch._library.utils.fill_defaults, which rebuilds the schema's argument list twice an
         argument (44 us a call for the layer op's 12 arguments, in every call that records a
         graph: a decoding or cell step without torch.no_grad). Here the defaults are read
-        once."""
+        once. Below autograd, plain CPU or CUDA tensors go to the op's kernel directly
+        (_DENSE_KEYSETS); everything else through the dispatcher's redispatch."""
         op, kernel = self.default, self.kernel
         defaults = tuple(a.default_value for a in op._schema.arguments)
 

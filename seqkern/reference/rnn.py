@@ -79,8 +79,8 @@ def recurrent_layer(mode, input, h0, weights, c0=None, reverse=False, w_hr=None,
     """
     acc = accumulation_dtype(input.dtype)
     if acc != input.dtype:
-        outs = recurrent_layer(mode, *cast((input, h0), acc), cast(weights, acc),
-                               *cast((c0,), acc), reverse, *cast((w_hr,), acc), nonlinearity,
+        x, h, c, w_r = cast((input, h0, c0, w_hr), acc)
+        outs = recurrent_layer(mode, x, h, cast(weights, acc), c, reverse, w_r, nonlinearity,
                                batch_sizes)
         return tuple(cast(outs, input.dtype))
     w_ih, w_hh, b_ih, b_hh = weights
