@@ -2,10 +2,15 @@
 run one thread per CUDA thread (tests/cuda_emulation), against the float64 reference.
 
 The emulation checks indexing, masking, synchronisation, fragment layouts and plan choices,
-not timing or memory-model corner cases of real hardware. Needs g++ and the CUDA headers
-(no GPU, no nvcc); skips otherwise. Select with `-m cuda_emulation`, deselect with
+not timing or memory-model corner cases of real hardware. Where g++ has AddressSanitizer the
+harnesses are built with it, every emulated buffer (shared memory included) at its exact
+size: a read or write past one fails the test even where the results come out right
+(test_sanitizer_stops_a_stray_read shows it does). Needs g++ and the CUDA headers (no GPU, no
+nvcc); skips otherwise. Select with `-m cuda_emulation`, deselect with
 `-m "not cuda_emulation"`.
 """
+import shutil
+
 import pytest
 import torch
 
@@ -21,7 +26,9 @@ pytestmark = pytest.mark.cuda_emulation
 
 @pytest.fixture(scope="session")
 def harness(tmp_path_factory):
-    """harness(name) -> path of the built executable (built once per session)."""
+    """harness(name) -> path of the built executable (built once per session), with
+    AddressSanitizer where g++ has it: then a kernel's read or write past any buffer, global
+    or shared, fails the test even where the results come out right."""
     reason = build.missing_toolchain()
     if reason:
         pytest.skip(f"CUDA emulation unavailable: {reason}")
@@ -30,7 +37,8 @@ def harness(tmp_path_factory):
 
     def get(name):
         if name not in built:
-            built[name] = build.build(name, root / name)
+            built[name] = build.build(name, root / name,
+                                      sanitize=build.sanitizer_missing() is None)
         return built[name]
 
     return get
@@ -375,3 +383,41 @@ def test_rnn_layer_fwd_bwd(harness, tmp_path, case):
         _check(name, got[name], want_outs[i], peer_outs and peer_outs[i], FWD_FACTOR)
     for name, k, w, p in zip(names, kernel, want, peer, strict=True):
         _check(name, k, w, p, BWD_FACTOR)
+
+
+# ---- the sanitizer itself ------------------------------------------------------------------
+
+# Read at the start of the layer's forward kernel when EMU_STRAY_READ is set, and discarded:
+# one float past the input gates (global memory) or the byte before the block's shared memory.
+# The results stay right; only the sanitizer can tell.
+_STRAY_READ = """
+  if (const char* stray = std::getenv("EMU_STRAY_READ")) {
+    volatile float sink = stray[0] == 'g' ? a.x_gates[a.N * G * a.H] : float(smem[-1]);
+    (void)sink;
+  }
+"""
+
+
+@pytest.fixture(scope="module")
+def stray_read_harness(tmp_path_factory):
+    """The layer harness built from a copy of csrc/cuda whose forward kernel has _STRAY_READ."""
+    reason = build.missing_toolchain() or build.sanitizer_missing()
+    if reason:
+        pytest.skip(f"CUDA emulation with AddressSanitizer unavailable: {reason}")
+    root = tmp_path_factory.mktemp("stray_read")
+    src = root / "cuda"
+    shutil.copytree(build.CUDA_SRC, src)
+    layer = (src / "rnn_layer.cu").read_text()
+    anchor = "blk(a, smem);\n"
+    assert anchor in layer, "the forward kernel's block no longer reads `blk(a, smem);`"
+    (src / "rnn_layer.cu").write_text(layer.replace(anchor, anchor + _STRAY_READ, 1))
+    return build.build("rnn_layer_harness", root / "build", cuda_src=src, sanitize=True)
+
+
+@pytest.mark.parametrize("where", ["global", "shared"])
+def test_sanitizer_stops_a_stray_read(stray_read_harness, tmp_path, monkeypatch, where):
+    case = LayerCase("LSTM", torch.float32, 3, 2, 13)
+    test_rnn_layer_fwd_bwd(lambda name: stray_read_harness, tmp_path, case)  # unset: passes
+    monkeypatch.setenv("EMU_STRAY_READ", where)
+    with pytest.raises(AssertionError, match="AddressSanitizer: heap-buffer-overflow"):
+        test_rnn_layer_fwd_bwd(lambda name: stray_read_harness, tmp_path, case)

@@ -84,9 +84,7 @@ int main(int argc, char** argv) {
   const int64_t qs[4] = {L * Hq * D, D, Hq * D, 1};
   const int64_t ks[4] = {S * Hkv * D, D, Hkv * D, 1};
   const int64_t vs[4] = {S * Hkv * Dv, Dv, Hkv * Dv, 1};
-  std::vector<char> workspace(attention_bwd_workspace_bytes(p) + 16, char(0xff));
-  auto* ws = reinterpret_cast<void*>(
-      (reinterpret_cast<uintptr_t>(workspace.data()) + 15) / 16 * 16);
+  void* ws = emu_device_alloc(attention_bwd_workspace_bytes(p));
   e = attention_bwd(p, go.data(), st[4], out.data(), os, lse.data(), dq.data(), qs, dk.data(), ks,
                     dv.data(), vs, ws, nullptr);
   if (e != cudaSuccess) {

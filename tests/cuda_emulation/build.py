@@ -3,10 +3,12 @@
 The kernels are not edited for the test; `rewrite_cuda_source` makes textual substitutions
 on a copy, and emu_runtime.h supplies what the rewritten code then calls.
 """
+import functools
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -106,9 +108,26 @@ def missing_toolchain():
     return None
 
 
-def build(harness, out_dir, cuda_src=CUDA_SRC):
+@functools.cache
+def sanitizer_missing():
+    """Why the harnesses cannot be built with AddressSanitizer here (None when they can):
+    a trivial program compiled, linked and run with -fsanitize=address."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "probe.cpp", Path(tmp) / "probe"
+        src.write_text("int main() { return 0; }\n")
+        r = subprocess.run([os.environ.get("CXX", "g++"), "-fsanitize=address", str(src), "-o",
+                            str(exe)], capture_output=True, text=True)
+        if r.returncode != 0:
+            return f"g++ -fsanitize=address failed: {r.stderr.strip()[-300:]}"
+        r = subprocess.run([str(exe)], capture_output=True, text=True)
+        return None if r.returncode == 0 else f"an ASan program fails to run: {r.stderr[-300:]}"
+
+
+def build(harness, out_dir, cuda_src=CUDA_SRC, sanitize=False):
     """Compiles tests/cuda_emulation/<harness>.cpp with rewritten kernels from cuda_src;
-    returns the executable's path."""
+    returns the executable's path. sanitize: with AddressSanitizer, and every emulated
+    buffer (shared memory included) allocated to its exact size, so that a read or write
+    past any of them stops the run with ASan's report."""
     out_dir = Path(out_dir)
     gen = out_dir / "cuda"  # the rewritten sources; their own includes fall back to cuda_src
     gen.mkdir(parents=True, exist_ok=True)
@@ -118,6 +137,8 @@ def build(harness, out_dir, cuda_src=CUDA_SRC):
     cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-w", "-pthread",
            f"-I{gen}", f"-I{HERE}", f"-I{cuda_src}", f"-I{CUDA_INCLUDE}",
            str(HERE / f"{harness}.cpp"), "-o", str(exe)]
+    if sanitize:
+        cmd[3:3] = ["-fsanitize=address", "-fno-omit-frame-pointer"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"building {harness} failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
     return exe
@@ -126,6 +147,10 @@ def build(harness, out_dir, cuda_src=CUDA_SRC):
 def run(exe, *args, timeout=120, env=None):
     """Runs a harness (env: its environment, default ours); returns its stderr (diagnostics
     such as the chosen RNN plan)."""
+    env = dict(os.environ if env is None else env)
+    # A sanitized harness: ASan's report of any bad access, without LeakSanitizer (a harness
+    # exits after one run and frees nothing).
+    env.setdefault("ASAN_OPTIONS", "detect_leaks=0")
     r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True,
                        timeout=timeout, env=env)
     assert r.returncode == 0, f"{Path(exe).name} {' '.join(map(str, args))} failed " \

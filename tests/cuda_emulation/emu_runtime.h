@@ -7,7 +7,8 @@
 // between two warp barriers, so every lane sees the whole warp's operands. Shared memory is
 // filled with 0xff bytes (NaN as fp32, fp16 and bf16) so that reads of unwritten shared
 // memory show up as NaN in the results; cp.async copies land at the wait, as late as they
-// may. Plain launches run their blocks one after another
+// may. Built with AddressSanitizer (build.py's sanitize), each block's shared memory is
+// exactly the launch's bytes, so that ASan stops any access past it. Plain launches run their blocks one after another
 // (CUDA promises no co-residency); cooperative launches run every block at once.
 #pragma once
 
@@ -264,14 +265,20 @@ inline void emu_run_blocks(dim3 grid, dim3 block, size_t smem, unsigned b0, unsi
   std::vector<std::unique_ptr<EmuWarp[]>> warps(nb);
   // Past each block's smem bytes, a canary: a write beyond what the launch asked for (a plan
   // that sized shared memory too small) is reported by block instead of corrupting the heap.
-  constexpr size_t kCanary = 4096;
+  // Under AddressSanitizer the block's shared memory is exactly smem bytes instead, so that
+  // ASan stops a read or a write past it.
+#if defined(__SANITIZE_ADDRESS__)
+  constexpr size_t kCanary = 0, kAlignPad = 0;
+#else
+  constexpr size_t kCanary = 4096, kAlignPad = 16;
+#endif
   constexpr unsigned char kCanaryByte = 0xa5;
   const auto aligned = [](unsigned char* p) {
     return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 15) / 16 * 16);
   };
   for (unsigned b = 0; b < nb; ++b) {
-    mem[b].reset(new unsigned char[smem + 16 + kCanary]);
-    memset(mem[b].get(), 0xff, smem + 16);
+    mem[b].reset(new unsigned char[smem + kAlignPad + kCanary]);  // new[]: 16-byte aligned
+    memset(mem[b].get(), 0xff, smem + kAlignPad);
     memset(aligned(mem[b].get()) + smem, kCanaryByte, kCanary);
     bars[b] = std::make_unique<std::barrier<>>(nt);
     warps[b].reset(new EmuWarp[(nt + 31) / 32]);
@@ -316,6 +323,19 @@ inline void emu_run(dim3 grid, dim3 block, size_t smem, bool cooperative,
   if (cooperative) return emu_run_blocks(grid, block, smem, 0, grid.x, body);
   for (unsigned b = 0; b < grid.x; ++b) emu_run_blocks(grid, block, smem, b, b + 1, body);
 }
+// Device memory for a harness: `bytes` of 0xff garbage (the kernels must initialise what
+// they use), 256-byte aligned as cudaMalloc's, and exactly that size, so that an access past
+// it is caught by AddressSanitizer (build.py's sanitize). Never freed: one run per process.
+inline void* emu_device_alloc(size_t bytes) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 256, std::max<size_t>(bytes, 1)) != 0) {
+    fprintf(stderr, "emu: posix_memalign of %zu bytes failed\n", bytes);
+    exit(3);
+  }
+  memset(p, 0xff, bytes);
+  return p;
+}
+
 // What build.py turns `kernel<<<grid, block, smem, stream>>>(args)` into.
 template <class F>
 void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& call) {

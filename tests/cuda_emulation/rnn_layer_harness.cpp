@@ -58,11 +58,6 @@ void register_cell() {
       register_wide_kernel<Cell, T>()), ...);
   }(float{}, __half{}, __nv_bfloat16{});
 }
-void* scratch(size_t bytes) {  // 0xff garbage: the kernels must initialise what they use
-  void* p = std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
-  memset(p, 0xff, (bytes + 255) / 256 * 256 + 256);
-  return p;
-}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -109,7 +104,7 @@ int main(int argc, char** argv) {
                                 bias && gru ? bias_hn.data() : nullptr, W, H0, C0, out.data(),
                                 h_n.data(), lstm ? c_n.data() : nullptr,
                                 training ? ws.data() : nullptr,
-                                scratch(rnn_layer_fwd_scratch_bytes(p)), nullptr);
+                                emu_device_alloc(rnn_layer_fwd_scratch_bytes(p)), nullptr);
   if (e != cudaSuccess) {
     fprintf(stderr, "rnn_layer_fwd: error %d\n", int(e));
     return 1;
@@ -119,7 +114,7 @@ int main(int argc, char** argv) {
   if (training) {
     e = rnn_layer_bwd(p, W, ws.data(), go_s.data(), d_h.data(), lstm ? d_c.data() : nullptr,
                       d_gx.data(), gru ? d_gh.data() : nullptr,
-                      scratch(rnn_layer_bwd_scratch_bytes(p)), nullptr);
+                      emu_device_alloc(rnn_layer_bwd_scratch_bytes(p)), nullptr);
     if (e != cudaSuccess) {
       fprintf(stderr, "rnn_layer_bwd: error %d\n", int(e));
       return 1;
