@@ -240,26 +240,40 @@ def test_attention_hopper_shapes_finish_and_match(D, L):
     assert err <= 2 * peer_err + 1e-6, f"D{D} L{L}: error {err:.3g}, torch's {peer_err:.3g}"
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("mma", [False, True])
-def test_layer_forward_replays_in_a_cuda_graph(monkeypatch, mma):
+def test_layer_forward_replays_in_a_cuda_graph(monkeypatch, mma, packed):
     """A captured CUDA graph replays the layer (torch.compile's reduce-overhead mode captures
-    graphs): a padded sequence's step table is made on the device, with no copy from host
-    memory that a replay would read after it was freed. Replays match eager calls exactly."""
+    graphs): a padded sequence's step table is made on the device, a packed one's carried in
+    kernel parameters (500 steps: two launches of them), with no copy from host memory that a
+    replay would read after it was freed. Replays match eager calls exactly."""
     monkeypatch.setenv("SEQKERN_CUDA_RNN_MMA", "1" if mma else "0")  # B8 bf16: on by default
     torch.manual_seed(0)
     lstm = seqkern.LSTM(64, 128).cuda().to(torch.bfloat16)
-    static_x = torch.randn(20, 8, 64, device="cuda", dtype=torch.bfloat16)
+    static_x = torch.randn(500 if packed else 20, 8, 64, device="cuda", dtype=torch.bfloat16)
+    if packed:  # packed outside the graph (packing copies its indices from the host)
+        lengths = torch.tensor([500, 3, 250, 499, 1, 77, 500, 12], device="cpu")
+        static_in = torch.nn.utils.rnn.pack_padded_sequence(static_x, lengths,
+                                                            enforce_sorted=False)
+        static_x = static_in.data  # the packed rows, refilled in place below
+    else:
+        static_in = static_x
+
+    def run():
+        out = lstm(static_in)[0]
+        return out.data if packed else out
+
     with torch.no_grad(), seqkern.backend("cuda"):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture
-            lstm(static_x)
+            run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out, _ = lstm(static_x)
+            static_out = run()
         for _ in range(2):
             static_x.copy_(torch.randn_like(static_x))
             graph.replay()
-            want, _ = lstm(static_x)
+            want = run()
             torch.testing.assert_close(static_out, want, rtol=0, atol=0)

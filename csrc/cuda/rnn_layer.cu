@@ -325,6 +325,22 @@ __global__ void padded_steps_kernel(int S, int B, bool reverse, int* steps) {
   }
 }
 
+// A packed sequence's table, carried to the device in the parameters of kernels that write
+// it, kStepsPerLaunch steps a launch. Not cudaMemcpyAsync from the host vector: from pageable
+// memory the driver may wait for the stream's earlier work before it returns (the CUDA
+// runtime's "API synchronization behavior"), which held the host back at every packed layer
+// call, and a captured CUDA graph would replay the copy from a buffer long freed. Launch
+// parameters are copied at the launch, into the graph too.
+constexpr int kStepsPerLaunch = 480;  // 3.8 KB of parameters, under the 4 KB every GPU takes
+struct StepChunk {
+  int first = 0, count = 0;        // steps [first, first + count)
+  int v[2 * kStepsPerLaunch] = {};  // their (row offset, live rows)
+};
+__global__ void packed_steps_kernel(const StepChunk chunk, int* steps) {
+  for (int i = threadIdx.x; i < 2 * chunk.count; i += blockDim.x)
+    steps[2 * chunk.first + i] = chunk.v[i];
+}
+
 // wide: the backward's tensor-core blocks of kMmaUnitsWide units (16-row tiles only).
 template <class Cell, typename T>
 const void* kernel_ptr(bool backward, int bt, bool mma = false, bool wide = false) {
@@ -571,10 +587,15 @@ cudaError_t run_layer(const LayerProblem& p, bool backward, Cell cell, Strided2 
   cudaError_t err = cudaMemsetAsync(scratch, 0, sizeof(unsigned), stream);
   if (err != cudaSuccess) return err;
   int* steps = reinterpret_cast<int*>(scratch + sc.steps);
-  if (p.batch_sizes) {  // pageable source: staged before the call returns
+  if (p.batch_sizes) {
     const std::vector<int> table = step_table(p);
-    err = cudaMemcpyAsync(steps, table.data(), table.size() * sizeof(int),
-                          cudaMemcpyHostToDevice, stream);
+    StepChunk chunk;
+    for (int first = 0; first < int(p.steps) && err == cudaSuccess; first += kStepsPerLaunch) {
+      chunk.first = first, chunk.count = std::min(kStepsPerLaunch, int(p.steps) - first);
+      std::copy_n(table.begin() + 2 * first, 2 * chunk.count, chunk.v);
+      packed_steps_kernel<<<1, 256, 0, stream>>>(chunk, steps);
+      err = cudaGetLastError();
+    }
   } else {
     padded_steps_kernel<<<grid_for(p.steps), 256, 0, stream>>>(int(p.steps), int(p.batch),
                                                                 p.reverse, steps);

@@ -67,6 +67,8 @@ def rewrite_cuda_source(name, src):
       get a core;
     - rnn_layer.cu's minimum work per block (`8 * kThreads`) becomes g_emu_min_work, so a test
       can force many small blocks (and cross-block barriers) at small hidden sizes;
+    - rnn_layer.cu's packed step table goes 3 steps a launch (kStepsPerLaunch), so that the
+      packed cases cross launches;
     - rnn.h's device section (`#if defined(__CUDACC__)`) is compiled;
     - mma.cuh's inline-PTX wrappers are dropped (emu_runtime.h has them).
     Each substitution must apply where expected, so that a change in the kernels that
@@ -79,7 +81,7 @@ def rewrite_cuda_source(name, src):
 
     smem = r"extern __shared__ __align__\(16\) unsigned char smem\[\];"
     launches = {"attention_fwd.cu": 1, "attention_bwd.cu": 3, "rnn_cell.cu": 2,
-                "rnn_layer.cu": 4}
+                "rnn_layer.cu": 5}
     if name in launches:
         src = sub(smem, "unsigned char* smem = emu_smem();", src, 0 if name == "rnn_cell.cu"
                   else 1)
@@ -88,6 +90,10 @@ def rewrite_cuda_source(name, src):
     if name == "rnn_layer.cu":
         src = sub(_SPIN.pattern, r"\1 emu_yield();\2", src, 1)
         src = sub(r"< 8 \* kThreads\) \+\+first;", "< g_emu_min_work) ++first;", src, 1)
+        # a packed step table in launches of 3 steps, so that every packed case with more
+        # steps crosses launches (a part-filled last one included)
+        src = sub(r"constexpr int kStepsPerLaunch = \d+;", "constexpr int kStepsPerLaunch = 3;",
+                  src, 1)
     if name == "rnn.h":
         src = sub(r"#if defined\(__CUDACC__\)", "#if 1", src, 1)
     if name == "mma.cuh":
