@@ -67,7 +67,10 @@ triton-check: install
 # (.venv-torch-gpu/src), so this checkout's seqkern._C stays as it is. CUDA_HOME: nvcc's
 # toolkit; the headers torch's CUDA headers include that it lacks (cuBLAS, cuSPARSE, ...)
 # come from that torch's nvidia packages. The Triton tests are left out: the GPU machine
-# compiles Triton kernels, and triton 3.6's interpreter fails beside numpy 2.4.
+# compiles Triton kernels, and triton 3.6's interpreter fails beside numpy 2.4. Last, the
+# _C built (abi3: it loads under the GPU machine's Python 3.12 too) goes to gpu-prebuilt/
+# with the stamp of its sources and torch (bench/prebuilt_stamp.sh): a GPU run that carries
+# gpu-prebuilt/ installs it instead of compiling (bench/gpu_check.sh, ~2 min of device time).
 TORCH_GPU ?= torch==2.11.0
 GPU_VENV := .venv-torch-gpu
 GPU_CUDA_HOME ?= /usr/local/cuda
@@ -85,6 +88,13 @@ gpu-torch-check:
 	  ../bin/python -m pip install -q -e . --no-build-isolation --no-deps
 	cd $(GPU_VENV)/src && ../bin/python -m seqkern.info && ../bin/python -m pytest tests/ -q \
 	  -m "not cuda_emulation" -k "not triton" -p no:cacheprovider
+	rm -rf gpu-prebuilt && mkdir -p gpu-prebuilt
+	$(GPU_VENV)/bin/python -c "import lzma, shutil, sys; \
+	  shutil.copyfileobj(open(sys.argv[1], 'rb'), lzma.open(sys.argv[2], 'wb', preset=6))" \
+	  $(GPU_VENV)/src/seqkern/_C.abi3.so gpu-prebuilt/_C.abi3.so.xz
+	bash bench/prebuilt_stamp.sh "$$($(GPU_VENV)/bin/python -c 'import torch; print(torch.__version__)')" \
+	  90a > gpu-prebuilt/stamp
+	@echo "gpu-prebuilt/: carry it to the GPU run (run's carry: [\"gpu-prebuilt\"])"
 
 clean:
-	rm -rf build build-cmake build-triton-gpu *.egg-info seqkern/_C*.so
+	rm -rf build build-cmake build-triton-gpu gpu-prebuilt *.egg-info seqkern/_C*.so

@@ -6,6 +6,13 @@ Knobs (never decided by probing for a GPU):
   SEQKERN_CUDA_ARCHS="80;90a" CUDA architectures (default: 80;90a)
   MAX_JOBS=N                 parallel compile jobs (honoured by torch's ninja builder)
   DEBUG=1                    -O0 -g
+  SEQKERN_NO_EXTENSION=1     install the Python package only, compile nothing (a GPU run
+                             that brings a _C built elsewhere: bench/gpu_check.sh)
+
+seqkern._C uses CPython's stable ABI only (it is an empty module whose loading registers the
+kernels with torch's dispatcher), so it is built as _C.abi3.so (py_limited_api): one build
+loads under every CPython >= 3.9 beside the same torch, e.g. one made here for the GPU
+machine's Python 3.12 (`make gpu-torch-check`).
 """
 import glob
 import os
@@ -57,10 +64,10 @@ def _extensions():
         return [CUDAExtension(
             "seqkern._C", sources + cuda_sources,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
-            define_macros=define_macros)]
+            define_macros=define_macros, py_limited_api=True)]
     return [CppExtension("seqkern._C", sources, extra_compile_args={"cxx": cxx},
                          extra_link_args=["-fopenmp"],
-                         define_macros=define_macros)]
+                         define_macros=define_macros, py_limited_api=True)]
 
 
 def _cmdclass():
@@ -95,7 +102,7 @@ setup(
     description="Fused attention and recurrent kernels for PyTorch (Triton, C++, CUDA)",
     packages=sorted(set(find_packages(include=["seqkern", "seqkern.*"])) | {"seqkern.kernels"}),
     package_dir={"seqkern": "seqkern", "seqkern.kernels": "kernels"},
-    ext_modules=_extensions(),
+    ext_modules=[] if _flag("SEQKERN_NO_EXTENSION") else _extensions(),
     cmdclass=_cmdclass(),
     python_requires=">=3.10",
 )

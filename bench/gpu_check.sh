@@ -12,7 +12,8 @@
 #   LAYER_K / TESTS_K / MORE_K narrow the layer benchmarks, the tests, the other benchmarks
 #   (pytest -k expressions).
 # Logs and benchmark JSON go to $OUT (at most 8 files come back: one tarball of all logs,
-# the summary, the benchmark runs merged into one JSON).
+# the summary, the benchmark runs merged into one JSON). With gpu-prebuilt/ carried (`make
+# gpu-torch-check` on the CPU machine first) and matching, the build stage compiles nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -66,6 +67,24 @@ stage() {
 } 2>&1 | tee "$LOG/gpu.txt"
 
 build() {
+  # A _C built on the CPU machine for these very sources, this torch and these archs (`make
+  # gpu-torch-check` leaves it in gpu-prebuilt/; the run carries it): installed without
+  # compiling, which took 126-138 s of the lease. Anything else: compiled here.
+  local stamp want
+  stamp=$(cat gpu-prebuilt/stamp 2>/dev/null)
+  want=$(bash bench/prebuilt_stamp.sh "$($PY -c 'import torch; print(torch.__version__)')" \
+         "$SEQKERN_CUDA_ARCHS")
+  if [[ -f gpu-prebuilt/_C.abi3.so.xz && "$stamp" == "$want" ]]; then
+    rm -f seqkern/_C*.so
+    SEQKERN_NO_EXTENSION=1 $PY -m pip install -q -e . --no-build-isolation --no-deps &&
+      $PY -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), \
+              open(sys.argv[2], 'wb'))" gpu-prebuilt/_C.abi3.so.xz seqkern/_C.abi3.so &&
+      $PY -c "import seqkern._C" && { echo "installed the prebuilt _C (stamp $stamp)"; return 0; }
+    echo "the prebuilt _C did not install or load: compiling"
+    rm -f seqkern/_C*.so
+  elif [[ -n "$stamp" ]]; then
+    echo "gpu-prebuilt/ was built from other sources or for another torch: compiling"
+  fi
   $PY -m pip install -q -e . --no-build-isolation --no-deps && return 0
   echo "CUDA build failed; building the CPU kernels only so that Triton still runs"
   SEQKERN_SKIP_CUDA_BUILD=1 $PY -m pip install -q -e . --no-build-isolation --no-deps
