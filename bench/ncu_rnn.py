@@ -9,7 +9,8 @@ through L1 and L2 (MemoryWorkloadAnalysis) and how busy each unit is (SpeedOfLig
 
     ncu --clock-control none --profile-from-start off -k regex:layer_ \
         --section SpeedOfLight --section WarpStateStats ... python bench/ncu_rnn.py
-    (bench/gpu_check.sh's `ncu` stage; VARIANT=next runs the cuda-next variant)
+    (bench/gpu_check.sh's `ncu` stage; VARIANT=next runs every case as the cuda-next
+    variant; by default each case runs as its own variant says, "" the defaults)
 
 Without ncu it runs the same steps and prints their times: a check that it works.
 """
@@ -21,8 +22,10 @@ import torch
 import seqkern
 from test_rnn_layer_bench import variant_env  # bench/ is this script's directory: on sys.path
 
-# (module, T, B, H, dtype): the fastrnns training shape, the targets not met.
-CASES = [("LSTM", 100, 64, 512, torch.bfloat16), ("LSTM", 100, 64, 512, torch.float32)]
+# (module, T, B, H, dtype, variant): the fastrnns training shape, the targets not met; bf16
+# also with the tensor-core blocks over the batch (split: 128 blocks of one pass a step).
+CASES = [("LSTM", 100, 64, 512, torch.bfloat16, ""), ("LSTM", 100, 64, 512, torch.float32, ""),
+         ("LSTM", 100, 64, 512, torch.bfloat16, "split")]
 
 
 def training_step(cls, T, B, H, dtype):
@@ -37,9 +40,10 @@ def training_step(cls, T, B, H, dtype):
 
 
 def main():
-    variant = os.environ.get("VARIANT", "")
-    with variant_env(variant), seqkern.backend("cuda"):
-        for case in CASES:
+    forced = os.environ.get("VARIANT")
+    for *case, own in CASES:
+        variant = own if forced is None else forced
+        with variant_env(variant), seqkern.backend("cuda"):
             step = training_step(*case)
             step()  # plans, packed weights, caching allocator: outside the profiled range
             torch.cuda.synchronize()
@@ -48,9 +52,9 @@ def main():
             step()
             torch.cuda.synchronize()
             torch.cuda.profiler.stop()
-            print(f"{case[0]} T{case[1]} B{case[2]} H{case[3]} {str(case[4])[6:]} "
-                  f"variant {variant or 'default'}: one step {1e3 * (time.perf_counter() - start):.2f} ms "
-                  "(under ncu: with its replays)")
+        print(f"{case[0]} T{case[1]} B{case[2]} H{case[3]} {str(case[4])[6:]} "
+              f"variant {variant or 'default'}: one step {1e3 * (time.perf_counter() - start):.2f} ms "
+              "(under ncu: with its replays)")
 
 
 if __name__ == "__main__":

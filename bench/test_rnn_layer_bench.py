@@ -59,15 +59,20 @@ BATCHES_NAMED = ("small-batch", "decode")  # shapes named with their batch in te
 # backward measured 1.42x slower than 8-row blocks before its step epilogue was coalesced);
 # "wide" = the backward in fewer, wider blocks (SEQKERN_CUDA_RNN_WIDE=1, opt-in: tensor-core
 # blocks of 16 units in 16-row passes, CUDA-core blocks of at least 8 units; training only).
+# "split" = the tensor-core blocks over the batch too (SEQKERN_CUDA_RNN_SPLIT=1, opt-in: one
+# 32-row pass a block a step; at B > 32 only, the fastrnns shape here), fp32 on TF32.
 # "seqkern-cuda" runs the defaults. LSTM projections (the "projection" shape), which the CUDA kernel refuses, run on
 # triton, and on cuda as "seqkern-cuda-proj": a plain layer with the projection folded into
 # its weights (SEQKERN_RNN_PROJ_VIA_PLAIN=1, seqkern/nn/projection.py). On the CPU the
 # default dispatch.
-PROVIDERS = (["seqkern-cuda", "seqkern-cuda-next", "seqkern-cuda-wide", "seqkern-cuda-lanes",
-              "seqkern-cuda-proj", "seqkern-triton", "torch"] if CUDA else ["seqkern", "torch"])
+PROVIDERS = (["seqkern-cuda", "seqkern-cuda-next", "seqkern-cuda-wide", "seqkern-cuda-split",
+              "seqkern-cuda-lanes", "seqkern-cuda-proj", "seqkern-triton", "torch"] if CUDA
+             else ["seqkern", "torch"])
 VARIANT_ENV = {"next": {"SEQKERN_CUDA_RNN_MMA": "1", "SEQKERN_CUDA_RNN_TF32": "1",
                         "SEQKERN_CUDA_RNN_PREFETCH": "1"},
                "wide": {"SEQKERN_CUDA_RNN_WIDE": "1"},
+               "split": {"SEQKERN_CUDA_RNN_SPLIT": "1", "SEQKERN_CUDA_RNN_MMA": "1",
+                         "SEQKERN_CUDA_RNN_TF32": "1"},
                "lanes": {"SEQKERN_CUDA_RNN_LANES": "1", "SEQKERN_CUDA_RNN_MMA": "0"},
                "proj": {"SEQKERN_RNN_PROJ_VIA_PLAIN": "1"}}
 
@@ -166,6 +171,8 @@ def test_rnn_layer(benchmark, record, provider, cls, shape, dtype, pass_):
         pytest.skip("seqkern-cuda-lanes: fp32 only (fp16/bf16 take tensor cores)")
     if variant == "wide" and (pass_ == "inference" or name == "decode"):
         pytest.skip("seqkern-cuda-wide changes the backward only: training steps")
+    if variant == "split" and B <= 32:
+        pytest.skip("seqkern-cuda-split changes tensor-core plans at B > 32 only")
     if variant == "proj" and not P:
         pytest.skip("seqkern-cuda-proj runs the projection shape only")
     # The op's own inputs dict, as the op builds it (w_hh [G*H, P or H], w_hr [P, H]).

@@ -189,6 +189,28 @@ def test_wide_backward_blocks(monkeypatch, cls, T, B, H, dtype, prefetch):
         assert grids["bwd"] == {H // 8}, grids
 
 
+@pytest.mark.parametrize("cls,T,B,H,dtype,wide,prefetch", [
+    ("LSTM", 100, 64, 512, torch.bfloat16, False, False),  # fastrnns: 2 x 64 blocks both ways
+    ("GRU", 50, 80, 512, torch.float16, False, True),  # 3 passes, 2 groups: strided passes
+    ("LSTM", 100, 64, 512, torch.bfloat16, True, False),  # the wide backward: 4 x 32 blocks
+    ("LSTM", 50, 40, 1024, torch.bfloat16, False, False),  # 128 unit blocks: no room, one group
+])
+def test_tensor_core_blocks_over_the_batch(monkeypatch, cls, T, B, H, dtype, wide, prefetch):
+    # SEQKERN_CUDA_RNN_SPLIT=1 (opt-in until timed): as many groups of blocks as a step has
+    # passes and the multiprocessors hold, one block each (csrc/cuda/rnn_layer.cu's mma_plan).
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_SPLIT", "1")
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_WIDE", str(int(wide)))
+    monkeypatch.setenv("SEQKERN_CUDA_RNN_PREFETCH", str(int(prefetch)))
+    grids = {}
+    found, _ = _layer_kernels(cls, T, B, H, dtype, grids=grids)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for d, (tile, units) in {"fwd": (32, 8), "bwd": (16, 16) if wide else (32, 8)}.items():
+        assert {(t, m) for t, m, _ in found[d]} == {(tile, True)}, found
+        unit_blocks = -(-H // units)
+        groups = max(1, min(-(-B // tile), sms // unit_blocks))
+        assert grids[d] == {unit_blocks * groups}, (d, grids, groups)
+
+
 @pytest.mark.parametrize("dtype, B, mma, want", [
     (torch.bfloat16, 64, True, {"fwd": {32}, "bwd": {32}}),  # tensor cores, two 32-row passes
     (torch.bfloat16, 4, True, {"fwd": {16}, "bwd": {16}}),

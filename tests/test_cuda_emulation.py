@@ -293,6 +293,21 @@ LAYER_CASES = [
     LayerCase("RNN_TANH", BF16, 3, 5, 20, reverse=True, strided=True, mma=True, wide=True),
     LayerCase("GRU", torch.float32, 3, 6, 20, _lengths_to_batch_sizes([3, 1, 2, 3, 3, 2]),
               wide=True, sms=8, min_work=0),
+    # tensor-core blocks over the batch too (SEQKERN_CUDA_RNN_SPLIT=1): two groups of five
+    # blocks, the second's pass part-filled (B = 40: rows 32..39)
+    LayerCase("LSTM", BF16, 3, 40, 40, reverse=True, strided=True, mma=True, split=True,
+              sms=10),
+    # more passes than groups: group 0 takes rows 0 and 64, group 1 rows 32 (strided passes,
+    # the next one staged early with two buffers); packed reverse rows ending at every step,
+    # so that a group has no rows at some steps
+    LayerCase("GRU", F16, 4, 80, 24, _lengths_to_batch_sizes([4, 1, 3, 2] * 20), reverse=True,
+              mma=True, split=True, prefetch=True, sms=6),
+    LayerCase("RNN_TANH", BF16, 3, 70, 16, mma=True, split=True, sms=6),  # three groups
+    LayerCase("LSTM", torch.float32, 3, 33, 16, mma=True, tf32=True, split=True, sms=4),
+    # with the wide backward: its 16-row passes in three groups, the forward in one (five
+    # blocks of 8 units do not fit twice on nine multiprocessors)
+    LayerCase("LSTM", BF16, 3, 40, 40, _lengths_to_batch_sizes([3, 1, 2, 3] * 10), mma=True,
+              wide=True, split=True, sms=9),
 ]
 
 
@@ -302,7 +317,7 @@ def _layer_id(c):
             f"{'-reverse' * c.reverse}{'-strided' * c.strided}{'-nobias' * (not c.bias)}"
             f"-{'persistent' if c.persistent else 'per_step'}-sms{c.sms}-minwork{c.min_work}"
             f"{'-lanes' * c.lanes}{'-mma' * c.mma}{'-tf32' * c.tf32}{'-prefetch' * c.prefetch}"
-            f"{'-wide' * c.wide}"
+            f"{'-wide' * c.wide}{'-split' * c.split}"
             f"-smem{c.smem}")
 
 
@@ -347,6 +362,18 @@ def test_rnn_layer_fwd_bwd(harness, tmp_path, case):
         assert bwd_units == 16, plan
     elif c.wide and not c.lanes and c.persistent:  # min_work 0: 4 units without wide
         assert bwd_units == 8 if c.min_work == 0 else bwd_units >= 8, plan
+    # split: tensor-core blocks in as many batch groups as a step has passes and the
+    # multiprocessors hold (rnn_layer.cu's mma_plan); else one group
+    split_groups = []
+    for direction in ("fwd", "bwd"):
+        section = plan.split(f"{direction} tile=")[1].split(";")[0]
+        tile_d, units_d = int(section.split()[0]), int(section.split("units=")[1].split()[0])
+        want = 1
+        if c.split and c.mma and c.persistent:
+            want = max(1, min(-(-B // tile_d), c.sms // -(-H // units_d)))
+        assert f"groups={want}" in section, plan
+        split_groups.append(want)
+    assert not c.split or max(split_groups) > 1, "a split case that splits nothing"
     if c.smem < 232448:  # the small shared memory made the backward stage K in chunks
         assert int(plan.split("bwd tile=")[1].split("k_chunk=")[1].split()[0]) < G * H, plan
     if c.mode.startswith("RNN") and c.smem < 232448:  # ... and the forward (K = H) too

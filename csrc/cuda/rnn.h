@@ -98,6 +98,8 @@ struct LayerPlan {
   int k_chunk = 0;     // batch-lane and tensor-core plans: reduction columns staged a chunk
   bool mma = false;    // tensor-core blocks (rnn_layer.cu's use_mma)
   bool prefetch = false;  // ... with two staging buffers (rnn_layer.cu's use_prefetch)
+  int batch_groups = 1;   // ... the batch's passes spread over this many groups of blocks
+                          // (blocks = units' blocks x batch_groups; rnn_layer.cu's use_split)
 };
 cudaError_t rnn_layer_plan(const LayerProblem& p, bool backward, LayerPlan* plan);
 

@@ -78,6 +78,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int g = 0; g < G; ++g) bias[g] = owner && a.bias_x ? a.bias_x[g * H + j] : 0.f;
   const float bias_hn = owner && a.bias_hn ? a.bias_hn[j] : 0.f;
   unsigned target = 0;
+  // this block's passes of a step: from pass0, pass_stride rows apart (KernelArgs)
+  const int pass0 = batch_group(a) * BT, pass_stride = a.batch_groups * BT;
   int off = a.steps[2 * p_begin], n = a.steps[2 * p_begin + 1];
   for (int p = p_begin; p < p_end; ++p) {
     const bool has_next = p + 1 < a.S;
@@ -88,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // tensor-core blocks: the state's T copy, read (this step) and written (the next)
     const T* op_src = Mma ? static_cast<const T*>(a.op) + int64_t(p & 1) * a.B * a.Kp : nullptr;
     T* op_dst = Mma ? static_cast<T*>(a.op) + int64_t((p + 1) & 1) * a.B * a.Kp : nullptr;
-    for (int b0 = 0; b0 < n; b0 += BT) {
+    for (int b0 = pass0; b0 < n; b0 += pass_stride) {
       const int rows = min(BT, n - b0), b = b0 + bb;
       const bool live = owner && bb < rows;
       const int64_t row = int64_t(off) + b;
@@ -102,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float c_prev = Cell::kHasCell && live ? a.c_state[bj] : 0.f;
       float h_prev = Mma && live ? __ldcg(h_src + bj) : 0.f;
       if constexpr (Mma) {  // the step's next pass, whose rows are ready too
-        const int b1 = b0 + BT;
+        const int b1 = b0 + pass_stride;
         blk.expect_next(op_src + int64_t(b1) * a.Kp, b1 < n ? min(BT, n - b1) : 0);
       }
       blk.multiply(a, h_src + int64_t(b0) * H, H, rows,
@@ -159,6 +161,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float* c_prev_ws = h_prev_ws + N * H;
   const float* c_new_ws = c_prev_ws + N * H;
   unsigned target = 0;
+  const int pass0 = batch_group(a) * BT, pass_stride = a.batch_groups * BT;  // as forward
   // (off_a, n_a): step S-p, whose gate gradients phase p multiplies; (off_b, n_b): step
   // S-1-p, whose pointwise backward phase p runs. n = 0 where the step does not exist.
   const int sa = S - p_begin, sb = S - 1 - p_begin;
@@ -172,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // phase before) and of step S-1-p (written now)
     const T* op_a = Mma ? static_cast<const T*>(a.op) + int64_t((p + 1) & 1) * a.B * a.Kp : nullptr;
     T* op_b = Mma ? static_cast<T*>(a.op) + int64_t(p & 1) * a.B * a.Kp : nullptr;
-    for (int b0 = 0; b0 < max(n_a, n_b); b0 += BT) {
+    for (int b0 = pass0; b0 < max(n_a, n_b); b0 += pass_stride) {
       const int b = b0 + bb, rows_a = min(BT, n_a - b0);
       const bool in_a = owner && b < n_a, in_b = owner && b < n_b;
       const int64_t row = int64_t(off_b) + b;
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       float dh = in_a || in_b ? a.d_h[bj] : 0.f;  // in_a: the bypass part left by phase p-1
       float dc = Cell::kHasCell && in_b ? a.d_c[bj] : 0.f;
       if constexpr (Mma) {  // the phase's next pass (its multiply: step S-p, as this one's)
-        const int b1 = b0 + BT;
+        const int b1 = b0 + pass_stride;
         blk.expect_next(op_a + int64_t(b1) * a.Kp, max(min(BT, n_a - b1), 0));
       }
       blk.multiply(a, d_hidden + (int64_t(off_a) + b0) * GH, GH, max(rows_a, 0),
@@ -475,6 +478,16 @@ bool use_prefetch() { return rnn_switch("PREFETCH") == 1; }
 // CUDA-core blocks of at least 8 units.
 bool use_wide() { return rnn_switch("WIDE") == 1; }
 
+// Tensor-core blocks over the batch too, opt-in until timed on a GPU: SEQKERN_CUDA_RNN_SPLIT=1.
+// A block takes all of a step's rows in passes of 32 (16) one after another: at B64 two
+// passes a step, each staging its rows from L2, multiplying, reducing and running the cell
+// in turn (the fastrnns forward step took 16.5 us on an H100, against 4.4 us for a B4 step of
+// one pass). With as many groups of blocks as the batch has passes and the multiprocessors
+// hold (one block each), every block runs one pass a step: at B64 H512, 128 blocks of one
+// pass instead of 64 of two, each staging half the rows (the backward: half of the 256 KB of
+// gate gradients a block reads a step).
+bool use_split() { return rnn_switch("SPLIT") == 1; }
+
 // A persistent tensor-core plan: kMmaUnits units a block (the backward's wide blocks:
 // kMmaUnitsWide), 16 or 32 batch rows a pass (wide: 16), the weight slice whole in shared
 // memory and the staged rows in as few chunks of kc columns (a multiple of the k step, at
@@ -495,20 +508,28 @@ bool mma_plan(const LayerProblem& p, bool backward, int sms, int max_smem, Layer
   const int64_t min_kc = std::min<int64_t>(128, Kpk);
   const int blocks = static_cast<int>((H + units - 1) / units);
   const void* kernel = kernel_ptr<Cell, T>(backward, bt, true, wide);
+  // use_split: as many batch groups as the step has passes and the multiprocessors hold,
+  // one block each; else (or where they are not all co-resident) one.
+  const int split = use_split() ? std::max(1, std::min(int((p.batch + bt - 1) / bt),
+                                                       sms / std::max(blocks, 1)))
+                                : 1;
   // Two staging buffers of bt rows where asked for, they fit and every block stays
   // co-resident with them; else one.
-  for (const bool two : {true, false}) {
-    if (two && !use_prefetch()) continue;
-    int64_t kc = 0;
-    size_t smem = 0;
-    if (!stage_in_chunks(Kpk, fixed, two ? 2 * bt : bt, elem, pad, step, min_kc, max_smem,
-                         &kc, &smem))
-      continue;
-    if (all_resident(kernel, blocks, smem, sms, max_smem, err)) {
-      *plan = {true, units, bt, blocks, smem, int(kc), true, two};
-      return true;
+  for (const int groups : {split, 1}) {
+    for (const bool two : {true, false}) {
+      if (two && !use_prefetch()) continue;
+      int64_t kc = 0;
+      size_t smem = 0;
+      if (!stage_in_chunks(Kpk, fixed, two ? 2 * bt : bt, elem, pad, step, min_kc, max_smem,
+                           &kc, &smem))
+        continue;
+      if (all_resident(kernel, blocks * groups, smem, sms, max_smem, err)) {
+        *plan = {true, units, bt, blocks * groups, smem, int(kc), true, two, groups};
+        return true;
+      }
+      if (*err != cudaSuccess) return false;
     }
-    if (*err != cudaSuccess) return false;
+    if (groups == 1) break;
   }
   return false;
 }
@@ -619,6 +640,7 @@ cudaError_t run_layer(const LayerProblem& p, bool backward, Cell cell, Strided2 
   for (bool allow_persistent : {true, false}) {
     if ((err = make_plan<Cell, T>(p, backward, allow_persistent, &plan)) != cudaSuccess) return err;
     a.units = plan.units, a.groups = backward ? plan.units / kBwdRows : plan.units;
+    a.batch_groups = plan.batch_groups, a.unit_blocks = plan.blocks / plan.batch_groups;
     a.kc = plan.k_chunk, a.prefetch = plan.prefetch;
     // Batch-lane blocks loop over K in chunks of kc, and the forward reads the previous
     // state from its staged rows: lane_plan guarantees both; a plan that broke them would

@@ -40,6 +40,10 @@ __host__ __device__ constexpr int log2_ceil(int v) { return v <= 1 ? 0 : 1 + log
 struct KernelArgs {
   int S = 0, B = 0, H = 0;      // steps, batch, hidden
   int units = 0, groups = 0;    // hidden units per block; thread groups per block
+  // Blocks over the hidden units, and over the batch (SEQKERN_CUDA_RNN_SPLIT: rnn_layer.cu's
+  // use_split): block k takes the units of unit block k % unit_blocks and, of every step,
+  // the passes of BT rows starting at (k / unit_blocks) BT, batch_groups BT apart.
+  int unit_blocks = 0, batch_groups = 1;
   int K = 0, Kp = 0;            // reduction length (forward H, backward G*H), padded
   int kc = 0;                   // batch-lane (multiple of 32) and tensor-core blocks: staged
                                 // columns a chunk
@@ -63,6 +67,14 @@ struct KernelArgs {
   // the step before (forward: the state, backward: the gate gradients W_hh^T takes).
   void* op = nullptr;
 };
+
+// This block's unit block (its weight slice and hidden units) and batch group (KernelArgs).
+__device__ __forceinline__ int unit_block(const KernelArgs& a) {
+  return static_cast<int>(blockIdx.x) % a.unit_blocks;
+}
+__device__ __forceinline__ int batch_group(const KernelArgs& a) {
+  return static_cast<int>(blockIdx.x) / a.unit_blocks;
+}
 
 __device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
   const float4 t = *reinterpret_cast<const float4*>(p);
@@ -174,7 +186,7 @@ __device__ __forceinline__ void stage_rows(float* dst, int Kp, const float* src,
 template <typename T>
 __device__ __forceinline__ const T* place_slice(const KernelArgs& a, int64_t slice,
                                                 unsigned char* smem, size_t* bytes) {
-  const T* w = static_cast<const T*>(a.w) + blockIdx.x * slice;
+  const T* w = static_cast<const T*>(a.w) + unit_block(a) * slice;
   *bytes = 0;
   if (!a.w_in_smem) return w;
   *bytes = slice * sizeof(T);
@@ -193,7 +205,7 @@ struct CellPair {
   // Thread (u, bb) = (tid / bt, tid % bt): the batch row fastest.
   __device__ void assign(const KernelArgs& a, int bt) {
     const int tid = threadIdx.x;
-    u = tid / bt, bb = tid - u * bt, j = blockIdx.x * a.units + u;
+    u = tid / bt, bb = tid - u * bt, j = unit_block(a) * a.units + u;
     owner = tid < a.units * bt && j < a.H;
   }
   // Thread (u, bb) = (tid % units, tid / units): the unit fastest, so that a warp's accesses
@@ -203,7 +215,7 @@ struct CellPair {
   // their weight slice's offset also uses, so the two cannot disagree).
   __device__ void assign_units_fastest(const KernelArgs& a, int bt, int units) {
     const int tid = threadIdx.x;
-    bb = tid / units, u = tid - bb * units, j = blockIdx.x * units + u;
+    bb = tid / units, u = tid - bb * units, j = unit_block(a) * units + u;
     owner = bb < bt && j < a.H;
   }
 };
@@ -461,7 +473,7 @@ struct MmaBlock : CellPair {
     red = reinterpret_cast<float*>(buf1 + BT * lds);
     // Rows of a.Kp elements (a multiple of 8: 16-byte pieces) of the packed slice, zeros past
     // them; always copied (a per-step launch re-reads it, still correct).
-    const T* g = static_cast<const T*>(a.w) + int64_t(blockIdx.x) * R * a.Kp;
+    const T* g = static_cast<const T*>(a.w) + int64_t(unit_block(a)) * R * a.Kp;
     const int pieces = kpk / kPad16;
     for (int i = threadIdx.x; i < M * pieces; i += kThreads) {
       const int r = i / pieces, c = kPad16 * (i - r * pieces);

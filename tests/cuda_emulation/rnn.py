@@ -77,6 +77,7 @@ class LayerCase:
     tf32: bool = False  # ... on TF32 with SEQKERN_CUDA_RNN_TF32=1)
     prefetch: bool = False  # ... with two staging buffers (SEQKERN_CUDA_RNN_PREFETCH=1)
     wide: bool = False  # wider backward blocks (SEQKERN_CUDA_RNN_WIDE=1)
+    split: bool = False  # tensor-core blocks over the batch too (SEQKERN_CUDA_RNN_SPLIT=1)
     smem: int = 232448  # opt-in shared memory per block (H100's by default)
 
     def __post_init__(self):
@@ -111,7 +112,7 @@ def run_layer(exe, workdir, case, x_gates, bias_x, bias_hn, w_hh, h0, c0, grad_o
     env = dict(os.environ, SEQKERN_CUDA_RNN_LANES=str(int(c.lanes)),
                SEQKERN_CUDA_RNN_MMA=str(int(c.mma)), SEQKERN_CUDA_RNN_TF32=str(int(c.tf32)),
                SEQKERN_CUDA_RNN_PREFETCH=str(int(c.prefetch)),
-               SEQKERN_CUDA_RNN_WIDE=str(int(c.wide)))
+               SEQKERN_CUDA_RNN_WIDE=str(int(c.wide)), SEQKERN_CUDA_RNN_SPLIT=str(int(c.split)))
     plan = build.run(exe, fin, fout, env=env).strip()
     W = SAVED_WIDTH[c.mode]
     ws = N * (W * H + H + (2 * H if lstm else 0))  # rnn_layer_workspace_numel

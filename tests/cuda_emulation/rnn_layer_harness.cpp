@@ -120,11 +120,12 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  fprintf(stderr, "fwd tile=%d k_chunk=%d units=%d mma=%d prefetch=%d; bwd tile=%d k_chunk=%d "
-          "units=%d mma=%d prefetch=%d; fwd persistent=%d blocks=%d coop_launches=%d; bwd "
-          "persistent=%d blocks=%d coop_launches=%d\n",
+  fprintf(stderr, "fwd tile=%d k_chunk=%d units=%d mma=%d prefetch=%d groups=%d; bwd tile=%d "
+          "k_chunk=%d units=%d mma=%d prefetch=%d groups=%d; fwd persistent=%d blocks=%d "
+          "coop_launches=%d; bwd persistent=%d blocks=%d coop_launches=%d\n",
           plan_f.batch_tile, plan_f.k_chunk, plan_f.units, int(plan_f.mma), int(plan_f.prefetch),
-          plan_b.batch_tile, plan_b.k_chunk, plan_b.units, int(plan_b.mma), int(plan_b.prefetch),
+          plan_f.batch_groups, plan_b.batch_tile, plan_b.k_chunk, plan_b.units, int(plan_b.mma),
+          int(plan_b.prefetch), plan_b.batch_groups,
           int(plan_f.persistent), plan_f.blocks, fwd_coop, int(plan_b.persistent), plan_b.blocks,
           g_emu_coop_launches - fwd_coop);
   FILE* f = fopen(argv[2], "wb");
