@@ -23,7 +23,8 @@ import seqkern
 from test_rnn_layer_bench import variant_env  # bench/ is this script's directory: on sys.path
 
 # (module, T, B, H, dtype, variant): the fastrnns training shape, the targets not met; bf16
-# also with the tensor-core blocks over the batch (split: 128 blocks of one pass a step).
+# also as the split variant (tensor-core blocks over the batch: 128 blocks of one pass a
+# step, the wide backward; bench/test_rnn_layer_bench.py's VARIANT_ENV).
 CASES = [("LSTM", 100, 64, 512, torch.bfloat16, ""), ("LSTM", 100, 64, 512, torch.float32, ""),
          ("LSTM", 100, 64, 512, torch.bfloat16, "split")]
 

@@ -60,7 +60,10 @@ BATCHES_NAMED = ("small-batch", "decode")  # shapes named with their batch in te
 # "wide" = the backward in fewer, wider blocks (SEQKERN_CUDA_RNN_WIDE=1, opt-in: tensor-core
 # blocks of 16 units in 16-row passes, CUDA-core blocks of at least 8 units; training only).
 # "split" = the tensor-core blocks over the batch too (SEQKERN_CUDA_RNN_SPLIT=1, opt-in: one
-# 32-row pass a block a step; at B > 32 only, the fastrnns shape here), fp32 on TF32.
+# pass a block a step; at B > 32 only, the fastrnns shape here) with the wide backward (its
+# blocks read half the gate gradients from L2 that 8-unit blocks do: with the split, the
+# backward's reads in all would otherwise stay 16 MB a step) and fp32 on TF32. Its forward
+# against "cuda"'s, its backward against "wide"'s, isolate the split.
 # "seqkern-cuda" runs the defaults. LSTM projections (the "projection" shape), which the CUDA kernel refuses, run on
 # triton, and on cuda as "seqkern-cuda-proj": a plain layer with the projection folded into
 # its weights (SEQKERN_RNN_PROJ_VIA_PLAIN=1, seqkern/nn/projection.py). On the CPU the
@@ -71,8 +74,8 @@ PROVIDERS = (["seqkern-cuda", "seqkern-cuda-next", "seqkern-cuda-wide", "seqkern
 VARIANT_ENV = {"next": {"SEQKERN_CUDA_RNN_MMA": "1", "SEQKERN_CUDA_RNN_TF32": "1",
                         "SEQKERN_CUDA_RNN_PREFETCH": "1"},
                "wide": {"SEQKERN_CUDA_RNN_WIDE": "1"},
-               "split": {"SEQKERN_CUDA_RNN_SPLIT": "1", "SEQKERN_CUDA_RNN_MMA": "1",
-                         "SEQKERN_CUDA_RNN_TF32": "1"},
+               "split": {"SEQKERN_CUDA_RNN_SPLIT": "1", "SEQKERN_CUDA_RNN_WIDE": "1",
+                         "SEQKERN_CUDA_RNN_MMA": "1", "SEQKERN_CUDA_RNN_TF32": "1"},
                "lanes": {"SEQKERN_CUDA_RNN_LANES": "1", "SEQKERN_CUDA_RNN_MMA": "0"},
                "proj": {"SEQKERN_RNN_PROJ_VIA_PLAIN": "1"}}
 
