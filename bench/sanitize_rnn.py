@@ -5,8 +5,9 @@ emulator does not look for). One small shape per block kind the planner picks, b
 batch-lane blocks for the fp32 forward at B >= 64) and in the layer benchmarks' variants
 (bench/test_rnn_layer_bench.py's VARIANT_ENV): "lanes", batch-lane blocks both ways; "next",
 tensor-core blocks at every batch with two staging buffers, fp32 on TF32; "wide", the
-backward's tensor-core blocks of 16 units and CUDA-core blocks of 8. Prints one line per
-case."""
+backward's tensor-core blocks of 16 units and CUDA-core blocks of 8; "split", tensor-core
+blocks over the batch too (B80: three groups forward, five of 16 rows in the wide backward).
+Prints one line per case."""
 import torch
 
 import seqkern
@@ -17,7 +18,7 @@ CASES = [("LSTM", torch.bfloat16, 16, ""), ("GRU", torch.bfloat16, 5, ""),
          ("LSTM", torch.float32, 64, ""), ("GRU", torch.float32, 40, "lanes"),
          ("LSTM", torch.bfloat16, 40, "next"), ("RNN", torch.bfloat16, 2, "next"),
          ("GRU", torch.float32, 20, "next"), ("LSTM", torch.bfloat16, 40, "wide"),
-         ("GRU", torch.float32, 20, "wide")]
+         ("GRU", torch.float32, 20, "wide"), ("LSTM", torch.bfloat16, 80, "split")]
 
 
 def main():
