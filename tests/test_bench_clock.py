@@ -1,7 +1,11 @@
 """bench/conftest.py's device clock, on the CPU with torch.cuda's events faked: a GPU session's
-benchmark numbers come from this bookkeeping, and a GPU is rarely at hand to catch it wrong."""
+benchmark numbers come from this bookkeeping, and a GPU is rarely at hand to catch it wrong.
+Also the GPU run's other tools that can be checked here (variant switches, the host-time
+script, the prebuilt build's stamp)."""
 import importlib.util
 import os
+import shutil
+import subprocess
 import types
 
 import pytest
@@ -118,3 +122,30 @@ def test_host_overhead_script_times_every_layer_of_the_stack(capsys):
     for row in rows:
         times = [float(v) for v in row.strip("|").split("|")[1:]]
         assert len(times) == 5 and all(t > 0 for t in times), row
+
+
+def test_prebuilt_stamp_names_the_sources_torch_and_archs(tmp_path):
+    """bench/prebuilt_stamp.sh: gpu_check.sh installs the _C that `make gpu-torch-check` built
+    on the CPU machine only where the stamps agree, so the stamp must change with any file
+    under csrc/, setup.py, the torch and the archs, and with nothing else."""
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    copy = tmp_path / "tree"
+    shutil.copytree(os.path.join(root, "csrc"), copy / "csrc")
+    shutil.copy(os.path.join(root, "setup.py"), copy / "setup.py")
+    (copy / "bench").mkdir()
+    shutil.copy(os.path.join(root, "bench", "prebuilt_stamp.sh"), copy / "bench")
+
+    def stamp(torch_version="2.11.0+cu130", archs="90a"):
+        out = subprocess.run(["bash", str(copy / "bench" / "prebuilt_stamp.sh"), torch_version,
+                              archs], capture_output=True, text=True, check=True).stdout
+        assert len(out.strip()) == 64, out
+        return out.strip()
+
+    first = stamp()
+    (copy / "README.md").write_text("not a build input")
+    assert stamp() == first
+    assert stamp(torch_version="2.13.0") != first
+    assert stamp(archs="80;90a") != first
+    source = copy / "csrc" / "cuda" / "rnn_layer.cu"
+    source.write_text(source.read_text() + "\n")
+    assert stamp() != first
