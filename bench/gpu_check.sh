@@ -85,6 +85,7 @@ build() {
   elif [[ -n "$stamp" ]]; then
     echo "gpu-prebuilt/ was built from other sources or for another torch: compiling"
   fi
+  rm -f seqkern/_C*.so  # a _C left by an earlier call would shadow (cpython-3XX) or stand in
   $PY -m pip install -q -e . --no-build-isolation --no-deps && return 0
   echo "CUDA build failed; building the CPU kernels only so that Triton still runs"
   SEQKERN_SKIP_CUDA_BUILD=1 $PY -m pip install -q -e . --no-build-isolation --no-deps
