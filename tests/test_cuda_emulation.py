@@ -434,10 +434,10 @@ def stray_read_harness(tmp_path_factory):
     root = tmp_path_factory.mktemp("stray_read")
     src = root / "cuda"
     shutil.copytree(build.CUDA_SRC, src)
-    layer = (src / "rnn_layer.cu").read_text()
+    layer = (src / "rnn_layer_kernels.cuh").read_text()
     anchor = "blk(a, smem);\n"
     assert anchor in layer, "the forward kernel's block no longer reads `blk(a, smem);`"
-    (src / "rnn_layer.cu").write_text(layer.replace(anchor, anchor + _STRAY_READ, 1))
+    (src / "rnn_layer_kernels.cuh").write_text(layer.replace(anchor, anchor + _STRAY_READ, 1))
     return build.build("rnn_layer_harness", root / "build", cuda_src=src, sanitize=True)
 
 

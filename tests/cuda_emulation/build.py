@@ -24,7 +24,8 @@ HARNESSES = {
     "attention_harness": ("mma.cuh", "attention_common.cuh", "attention_fwd.cu",
                           "attention_bwd.cu"),
     "rnn_cell_harness": ("rnn.h", "rnn_cell.cu"),
-    "rnn_layer_harness": ("rnn.h", "mma.cuh", "rnn_layer_blocks.cuh", "rnn_layer.cu"),
+    "rnn_layer_harness": ("rnn.h", "mma.cuh", "rnn_layer_blocks.cuh", "rnn_layer_kernels.cuh",
+                          "rnn_layer.cu"),
 }
 
 _LAUNCH = re.compile(r"([\w:]+(?:<\w+>)?)\s*<<<(.*?)>>>\((.*?)\);", re.S)
@@ -63,8 +64,8 @@ def rewrite_cuda_source(name, src):
     - `extern __shared__ ... smem[]` becomes a pointer to the emulated block's shared memory;
     - `kernel<<<grid, block, smem, stream>>>(args);` becomes
       `emu_launch(grid, block, smem, stream, [&] { kernel(args); });`;
-    - empty spin loops (the layer's grid barrier) yield, so that the threads they wait for
-      get a core;
+    - empty spin loops (the layer's grid barrier, rnn_layer_kernels.cuh) yield, so that the
+      threads they wait for get a core;
     - rnn_layer.cu's minimum work per block (`8 * kThreads`) becomes g_emu_min_work, so a test
       can force many small blocks (and cross-block barriers) at small hidden sizes;
     - rnn_layer.cu's packed step table goes 3 steps a launch (kStepsPerLaunch), so that the
@@ -80,15 +81,17 @@ def rewrite_cuda_source(name, src):
         return text
 
     smem = r"extern __shared__ __align__\(16\) unsigned char smem\[\];"
-    launches = {"attention_fwd.cu": 1, "attention_bwd.cu": 3, "rnn_cell.cu": 2,
-                "rnn_layer.cu": 5}
-    if name in launches:
-        src = sub(smem, "unsigned char* smem = emu_smem();", src, 0 if name == "rnn_cell.cu"
-                  else 1)
+    # files with kernels: how many of them take dynamic shared memory, how many launches
+    kernels = {"attention_fwd.cu": (1, 1), "attention_bwd.cu": (1, 3), "rnn_cell.cu": (0, 2),
+               "rnn_layer_kernels.cuh": (2, 0), "rnn_layer.cu": (0, 5)}
+    if name in kernels:
+        shared, launches = kernels[name]
+        src = sub(smem, "unsigned char* smem = emu_smem();", src, shared)
         src = sub(_LAUNCH.pattern, lambda m: f"emu_launch({m[2]}, [&] {{ {m[1]}({m[3]}); }});",
-                  src, launches[name], re.S)
-    if name == "rnn_layer.cu":
+                  src, launches, re.S)
+    if name == "rnn_layer_kernels.cuh":
         src = sub(_SPIN.pattern, r"\1 emu_yield();\2", src, 1)
+    if name == "rnn_layer.cu":
         src = sub(r"< 8 \* kThreads\) \+\+first;", "< g_emu_min_work) ++first;", src, 1)
         # a packed step table in launches of 3 steps, so that every packed case with more
         # steps crosses launches (a part-filled last one included)
