@@ -1,5 +1,5 @@
 """csrc/cuda's kernels tested without a GPU: their real sources, rewritten into host C++ and
-run one thread per CUDA thread (tests/cuda_emulation), against the float64 reference.
+run as fibers, one per CUDA thread (tests/cuda_emulation), against the float64 reference.
 
 The emulation checks indexing, masking, synchronisation, fragment layouts and plan choices,
 not timing or memory-model corner cases of real hardware. Where g++ has AddressSanitizer the
@@ -10,6 +10,7 @@ nvcc); skips otherwise. Select with `-m cuda_emulation`, deselect with
 `-m "not cuda_emulation"`.
 """
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -417,6 +418,24 @@ def test_rnn_layer_fwd_bwd(harness, tmp_path, case):
 # Read at the start of the layer's forward kernel when EMU_STRAY_READ is set, and discarded:
 # one float past the input gates (global memory) or the byte before the block's shared memory.
 # The results stay right; only the sanitizer can tell.
+@pytest.mark.parametrize("check", ["barrier", "warp", "grid"])
+def test_emulated_runtime(harness, check):
+    """emu_runtime.h's own primitives, on which every emulated kernel rests: a __syncthreads
+    lets no thread run ahead, a warp's shuffles see every lane, and a cooperative launch's
+    blocks run together (one spins until all the others have written)."""
+    build.run(harness("runtime_harness"), check)  # exits 1 with the reason where one fails
+
+
+def test_emulated_runtime_reports_a_deadlocked_block(harness):
+    """A block whose threads all wait at a barrier that one of them never reaches stops the
+    run with a report, instead of hanging the test until its timeout."""
+    r = subprocess.run([str(harness("runtime_harness")), "deadlock"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 3, (r.returncode, r.stdout, r.stderr)
+    assert "emu: block 0 deadlocked: thread 1 waits at __syncthreads (255 of 256 arrived)" \
+        in r.stderr, r.stderr
+
+
 _STRAY_READ = """
   if (const char* stray = std::getenv("EMU_STRAY_READ")) {
     volatile float sink = stray[0] == 'g' ? a.x_gates[a.N * G * a.H] : float(smem[-1]);

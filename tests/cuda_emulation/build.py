@@ -21,6 +21,7 @@ REQUIRED_HEADERS = ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h")
 
 # harness source -> the kernel sources it includes (rewritten into the build dir)
 HARNESSES = {
+    "runtime_harness": (),  # emu_runtime.h's own checks: no kernel sources
     "attention_harness": ("mma.cuh", "attention_common.cuh", "attention_fwd.cu",
                           "attention_bwd.cu"),
     "rnn_cell_harness": ("rnn.h", "rnn_cell.cu"),
@@ -65,7 +66,7 @@ def rewrite_cuda_source(name, src):
     - `kernel<<<grid, block, smem, stream>>>(args);` becomes
       `emu_launch(grid, block, smem, stream, [&] { kernel(args); });`;
     - empty spin loops (the layer's grid barrier, rnn_layer_kernels.cuh) yield, so that the
-      threads they wait for get a core;
+      block's other threads and the blocks they wait for run;
     - rnn_layer.cu's minimum work per block (`8 * kThreads`) becomes g_emu_min_work, so a test
       can force many small blocks (and cross-block barriers) at small hidden sizes;
     - rnn_layer.cu's packed step table goes 3 steps a launch (kStepsPerLaunch), so that the
