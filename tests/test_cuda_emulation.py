@@ -9,6 +9,8 @@ size: a read or write past one fails the test even where the results come out ri
 nvcc); skips otherwise. Select with `-m cuda_emulation`, deselect with
 `-m "not cuda_emulation"`.
 """
+import concurrent.futures
+import functools
 import shutil
 import subprocess
 
@@ -27,22 +29,32 @@ pytestmark = pytest.mark.cuda_emulation
 
 @pytest.fixture(scope="session")
 def harness(tmp_path_factory):
-    """harness(name) -> path of the built executable (built once per session), with
-    AddressSanitizer where g++ has it: then a kernel's read or write past any buffer, global
-    or shared, fails the test even where the results come out right."""
+    """harness(name) -> path of the built executable, with AddressSanitizer where g++ has it:
+    then a kernel's read or write past any buffer, global or shared, fails the test even where
+    the results come out right. The first call starts every build (each harness of
+    build.HARNESSES, and "stray_read": the layer harness with _STRAY_READ, where ASan is),
+    the one asked for first, two at a time: a build takes 3-45 s of one core, most of this
+    file's time."""
     reason = build.missing_toolchain()
     if reason:
         pytest.skip(f"CUDA emulation unavailable: {reason}")
     root = tmp_path_factory.mktemp("cuda_emulation")
-    built = {}
+    sanitize = build.sanitizer_missing() is None
+    jobs = {name: functools.partial(build.build, name, root / name, sanitize=sanitize)
+            for name in build.HARNESSES}
+    if sanitize:
+        jobs["stray_read"] = functools.partial(_build_stray_read, root / "stray_read")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    futures = {}
 
     def get(name):
-        if name not in built:
-            built[name] = build.build(name, root / name,
-                                      sanitize=build.sanitizer_missing() is None)
-        return built[name]
+        if not futures:
+            for job in [name] + [n for n in jobs if n != name]:
+                futures[job] = pool.submit(jobs[job])
+        return futures[name].result()
 
-    return get
+    yield get
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---- attention ---------------------------------------------------------------------------
@@ -444,13 +456,8 @@ _STRAY_READ = """
 """
 
 
-@pytest.fixture(scope="module")
-def stray_read_harness(tmp_path_factory):
+def _build_stray_read(root):
     """The layer harness built from a copy of csrc/cuda whose forward kernel has _STRAY_READ."""
-    reason = build.missing_toolchain() or build.sanitizer_missing()
-    if reason:
-        pytest.skip(f"CUDA emulation with AddressSanitizer unavailable: {reason}")
-    root = tmp_path_factory.mktemp("stray_read")
     src = root / "cuda"
     shutil.copytree(build.CUDA_SRC, src)
     layer = (src / "rnn_layer_kernels.cuh").read_text()
@@ -458,6 +465,14 @@ def stray_read_harness(tmp_path_factory):
     assert anchor in layer, "the forward kernel's block no longer reads `blk(a, smem);`"
     (src / "rnn_layer_kernels.cuh").write_text(layer.replace(anchor, anchor + _STRAY_READ, 1))
     return build.build("rnn_layer_harness", root / "build", cuda_src=src, sanitize=True)
+
+
+@pytest.fixture
+def stray_read_harness(harness):
+    reason = build.sanitizer_missing()
+    if reason:
+        pytest.skip(f"CUDA emulation with AddressSanitizer unavailable: {reason}")
+    return harness("stray_read")
 
 
 @pytest.mark.parametrize("where", ["global", "shared"])
