@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "../attention_args.h"
+#include "../below_autograd.h"
 #include "../new_outputs.h"
 #include "attention_kernels.h"
 
@@ -166,7 +167,9 @@ TORCH_LIBRARY_FRAGMENT(seqkern_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
-  m.impl("attention_fwd", &seqkern::cpu::attention_fwd_cpu);
-  m.impl("attention_bwd", &seqkern::cpu::attention_bwd_cpu);
-  m.impl("attention_weights", &seqkern::cpu::attention_weights_cpu);
+  using namespace seqkern::cpu;
+  using seqkern::below_autograd;
+  m.impl("attention_fwd", below_autograd<&attention_fwd_cpu>);
+  m.impl("attention_bwd", below_autograd<&attention_bwd_cpu>);
+  m.impl("attention_weights", below_autograd<&attention_weights_cpu>);
 }

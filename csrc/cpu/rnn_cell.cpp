@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../below_autograd.h"
 #include "../new_outputs.h"
 #include "../rnn_args.h"
 #include "matmul.h"
@@ -153,6 +154,8 @@ std::vector<at::Tensor> rnn_cell_bwd_cpu(
 }  // namespace seqkern::cpu
 
 TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
-  m.impl("rnn_cell_fwd", &seqkern::cpu::rnn_cell_fwd_cpu);
-  m.impl("rnn_cell_bwd", &seqkern::cpu::rnn_cell_bwd_cpu);
+  using namespace seqkern::cpu;
+  using seqkern::below_autograd;
+  m.impl("rnn_cell_fwd", below_autograd<&rnn_cell_fwd_cpu>);
+  m.impl("rnn_cell_bwd", below_autograd<&rnn_cell_bwd_cpu>);
 }

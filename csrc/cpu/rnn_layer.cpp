@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../below_autograd.h"
 #include "buffer_cache.h"
 #include "matmul.h"
 #include "rnn_kernels.h"
@@ -217,5 +218,7 @@ TORCH_LIBRARY_FRAGMENT(seqkern_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
-  m.impl("rnn_layer_fwd", &seqkern::cpu::rnn_layer_fwd_cpu);
+  using namespace seqkern::cpu;
+  using seqkern::below_autograd;
+  m.impl("rnn_layer_fwd", below_autograd<&rnn_layer_fwd_cpu>);
 }

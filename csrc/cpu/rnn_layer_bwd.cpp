@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../below_autograd.h"
 #include "../rnn_args.h"
 #include "buffer_cache.h"
 #include "matmul.h"
@@ -264,5 +265,7 @@ rnn_layer_bwd_cpu(const std::string& mode_name, const at::Tensor& input,
 }  // namespace seqkern::cpu
 
 TORCH_LIBRARY_IMPL(seqkern_C, CPU, m) {
-  m.impl("rnn_layer_bwd", &seqkern::cpu::rnn_layer_bwd_cpu);
+  using namespace seqkern::cpu;
+  using seqkern::below_autograd;
+  m.impl("rnn_layer_bwd", below_autograd<&rnn_layer_bwd_cpu>);
 }

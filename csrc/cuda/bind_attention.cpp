@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "../attention_args.h"
+#include "../below_autograd.h"
 #include "../new_outputs.h"
 #include "attention.h"
 
@@ -141,6 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 }  // namespace seqkern::cuda
 
 TORCH_LIBRARY_IMPL(seqkern_C, CUDA, m) {
-  m.impl("attention_fwd", &seqkern::cuda::attention_fwd_cuda);
-  m.impl("attention_bwd", &seqkern::cuda::attention_bwd_cuda);
+  using namespace seqkern::cuda;
+  using seqkern::below_autograd;
+  m.impl("attention_fwd", below_autograd<&attention_fwd_cuda>);
+  m.impl("attention_bwd", below_autograd<&attention_bwd_cuda>);
 }

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../below_autograd.h"
 #include "../new_outputs.h"
 #include "../rnn_args.h"
 #include "rnn.h"
@@ -299,8 +300,10 @@ rnn_layer_bwd_cuda(const std::string& mode_name, const at::Tensor& input,
 }  // namespace seqkern::cuda::rnn
 
 TORCH_LIBRARY_IMPL(seqkern_C, CUDA, m) {
-  m.impl("rnn_cell_fwd", &seqkern::cuda::rnn::rnn_cell_fwd_cuda);
-  m.impl("rnn_cell_gate_grads", &seqkern::cuda::rnn::rnn_cell_gate_grads_cuda);
-  m.impl("rnn_layer_fwd", &seqkern::cuda::rnn::rnn_layer_fwd_cuda);
-  m.impl("rnn_layer_bwd", &seqkern::cuda::rnn::rnn_layer_bwd_cuda);
+  using namespace seqkern::cuda::rnn;
+  using seqkern::below_autograd;
+  m.impl("rnn_cell_fwd", below_autograd<&rnn_cell_fwd_cuda>);
+  m.impl("rnn_cell_gate_grads", below_autograd<&rnn_cell_gate_grads_cuda>);
+  m.impl("rnn_layer_fwd", below_autograd<&rnn_layer_fwd_cuda>);
+  m.impl("rnn_layer_bwd", below_autograd<&rnn_layer_bwd_cuda>);
 }
