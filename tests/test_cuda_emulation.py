@@ -425,11 +425,8 @@ def test_rnn_layer_fwd_bwd(harness, tmp_path, case):
         _check(name, k, w, p, BWD_FACTOR)
 
 
-# ---- the sanitizer itself ------------------------------------------------------------------
+# ---- the emulated runtime itself ----------------------------------------------------------
 
-# Read at the start of the layer's forward kernel when EMU_STRAY_READ is set, and discarded:
-# one float past the input gates (global memory) or the byte before the block's shared memory.
-# The results stay right; only the sanitizer can tell.
 @pytest.mark.parametrize("check", ["barrier", "warp", "grid"])
 def test_emulated_runtime(harness, check):
     """emu_runtime.h's own primitives, on which every emulated kernel rests: a __syncthreads
@@ -448,6 +445,11 @@ def test_emulated_runtime_reports_a_deadlocked_block(harness):
         in r.stderr, r.stderr
 
 
+# ---- the sanitizer itself ------------------------------------------------------------------
+
+# Read at the start of the layer's forward kernel when EMU_STRAY_READ is set, and discarded:
+# one float past the input gates (global memory) or the byte before the block's shared memory.
+# The results stay right; only the sanitizer can tell.
 _STRAY_READ = """
   if (const char* stray = std::getenv("EMU_STRAY_READ")) {
     volatile float sink = stray[0] == 'g' ? a.x_gates[a.N * G * a.H] : float(smem[-1]);

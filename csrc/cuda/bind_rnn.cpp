@@ -266,7 +266,7 @@ rnn_layer_bwd_cuda(const std::string& mode_name, const at::Tensor& input,
   // Only the products asked for (needs); an unwanted gradient comes back as [0], each a
   // tensor of its own (op outputs may not alias).
   at::Tensor dx, dw_ih, dw_hh, db_ih, db_hh;
-  // The bias gradients from the fp32 gate gradients, before anything else is allocated.
+  // The bias gradients first, from the fp32 gate gradients (the bf16 path frees them next).
   if (b_ih && needs.b_ih) db_ih = d_gx.sum(0);
   // LSTM and RNN add b_hh where b_ih goes: the same gradient.
   if (b_ih && needs.b_hh) db_hh = (gru ? d_gh : d_gx).sum(0);

@@ -23,7 +23,6 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #include <algorithm>
 #include <atomic>
@@ -109,6 +108,7 @@ inline void emu_make_context(EmuContext& c, unsigned char* stack, size_t bytes, 
   c.sp = sp;
 }
 #else
+#include <ucontext.h>
 struct EmuContext {
   ucontext_t uc;
 };
@@ -147,8 +147,7 @@ struct EmuThread {
   std::vector<EmuCopy> pending_copies;                 // not yet committed
   std::vector<std::vector<EmuCopy>> copy_groups;       // committed, oldest first
   EmuContext context;
-  unsigned char* stack = nullptr;  // [guard page][stack], mmap'd
-  size_t stack_bytes = 0;
+  unsigned char* stack = nullptr;  // mmap'd: a guard page (kEmuGuardBytes), then the stack
   const EmuBarrier* waiting_on = nullptr;  // blocked until its generation moves on
   unsigned waiting_generation = 0;
   bool spinning = false, done = false;
@@ -397,7 +396,7 @@ inline void emu_resume(EmuThread& t) {
   emu_t = &t;
 #if defined(__SANITIZE_ADDRESS__)
   __sanitizer_start_switch_fiber(&emu_runner->asan_fake_stack, t.stack + kEmuGuardBytes,
-                                 t.stack_bytes - kEmuGuardBytes);
+                                 kEmuStackBytes);
 #endif
   emu_switch(emu_runner->context, t.context);
 #if defined(__SANITIZE_ADDRESS__)
@@ -421,8 +420,7 @@ inline void* emu_block_main(void* arg) {
   EmuThread* threads = job->threads;
   for (unsigned i = 0; i < job->count; ++i) {
     EmuThread& t = threads[i];
-    t.stack_bytes = kEmuGuardBytes + kEmuStackBytes;
-    void* m = mmap(nullptr, t.stack_bytes, PROT_READ | PROT_WRITE,
+    void* m = mmap(nullptr, kEmuGuardBytes + kEmuStackBytes, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED || mprotect(m, kEmuGuardBytes, PROT_NONE) != 0) {
       fprintf(stderr, "emu: a fiber's stack could not be mapped\n");
@@ -466,7 +464,7 @@ inline void* emu_block_main(void* arg) {
     // before the pages go back, so that memory mapped there later is not taken for them
     __asan_unpoison_memory_region(threads[i].stack + kEmuGuardBytes, kEmuStackBytes);
 #endif
-    munmap(threads[i].stack, threads[i].stack_bytes);
+    munmap(threads[i].stack, kEmuGuardBytes + kEmuStackBytes);
   }
   emu_runner = nullptr;
   return nullptr;
