@@ -11,6 +11,7 @@ nvcc); skips otherwise. Select with `-m cuda_emulation`, deselect with
 """
 import concurrent.futures
 import functools
+import os
 import shutil
 import subprocess
 
@@ -42,6 +43,10 @@ def harness(tmp_path_factory):
     sanitize = build.sanitizer_missing() is None
     jobs = {name: functools.partial(build.build, name, root / name, sanitize=sanitize)
             for name in build.HARNESSES}
+    # The runtime's checks again with its fibers on ucontext (the switch off x86-64).
+    jobs["runtime_ucontext"] = functools.partial(
+        build.build, "runtime_harness", root / "runtime_ucontext", sanitize=sanitize,
+        defines=("EMU_FIBERS_UCONTEXT",))
     if sanitize:
         jobs["stray_read"] = functools.partial(_build_stray_read, root / "stray_read")
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
@@ -427,19 +432,25 @@ def test_rnn_layer_fwd_bwd(harness, tmp_path, case):
 
 # ---- the emulated runtime itself ----------------------------------------------------------
 
+# The fiber switches: x86-64's own (every harness's, on this machine) and ucontext's.
+RUNTIMES = {"switch": "runtime_harness", "ucontext": "runtime_ucontext"}
+
+
+@pytest.mark.parametrize("fibers", RUNTIMES)
 @pytest.mark.parametrize("check", ["barrier", "warp", "grid"])
-def test_emulated_runtime(harness, check):
+def test_emulated_runtime(harness, check, fibers):
     """emu_runtime.h's own primitives, on which every emulated kernel rests: a __syncthreads
     lets no thread run ahead, a warp's shuffles see every lane, and a cooperative launch's
     blocks run together (one spins until all the others have written)."""
-    build.run(harness("runtime_harness"), check)  # exits 1 with the reason where one fails
+    build.run(harness(RUNTIMES[fibers]), check)  # exits 1 with the reason where one fails
 
 
-def test_emulated_runtime_reports_a_deadlocked_block(harness):
+@pytest.mark.parametrize("fibers", RUNTIMES)
+def test_emulated_runtime_reports_a_deadlocked_block(harness, fibers):
     """A block whose threads all wait at a barrier that one of them never reaches stops the
     run with a report, instead of hanging the test until its timeout."""
-    r = subprocess.run([str(harness("runtime_harness")), "deadlock"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run([str(harness(RUNTIMES[fibers])), "deadlock"], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
     assert r.returncode == 3, (r.returncode, r.stdout, r.stderr)
     assert "emu: block 0 deadlocked: thread 1 waits at __syncthreads (255 of 256 arrived)" \
         in r.stderr, r.stderr

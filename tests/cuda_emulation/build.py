@@ -133,11 +133,11 @@ def sanitizer_missing():
         return None if r.returncode == 0 else f"an ASan program fails to run: {r.stderr[-300:]}"
 
 
-def build(harness, out_dir, cuda_src=CUDA_SRC, sanitize=False):
+def build(harness, out_dir, cuda_src=CUDA_SRC, sanitize=False, defines=()):
     """Compiles tests/cuda_emulation/<harness>.cpp with rewritten kernels from cuda_src;
     returns the executable's path. sanitize: with AddressSanitizer, and every emulated
     buffer (shared memory included) allocated to its exact size, so that a read or write
-    past any of them stops the run with ASan's report."""
+    past any of them stops the run with ASan's report. defines: macros (-D) for the build."""
     out_dir = Path(out_dir)
     gen = out_dir / "cuda"  # the rewritten sources; their own includes fall back to cuda_src
     gen.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def build(harness, out_dir, cuda_src=CUDA_SRC, sanitize=False):
     exe = out_dir / harness
     cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-w", "-pthread",
            f"-I{gen}", f"-I{HERE}", f"-I{cuda_src}", f"-I{CUDA_INCLUDE}",
-           str(HERE / f"{harness}.cpp"), "-o", str(exe)]
+           *(f"-D{d}" for d in defines), str(HERE / f"{harness}.cpp"), "-o", str(exe)]
     if sanitize:
         cmd[3:3] = ["-fsanitize=address", "-fno-omit-frame-pointer"]
     r = subprocess.run(cmd, capture_output=True, text=True)

@@ -55,9 +55,10 @@ inline int g_emu_launches = 0, g_emu_coop_launches = 0;
 
 // A fiber's saved context and the switch between two. On x86-64 a switch saves the
 // callee-saved registers on the stack it leaves and loads them from the one it enters
-// (emu_context_switch below: no system call, nothing ASan intercepts); elsewhere ucontext's
-// swapcontext.
-#if defined(__x86_64__)
+// (emu_context_switch below: no system call, nothing ASan intercepts); elsewhere, or where
+// EMU_FIBERS_UCONTEXT is defined (tests/test_cuda_emulation.py builds the runtime checks so,
+// to keep that path compiled and run), ucontext's swapcontext.
+#if defined(__x86_64__) && !defined(EMU_FIBERS_UCONTEXT)
 struct EmuContext {
   void* sp = nullptr;
 };
