@@ -10,8 +10,9 @@ transforms nothing changes (one check, 0.1 us).
 
 Not covered: a torch.func transform inside a torch.compile'd function. While dynamo
 traces, this check cannot tell a user's transform from dynamo's own functorch levels, so
-the compiled graph calls the ops: jvp there still gives zero tangents through them, grad
-fails (found by review; eager transforms are right).
+the compiled graph calls the ops: grad fails there (torch's error), and jvp / jacfwd, which
+gave zero tangents through them silently, raise (seqkern/ops/registration.py,
+refuse_forward_ad). Eager transforms are right.
 """
 import torch
 import torch.autograd.forward_ad as forward_ad

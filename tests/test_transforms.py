@@ -193,3 +193,35 @@ def test_ops_run_outside_transforms(monkeypatch):
     with pytest.raises(AssertionError, match="outside a transform"):
         torch.func.grad(lambda a: seqkern.functional.scaled_dot_product_attention(
             a, a, a).sum())(q)
+
+
+def test_forward_ad_through_the_ops_raises():
+    """Where forward-mode AD reaches an op (it has no forward rule: torch gave its outputs zero
+    tangents, silently), the op raises. Inside a torch.compile'd function the modules cannot
+    tell a user's transform from dynamo's levels and call the ops: there torch.func.jvp
+    returned zero tangents before (seqkern/transforms.py); and an op called directly under
+    jvp or a dual level."""
+    ours, theirs = _pair("GRU", 3, 5)
+    x, v = _randn(4, 2, 3), _randn(4, 2, 3)
+
+    def jvp(m):
+        return torch.func.jvp(lambda a: m(a)[0], (x,), (v,))[1]
+
+    assert_close("eager jvp", jvp(ours), jvp(theirs))  # the reference runs: right
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="seqkern::rnn_layer_fwd has no forward-mode AD"):
+        torch.compile(jvp, backend="aot_eager")(ours)
+    torch._dynamo.reset()
+
+    from seqkern.ops.rnn_layer import rnn_layer_fwd
+    weights = [w.detach() for w in ours._flat_weights]
+    h0 = torch.zeros(2, 5, dtype=F64, device=DEVICE)
+
+    def op(a):
+        return rnn_layer_fwd("GRU", a, None, h0, None, *weights, False, False)[0]
+
+    with pytest.raises(RuntimeError, match="no forward-mode AD"):
+        torch.func.jvp(op, (x,), (v,))
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match="no forward-mode AD"):
+        op(forward_ad.make_dual(x, v))
+    assert op(x).shape == (4, 2, 5)  # outside them the op runs
