@@ -306,16 +306,46 @@ def test_cpu_float32_weights_in_place_match_float64(case, cls, kw):
     _check_float32_layer_against_float64(IN_PLACE_CASES[case], cls, kw)
 
 
-def _check_float32_layer_against_float64(case, cls, kw):
+def _check_float32_layer_against_float64(case, cls, kw, paths=None):
+    """On TEAM_THREADS threads, with the smallest calls' one-thread rule off
+    (SEQKERN_CPU_ONE_THREAD_CALLS=0) unless the case's paths are given."""
     threads = torch.get_num_threads()
     torch.set_num_threads(TEAM_THREADS)
     try:
-        _check_float32_layer_on_threads(case, cls, kw)
+        with pytest.MonkeyPatch.context() as mp:
+            if paths is None:
+                mp.setenv("SEQKERN_CPU_ONE_THREAD_CALLS", "0")
+            _check_float32_layer_on_threads(case, cls, kw, paths or CASE_PATHS[case[0]])
     finally:
         torch.set_num_threads(threads)
 
 
-def _check_float32_layer_on_threads(case, cls, kw):
+def one_thread_rule(mode_gates, H, I, rows):
+    """csrc/cpu/rnn_layer_plan.cpp's forward_on_one_thread for fp32 weights [G*H, I + H] and
+    a call's rows (one direction): at most 512 KiB of weights and 0.6 MFLOP."""
+    weights = mode_gates * H * (I + H)
+    return 4 * weights <= 512 * 1024 and 2 * rows * weights <= 600_000
+
+
+@pytest.mark.skipif(not HAS_C, reason="no _C")
+@pytest.mark.parametrize("case", IN_PLACE_CASES)
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+def test_cpu_smallest_calls_run_on_one_thread(case, cls):
+    """The in-place cases as they run by default on two threads: the smallest forwards on one
+    (one row block, no team), the others on their case's path (the backward is not under the
+    rule); all against float64. Both kinds occur among them."""
+    want = CASE_PATHS[case]
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[cls]
+
+    def paths(rows):
+        if one_thread_rule(gates, IN_PLACE_CASES[case][1], 24, rows):
+            return ONE_BLOCK | IN_PLACE, want
+        return want, None
+
+    _check_float32_layer_against_float64(IN_PLACE_CASES[case], cls, {}, paths=paths)
+
+
+def _check_float32_layer_on_threads(case, cls, kw, paths):
     _, H, B, packed, bidirectional, grad, T = case
     torch.manual_seed(B * H)
     ours = getattr(seqkern, cls)(24, H, bidirectional=bidirectional, device="cpu", **kw)
@@ -349,7 +379,9 @@ def _check_float32_layer_on_threads(case, cls, kw):
     layer_paths()
     with seqkern.backend("cpu"):
         got = run(ours, torch.float32)
-    assert_paths(f"{cls} {case[0]}", layer_paths(), CASE_PATHS[case[0]])
+    rows = int(lengths.sum()) if packed else T * B
+    want, want_bwd = paths(rows) if callable(paths) else (paths, None)
+    assert_paths(f"{cls} {case[0]}", layer_paths(), want, want_bwd)
     want = run(theirs, torch.float64)
     names = ["out", "h_n", "c_n"][:1 + len(states)] + ["dx", "dh0", "dc0"][:1 + len(states)]
     names += [f"d{n}" for n, _ in ours.named_parameters()]

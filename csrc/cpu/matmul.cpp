@@ -14,6 +14,7 @@
 #include "buffer_cache.h"
 #include "round_bf16_kernel.h"
 #include "rows_dot_kernel.h"
+#include "threads.h"
 #include "transpose_kernel.h"
 #include <ATen/native/CPUBlas.h>
 
@@ -28,7 +29,7 @@ constexpr int64_t kChunkK = 512;
 template <typename Body>
 void for_column_stripes(int64_t C, const Body& body) {
   constexpr int64_t kStripe = 16;
-  at::parallel_for(0, (C + kStripe - 1) / kStripe, 1, [&](int64_t s0, int64_t s1) {
+  parallel_for(0, (C + kStripe - 1) / kStripe, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s)
       body(s * kStripe, std::min(C, (s + 1) * kStripe) - s * kStripe);
   });
@@ -57,7 +58,7 @@ PackedRight pack_right(const at::Tensor& b) {
       const float* w = b.data_ptr<float>();
       float* out = panels.data_ptr<float>();
       const int64_t ldw = b.stride(1);
-      at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
+      parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p)
           run_transpose_block(w + p * kPanel * ldw, kPanel, K, ldw, out + p * K * kPanel,
                               kPanel);
@@ -66,7 +67,7 @@ PackedRight pack_right(const at::Tensor& b) {
       const float* src = b.data_ptr<float>();
       float* out = panels.data_ptr<float>();
       const int64_t ld = b.stride(0);
-      at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+      parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k)
           for (int64_t p = 0; p < n_panels; ++p)
             std::memcpy(out + (p * K + k) * kPanel, src + k * ld + p * kPanel,
@@ -175,13 +176,13 @@ void tiled_product(int64_t M, const TA* A, int64_t lda, const PackedRight& b, fl
   if (b.layout == PackedRight::Layout::kWeightRows) {
     // W's rows in groups of at least 4 over the threads, each worth a task (2^16 FMAs)
     const int64_t grain = std::max<int64_t>(4, ((int64_t(1) << 16) / (M * K) + 3) / 4 * 4);
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       weight_rows_product(M, A, lda, b, n0, n1, C, ldc, accumulate);
     });
     return;
   }
   const int64_t m_tiles = (M + kTileM - 1) / kTileM, n_tiles = (N + kPanel - 1) / kPanel;
-  at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t tile = backwards ? begin + end - 1 - i : i;
       tile_product(A, lda, b, C, ldc, accumulate, backwards, tile / m_tiles,
@@ -293,7 +294,7 @@ PackedRight pack_rows_bf16(const at::Tensor& b_in) {
   // bf16 moved as its bits: unit (q, j) of panel p = b[2q, 64p + j] | b[2q + 1, 64p + j] << 16.
   const auto* src = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
   auto* out = reinterpret_cast<uint32_t*>(panels.data_ptr<float>());
-  at::parallel_for(0, pairs, 16, [&](int64_t q0, int64_t q1) {
+  parallel_for(0, pairs, 16, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const uint16_t* lo = src + 2 * q * ld;
       const uint16_t* hi = 2 * q + 1 < K ? lo + ld : nullptr;
@@ -385,7 +386,7 @@ void matmul_once_into(at::Tensor& out, const at::Tensor& a_in, const at::Tensor&
   float* C = out.data_ptr<float>();
   const int64_t lda = a.stride(0), ldb = b.stride(0), ldc = out.stride(0);
   const int64_t m_tiles = (M + kTileM - 1) / kTileM, n_tiles = (N + kPanel - 1) / kPanel;
-  at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n0 = (tile / m_tiles) * kPanel, m0 = (tile % m_tiles) * kTileM;
       const int64_t rows = std::min(kTileM, M - m0), cols = std::min(kPanel, N - n0);

@@ -28,6 +28,7 @@
 #include "rnn_layer_operands.h"
 #include "rnn_layer_plan.h"
 #include "rnn_layer_team.h"
+#include "threads.h"
 
 namespace seqkern::cpu {
 namespace {
@@ -57,6 +58,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_fwd_cpu(
   const int64_t H = ops.H, P = ops.P, G = ops.G, N = ops.N;
   const at::Tensor &x = ops.x, &wih = ops.w_ih, &whh = ops.w_hh;
   const bool proj = ops.w_hr.defined();
+  // The smallest calls on this thread alone (threads.h): no team, one row block, the products
+  // and the cell inline.
+  const OneThread one_thread(input.scalar_type() == at::kFloat && !proj &&
+                             forward_on_one_thread(N, G * H, x.size(1), P));
   const std::vector<Step> steps = make_steps(input, batch_sizes, reverse);
   const std::vector<StepChunk> chunks =
       step_chunks(steps, G * H * int64_t(at::elementSize(dt)), kProjectionChunkBytes);

@@ -20,6 +20,7 @@
 
 #include "rnn_kernels.h"
 #include "round_bf16_kernel.h"
+#include "threads.h"
 
 namespace seqkern::cpu {
 
@@ -55,6 +56,11 @@ struct Workspace {
 // Whether a layer's weights are multiplied as given (keep_weight, keep_rows) instead of packed
 // into panels first (rnn_layer_plan.cpp), on fp32 or (bf16) bf16 products: W_ih, used once a
 // chunk of steps on its rows (the input projection, dx); W_hh, once a step on its live rows.
+// Whether an fp32 forward without a projection is too small to share between threads: its
+// weights (W_ih and W_hh, [G*H, I + H]) fit one core's L2 and its products are ~0.5 MFLOP,
+// so that the fork/joins and barriers of two threads cost more than they save
+// (rnn_layer_plan.cpp). The caller then runs it all on its own thread (c10::ParallelGuard).
+bool forward_on_one_thread(int64_t rows, int64_t gate_rows, int64_t in, int64_t state);
 bool w_ih_in_place(size_t chunks, int64_t rows, bool bf16);
 bool w_hh_in_place(size_t steps, int64_t batch, bool bf16);
 bool w_hh_in_place_backward(size_t steps, int64_t batch);  // fp32 products
@@ -102,8 +108,8 @@ void for_row_blocks(const std::vector<std::pair<int64_t, int64_t>>& blocks, cons
   // below autograd) instead of their own.
   const at::ThreadLocalState caller_state;
   std::atomic<size_t> next{0};
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), int64_t(blocks.size()));
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  const int64_t threads = std::min<int64_t>(kernel_threads(), int64_t(blocks.size()));
+  parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     at::ThreadLocalStateGuard guard(caller_state);
     for (size_t b = next++; b < blocks.size(); b = next++) body(blocks[b].first, blocks[b].second);
   });

@@ -65,7 +65,7 @@ void for_team_steps(int64_t H, const StepChunk& chunk, bool reversed, int phases
 }  // namespace
 
 bool use_team(bool float32, bool proj, int64_t batch, int64_t H) {
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = kernel_threads();
   // Every thread owns at least one panel: a thread with none would only wait at the
   // barriers (and the team was measured on two cores only).
   if (!float32 || proj || threads < 2 || at::in_parallel_region() || H % kPanelWidth != 0 ||

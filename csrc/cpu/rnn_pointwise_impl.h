@@ -17,6 +17,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "threads.h"
+
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -125,7 +127,7 @@ constexpr int64_t kUnitChunk = 128;
 template <typename Body>
 inline void for_rows_and_chunks(int64_t n, int64_t u0, int64_t u1, const Body& body) {
   const int64_t chunks = (u1 - u0 + kUnitChunk - 1) / kUnitChunk;
-  at::parallel_for(0, n * chunks, 4, [&](int64_t begin, int64_t end) {
+  ::seqkern::cpu::parallel_for(0, n * chunks, 4, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / chunks, j0 = u0 + (item % chunks) * kUnitChunk;
       body(r, j0, std::min(u1, j0 + kUnitChunk));
