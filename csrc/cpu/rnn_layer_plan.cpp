@@ -5,6 +5,25 @@
 
 namespace seqkern::cpu {
 
+// forward_on_one_thread. Measured (bench/RESULTS.md, "one thread for the smallest layer
+// calls"): the C++ op on one thread against two, fp32, I = H, T1 B1 to B8 and T16 / T100 at
+// B1 / B4, three runs. One thread was faster in every run up to ~0.5 MFLOP with the weights in
+// one core's L2: RNN H128 T1 B1 1.28-1.41x, B8 1.33-1.47x; RNN H256 T1 B1 1.12-1.18x; GRU H128
+// T1 B1 1.18-1.70x; LSTM H128 T1 B1 1.15-1.18x. Around 1 MFLOP the runs disagreed (RNN H256 T1
+// B4 0.95-1.04x, GRU H128 T1 B4 0.98-1.43x, LSTM H128 T1 B4 0.88-1.38x, RNN H128 T16 B1
+// 0.94-1.13x); beyond, two threads won (GRU H256 T1 B1, 1.5 MB of weights: 1.25x; LSTM H128
+// T16 B1 1.39x). A cell's step (parallel in its products only) gained 8-15% from one thread at
+// H128 B1 alone: not changed.
+// SEQKERN_CPU_ONE_THREAD_CALLS=0 turns it off (tests/test_rnn_layers_cpu.py: its small cases
+// are for the team loop and the row split).
+bool forward_on_one_thread(int64_t rows, int64_t gate_rows, int64_t in, int64_t state) {
+  const char* env = std::getenv("SEQKERN_CPU_ONE_THREAD_CALLS");
+  if (env != nullptr && env[0] == '0') return false;
+  constexpr int64_t kWeightBytes = int64_t(512) << 10, kFlops = 600'000;
+  const int64_t weights = gate_rows * (in + state);
+  return weights * int64_t(sizeof(float)) <= kWeightBytes && 2 * rows * weights <= kFlops;
+}
+
 // Packing copies the whole weight (a transpose for the forward's W^T), which for a decoding
 // step (T = 1, small B) costs several times its products (forward, GRU H = 512, B = 1: 248 ->
 // 49 us a layer, LSTM H = 1024: 1580 -> 205). Products on the weight as given are slower per
@@ -17,25 +36,6 @@ namespace seqkern::cpu {
 // bf16 products: up to 8 rows only (T1 B1 2.9-4.5x, T1 B8 1.5-1.7x; at 16 rows 0.85-1.7x,
 // at 32 0.75-1.0x), as brgemm's bf16 kernels take pairs of k a multiply-add where rows_dot
 // converts to fp32.
-// Measured (bench/RESULTS.md, "one thread for the smallest layer calls"): the C++ op on one
-// thread against two, fp32, I = H, T1 B1 to B8 and T16 / T100 at B1 / B4, three runs. One
-// thread was faster in every run up to ~0.5 MFLOP with the weights in one core's L2: RNN
-// H128 T1 B1 1.28-1.41x, B8 1.33-1.47x; RNN H256 T1 B1 1.12-1.18x; GRU H128 T1 B1 1.18-1.70x;
-// LSTM H128 T1 B1 1.15-1.18x. Around 1 MFLOP the runs disagreed (RNN H256 T1 B4 0.95-1.04x,
-// GRU H128 T1 B4 0.98-1.43x, LSTM H128 T1 B4 0.88-1.38x, RNN H128 T16 B1 0.94-1.13x); beyond,
-// two threads won (GRU H256 T1 B1, 1.5 MB of weights: 1.25x; LSTM H128 T16 B1 1.39x). A cell's
-// step (parallel in its products only) gained 8-15% from one thread at H128 B1 alone: not
-// changed.
-// SEQKERN_CPU_ONE_THREAD_CALLS=0 turns it off (tests/test_rnn_layers_cpu.py: its small cases
-// are for the team loop and the row split).
-bool forward_on_one_thread(int64_t rows, int64_t gate_rows, int64_t in, int64_t state) {
-  const char* env = std::getenv("SEQKERN_CPU_ONE_THREAD_CALLS");
-  if (env != nullptr && env[0] == '0') return false;
-  constexpr int64_t kWeightBytes = int64_t(512) << 10, kFlops = 600'000;
-  const int64_t weights = gate_rows * (in + state);
-  return weights * int64_t(sizeof(float)) <= kWeightBytes && 2 * rows * weights <= kFlops;
-}
-
 bool w_ih_in_place(size_t chunks, int64_t rows, bool bf16) {
   return chunks == 1 && rows <= (bf16 ? 8 : 32);
 }

@@ -53,14 +53,15 @@ struct Workspace {
   template <typename T> T* h_full(T* base) const { return base + h_full_offset(); }
 };
 
-// Whether a layer's weights are multiplied as given (keep_weight, keep_rows) instead of packed
-// into panels first (rnn_layer_plan.cpp), on fp32 or (bf16) bf16 products: W_ih, used once a
-// chunk of steps on its rows (the input projection, dx); W_hh, once a step on its live rows.
 // Whether an fp32 forward without a projection is too small to share between threads: its
 // weights (W_ih and W_hh, [G*H, I + H]) fit one core's L2 and its products are ~0.5 MFLOP,
 // so that the fork/joins and barriers of two threads cost more than they save
-// (rnn_layer_plan.cpp). The caller then runs it all on its own thread (c10::ParallelGuard).
+// (rnn_layer_plan.cpp). The caller then runs it all on its own thread (OneThread, threads.h).
 bool forward_on_one_thread(int64_t rows, int64_t gate_rows, int64_t in, int64_t state);
+
+// Whether a layer's weights are multiplied as given (keep_weight, keep_rows) instead of packed
+// into panels first (rnn_layer_plan.cpp), on fp32 or (bf16) bf16 products: W_ih, used once a
+// chunk of steps on its rows (the input projection, dx); W_hh, once a step on its live rows.
 bool w_ih_in_place(size_t chunks, int64_t rows, bool bf16);
 bool w_hh_in_place(size_t steps, int64_t batch, bool bf16);
 bool w_hh_in_place_backward(size_t steps, int64_t batch);  // fp32 products
