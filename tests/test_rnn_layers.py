@@ -273,6 +273,43 @@ def test_functional_call_uses_the_given_weights():
     assert_close("output", a[0], b[0])
 
 
+def test_weights_read_where_getattr_finds_them():
+    """The modules read their weights from _parameters where getattr would find them there,
+    else through getattr (nn/rnn.py, _layer_weights): a parametrized weight
+    (torch.nn.utils.parametrize: a property of a subclass, the name out of _parameters), a
+    weight replaced by a plain tensor (an instance attribute) and a subclass of seqkern's
+    class give torch's results, forward and gradients."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    class Sub(seqkern.LSTM):
+        pass
+
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    for make in ("parametrized", "plain tensor", "subclass"):
+        ours, theirs = module_pair("LSTM", input_size=3, hidden_size=4, num_layers=2)
+        if make == "subclass":
+            sub = Sub(3, 4, num_layers=2, dtype=torch.float64)
+            sub.load_state_dict(ours.state_dict())
+            ours = sub
+        for m in (ours, theirs):
+            if make == "parametrized":
+                parametrize.register_parametrization(m, "weight_hh_l1", Doubled())
+            elif make == "plain tensor":
+                w = m.weight_ih_l1.detach() * 3
+                del m.weight_ih_l1
+                m.weight_ih_l1 = w
+        outs = [m(x)[0] for m in (ours, theirs)]
+        assert_close(f"{make} output", outs[0], outs[1])
+        grads = [torch.autograd.grad(o.sum(), [p for p in m.parameters()])
+                 for o, m in zip(outs, (ours, theirs))]
+        for a, b in zip(*grads, strict=True):
+            assert_close(f"{make} gradient", a, b)
+
+
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 def test_dropout_between_layers_only_in_training(cls):
     ours, theirs = module_pair(cls, input_size=3, hidden_size=4, num_layers=2, dropout=0.5)

@@ -103,39 +103,41 @@ class _SeqkernRNNMixin(NotScriptable):
                              f"type {input.dtype} (under autocast seqkern casts float32 input "
                              "and input in the autocast dtype only)")
         if hx is None:
-            h_zeros = torch.zeros(self.num_layers * directions, batch, out_size,
-                                  dtype=input.dtype, device=input.device)
-            hx = (h_zeros, torch.zeros(self.num_layers * directions, batch, self.hidden_size,
-                                       dtype=input.dtype, device=input.device)) if lstm \
-                else h_zeros
-        elif packed:
-            hx = self.permute_hidden(hx, sorted_indices)
-        if not (packed and lstm):  # torch checks all but packed LSTM input here
-            self.check_forward_args(input, hx, batch_sizes)
-        for state in (hx if lstm else (hx,)):
-            if state.dtype != input.dtype or state.device != input.device:
-                raise RuntimeError(
-                    "Input and hidden tensors are not the same dtype and device, found input "
-                    f"tensor with {input.dtype} on {input.device} and hidden tensor with "
-                    f"{state.dtype} on {state.device}")
+            if not (packed and lstm):  # torch checks all but packed LSTM input here
+                self.check_input(input, batch_sizes)  # (zero states of the expected sizes)
+            # One zero state for every layer and direction: the op writes none of its inputs.
+            h0 = [input.new_zeros((batch, out_size))] * (self.num_layers * directions)
+            c0 = [input.new_zeros((batch, self.hidden_size))] * len(h0) if lstm else None
+        else:
+            if packed:
+                hx = self.permute_hidden(hx, sorted_indices)
+            if not (packed and lstm):
+                self.check_forward_args(input, hx, batch_sizes)
+            for state in (hx if lstm else (hx,)):
+                if state.dtype != input.dtype or state.device != input.device:
+                    raise RuntimeError(
+                        "Input and hidden tensors are not the same dtype and device, found "
+                        f"input tensor with {input.dtype} on {input.device} and hidden tensor "
+                        f"with {state.dtype} on {state.device}")
+            h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
         if not packed and input.size(0 if not self.batch_first else 1) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         x = input.transpose(0, 1) if (self.batch_first and not packed) else input
-        h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
         h_n, c_n = [], []
         # On a GPU the reverse direction runs on a side stream, concurrently with the forward
         # one (a recurrence at small batch leaves most of the GPU idle). On the CPU both
         # cores already share each direction's rows.
         # Not under torch.func transforms (the reference runs there, and vmap's batched
         # tensors have no record_stream).
+        under_transform = transforms.active()
         concurrent = (directions == 2 and x.is_cuda and not torch.compiler.is_compiling()
-                      and not transforms.active())
+                      and not under_transform)
         for layer in range(self.num_layers):
             results = [None] * directions
             for direction in reversed(range(directions)):  # the side stream's work first
                 index = layer * directions + direction
-                weights = [getattr(self, name) for name in self._all_weights[index]]
+                weights = self._layer_weights(self._all_weights[index])
                 if compute is not None:
                     weights = autocast.cast(weights, compute)
                 for name, w in zip(self._all_weights[index], weights):
@@ -144,7 +146,8 @@ class _SeqkernRNNMixin(NotScriptable):
                             f"{self.mode}: {name} is {w.dtype}, the input {x.dtype}: every "
                             "weight must have the input's dtype (torch: 'mat1 and mat2 must "
                             "have the same dtype')")
-                args = (x, batch_sizes, h0[index], c0[index] if lstm else None, weights)
+                args = (x, batch_sizes, h0[index], c0[index] if lstm else None, weights,
+                        under_transform)
                 if concurrent and direction == 1:
                     results[direction] = _on_side_stream(
                         lambda: self._run_layer(*args, reverse=True), x.device)
@@ -176,14 +179,25 @@ class _SeqkernRNNMixin(NotScriptable):
             hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1)) if lstm else hidden.squeeze(1)
         return output, hidden
 
-    def _run_layer(self, x, batch_sizes, h0, c0, weights, reverse):
+    def _layer_weights(self, names):
+        """[getattr(self, name) for name in names], without the failed attribute lookup that
+        precedes Module.__getattr__ (~1 us a weight; a decoding step's layer reads four):
+        where a name is in _parameters and not in the instance's dict, getattr returns
+        _parameters' entry (no class attribute can shadow a registered parameter: torch
+        refuses to register one under such a name, and torch.nn.utils.parametrize takes the
+        name out of _parameters). torch.func.functional_call swaps the tensors there."""
+        params, own = self._parameters, self.__dict__
+        return [params[name] if name in params and name not in own else getattr(self, name)
+                for name in names]
+
+    def _run_layer(self, x, batch_sizes, h0, c0, weights, under_transform, reverse):
         w_ih, w_hh = weights[0], weights[1]
         b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
         w_hr = weights[-1] if self.proj_size > 0 else None
         need_workspace = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad
             for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
-        if transforms.active():  # torch.func / forward AD: plain torch ops
+        if under_transform:  # torch.func / forward AD: plain torch ops
             return reference_forward(self.mode, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                      reverse, w_hr)
         if w_hr is not None and use_plain_layer_for_projection():
