@@ -42,6 +42,35 @@ def test_drop_in_parameters_init_state_dict(name, kwargs):
         torch.testing.assert_close(ours(x), other(x))
 
 
+@pytest.mark.parametrize("name, kwargs", CELLS)
+def test_cells_read_weights_where_getattr_finds_them(name, kwargs):
+    """A parametrized weight (torch.nn.utils.parametrize), a weight replaced by a plain tensor
+    and torch.func.functional_call reach the step as they reach torch's cell
+    (seqkern/nn/weights.py reads _parameters only where getattr would)."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    x = torch.randn(3, 6, dtype=torch.float64)
+    for make in ("parametrized", "plain tensor", "functional_call"):
+        peer, ours = (m.double() for m in _pair(name, kwargs))
+        params = None
+        for m in (peer, ours):
+            if make == "parametrized":
+                parametrize.register_parametrization(m, "weight_hh", Doubled())
+            elif make == "plain tensor":
+                w = m.weight_ih.detach() * 3
+                del m.weight_ih
+                m.weight_ih = w
+            else:
+                params = params or {n: torch.randn_like(p) for n, p in m.named_parameters()}
+        outs = [torch.func.functional_call(m, params, (x,)) if params else m(x)
+                for m in (ours, peer)]
+        torch.testing.assert_close(*outs, msg=make)
+
+
 def test_rnn_cell_positional_nonlinearity_and_unknown_one():
     cell = seqkern.RNNCell(4, 3, True, "relu")
     assert cell.nonlinearity == "relu"

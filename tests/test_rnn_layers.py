@@ -275,7 +275,7 @@ def test_functional_call_uses_the_given_weights():
 
 def test_weights_read_where_getattr_finds_them():
     """The modules read their weights from _parameters where getattr would find them there,
-    else through getattr (nn/rnn.py, _layer_weights): a parametrized weight
+    else through getattr (seqkern/nn/weights.py): a parametrized weight
     (torch.nn.utils.parametrize: a property of a subclass, the name out of _parameters), a
     weight replaced by a plain tensor (an instance attribute) and a subclass of seqkern's
     class give torch's results, forward and gradients."""

@@ -10,6 +10,9 @@ import torch
 from seqkern import autocast
 from seqkern import functional as F
 from seqkern.nn.torchscript import NotScriptable
+from seqkern.nn.weights import registered
+
+WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 def _check_dims(cell, input, states, names):
@@ -46,7 +49,7 @@ class LSTMCell(NotScriptable, torch.nn.LSTMCell):
         if len(states) != 2:
             raise RuntimeError("lstm_cell expects two hidden states")
         _check_dims("LSTMCell", input, states, ("hx[0]", "hx[1]"))
-        args = (input, *states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        args = (input, *states, *registered(self, WEIGHTS))
         if autocast.any_enabled():
             args = _autocast("LSTMCell", *args, states=2)
         return F.lstm_cell(*args)
@@ -61,7 +64,7 @@ class GRUCell(NotScriptable, torch.nn.GRUCell):
 
     def forward(self, input, hx=None):
         _check_dims("GRUCell", input, (hx,), ("hidden",))
-        args = (input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        args = (input, hx, *registered(self, WEIGHTS))
         if autocast.any_enabled():
             args = _autocast("GRUCell", *args)
         return F.gru_cell(*args)
@@ -76,7 +79,7 @@ class RNNCell(NotScriptable, torch.nn.RNNCell):
 
     def forward(self, input, hx=None):
         _check_dims("RNNCell", input, (hx,), ("hidden",))
-        args = (input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        args = (input, hx, *registered(self, WEIGHTS))
         if autocast.any_enabled():
             args = _autocast("RNNCell", *args)
         return F.rnn_cell(*args, self.nonlinearity)

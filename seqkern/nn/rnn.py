@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import PackedSequence
 from seqkern import autocast, transforms
 from seqkern.nn.projection import lstm_projection_via_plain_layer, use_plain_layer_for_projection
 from seqkern.nn.torchscript import NotScriptable
+from seqkern.nn.weights import registered
 from seqkern.ops.rnn_layer import reference_forward, rnn_layer_fwd
 
 
@@ -137,7 +138,7 @@ class _SeqkernRNNMixin(NotScriptable):
             results = [None] * directions
             for direction in reversed(range(directions)):  # the side stream's work first
                 index = layer * directions + direction
-                weights = self._layer_weights(self._all_weights[index])
+                weights = registered(self, self._all_weights[index])
                 if compute is not None:
                     weights = autocast.cast(weights, compute)
                 for name, w in zip(self._all_weights[index], weights):
@@ -178,17 +179,6 @@ class _SeqkernRNNMixin(NotScriptable):
             output = output.squeeze(0 if self.batch_first else 1)
             hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1)) if lstm else hidden.squeeze(1)
         return output, hidden
-
-    def _layer_weights(self, names):
-        """[getattr(self, name) for name in names], without the failed attribute lookup that
-        precedes Module.__getattr__ (~1 us a weight; a decoding step's layer reads four):
-        where a name is in _parameters and not in the instance's dict, getattr returns
-        _parameters' entry (no class attribute can shadow a registered parameter: torch
-        refuses to register one under such a name, and torch.nn.utils.parametrize takes the
-        name out of _parameters). torch.func.functional_call swaps the tensors there."""
-        params, own = self._parameters, self.__dict__
-        return [params[name] if name in params and name not in own else getattr(self, name)
-                for name in names]
 
     def _run_layer(self, x, batch_sizes, h0, c0, weights, under_transform, reverse):
         w_ih, w_hh = weights[0], weights[1]
