@@ -9,6 +9,7 @@ from seqkern.backends import BACKENDS
 from tests.attention_cases import DEVICE, skip_unless_usable
 from tests.capability_runner import assert_passes_under_capability
 from tests.test_rnn_cells import MODES, call, call_reference, make_cell_args
+from tests.weight_changes import change_weights
 
 HAS_C = not BACKENDS["cpu"].availability(DEVICE)
 needs_c = pytest.mark.skipif(not HAS_C, reason="seqkern._C not built")
@@ -47,24 +48,13 @@ def test_cells_read_weights_where_getattr_finds_them(name, kwargs):
     """A parametrized weight (torch.nn.utils.parametrize), a weight replaced by a plain tensor
     and torch.func.functional_call reach the step as they reach torch's cell
     (seqkern/nn/weights.py reads _parameters only where getattr would)."""
-    from torch.nn.utils import parametrize
-
-    class Doubled(torch.nn.Module):
-        def forward(self, w):
-            return 2 * w
-
     x = torch.randn(3, 6, dtype=torch.float64)
     for make in ("parametrized", "plain tensor", "functional_call"):
         peer, ours = (m.double() for m in _pair(name, kwargs))
         params = None
         for m in (peer, ours):
-            if make == "parametrized":
-                parametrize.register_parametrization(m, "weight_hh", Doubled())
-            elif make == "plain tensor":
-                w = m.weight_ih.detach() * 3
-                del m.weight_ih
-                m.weight_ih = w
-            else:
+            change_weights(m, make, "weight_hh", "weight_ih")
+            if make == "functional_call":
                 params = params or {n: torch.randn_like(p) for n, p in m.named_parameters()}
         outs = [torch.func.functional_call(m, params, (x,)) if params else m(x)
                 for m in (ours, peer)]

@@ -12,6 +12,7 @@ from tests.attention_cases import DEVICE, skip_unless_usable
 from tests.rnn_layer_cases import (HAS_C, HAS_CUDA, HAS_TRITON, check_against_torch,
                                    flatten_outputs, module_pair)
 from tests.tolerances import FWD_FACTOR, assert_close, assert_close_relative
+from tests.weight_changes import change_weights
 
 
 def _random_config(rng, projections=True):
@@ -279,12 +280,6 @@ def test_weights_read_where_getattr_finds_them():
     (torch.nn.utils.parametrize: a property of a subclass, the name out of _parameters), a
     weight replaced by a plain tensor (an instance attribute) and a subclass of seqkern's
     class give torch's results, forward and gradients."""
-    from torch.nn.utils import parametrize
-
-    class Doubled(torch.nn.Module):
-        def forward(self, w):
-            return 2 * w
-
     class Sub(seqkern.LSTM):
         pass
 
@@ -296,12 +291,7 @@ def test_weights_read_where_getattr_finds_them():
             sub.load_state_dict(ours.state_dict())
             ours = sub
         for m in (ours, theirs):
-            if make == "parametrized":
-                parametrize.register_parametrization(m, "weight_hh_l1", Doubled())
-            elif make == "plain tensor":
-                w = m.weight_ih_l1.detach() * 3
-                del m.weight_ih_l1
-                m.weight_ih_l1 = w
+            change_weights(m, make, "weight_hh_l1", "weight_ih_l1")
         outs = [m(x)[0] for m in (ours, theirs)]
         assert_close(f"{make} output", outs[0], outs[1])
         grads = [torch.autograd.grad(o.sum(), [p for p in m.parameters()])
