@@ -225,3 +225,32 @@ def test_forward_ad_through_the_ops_raises():
     with forward_ad.dual_level(), pytest.raises(RuntimeError, match="no forward-mode AD"):
         op(forward_ad.make_dual(x, v))
     assert op(x).shape == (4, 2, 5)  # outside them the op runs
+
+
+def test_grad_through_the_ops_raises_seqkern_error():
+    """torch.func.grad reaching an op (inside a torch.compile'd function, or an op called
+    directly) raises an error naming the op and the way out, not torch's about
+    autograd.Function's setup_context; an op whose inputs the transform does not track runs."""
+    ours, _ = _pair("GRU", 3, 5)
+    x = _randn(4, 2, 3)
+
+    def loss(a):
+        return ours(a)[0].sum()
+
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="cannot be differentiated by torch.func.grad"):
+        torch.compile(torch.func.grad(loss), backend="aot_eager")(x)
+    torch._dynamo.reset()
+
+    from seqkern.ops.rnn_layer import rnn_layer_fwd
+    weights = [w.detach() for w in ours._flat_weights]
+    h0 = torch.zeros(2, 5, dtype=F64, device=DEVICE)
+
+    def op(a):
+        return rnn_layer_fwd("GRU", a, None, h0, None, *weights, False, False)[0]
+
+    with pytest.raises(RuntimeError, match="seqkern::rnn_layer_fwd cannot be differentiated"):
+        torch.func.grad(lambda a: op(a).sum())(x)
+    got = torch.func.grad(lambda a: a.sum() + op(x).sum())(x)
+    assert_close("untracked op under grad", got, torch.ones_like(x))
+

@@ -37,6 +37,20 @@ def refuse_forward_ad(qualname, args):
             "or use torch.nn's module there.")
 
 
+def refuse_functorch_grad(qualname):
+    """Raises where a torch.func grad / vjp / jacrev level would record the op: its autograd
+    (an autograd.Function applied by the Autograd kernel) has no functorch support, and
+    torch's own error there names neither the op nor the way out. Called only where the
+    kernel would record a graph."""
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    if interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Grad:
+        raise RuntimeError(
+            f"{qualname} cannot be differentiated by torch.func.grad, vjp or jacrev here. "
+            "seqkern's modules and functions run their reference under these transforms in "
+            "eager mode, but not inside a torch.compile'd function: apply the transform "
+            "outside torch.compile, or use torch.nn's module there.")
+
+
 # The keys below autograd that an Autograd kernel is given for plain CPU or CUDA tensors
 # (all on one device type, no tensor subclass, no dispatch mode, no functionalization):
 # the backend's alone, ADInplaceOrView (a fallthrough) with it or not. There the
@@ -118,6 +132,7 @@ class SeqkernOp:
         def autograd_kernel(keyset, *args):
             refuse_forward_ad(qualname, args)
             if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+                refuse_functorch_grad(qualname)
                 return function.apply(*args, keyset)
             return below_autograd(keyset, args)
 
