@@ -195,6 +195,15 @@ def test_ops_run_outside_transforms(monkeypatch):
             a, a, a).sum())(q)
 
 
+def _layer_op(gru):
+    """a -> the layer op's output on a one-layer GRU's weights (detached) with a zero h0 of
+    batch 2, the op called directly."""
+    from seqkern.ops.rnn_layer import rnn_layer_fwd
+    weights = [w.detach() for w in gru._flat_weights]
+    h0 = torch.zeros(2, gru.hidden_size, dtype=F64, device=DEVICE)
+    return lambda a: rnn_layer_fwd("GRU", a, None, h0, None, *weights, False, False)[0]
+
+
 def test_forward_ad_through_the_ops_raises():
     """Where forward-mode AD reaches an op (it has no forward rule: torch gave its outputs zero
     tangents, silently), the op raises. Inside a torch.compile'd function the modules cannot
@@ -213,13 +222,7 @@ def test_forward_ad_through_the_ops_raises():
         torch.compile(jvp, backend="aot_eager")(ours)
     torch._dynamo.reset()
 
-    from seqkern.ops.rnn_layer import rnn_layer_fwd
-    weights = [w.detach() for w in ours._flat_weights]
-    h0 = torch.zeros(2, 5, dtype=F64, device=DEVICE)
-
-    def op(a):
-        return rnn_layer_fwd("GRU", a, None, h0, None, *weights, False, False)[0]
-
+    op = _layer_op(ours)
     with pytest.raises(RuntimeError, match="no forward-mode AD"):
         torch.func.jvp(op, (x,), (v,))
     with forward_ad.dual_level(), pytest.raises(RuntimeError, match="no forward-mode AD"):
@@ -242,13 +245,7 @@ def test_grad_through_the_ops_raises_seqkern_error():
         torch.compile(torch.func.grad(loss), backend="aot_eager")(x)
     torch._dynamo.reset()
 
-    from seqkern.ops.rnn_layer import rnn_layer_fwd
-    weights = [w.detach() for w in ours._flat_weights]
-    h0 = torch.zeros(2, 5, dtype=F64, device=DEVICE)
-
-    def op(a):
-        return rnn_layer_fwd("GRU", a, None, h0, None, *weights, False, False)[0]
-
+    op = _layer_op(ours)
     with pytest.raises(RuntimeError, match="seqkern::rnn_layer_fwd cannot be differentiated"):
         torch.func.grad(lambda a: op(a).sum())(x)
     got = torch.func.grad(lambda a: a.sum() + op(x).sum())(x)
