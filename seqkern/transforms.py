@@ -10,10 +10,10 @@ transforms nothing changes (one check, 0.1 us).
 
 Not covered: a torch.func transform inside a torch.compile'd function. While dynamo
 traces, this check cannot tell a user's transform from dynamo's own functorch levels, so
-the compiled graph calls the ops, which raise there (seqkern/ops/registration.py): grad,
-vjp and jacrev (refuse_functorch_grad: torch's own error named neither the op nor the way
-out), jvp and jacfwd (refuse_forward_ad: they gave zero tangents through the ops, silently).
-Eager transforms are right.
+the compiled graph calls the ops, which raise there (seqkern/ops/registration.py,
+refuse_transforms): grad, vjp and jacrev (torch's own error named neither the op nor the way
+out), jvp and jacfwd (they gave zero tangents through the ops, silently). Eager transforms
+are right.
 """
 import torch
 import torch.autograd.forward_ad as forward_ad

@@ -6,6 +6,7 @@ import glob
 import os
 
 import pytest
+import torch
 
 import seqkern
 from seqkern import _extension
@@ -38,8 +39,6 @@ def test_entry_points_run_below_autograd():
     The fp64 cell backward writes its products with at::mm_out, which autograd refuses for
     inputs that require grad ("functions with out=... arguments don't support automatic
     differentiation"), and whose graph would save its operands."""
-    import torch
-
     if not _extension.available():
         pytest.skip("seqkern._C is not built here")
     B, I, H, d = 3, 5, 7, torch.float64

@@ -291,8 +291,8 @@ IN_PLACE_CASES = {case[0]: case for case in [
 def test_cpu_float32_team_time_loop_matches_float64(case, cls, kw):
     """float32 forward and every gradient (input, h0/c0, weights) against torch's module in
     float64, initial states given, the case's steps (packed: unsorted lengths 1 .. T, so rows
-    end and, in the reverse direction, start at different steps). Run on TEAM_THREADS threads whatever
-    the machine has, so that the team loop is the one tested."""
+    end and, in the reverse direction, start at different steps). Run on TEAM_THREADS threads
+    whatever the machine has, so that the team loop is the one tested."""
     _check_float32_layer_against_float64(TEAM_CASES[case], cls, kw)
 
 
@@ -307,15 +307,17 @@ def test_cpu_float32_weights_in_place_match_float64(case, cls, kw):
 
 
 def _check_float32_layer_against_float64(case, cls, kw, paths=None):
-    """On TEAM_THREADS threads, with the smallest calls' one-thread rule off
-    (SEQKERN_CPU_ONE_THREAD_CALLS=0) unless the case's paths are given."""
+    """On TEAM_THREADS threads. paths(rows) -> (forward's fields, backward's or None) is what
+    the calls must log; without it, the case's CASE_PATHS with the smallest calls' one-thread
+    rule off (SEQKERN_CPU_ONE_THREAD_CALLS=0: the cases are for the team and the row split)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(TEAM_THREADS)
     try:
         with pytest.MonkeyPatch.context() as mp:
             if paths is None:
                 mp.setenv("SEQKERN_CPU_ONE_THREAD_CALLS", "0")
-            _check_float32_layer_on_threads(case, cls, kw, paths or CASE_PATHS[case[0]])
+                paths = lambda rows: (CASE_PATHS[case[0]], None)  # noqa: E731
+            _check_float32_layer_on_threads(case, cls, kw, paths)
     finally:
         torch.set_num_threads(threads)
 
@@ -333,7 +335,7 @@ def one_thread_rule(mode_gates, H, I, rows):
 def test_cpu_smallest_calls_run_on_one_thread(case, cls):
     """The in-place cases as they run by default on two threads: the smallest forwards on one
     (one row block, no team), the others on their case's path (the backward is not under the
-    rule); all against float64. Both kinds occur among them."""
+    rule); all against float64."""
     want = CASE_PATHS[case]
     gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[cls]
 
@@ -343,6 +345,16 @@ def test_cpu_smallest_calls_run_on_one_thread(case, cls):
         return want, None
 
     _check_float32_layer_against_float64(IN_PLACE_CASES[case], cls, {}, paths=paths)
+
+
+def test_one_thread_rule_cases_include_both_kinds():
+    """Among the unpacked in-place cases some forwards fall under the rule and some not, so
+    that the test above checks both sides of it."""
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}
+    kinds = {one_thread_rule(gates[cls], H, 24, T * B)
+             for cls in gates for _, H, B, packed, _, _, T in IN_PLACE_CASES.values()
+             if not packed}
+    assert kinds == {True, False}
 
 
 def _check_float32_layer_on_threads(case, cls, kw, paths):
@@ -379,8 +391,7 @@ def _check_float32_layer_on_threads(case, cls, kw, paths):
     layer_paths()
     with seqkern.backend("cpu"):
         got = run(ours, torch.float32)
-    rows = int(lengths.sum()) if packed else T * B
-    want, want_bwd = paths(rows) if callable(paths) else (paths, None)
+    want, want_bwd = paths(int(lengths.sum()) if packed else T * B)
     assert_paths(f"{cls} {case[0]}", layer_paths(), want, want_bwd)
     want = run(theirs, torch.float64)
     names = ["out", "h_n", "c_n"][:1 + len(states)] + ["dx", "dh0", "dc0"][:1 + len(states)]

@@ -225,6 +225,8 @@ def test_forward_ad_through_the_ops_raises():
     op = _layer_op(ours)
     with pytest.raises(RuntimeError, match="no forward-mode AD"):
         torch.func.jvp(op, (x,), (v,))
+    with pytest.raises(RuntimeError, match="no forward-mode AD"):
+        torch.func.jacfwd(op)(x)
     with forward_ad.dual_level(), pytest.raises(RuntimeError, match="no forward-mode AD"):
         op(forward_ad.make_dual(x, v))
     assert op(x).shape == (4, 2, 5)  # outside them the op runs
@@ -246,8 +248,11 @@ def test_grad_through_the_ops_raises_seqkern_error():
     torch._dynamo.reset()
 
     op = _layer_op(ours)
-    with pytest.raises(RuntimeError, match="seqkern::rnn_layer_fwd cannot be differentiated"):
-        torch.func.grad(lambda a: op(a).sum())(x)
+    for name, transform in (("grad", lambda: torch.func.grad(lambda a: op(a).sum())(x)),
+                            ("vjp", lambda: torch.func.vjp(op, x)),
+                            ("jacrev", lambda: torch.func.jacrev(op)(x))):
+        with pytest.raises(RuntimeError, match="seqkern::rnn_layer_fwd cannot be differ"):
+            transform()
     got = torch.func.grad(lambda a: a.sum() + op(x).sum())(x)
     assert_close("untracked op under grad", got, torch.ones_like(x))
 

@@ -17,11 +17,12 @@ namespace seqkern::cpu {
 // SEQKERN_CPU_ONE_THREAD_CALLS=0 turns it off (tests/test_rnn_layers_cpu.py: its small cases
 // are for the team loop and the row split).
 bool forward_on_one_thread(int64_t rows, int64_t gate_rows, int64_t in, int64_t state) {
-  const char* env = std::getenv("SEQKERN_CPU_ONE_THREAD_CALLS");
-  if (env != nullptr && env[0] == '0') return false;
   constexpr int64_t kWeightBytes = int64_t(512) << 10, kFlops = 600'000;
   const int64_t weights = gate_rows * (in + state);
-  return weights * int64_t(sizeof(float)) <= kWeightBytes && 2 * rows * weights <= kFlops;
+  if (weights * int64_t(sizeof(float)) > kWeightBytes || 2 * rows * weights > kFlops)
+    return false;
+  const char* env = std::getenv("SEQKERN_CPU_ONE_THREAD_CALLS");
+  return env == nullptr || env[0] != '0';
 }
 
 // Packing copies the whole weight (a transpose for the forward's W^T), which for a decoding

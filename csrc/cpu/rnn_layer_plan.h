@@ -54,9 +54,10 @@ struct Workspace {
 };
 
 // Whether an fp32 forward without a projection is too small to share between threads: its
-// weights (W_ih and W_hh, [G*H, I + H]) fit one core's L2 and its products are ~0.5 MFLOP,
-// so that the fork/joins and barriers of two threads cost more than they save
-// (rnn_layer_plan.cpp). The caller then runs it all on its own thread (OneThread, threads.h).
+// weights (W_ih and W_hh, [G*H, I + H], at most 512 KiB) fit one core's L2 and its products
+// are at most 0.6 MFLOP, so that the fork/joins and barriers of two threads cost more than
+// they save (rnn_layer_plan.cpp). The caller then runs it all on its own thread (OneThread,
+// threads.h).
 bool forward_on_one_thread(int64_t rows, int64_t gate_rows, int64_t in, int64_t state);
 
 // Whether a layer's weights are multiplied as given (keep_weight, keep_rows) instead of packed

@@ -17,38 +17,33 @@ import torch.autograd.forward_ad as forward_ad
 _LIBRARY = torch.library.Library("seqkern", "FRAGMENT")
 
 
-def refuse_forward_ad(qualname, args):
-    """Raises where forward-mode AD reaches the op: it has no forward rule, and torch then
-    gives its outputs zero tangents, silently (torch.func.jvp and jacfwd through a call in a
-    torch.compile'd function, where seqkern's modules cannot tell a user's transform from
-    dynamo's own levels and call the op: seqkern/transforms.py; or the op called directly
-    under a transform or a forward_ad.dual_level). Cost where neither is active: ~0.2 us."""
+def refuse_transforms(qualname, args, records_graph):
+    """Raises where a torch.func transform or forward-mode AD reaches the op, which supports
+    neither (seqkern's modules and functions run their reference under them in eager mode,
+    but inside a torch.compile'd function they cannot tell a user's transform from dynamo's
+    own levels and call the ops: seqkern/transforms.py):
+    - forward-mode AD (torch.func.jvp, jacfwd, forward_ad.dual_level): the op has no forward
+      rule, and torch gave its outputs zero tangents, silently;
+    - torch.func.grad, vjp, jacrev, where the call records a graph (records_graph): its
+      autograd.Function has no functorch support, and torch's own error named neither the op
+      nor the way out.
+    Cost where none is active: ~0.3 us."""
     interpreter = torch._C._functorch.peek_interpreter_stack()
-    jvp = interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Jvp
-    if not jvp and forward_ad._current_level >= 0:
-        jvp = any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None
-                  for a in args)
-    if jvp:
-        raise RuntimeError(
-            f"{qualname} has no forward-mode AD rule: torch.func.jvp, jacfwd or "
-            "torch.autograd.forward_ad through it would give zero tangents. seqkern's modules "
-            "and functions run their reference under these transforms in eager mode, but not "
-            "inside a torch.compile'd function: apply the transform outside torch.compile, "
-            "or use torch.nn's module there.")
-
-
-def refuse_functorch_grad(qualname):
-    """Raises where a torch.func grad / vjp / jacrev level would record the op: its autograd
-    (an autograd.Function applied by the Autograd kernel) has no functorch support, and
-    torch's own error there names neither the op nor the way out. Called only where the
-    kernel would record a graph."""
-    interpreter = torch._C._functorch.peek_interpreter_stack()
-    if interpreter is not None and interpreter.key() == torch._C._functorch.TransformType.Grad:
-        raise RuntimeError(
-            f"{qualname} cannot be differentiated by torch.func.grad, vjp or jacrev here. "
-            "seqkern's modules and functions run their reference under these transforms in "
-            "eager mode, but not inside a torch.compile'd function: apply the transform "
-            "outside torch.compile, or use torch.nn's module there.")
+    kind = interpreter.key() if interpreter is not None else None
+    if kind == torch._C._functorch.TransformType.Jvp or (
+            forward_ad._current_level >= 0 and
+            any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None
+                for a in args)):
+        problem = ("has no forward-mode AD rule: torch.func.jvp, jacfwd or "
+                   "torch.autograd.forward_ad through it would give zero tangents")
+    elif records_graph and kind == torch._C._functorch.TransformType.Grad:
+        problem = "cannot be differentiated by torch.func.grad, vjp or jacrev here"
+    else:
+        return
+    raise RuntimeError(
+        f"{qualname} {problem}. seqkern's modules and functions run their reference under "
+        "these transforms in eager mode, but not inside a torch.compile'd function: apply the "
+        "transform outside torch.compile, or use torch.nn's module there.")
 
 
 # The keys below autograd that an Autograd kernel is given for plain CPU or CUDA tensors
@@ -130,9 +125,9 @@ class SeqkernOp:
         qualname = self.qualname
 
         def autograd_kernel(keyset, *args):
-            refuse_forward_ad(qualname, args)
-            if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-                refuse_functorch_grad(qualname)
+            records_graph = torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+            refuse_transforms(qualname, args, records_graph)
+            if records_graph:
                 return function.apply(*args, keyset)
             return below_autograd(keyset, args)
 
